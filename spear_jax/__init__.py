@@ -1,0 +1,1 @@
+"""spear-jax: SPEAR, Dr.BoT, GRPO and GiGPO for LLM agents in JAX/Flax."""
