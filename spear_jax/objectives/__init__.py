@@ -1,0 +1,1 @@
+"""Pure, jit-able RL objectives: advantages, policy losses, aggregation, token statistics."""

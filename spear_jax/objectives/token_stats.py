@@ -1,0 +1,67 @@
+"""Per-token statistics of a categorical policy given its logits.
+
+With temperature tau, logits z_t = l_t / tau over a vocabulary of size V:
+
+    log pi(y_t) = z_{t, y_t} - logsumexp(z_t)
+    H_t        = logsumexp(z_t) - sum_v softmax(z_t)_v * z_{t, v}
+
+All computations run in float32 whatever the logits' dtype. These are the single source of the
+formulas: the model's chunked log-prob pass and the losses both call them.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _scaled_logits(logits: jax.Array, temperature: float) -> jax.Array:
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return logits.astype(jnp.float32) / temperature
+
+
+def token_logprobs_and_entropy(
+    logits: jax.Array, token_ids: jax.Array, temperature: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """Log-probability of ``token_ids`` and entropy of the distribution, sharing one logsumexp.
+
+    Args:
+      logits: [..., V] unnormalised logits.
+      token_ids: [...] integer ids, same leading shape as ``logits``.
+      temperature: logits are divided by it before normalising.
+
+    Returns:
+      (logprobs [...], entropy [...]) in float32.
+    """
+    if logits.shape[:-1] != token_ids.shape:
+        raise ValueError(
+            f"token_ids shape {token_ids.shape} must equal logits shape without the vocabulary "
+            f"axis {logits.shape[:-1]}"
+        )
+    z = _scaled_logits(logits, temperature)
+    log_z = jax.nn.logsumexp(z, axis=-1)
+    picked = jnp.take_along_axis(z, token_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    probs = jnp.exp(z - log_z[..., None])
+    entropy = log_z - jnp.sum(probs * z, axis=-1)
+    return picked - log_z, entropy
+
+
+def token_logprobs(logits: jax.Array, token_ids: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """log pi(token_ids) under softmax(logits / temperature); shapes as in
+    ``token_logprobs_and_entropy``."""
+    if logits.shape[:-1] != token_ids.shape:
+        raise ValueError(
+            f"token_ids shape {token_ids.shape} must equal logits shape without the vocabulary "
+            f"axis {logits.shape[:-1]}"
+        )
+    z = _scaled_logits(logits, temperature)
+    picked = jnp.take_along_axis(z, token_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(z, axis=-1)
+
+
+def token_entropy(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """Entropy H_t of softmax(logits / temperature): [..., V] -> [...] float32."""
+    z = _scaled_logits(logits, temperature)
+    log_z = jax.nn.logsumexp(z, axis=-1)
+    probs = jnp.exp(z - log_z[..., None])
+    return log_z - jnp.sum(probs * z, axis=-1)
