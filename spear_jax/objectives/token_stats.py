@@ -4,6 +4,7 @@ With temperature tau, logits z_t = l_t / tau over a vocabulary of size V:
 
     log pi(y_t) = z_{t, y_t} - logsumexp(z_t)
     H_t        = logsumexp(z_t) - sum_v softmax(z_t)_v * z_{t, v}
+               = -sum_v p_v log p_v   (evaluated in this form: no cancellation when H_t -> 0)
 
 All computations run in float32 whatever the logits' dtype. These are the single source of the
 formulas: the model's chunked log-prob pass and the losses both call them.
@@ -40,10 +41,10 @@ def token_logprobs_and_entropy(
         )
     z = _scaled_logits(logits, temperature)
     log_z = jax.nn.logsumexp(z, axis=-1)
-    picked = jnp.take_along_axis(z, token_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    probs = jnp.exp(z - log_z[..., None])
-    entropy = log_z - jnp.sum(probs * z, axis=-1)
-    return picked - log_z, entropy
+    log_probs = z - log_z[..., None]
+    picked = jnp.take_along_axis(log_probs, token_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+    return picked, entropy
 
 
 def token_logprobs(logits: jax.Array, token_ids: jax.Array, temperature: float = 1.0) -> jax.Array:
@@ -62,6 +63,5 @@ def token_logprobs(logits: jax.Array, token_ids: jax.Array, temperature: float =
 def token_entropy(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
     """Entropy H_t of softmax(logits / temperature): [..., V] -> [...] float32."""
     z = _scaled_logits(logits, temperature)
-    log_z = jax.nn.logsumexp(z, axis=-1)
-    probs = jnp.exp(z - log_z[..., None])
-    return log_z - jnp.sum(probs * z, axis=-1)
+    log_probs = z - jax.nn.logsumexp(z, axis=-1, keepdims=True)
+    return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
