@@ -96,7 +96,7 @@ class ReplayConfig:
       buffer_size: ``trajectory_buffer_size`` (2048); trigger at > 1.5x, cap on replay rows.
       baseline_buffer_size: ``baseline_buffer_size`` (10240) group values kept in the history.
       tolerate_steps: ``trajectory_tolerate_steps`` (10); the effective value is min(x, 10).
-      weight_decay_trajectory_replay: 0 < w <= 1 selects decay mode, anything else P50 mode.
+      weight_decay: ``weight_decay_trajectory_replay`` (-1): 0 < w <= 1 selects decay mode, else P50.
       norm_adv_by_std: divide the P50 advantage by (P50_std + 1e-6).
       baseline_std_ddof: 0 (agent, population) or 1 (math, unbiased) for group stds.
       require_tool_call: admit only rows whose trajectory made >= 1 tool call (math).
@@ -106,7 +106,7 @@ class ReplayConfig:
     buffer_size: int = 2048
     baseline_buffer_size: int = 10240
     tolerate_steps: int = 10
-    weight_decay_trajectory_replay: float = -1.0
+    weight_decay: float = -1.0
     norm_adv_by_std: bool = False
     baseline_std_ddof: int = 0
     require_tool_call: bool = False
@@ -120,9 +120,9 @@ class ReplayConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if isinstance(self.tolerate_steps, bool) or not isinstance(self.tolerate_steps, (int, np.integer)) or self.tolerate_steps < 0:
             raise ValueError(f"tolerate_steps must be an integer >= 0, got {self.tolerate_steps!r}")
-        if not np.isfinite(self.weight_decay_trajectory_replay):
+        if not np.isfinite(self.weight_decay):
             raise ValueError(
-                f"weight_decay_trajectory_replay must be finite, got {self.weight_decay_trajectory_replay}"
+                f"weight_decay must be finite, got {self.weight_decay}"
             )
         if self.baseline_std_ddof not in (0, 1):
             raise ValueError(f"baseline_std_ddof must be 0 or 1, got {self.baseline_std_ddof}")
@@ -134,7 +134,7 @@ class ReplayConfig:
     @property
     def mode(self) -> str:
         """"decay" if 0 < w <= 1, else "p50"."""
-        return "decay" if 0.0 < self.weight_decay_trajectory_replay <= 1.0 else "p50"
+        return "decay" if 0.0 < self.weight_decay <= 1.0 else "p50"
 
     @property
     def effective_tolerate_steps(self) -> int:
@@ -363,7 +363,7 @@ class ReplayBuffer:
     def _recalibrate(self, rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(recalibrated advantages [N], bool keep [N]) for the concatenated stored rows."""
         if self.config.mode == "decay":
-            advantages = self.config.weight_decay_trajectory_replay * rows["advantages"]
+            advantages = self.config.weight_decay * rows["advantages"]
             return advantages, np.ones(advantages.shape[0], dtype=bool)
         stats = self._history.statistics()
         scores = rows["scores"].astype(np.float64)
