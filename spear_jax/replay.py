@@ -339,7 +339,10 @@ class ReplayBuffer:
         if self._last_added_step is not None and step <= self._last_added_step:
             raise ValueError(f"step {step} must be greater than the previous added step {self._last_added_step}")
         self._check_schema(batch)
+        self._last_added_step = int(step)
         arrays = {key: np.asarray(value) for key, value in batch.items()}
+        if arrays["scores"].shape[0] == 0:  # nothing to record: the history keeps its steps
+            return {"replay/rows_admitted": 0.0}
         group_ids = resolve_group_ids(arrays["group_ids"], self.config.grouping, self.config.group_size)
         stats = group_trajectory_stats(
             arrays["scores"], group_ids, arrays["traj_ids"], ddof=self.config.baseline_std_ddof
@@ -351,7 +354,6 @@ class ReplayBuffer:
         rows = np.flatnonzero(admitted)
         if rows.shape[0]:
             self._entries.append(_Entry(int(step), {key: value[rows].copy() for key, value in arrays.items()}))
-        self._last_added_step = int(step)
         return {"replay/rows_admitted": float(rows.shape[0])}
 
     def reset(self) -> None:
