@@ -86,6 +86,8 @@ _FLOAT_KEYS = ("scores", "advantages")
 _INT_KEYS = ("group_ids", "traj_ids", "num_tool_calls")
 _OUTPUT_KEYS = ("collection_step",)
 _STATE_PREFIX_ENTRY = "entry"
+_STATE_COUNTERS = ("num_entries", "last_added_step", "num_replays")
+_STATE_HISTORY = ("history_steps", "history_counts", "history_means", "history_stds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,18 +438,23 @@ class ReplayBuffer:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Flat dict of numpy arrays holding rows, baseline history and counters."""
+        """Flat dict of numpy arrays holding rows, baseline history and counters.
+
+        Contains no zero-size arrays (orbax refuses them): the ``history_*`` keys are present only
+        when the history is non-empty, ``entry{i}_*`` keys only for existing entries.
+        """
         state = {
             "num_entries": np.asarray(len(self._entries), dtype=np.int64),
             "last_added_step": np.asarray(
                 -1 if self._last_added_step is None else self._last_added_step, dtype=np.int64
             ),
             "num_replays": np.asarray(self._num_replays, dtype=np.int64),
-            "history_steps": np.asarray(self._history.steps, dtype=np.int64),
-            "history_counts": np.asarray([m.shape[0] for m in self._history.means], dtype=np.int64),
-            "history_means": self._history.flat_means().copy(),
-            "history_stds": self._history.flat_stds().copy(),
         }
+        if self._history.steps:
+            state["history_steps"] = np.asarray(self._history.steps, dtype=np.int64)
+            state["history_counts"] = np.asarray([m.shape[0] for m in self._history.means], dtype=np.int64)
+            state["history_means"] = self._history.flat_means().copy()
+            state["history_stds"] = self._history.flat_stds().copy()
         for index, entry in enumerate(self._entries):
             state[f"{_STATE_PREFIX_ENTRY}{index}_step"] = np.asarray(entry.step, dtype=np.int64)
             for key, value in entry.rows.items():
@@ -457,24 +464,26 @@ class ReplayBuffer:
     @classmethod
     def from_state_dict(cls, config: ReplayConfig, state: Mapping[str, np.ndarray]) -> "ReplayBuffer":
         """A buffer with ``config`` and the contents of ``state_dict()``."""
-        buffer = cls(config)
-        required = ("num_entries", "last_added_step", "num_replays", "history_steps", "history_counts",
-                    "history_means", "history_stds")
-        missing = [key for key in required if key not in state]
+        missing = [key for key in _STATE_COUNTERS if key not in state]
+        present = [key for key in _STATE_HISTORY if key in state]
+        if present and len(present) != len(_STATE_HISTORY):
+            missing += [key for key in _STATE_HISTORY if key not in state]
         if missing:
             raise KeyError(f"state is missing keys {missing}")
+        buffer = cls(config)
         last = int(state["last_added_step"])
         buffer._last_added_step = None if last < 0 else last
         buffer._num_replays = int(state["num_replays"])
-        counts = np.asarray(state["history_counts"], dtype=np.int64)
-        bounds = np.concatenate([[0], np.cumsum(counts)])
-        means, stds = np.asarray(state["history_means"]), np.asarray(state["history_stds"])
-        if means.shape[0] != bounds[-1] or stds.shape[0] != bounds[-1]:
-            raise ValueError("state history_means/history_stds do not match history_counts")
-        for i, hist_step in enumerate(np.asarray(state["history_steps"]).tolist()):
-            buffer._history.steps.append(int(hist_step))
-            buffer._history.means.append(means[bounds[i]:bounds[i + 1]].astype(np.float64))
-            buffer._history.stds.append(stds[bounds[i]:bounds[i + 1]].astype(np.float64))
+        if present:
+            counts = np.asarray(state["history_counts"], dtype=np.int64)
+            bounds = np.concatenate([[0], np.cumsum(counts)])
+            means, stds = np.asarray(state["history_means"]), np.asarray(state["history_stds"])
+            if means.shape[0] != bounds[-1] or stds.shape[0] != bounds[-1]:
+                raise ValueError("state history_means/history_stds do not match history_counts")
+            for i, hist_step in enumerate(np.asarray(state["history_steps"]).tolist()):
+                buffer._history.steps.append(int(hist_step))
+                buffer._history.means.append(means[bounds[i]:bounds[i + 1]].astype(np.float64))
+                buffer._history.stds.append(stds[bounds[i]:bounds[i + 1]].astype(np.float64))
         for index in range(int(state["num_entries"])):
             step_key = f"{_STATE_PREFIX_ENTRY}{index}_step"
             if step_key not in state:

@@ -51,3 +51,13 @@ def random_batch(rng: np.random.Generator, num_groups: int, group_size: int, seq
     mask_lengths = rng.integers(0, seq_len + 1, scores.shape[0])
     return make_batch(scores, advantages, group_ids, traj_index, mask_lengths, seq_len,
                       num_tool_calls=rng.integers(0, 4, scores.shape[0]), row_uid_start=row_uid_start)
+
+
+def assert_states_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    """Exact equality of two state dicts: keys, dtypes, shapes and values."""
+    assert sorted(a) == sorted(b)
+    for key in a:
+        left, right = np.asarray(a[key]), np.asarray(b[key])
+        assert left.dtype == right.dtype, key
+        assert left.shape == right.shape, key
+        np.testing.assert_array_equal(left, right, err_msg=key)
