@@ -75,7 +75,8 @@ def draw_purchase_prices(products: Sequence[Product], rng: random.Random) -> dic
     return prices
 
 
-def _price_limit(price: float, rng: random.Random) -> tuple[float, str]:
+def draw_price_limit(price: float, rng: random.Random) -> tuple[float, str]:
+    """(limit, instruction clause) for a product bought at ``price`` (see module docstring)."""
     candidates = [limit for limit in PRICE_LIMITS if limit > price][:4]
     if len(candidates) < 2:
         return NO_PRICE_LIMIT, ""
@@ -106,7 +107,7 @@ def synthetic_goals(products: Sequence[Product], prices: Mapping[str, float],
             continue
         if not product.instruction_attributes:
             raise ValueError(f"product {product.asin}: instruction without instruction_attributes")
-        price_upper, price_text = _price_limit(prices[product.asin], rng)
+        price_upper, price_text = draw_price_limit(prices[product.asin], rng)
         names = sorted(product.options)
         for combination in itertools.product(*(product.options[name] for name in names)):
             wanted = dict(zip(names, combination))
@@ -128,7 +129,7 @@ def human_goals(products: Sequence[Product], prices: Mapping[str, float],
             attributes = tuple(entry["instruction_attributes"])
             if not attributes:
                 continue
-            price_upper, price_text = _price_limit(prices[product.asin], rng)
+            price_upper, price_text = draw_price_limit(prices[product.asin], rng)
             goals.append(Goal(
                 instruction_text=str(entry["instruction"]).strip(".") + price_text,
                 attributes=attributes, goal_options=tuple(entry["instruction_options"]),
