@@ -133,6 +133,11 @@ class WebShopEnv:
         """The current episode's goal (None before the first reset)."""
         return None if self._session is None else self._session.goal
 
+    @property
+    def chosen_options(self) -> dict[str, str]:
+        """Option name -> value chosen so far on the current item page."""
+        return {} if self._session is None else dict(self._session.options)
+
     def _observation(self) -> Observation:
         return Observation(text=self._session.observation(),
                            task=self._session.goal.instruction_text,

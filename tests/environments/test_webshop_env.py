@@ -7,9 +7,10 @@ from hypothesis import strategies as st
 
 from environments.base import Env, Observation
 from environments.webshop.catalog import generate_catalog
-from environments.webshop.env import (DEFAULT_ATTRIBUTE_FILE, MAX_STEPS, SEARCH_ACTION,
+from environments.webshop.env import (DEFAULT_ATTRIBUTE_FILE, MAX_STEPS,
                                       WebShopEnv, load_offline_shop, make_offline_webshop_env)
 from environments.webshop.goals import load_attribute_file
+from environments.webshop.policies import measure_throughput, random_action, react_response
 
 
 def act(action: str) -> str:
@@ -72,15 +73,11 @@ def test_splits_follow_verl_agent(test_env):
 def test_random_policy_fails():
     env = make_offline_webshop_env(split="test")
     rng = random.Random(0)
-    vocabulary = "cream black shirt lamp organic scrub wireless table small gluten free".split()
     wins, scores = 0, []
     for episode in range(150):
         observation = env.reset(seed=episode)
         while True:
-            action = rng.choice(observation.admissible_actions)
-            if action == SEARCH_ACTION:
-                action = f"search[{' '.join(rng.sample(vocabulary, 3))}]"
-            result = env.step(act(action))
+            result = env.step(react_response(random_action(observation, rng)))
             observation = result.observation
             if result.done:
                 break
@@ -88,6 +85,16 @@ def test_random_policy_fails():
         scores.append(result.info["task_score"])
     assert wins == 0
     assert sum(scores) / len(scores) < 0.3
+
+
+def test_scripted_policies_and_throughput_measurement():
+    gold = measure_throughput(num_episodes=20, policy="gold")
+    assert gold["success_rate"] == 1.0 and gold["mean_task_score"] == 1.0
+    assert gold["steps"] <= 20 * MAX_STEPS and gold["steps_per_second"] > 0
+    random_run = measure_throughput(num_episodes=20, policy="random")
+    assert random_run["success_rate"] == 0.0
+    with pytest.raises(ValueError, match="policy must be 'random' or 'gold'"):
+        measure_throughput(policy="expert")
 
 
 def test_wrong_option_purchase_is_partial_and_not_a_win(test_env):
