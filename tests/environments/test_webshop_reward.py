@@ -1,4 +1,6 @@
 """WebShop's native reward and its string matching, on hand-computed cases."""
+import random
+
 import pytest
 
 from environments.webshop.products import Goal, Product
@@ -158,3 +160,16 @@ def test_type_reward_levels():
 def test_type_mismatch_scales_the_total():
     unrelated = _product(query="lamp", product_category="Home › Lighting", title="Brass Lamp")
     assert purchase_reward(unrelated, _goal(), 20.0, EXACT).total == 0.0
+
+
+def test_token_set_ratio_matches_rapidfuzz_when_available():
+    fuzz = pytest.importorskip("rapidfuzz.fuzz")
+    utils = pytest.importorskip("rapidfuzz.utils")
+    words = ["sea", "salt", "pack", "of", "3", "12", "black", "rose", "gold", "8", "ounce",
+             "fl", "oz", "easy", "clean", "x-large", "large", "navy", "blue", "a"]
+    rng = random.Random(0)
+    for _ in range(2000):
+        a = " ".join(rng.choices(words, k=rng.randint(0, 4)))
+        b = " ".join(rng.choices(words, k=rng.randint(0, 4)))
+        expected = int(round(fuzz.token_set_ratio(a, b, processor=utils.default_process)))
+        assert token_set_ratio(a, b) == expected, (a, b)
