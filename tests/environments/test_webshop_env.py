@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from environments.base import Env, Observation
 from environments.webshop.catalog import generate_catalog
-from environments.webshop.env import (DEFAULT_ATTRIBUTE_FILE, MAX_STEPS,
-                                      WebShopEnv, load_offline_shop, make_offline_webshop_env)
+from environments.webshop.env import (DEFAULT_ATTRIBUTE_FILE, MAX_STEPS, WebShopEnv,
+                                      load_offline_shop, make_offline_webshop_env)
 from environments.webshop.goals import load_attribute_file
 from environments.webshop.policies import measure_throughput, random_action, react_response
 
@@ -153,7 +153,8 @@ def test_bad_input_is_flagged_or_a_no_op(test_env, response, valid, executed):
 def test_observations_and_actions_follow_webshop_text_mode(test_env):
     observation = test_env.reset(task_id=2)
     goal = test_env.goal
-    assert observation.text == f"WebShop [SEP] Instruction: [SEP] {goal.instruction_text} [SEP] Search"
+    assert observation.text == (
+        f"WebShop [SEP] Instruction: [SEP] {goal.instruction_text} [SEP] Search")
     assert observation.task == goal.instruction_text
     assert observation.admissible_actions == ("search[<your query>]", "click[search]")
     results = test_env.step(act(f"search[{goal.instruction_text}]")).observation
@@ -163,7 +164,8 @@ def test_observations_and_actions_follow_webshop_text_mode(test_env):
     assert results.admissible_actions[:2] == ("click[back to search]", "click[next >]")
     assert len(results.admissible_actions) == 12             # 2 buttons + 10 products
     page2 = test_env.step(act("click[next >]")).observation
-    assert "Page 2 (Total results: 50)" in page2.text and "click[< prev]" in page2.admissible_actions
+    assert "Page 2 (Total results: 50)" in page2.text
+    assert "click[< prev]" in page2.admissible_actions
     first_product = page2.admissible_actions[3]
     item = test_env.step(act(first_product)).observation
     assert item.admissible_actions[:6] == (
@@ -233,7 +235,8 @@ _RESPONSES = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(responses=st.lists(_RESPONSES, min_size=1, max_size=20))
 def test_fuzzed_steps_never_raise(test_env, responses):
     observation = test_env.reset(task_id=4)

@@ -17,7 +17,8 @@ def testdraw_price_limit_is_one_of_the_next_four_multiples_of_ten():
         assert text == f", and price lower than {limit:.2f} dollars"
     assert draw_price_limit(20.0, random.Random(0))[0] in (40.0, 50.0, 60.0)   # strictly above
     assert draw_price_limit(985.0, random.Random(0)) == (NO_PRICE_LIMIT, "")   # only 990 above
-    assert draw_price_limit(975.0, random.Random(0)) == (990.0, ", and price lower than 990.00 dollars")
+    assert draw_price_limit(975.0, random.Random(0)) == (
+        990.0, ", and price lower than 990.00 dollars")           # 980 and 990 above
 
 
 def test_split_indices():

@@ -61,8 +61,8 @@ def _goal(**overrides):
     fields = dict(
         asin="B000000001", instruction_text="...", attributes=("tea tree", "natural ingredients"),
         goal_options={"scent": "lavender", "size": "16 ounce"}, price_upper=30.0,
-        query="body scrub", category="beauty", product_category="Beauty › Skin Care › Body Scrubs",
-        name="Lumina Tea Tree Body Scrub")
+        query="body scrub", category="beauty",
+        product_category="Beauty › Skin Care › Body Scrubs", name="Lumina Tea Tree Body Scrub")
     fields.update(overrides)
     return Goal(**fields)
 
