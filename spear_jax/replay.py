@@ -24,6 +24,7 @@ So a row collected at step k is replayed at step k+1 at the earliest, and at mos
 
 Admission (``add_step``): row kept iff ``advantage > 0`` and its loss mask is non-empty (and,
 with ``require_tool_call``, ``num_tool_calls > 0``; math). One entry per step with >= 1 row.
+A batch with no rows records nothing (the step still counts as added).
 
 Baseline history (``add_step``, from the full post-filter batch, all groups): per group the mean
 and std over trajectories of per-trajectory mean reward (``group_stats``; std ``ddof``
@@ -50,7 +51,8 @@ Recalibration (``replay_if_ready`` when triggered), over all stored rows:
 
 With GiGPO the recalibrated P50 advantage is episode-level only: it depends on R alone, never on
 the stored (episode + step) advantage. Then ``n = min(npo2(#rows), buffer_size)`` rows are drawn
-uniformly without replacement (``npo2(x)`` = largest power of two <= x, 0 for x <= 1); if
+uniformly without replacement (``npo2(x)`` = largest power of two <= x, 0 for x <= 1; n is a
+power of two whenever ``buffer_size`` is one, as in every reference script); if
 ``n < min_rows`` (e.g. the number of devices) the batch is discarded. The buffer is emptied after
 every triggered attempt, discarded or not.
 
@@ -296,6 +298,7 @@ class ReplayBuffer:
             "replay/buffer_entries": float(len(self._entries)),
             "replay/valid_count": float(self.valid_count()),
             "replay/baseline_values": float(self._history.num_values),
+            "replay/num_replays": float(self._num_replays),
         }
         stats = self._history.statistics()
         if stats is not None:

@@ -53,6 +53,11 @@ def test_remove_old_spec_example():
         _add_positive(buffer, step)
     buffer.remove_old()
     assert buffer.entry_steps == [3, 7]
+    boundary = _buffer(tolerate_steps=5)
+    for step in (1, 2, 7):
+        _add_positive(boundary, step)
+    boundary.remove_old()
+    assert boundary.entry_steps == [2, 7]  # |2 - 7| = 5 is tolerated, only > 5 is dropped
 
 
 def test_tolerance_is_capped_at_ten_and_measured_from_newest_entry():
