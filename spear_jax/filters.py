@@ -141,7 +141,9 @@ def repetitive_flags(
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"response_ids must be a 2-D integer array [B, T], got {ids.dtype} {ids.shape}")
     if lengths.shape != (ids.shape[0],) or not np.issubdtype(lengths.dtype, np.integer):
-        raise ValueError(f"response_lengths must be an integer array of shape ({ids.shape[0]},), got {lengths.shape}")
+        raise ValueError(
+            f"response_lengths must be an integer array of shape ({ids.shape[0]},), got {lengths.shape}"
+        )
     if np.any(lengths < 0) or np.any(lengths > ids.shape[1]):
         raise ValueError(f"response_lengths must lie in [0, {ids.shape[1]}]")
     if ngram < 1 or min_count < 1:
@@ -195,7 +197,9 @@ def response_quality_flags(
         incomplete = agent_incomplete_flags(response_texts)
     incomplete = np.asarray(incomplete)
     if incomplete.shape != (num_rows,) or incomplete.dtype != bool:
-        raise ValueError(f"incomplete must be bool of shape ({num_rows},), got {incomplete.dtype} {incomplete.shape}")
+        raise ValueError(
+            f"incomplete must be bool of shape ({num_rows},), got {incomplete.dtype} {incomplete.shape}"
+        )
     return QualityFlags(
         incomplete=incomplete,
         overlong=overlong_flags(response_lengths, max_response_length),
@@ -232,8 +236,11 @@ def mask_low_quality_rows(
     for name in enabled:
         masked |= flag_arrays[name].astype(bool)
     new_mask = np.where(masked[:, None], np.zeros_like(mask), mask)
-    metrics = {f"quality/frac_{name}": float(np.mean(array)) if mask.shape[0] else 0.0 for name, array in flag_arrays.items()}
-    metrics["quality/frac_masked"] = float(np.mean(masked)) if mask.shape[0] else 0.0
+    fractions = {**flag_arrays, "masked": masked}
+    metrics = {
+        f"quality/frac_{name}": float(np.mean(array)) if mask.shape[0] else 0.0
+        for name, array in fractions.items()
+    }
     return new_mask, metrics
 
 
@@ -337,7 +344,9 @@ def apply_invalid_action_penalty(
     scores = np.asarray(scores)
     valid = np.asarray(is_action_valid)
     if valid.shape != scores.shape or valid.dtype != bool:
-        raise ValueError(f"is_action_valid must be bool of shape {scores.shape}, got {valid.dtype} {valid.shape}")
+        raise ValueError(
+            f"is_action_valid must be bool of shape {scores.shape}, got {valid.dtype} {valid.shape}"
+        )
     if coef < 0:
         raise ValueError(f"coef must be >= 0, got {coef}")
     penalty = coef * (~valid)
