@@ -30,7 +30,7 @@ filters and before advantages, also to GiGPO step rewards.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -80,13 +80,44 @@ def unreadable_flags(response_texts: Sequence[str]) -> np.ndarray:
     )
 
 
+_HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+_HASH_CHUNK_ELEMENTS = 1 << 22
+
+
 def _max_ngram_count(tokens: np.ndarray, n: int) -> int:
+    """Exact: the most frequent n-gram's count, comparing windows as raw bytes."""
     if tokens.shape[0] < n:
         return 0
     windows = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(tokens, n))
     keys = windows.view(np.dtype((np.void, windows.dtype.itemsize * n))).reshape(-1)
     _, counts = np.unique(keys, return_counts=True)
     return int(counts.max())
+
+
+def _max_hashed_ngram_counts(ids: np.ndarray, lengths: np.ndarray, n: int) -> np.ndarray:
+    """[B] upper bounds of the most frequent n-gram's count per row.
+
+    Windows are hashed (polynomial, wrapping uint64); equal windows have equal hashes, so the
+    largest run of equal sorted hashes is >= the true count. Windows past a row's length get
+    distinct values (at worst they collide with real hashes, which only raises the bound).
+    """
+    num_rows, width = ids.shape
+    num_windows = width - n + 1
+    tokens = ids.astype(np.uint64)
+    hashes = np.zeros((num_rows, num_windows), dtype=np.uint64)
+    for k in range(n):
+        hashes = hashes * _HASH_MULTIPLIER + tokens[:, k:k + num_windows]
+    position = np.arange(num_windows)
+    hashes = np.where(position[None, :] + n <= lengths[:, None], hashes,
+                      np.uint64(1 << 63) + position.astype(np.uint64)[None, :])
+    hashes.sort(axis=1)
+    change = np.ones((num_rows, num_windows), dtype=bool)
+    change[:, 1:] = hashes[:, 1:] != hashes[:, :-1]
+    starts = np.flatnonzero(change.reshape(-1))
+    runs = np.diff(np.append(starts, num_rows * num_windows))
+    max_runs = np.zeros(num_rows, dtype=np.int64)
+    np.maximum.at(max_runs, starts // num_windows, runs)
+    return max_runs
 
 
 def repetitive_flags(
@@ -101,24 +132,33 @@ def repetitive_flags(
       response_ids: [B, T] response token ids (right-padded).
       response_lengths: [B] valid tokens per row; only ``response_ids[b, :len_b]`` is examined.
 
-    Exact: the n-grams of a row are compared as raw bytes (``np.unique`` over a void view of the
-    sliding windows), one row at a time so memory stays O(T * n).
+    Exact and vectorised: a rolling hash of all windows (sorted per row) bounds each row's
+    largest n-gram count from above; only rows whose bound reaches ``min_count`` are checked
+    exactly (``np.unique`` over the raw bytes of their windows).
     """
     ids = np.asarray(response_ids)
     lengths = np.asarray(response_lengths)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"response_ids must be a 2-D integer array [B, T], got {ids.dtype} {ids.shape}")
     if lengths.shape != (ids.shape[0],) or not np.issubdtype(lengths.dtype, np.integer):
-        raise ValueError(f"response_lengths must be an integer array of shape ({ids.shape[0]},), got {lengths.shape}")
+        raise ValueError(
+            f"response_lengths must be an integer array of shape ({ids.shape[0]},), got {lengths.shape}"
+        )
     if np.any(lengths < 0) or np.any(lengths > ids.shape[1]):
         raise ValueError(f"response_lengths must lie in [0, {ids.shape[1]}]")
     if ngram < 1 or min_count < 1:
         raise ValueError(f"ngram and min_count must be >= 1, got {ngram}, {min_count}")
-    # A row needs at least ngram + min_count - 1 tokens to hold min_count n-gram occurrences.
-    candidates = np.flatnonzero(lengths >= ngram + min_count - 1)
     flags = np.zeros(ids.shape[0], dtype=bool)
-    for row in candidates:
-        flags[row] = _max_ngram_count(ids[row, : lengths[row]], ngram) >= min_count
+    # A row needs at least ngram + min_count - 1 tokens to hold min_count n-gram occurrences.
+    long_enough = np.flatnonzero(lengths >= ngram + min_count - 1)
+    if long_enough.shape[0] == 0:
+        return flags
+    rows_per_chunk = max(1, _HASH_CHUNK_ELEMENTS // ids.shape[1])
+    for start in range(0, long_enough.shape[0], rows_per_chunk):
+        chunk = long_enough[start:start + rows_per_chunk]
+        bounds = _max_hashed_ngram_counts(ids[chunk], lengths[chunk], ngram)
+        for row in chunk[bounds >= min_count]:  # confirm hash candidates exactly
+            flags[row] = _max_ngram_count(ids[row, : lengths[row]], ngram) >= min_count
     return flags
 
 
@@ -157,7 +197,9 @@ def response_quality_flags(
         incomplete = agent_incomplete_flags(response_texts)
     incomplete = np.asarray(incomplete)
     if incomplete.shape != (num_rows,) or incomplete.dtype != bool:
-        raise ValueError(f"incomplete must be bool of shape ({num_rows},), got {incomplete.dtype} {incomplete.shape}")
+        raise ValueError(
+            f"incomplete must be bool of shape ({num_rows},), got {incomplete.dtype} {incomplete.shape}"
+        )
     return QualityFlags(
         incomplete=incomplete,
         overlong=overlong_flags(response_lengths, max_response_length),
@@ -194,8 +236,11 @@ def mask_low_quality_rows(
     for name in enabled:
         masked |= flag_arrays[name].astype(bool)
     new_mask = np.where(masked[:, None], np.zeros_like(mask), mask)
-    metrics = {f"quality/frac_{name}": float(np.mean(array)) if mask.shape[0] else 0.0 for name, array in flag_arrays.items()}
-    metrics["quality/frac_masked"] = float(np.mean(masked)) if mask.shape[0] else 0.0
+    fractions = {**flag_arrays, "masked": masked}
+    metrics = {
+        f"quality/frac_{name}": float(np.mean(array)) if mask.shape[0] else 0.0
+        for name, array in fractions.items()
+    }
     return new_mask, metrics
 
 
@@ -299,7 +344,9 @@ def apply_invalid_action_penalty(
     scores = np.asarray(scores)
     valid = np.asarray(is_action_valid)
     if valid.shape != scores.shape or valid.dtype != bool:
-        raise ValueError(f"is_action_valid must be bool of shape {scores.shape}, got {valid.dtype} {valid.shape}")
+        raise ValueError(
+            f"is_action_valid must be bool of shape {scores.shape}, got {valid.dtype} {valid.shape}"
+        )
     if coef < 0:
         raise ValueError(f"coef must be >= 0, got {coef}")
     penalty = coef * (~valid)
@@ -310,8 +357,3 @@ def apply_invalid_action_penalty(
             raise ValueError(f"step_rewards must have shape {scores.shape}, got {step_rewards.shape}")
         penalised_steps = step_rewards - penalty
     return scores - penalty, penalised_steps
-
-
-def select_rows(batch: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Every array of a row batch indexed by ``rows`` along axis 0."""
-    return {key: np.asarray(value)[rows] for key, value in batch.items()}

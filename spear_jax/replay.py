@@ -24,6 +24,7 @@ So a row collected at step k is replayed at step k+1 at the earliest, and at mos
 
 Admission (``add_step``): row kept iff ``advantage > 0`` and its loss mask is non-empty (and,
 with ``require_tool_call``, ``num_tool_calls > 0``; math). One entry per step with >= 1 row.
+A batch with no rows records nothing (the step still counts as added).
 
 Baseline history (``add_step``, from the full post-filter batch, all groups): per group the mean
 and std over trajectories of per-trajectory mean reward (``group_stats``; std ``ddof``
@@ -50,7 +51,8 @@ Recalibration (``replay_if_ready`` when triggered), over all stored rows:
 
 With GiGPO the recalibrated P50 advantage is episode-level only: it depends on R alone, never on
 the stored (episode + step) advantage. Then ``n = min(npo2(#rows), buffer_size)`` rows are drawn
-uniformly without replacement (``npo2(x)`` = largest power of two <= x, 0 for x <= 1); if
+uniformly without replacement (``npo2(x)`` = largest power of two <= x, 0 for x <= 1; n is a
+power of two whenever ``buffer_size`` is one, as in every reference script); if
 ``n < min_rows`` (e.g. the number of devices) the batch is discarded. The buffer is emptied after
 every triggered attempt, discarded or not.
 
@@ -116,12 +118,10 @@ class ReplayConfig:
     group_size: int | None = None
 
     def __post_init__(self):
-        for name in ("buffer_size", "baseline_buffer_size"):
+        for name, minimum in (("buffer_size", 1), ("baseline_buffer_size", 1), ("tolerate_steps", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.tolerate_steps, bool) or not isinstance(self.tolerate_steps, (int, np.integer)) or self.tolerate_steps < 0:
-            raise ValueError(f"tolerate_steps must be an integer >= 0, got {self.tolerate_steps!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if not np.isfinite(self.weight_decay):
             raise ValueError(
                 f"weight_decay must be finite, got {self.weight_decay}"
@@ -176,7 +176,9 @@ def validate_row_batch(batch: Mapping[str, np.ndarray]) -> int:
     for key in _INT_KEYS:
         array = np.asarray(batch[key])
         if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-            raise TypeError(f"batch[{key!r}] must be a 1-D integer array [B], got {array.dtype} {array.shape}")
+            raise TypeError(
+                f"batch[{key!r}] must be a 1-D integer array [B], got {array.dtype} {array.shape}"
+            )
     mask = np.asarray(batch["loss_mask"])
     if mask.ndim != 2:
         raise ValueError(f"batch['loss_mask'] must be [B, T], got shape {mask.shape}")
@@ -296,6 +298,7 @@ class ReplayBuffer:
             "replay/buffer_entries": float(len(self._entries)),
             "replay/valid_count": float(self.valid_count()),
             "replay/baseline_values": float(self._history.num_values),
+            "replay/num_replays": float(self._num_replays),
         }
         stats = self._history.statistics()
         if stats is not None:
@@ -339,7 +342,9 @@ class ReplayBuffer:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
             raise TypeError(f"step must be an integer, got {step!r}")
         if self._last_added_step is not None and step <= self._last_added_step:
-            raise ValueError(f"step {step} must be greater than the previous added step {self._last_added_step}")
+            raise ValueError(
+                f"step {step} must be greater than the previous added step {self._last_added_step}"
+            )
         self._check_schema(batch)
         self._last_added_step = int(step)
         arrays = {key: np.asarray(value) for key, value in batch.items()}
@@ -355,7 +360,8 @@ class ReplayBuffer:
             admitted &= arrays["num_tool_calls"] > 0
         rows = np.flatnonzero(admitted)
         if rows.shape[0]:
-            self._entries.append(_Entry(int(step), {key: value[rows].copy() for key, value in arrays.items()}))
+            stored = {key: value[rows].copy() for key, value in arrays.items()}
+            self._entries.append(_Entry(int(step), stored))
         return {"replay/rows_admitted": float(rows.shape[0])}
 
     def reset(self) -> None:
@@ -489,7 +495,9 @@ class ReplayBuffer:
             if step_key not in state:
                 raise KeyError(f"state is missing {step_key!r}")
             prefix = f"{_STATE_PREFIX_ENTRY}{index}_row_"
-            rows = {key[len(prefix):]: np.array(value) for key, value in state.items() if key.startswith(prefix)}
+            rows = {
+                key[len(prefix):]: np.array(value) for key, value in state.items() if key.startswith(prefix)
+            }
             validate_row_batch(rows)
             buffer._check_schema(rows)
             buffer._entries.append(_Entry(int(state[step_key]), rows))

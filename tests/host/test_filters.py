@@ -44,13 +44,19 @@ def test_repetition_counts_overlapping_occurrences():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 2), min_size=0, max_size=60), st.integers(1, 4), st.integers(2, 6))
-def test_repetition_matches_counter_reference(tokens, ngram, min_count):
-    ids = np.array(tokens + [0], dtype=np.int64)[None, :]
-    counts = collections.Counter(tuple(tokens[i:i + ngram]) for i in range(len(tokens) - ngram + 1))
-    expected = bool(counts) and max(counts.values()) >= min_count
-    got = flt.repetitive_flags(ids, np.array([len(tokens)]), ngram=ngram, min_count=min_count)
-    assert got.tolist() == [expected]
+@given(st.lists(st.lists(st.integers(0, 2), min_size=0, max_size=60), min_size=1, max_size=5),
+       st.integers(1, 4), st.integers(2, 6))
+def test_repetition_matches_counter_reference(rows, ngram, min_count):
+    width = max(len(r) for r in rows) + 2
+    ids = np.full((len(rows), width), 1, dtype=np.int64)  # padding repeats a real token id
+    for i, tokens in enumerate(rows):
+        ids[i, :len(tokens)] = tokens
+    expected = []
+    for tokens in rows:
+        counts = collections.Counter(tuple(tokens[i:i + ngram]) for i in range(len(tokens) - ngram + 1))
+        expected.append(bool(counts) and max(counts.values()) >= min_count)
+    got = flt.repetitive_flags(ids, np.array([len(r) for r in rows]), ngram=ngram, min_count=min_count)
+    assert got.tolist() == expected
 
 
 def test_repetition_is_fast_on_a_full_batch():

@@ -53,6 +53,11 @@ def test_remove_old_spec_example():
         _add_positive(buffer, step)
     buffer.remove_old()
     assert buffer.entry_steps == [3, 7]
+    boundary = _buffer(tolerate_steps=5)
+    for step in (1, 2, 7):
+        _add_positive(boundary, step)
+    boundary.remove_old()
+    assert boundary.entry_steps == [2, 7]  # |2 - 7| = 5 is tolerated, only > 5 is dropped
 
 
 def test_tolerance_is_capped_at_ten_and_measured_from_newest_entry():
@@ -261,6 +266,11 @@ def test_baseline_eviction_by_whole_steps_may_exceed_cap_by_one_step():
     # after step 1: 3 values; step 2: 6 (no eviction before appending, 3 <= 5);
     # step 3: 6 > 5 -> pop step 1, append -> [2, 3]; step 4: pop 2 -> [3, 4]
     assert buffer.history.steps == [3, 4] and buffer.history.num_values == 6
+    at_cap = _buffer(baseline_buffer_size=6)
+    for step in (1, 2, 3, 4):
+        at_cap.add_step(make_batch([0.0, 1.0, 2.0], [-1, -1, -1], group_ids=[0, 1, 2]), step)
+    # exactly 6 stored values is not over the cap: step 3 is appended without eviction (9 values)
+    assert at_cap.history.steps == [2, 3, 4] and at_cap.history.num_values == 9
 
 
 def test_replay_works_when_entry_steps_left_the_history():
