@@ -14,7 +14,10 @@ Episode semantics (same as the ALFWorld domain):
   ``reset()`` draws from the env's own generator (seeded by the constructor's ``seed``).
 * ``step(text)`` projects the response with ``parse_react_action`` and executes the projected
   action even when the response was malformed (the game answers "Unknown action ..."); only
-  ``action_valid`` records the malformation.
+  ``action_valid`` records the malformation. The projection lower-cases the response (ALFWorld's
+  actions are all lower case) while a few TWX actions are not (``take dirty green T-shirt``), and
+  TWX matches actions case-sensitively; so an action equal to an admissible action up to case
+  is executed in the admissible spelling.
 * reward = ``reward_scale * won`` on the winning step, else 0 (the paper's ``10 * won`` with the
   default ``reward_scale=10``). TWX's own partial score (0..1) is reported as
   ``info["task_score"]``.
@@ -250,6 +253,7 @@ class TextWorldExpressEnv:
             "done": False,
             "gold": tuple(self._sim.getGoldActionSequence()) if self.generate_gold else None,
             "properties": properties,
+            "admissible_by_lower": {},
         }
         return self._observation(state)
 
@@ -263,6 +267,7 @@ class TextWorldExpressEnv:
         episode = self._episode
         if episode is None or episode["done"]:
             raise RuntimeError("step_action() called before reset() or after the episode ended")
+        action = episode["admissible_by_lower"].get(action.lower(), action)
         state = json.loads(self._sim.stepJSON(sanitize_action(action)))
         episode["steps"] += 1
         won = bool(state["tasksuccess"])
@@ -300,7 +305,12 @@ class TextWorldExpressEnv:
     # -- extras -----------------------------------------------------------------------------
 
     def gold_actions(self) -> tuple[str, ...]:
-        """TWX's gold action sequence for the current episode (from its start)."""
+        """TWX's gold action sequence for the current episode (from its start).
+
+        Following it wins the game, possibly before its last action (twc's ends with a move
+        after the win). The game of a seed is deterministic but TWX's gold path for it is not:
+        exploration games (coin, cookingworld, ...) get a different winning path at each reset.
+        """
         if self._episode is None:
             raise RuntimeError("gold_actions() needs an episode: call reset() first")
         if self._episode["gold"] is None:
@@ -314,11 +324,9 @@ class TextWorldExpressEnv:
         return dict(self._episode["properties"])
 
     def _observation(self, state: Mapping[str, Any]) -> Observation:
-        return Observation(
-            text=str(state["observation"]),
-            task=self._episode["task"],
-            admissible_actions=tuple(sorted(str(a) for a in state["validActions"])),
-        )
+        actions = tuple(sorted(str(a) for a in state["validActions"]))
+        self._episode["admissible_by_lower"] = {a.lower(): a for a in actions}
+        return Observation(text=str(state["observation"]), task=self._episode["task"], admissible_actions=actions)
 
     def _check_open(self):
         if self._closed:
