@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.algorithm.rollout_filter_type = "std"  # std | std_rev
     c.algorithm.rollout_filter_std_ddof = 0  # agent: population std; math: 1
     c.algorithm.rollout_filter_truncate_pow2 = False  # reference agent: random 2^k rows kept
+    # Groups for the filter and the baseline history: by group id (sound) or by position in the
+    # batch (the reference math tree, which reorders rows first: spec 5.3).
+    c.algorithm.grouping = "uid"  # uid | positional
     c.algorithm.filter_overlong_responses = False
     c.algorithm.filter_incomplete_responses = False
     c.algorithm.filter_repetitive_responses = False
@@ -127,7 +130,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.actor.clip_cov_ratio = 0.0002
     c.actor.clip_cov_lb = 1.0
     c.actor.clip_cov_ub = 5.0
-    c.actor.clip_cov_scope = "micro_batch"  # micro_batch (reference) | global
+    # Clip-Cov / KL-Cov token pool: the whole micro-batch across the mesh, or each device's
+    # shard of it (the reference: one micro-batch per GPU).
+    c.actor.clip_cov_scope = "micro_batch"  # micro_batch | per_device
     c.actor.clip_cov_clamp_log_ratio = True  # reference: no clamp (NaN on stale replay data)
     c.actor.kl_cov_ratio = 0.0002
     c.actor.ppo_kl_coef = 0.1  # KL-Cov penalty coefficient
@@ -144,6 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.replay.tolerate_steps = 10  # effective value is min(x, 10)
     c.replay.weight_decay = 0.1  # weight_decay_trajectory_replay: <=0 or >1 selects P50 mode
     c.replay.require_tool_call = False  # math: admit only rows with >= 1 tool call
+    c.replay.baseline_std_ddof = 0  # group stds of the baseline history: agent 0, math 1
     c.replay.loss_coef = 0.001  # replay_loss_coef
     c.replay.max_loss_steps = 200  # max_replay_loss_steps (cosine ascent length)
     c.replay.clip_cov_ratio = 0.0002  # clip_cov_ratio_replay

@@ -64,6 +64,7 @@ def _math_small(c: ml_collections.ConfigDict) -> None:
     c.algorithm.use_invalid_action_penalty = False
     c.algorithm.toolcall_reward_recipe = "qwen2.5"
     c.algorithm.rollout_filter_std_ddof = 1
+    c.replay.baseline_std_ddof = 1
     c.replay.require_tool_call = True
 
 
@@ -125,6 +126,7 @@ def _math_paper(c: ml_collections.ConfigDict, *, qwen3: bool) -> None:
     c.actor.loss_agg_max_response_length = 16384
     c.algorithm.use_invalid_action_penalty = False
     c.algorithm.rollout_filter_std_ddof = 1
+    c.replay.baseline_std_ddof = 1
     c.algorithm.toolcall_reward_recipe = "qwen3" if qwen3 else "qwen2.5"
     c.algorithm.max_toolcall_steps = 200
     c.replay.require_tool_call = True

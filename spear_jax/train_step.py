@@ -97,12 +97,12 @@ def check_minibatch(minibatch: dict[str, jax.Array]) -> tuple[int, int, int]:
     return n, b, length
 
 
-def _micro_batch_objective(graphdef, params, micro, key, sil_weight, config: UpdateConfig, replay: bool):
+def _micro_batch_objective(graphdef, params, micro, key, sil_weight, config: UpdateConfig, replay: bool, mesh):
     """(S_j, N_j, metrics) of one micro-batch; differentiable in ``params``."""
     logp, entropy = sequence_token_stats(
         graphdef, params, micro["tokens"], micro["valid"], config.temperature, config.logprob_chunk_size
     )
-    common = dict(entropy=entropy, row_valid=micro["row_valid"])
+    common = dict(entropy=entropy, row_valid=micro["row_valid"], mesh=mesh)
     if replay:
         return sil_objective(
             logp, micro["old_logprobs"], micro["advantages"], micro["loss_mask"],
@@ -115,9 +115,10 @@ def _micro_batch_objective(graphdef, params, micro, key, sil_weight, config: Upd
 
 
 def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                   config: UpdateConfig, replay: bool) -> Callable:
+                   config: UpdateConfig, replay: bool, mesh=None) -> Callable:
     """Returns ``update(params, opt_state, minibatch, key, sil_weight) -> (params, opt_state,
-    metrics)``, jitted with params and optimizer state donated."""
+    metrics)``, jitted with params and optimizer state donated. ``mesh`` is needed only for the
+    per-device Clip-Cov / KL-Cov selection scope."""
 
     def update(params, opt_state, minibatch, key, sil_weight):
         n_micro = minibatch["tokens"].shape[0]
@@ -128,7 +129,7 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
             micro_key = jax.random.fold_in(key, index)
 
             def objective(p):
-                s, n, metrics = _micro_batch_objective(graphdef, p, micro, micro_key, sil_weight, config, replay)
+                s, n, metrics = _micro_batch_objective(graphdef, p, micro, micro_key, sil_weight, config, replay, mesh)
                 return s, (n, metrics)
 
             (s, (n, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(params)
