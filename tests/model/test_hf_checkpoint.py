@@ -118,5 +118,5 @@ def test_loader_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_hf_checkpoint(str(tmp_path / "noweights"))
 
-    with pytest.raises(ValueError, match=r"shape mismatch for tensor 'model.layers.0.mlp.gate_proj.weight'"):
+    with pytest.raises(ValueError, match=r"shape mismatch for tensor 'model.layers.0.mlp.(down|gate|up)_proj.weight'"):
         load_hf_checkpoint(str(tmp_path / "ok"), intermediate_size=128)
