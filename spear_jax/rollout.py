@@ -311,6 +311,7 @@ class RolloutEngine:
         """
         config = self.config
         _check_inputs(envs, task_ids, config)
+        self._check_sampling(sampling)
         self._timers = {"env": 0.0, "sampler": 0.0}
         self._env_steps = 0
         episodes = [
@@ -343,6 +344,16 @@ class RolloutEngine:
             return None
         finally:
             self._timers["env"] += self.clock() - start
+
+    def _check_sampling(self, sampling: Any) -> None:
+        """The assistant's end sequence must end a generation, else turns run to the limit."""
+        ends_turn = self._end_ids in tuple(tuple(s) for s in sampling.stop_sequences) or (
+            len(self._end_ids) == 1 and self._end_ids[0] in sampling.eos_ids)
+        if not ends_turn:
+            raise ValueError(
+                f"sampling does not stop at the assistant end sequence {self._end_ids}: add it to "
+                "SamplingParams.stop_sequences (or eos_ids when it is one id)"
+            )
 
     def _turn_limit(self, env: Env) -> int:
         return self.config.max_turns if self.config.max_turns is not None else env.max_steps

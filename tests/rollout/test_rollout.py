@@ -14,12 +14,15 @@ from rollout_scripted import (
 from spear_jax.rollout import RolloutConfig, RolloutEngine, anchor_ids, strip_suffix
 
 KEY = jax.random.key(0)
-SAMPLING = SamplingParams(max_new_tokens=64)
+END = (2,)  # <|im_end|> of ChatMLTokenizer
+SAMPLING = SamplingParams(max_new_tokens=64, stop_sequences=(END,))
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return ChatMLTokenizer()
+    tokenizer = ChatMLTokenizer()
+    assert tokenizer.assistant_end_ids == END
+    return tokenizer
 
 
 def run(tok, envs, task_ids, policy=say_number_policy, sampling=SAMPLING, **config):
@@ -124,7 +127,7 @@ def test_failing_env_is_isolated(tok):
 
 
 def test_overlong_and_incomplete_flags(tok):
-    sampling = SamplingParams(max_new_tokens=5)
+    sampling = SamplingParams(max_new_tokens=5, stop_sequences=(END,))
     result, _ = run(tok, [SayNumberEnv(episode_length=2)], [3], sampling=sampling, group_size=1)
     for row in result.rows:
         assert row.response_length == 5 and row.finish_reason == "length"
@@ -143,6 +146,8 @@ def test_config_and_input_errors(tok):
         RolloutConfig(layout="trajectory")
     with pytest.raises(ValueError, match="expected len\\(task_ids\\) x group_size"):
         run(tok, [SayNumberEnv()] * 3, [0, 1], group_size=2)
+    with pytest.raises(ValueError, match="does not stop at the assistant end sequence"):
+        run(tok, [SayNumberEnv()], [0], sampling=SamplingParams(max_new_tokens=8), group_size=1)
     with pytest.raises(ValueError, match="task_ids is empty"):
         run(tok, [], [], group_size=2)
 
@@ -195,7 +200,7 @@ def test_trajectory_stream_equals_rendered_conversation(tok):
 
 
 def test_trajectory_rows_stop_at_sequence_budget(tok):
-    sampling = SamplingParams(max_new_tokens=30)
+    sampling = SamplingParams(max_new_tokens=30, stop_sequences=(END,))
     envs = [SayNumberEnv(episode_length=8)]
     result, _ = run(tok, envs, [1], sampling=sampling, group_size=1, layout="trajectory",
                     max_sequence_length=120)
@@ -206,7 +211,7 @@ def test_trajectory_rows_stop_at_sequence_budget(tok):
 
 
 def test_trajectory_length_finish_is_closed_with_masked_end_token(tok):
-    sampling = SamplingParams(max_new_tokens=6)
+    sampling = SamplingParams(max_new_tokens=6, eos_ids=END)
     envs = [SayNumberEnv(episode_length=2)]
     result, _ = run(tok, envs, [2], sampling=sampling, group_size=1, layout="trajectory",
                     max_sequence_length=200)
