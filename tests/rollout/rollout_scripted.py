@@ -79,7 +79,9 @@ class ChatMLTokenizer:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+        """Ids past this vocabulary (a larger model's samples) are dropped."""
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def render_prompt(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         return self.encode(chatml_text(messages, add_generation_prompt=True))
