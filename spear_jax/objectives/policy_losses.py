@@ -124,9 +124,22 @@ def _ppo_surrogate(log_ratio, adv, config: PolicyLossConfig):
     return jnp.where(clipped, l2, l1), clipped
 
 
-def _floor_count_table(ratio: float, max_count: int) -> jax.Array:
-    """``table[n] = max(int(n * ratio), 1)`` for n in [0, max_count], in float64 like the reference."""
-    return jnp.asarray(np.maximum((np.arange(max_count + 1) * ratio).astype(np.int64), 1), jnp.int32)
+def _count_thresholds(ratio: float, max_count: int) -> np.ndarray:
+    """``thresholds[j-1]`` = the smallest n with ``int(n * ratio) >= j`` (float64, as the reference
+    computes ``int(len(valid) * ratio)``), for ``j = 1 .. int(max_count * ratio)``."""
+    j = np.arange(1, int(max_count * ratio) + 1, dtype=np.int64)
+    n = np.ceil(j / ratio).astype(np.int64)
+    for _ in range(4):  # float rounding can put ceil(j / ratio) off by one in either direction
+        n = np.where((n * ratio).astype(np.int64) < j, n + 1, n)
+        n = np.where(((n - 1) * ratio).astype(np.int64) >= j, n - 1, n)
+    return n
+
+
+def _floor_count(ratio: float, n_valid, max_count: int):
+    """``max(int(n_valid * ratio), 1)`` for a traced ``n_valid`` in ``[0, max_count]``, exact in
+    float64 semantics without float64 on device (a search in host-computed thresholds)."""
+    thresholds = jnp.asarray(_count_thresholds(ratio, max_count), jnp.int32)
+    return jnp.maximum(jnp.searchsorted(thresholds, n_valid, side="right"), 1).astype(jnp.int32)
 
 
 def _covariance(adv, logp, valid):
@@ -170,10 +183,9 @@ class _Count:
 
 def _selection_count(ratio: float, valid) -> _Count:
     n_tokens = valid.size
-    table = _floor_count_table(ratio, n_tokens)
     n_valid = jnp.sum(valid.astype(jnp.int32))
     k_max = min(max(int(n_tokens * ratio), 1), n_tokens)
-    return _Count(table[n_valid], k_max)
+    return _Count(_floor_count(ratio, n_valid, n_tokens), k_max)
 
 
 def _local_clip_cov(adv, logp, valid, clipped, key, ratio, lb, ub):

@@ -275,3 +275,26 @@ def test_per_device_scope_rejects_unknown_axis():
     cfg = PolicyLossConfig("clip_cov", cov_selection_scope="per_device", cov_selection_axis="fsdp")
     with pytest.raises(ValueError, match="cov_selection_axis 'fsdp'"):
         pl.clip_cov_policy_loss(logp, old, adv, mask, cfg, jax.random.key(0), data_mesh())
+
+
+def test_gradient_matches_finite_differences_on_unclipped_tokens():
+    logp, old, adv, mask, entropy, ref = random_inputs(7)
+    cfg = ObjectiveConfig(PolicyLossConfig(eps_high=0.28), AggregationConfig("seq-mean-token-sum-norm"),
+                          kl_coef=0.1, kl_penalty="k2")
+    loss = jax.jit(lambda lp: finalize(*policy_objective(lp, old, adv, mask, cfg, ref_logp=ref)[:2]))
+    grad = np.asarray(jax.jit(jax.grad(loss))(logp))
+    ratio = np.exp(np.asarray(logp - old))
+    inside = (ratio > 0.85) & (ratio < 1.2) & (np.asarray(mask) > 0)  # far from the clip edges
+    clipped = ((ratio < 0.8) | (ratio > 1.28)) & (np.asarray(mask) > 0)
+    assert inside.sum() > 5 and clipped.sum() > 0
+    eps = 1e-2
+    for i, t in list(zip(*np.nonzero(inside)))[:6]:
+        up = float(loss(logp.at[i, t].add(eps)))
+        down = float(loss(logp.at[i, t].add(-eps)))
+        np.testing.assert_allclose(grad[i, t], (up - down) / (2 * eps), rtol=2e-2, atol=1e-5)
+    # clipped tokens: only the KL term's gradient remains
+    kl_grad = 0.1 * np.asarray(logp - ref) / (B * T)
+    adv_np = np.asarray(adv)
+    clipped_pg = clipped & (((ratio > 1.28) & (adv_np > 0)) | ((ratio < 0.8) & (adv_np < 0)))
+    assert clipped_pg.sum() > 0
+    np.testing.assert_allclose(grad[clipped_pg], kl_grad[clipped_pg], rtol=1e-5, atol=1e-9)

@@ -329,10 +329,17 @@ def test_masked_garbage_does_not_leak():
 
 
 def test_selection_count_uses_float64_floor_like_the_reference():
-    for ratio in (0.0002, 0.02, 0.07, 0.1, 0.3, 0.7):
-        table = np.asarray(pl._floor_count_table(ratio, 5000))
-        want = [max(int(ratio * n), 1) for n in range(5001)]
-        np.testing.assert_array_equal(table, want)
+    n = jnp.arange(5001)
+    for ratio in (0.0002, 0.02, 0.07, 0.1, 0.3, 0.7, 1 / 3, 1.0):
+        got = jax.jit(lambda x: pl._floor_count(ratio, x, 5000))(n)
+        want = [max(int(i * ratio), 1) for i in range(5001)]
+        np.testing.assert_array_equal(got, want)
+    # large pools: the host thresholds agree with int(n * ratio) on random n up to 2e6
+    sample = np.random.default_rng(0).integers(0, 2_000_000, 20_000)
+    for ratio in (0.0002, 0.02, 0.07, 0.3):
+        thresholds = pl._count_thresholds(ratio, 2_000_000)
+        got = np.searchsorted(thresholds, sample, side="right")
+        np.testing.assert_array_equal(got, [int(i * ratio) for i in sample])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""Load and save Hugging Face checkpoint directories (config.json + safetensors).
+
+Loading places each tensor directly into its sharded layout: one tensor at a time is read from
+disk (memory-mapped), converted to this model's layout on the host and ``jax.device_put`` to its
+``NamedSharding``, so host memory holds at most one tensor's worth of extra data.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from spear_jax.model.config import ModelConfig, from_hf_config, to_hf_config
+from spear_jax.model.transformer import init_model
+from spear_jax.model.weight_layout import tensor_specs
+from spear_jax.sharding import state_shardings
+
+_SINGLE_FILE = "model.safetensors"
+_INDEX_FILE = "model.safetensors.index.json"
+# Buffers some exporters write that are not parameters.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_hf_config(directory: str, **overrides) -> ModelConfig:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in checkpoint directory {directory!r}")
+    with open(path) as f:
+        return from_hf_config(json.load(f), **overrides)
+
+
+def _safetensors_files(directory: str) -> list[str]:
+    index_path = os.path.join(directory, _INDEX_FILE)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(directory, n) for n in names]
+    elif os.path.isfile(os.path.join(directory, _SINGLE_FILE)):
+        files = [os.path.join(directory, _SINGLE_FILE)]
+    else:
+        raise FileNotFoundError(
+            f"no {_SINGLE_FILE} or {_INDEX_FILE} in checkpoint directory {directory!r}"
+        )
+    for path in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint shard {path!r} listed in {_INDEX_FILE} is missing")
+    return files
+
+
+def iter_safetensors(directory: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) for every tensor of the checkpoint, one at a time."""
+    for path in _safetensors_files(directory):
+        with safe_open(path, framework="numpy") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def place_tensors(
+    cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], mesh: Mesh | None = None,
+    source: str = "checkpoint",
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """Build (graphdef, state) of ``cfg``'s model from HF-named tensors, each converted and
+    placed on ``mesh`` (or the default device) as it arrives."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(cfg)))
+    if mesh is None:
+        device = jax.devices()[0]
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), abstract)
+    else:
+        shardings = state_shardings(abstract, cfg.sharding_rules, mesh)
+    flat_abstract = dict(nnx.to_flat_state(abstract))
+    flat_shardings = dict(nnx.to_flat_state(shardings))
+    specs = {spec.hf_name: spec for spec in tensor_specs(cfg)}
+    placed = {}
+    for name, array in tensors:
+        if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_embeddings):
+            continue
+        if name not in specs:
+            raise ValueError(f"unexpected tensor {name!r} in {source} for a {cfg.architecture} model")
+        spec = specs[name]
+        variable = flat_abstract[spec.path]
+        value = spec.to_model(array) if array.ndim else array
+        if value.shape != variable.shape:
+            raise ValueError(
+                f"shape mismatch for tensor {name!r} in {source}: got {array.shape} (model layout "
+                f"{value.shape}), the config expects model layout {variable.shape}"
+            )
+        value = np.asarray(value, dtype=variable.dtype)
+        placed[spec.path] = variable.replace(jax.device_put(value, flat_shardings[spec.path].get_value()))
+        del array, value
+    missing = [name for name, spec in specs.items() if spec.path not in placed]
+    if missing:
+        raise ValueError(f"tensors missing from {source}: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return graphdef, nnx.from_flat_state(placed)
+
+
+def load_hf_checkpoint(
+    directory: str, mesh: Mesh | None = None, **config_overrides
+) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+    """(cfg, graphdef, state) from a HF checkpoint directory; ``config_overrides`` adjust the
+    ModelConfig read from config.json (e.g. ``compute_dtype="bfloat16"``)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+    cfg = read_hf_config(directory, **config_overrides)
+    graphdef, state = place_tensors(cfg, iter_safetensors(directory), mesh, source=directory)
+    return cfg, graphdef, state
+
+
+def save_hf_checkpoint(
+    cfg: ModelConfig, state: nnx.State, directory: str, max_shard_bytes: int = 4 << 30
+) -> None:
+    """Write config.json and float32 safetensors (sharded with an index above ``max_shard_bytes``)
+    loadable by ``transformers`` and by ``load_hf_checkpoint``."""
+    os.makedirs(directory, exist_ok=True)
+    flat = dict(nnx.to_flat_state(state))
+    shards: list[dict[str, np.ndarray]] = [{}]
+    sizes = [0]
+    for spec in tensor_specs(cfg):
+        if spec.path not in flat:
+            raise ValueError(f"state has no parameter {'.'.join(map(str, spec.path))}")
+        array = spec.to_hf(np.asarray(jax.device_get(flat[spec.path].get_value()), np.float32))
+        if sizes[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][spec.hf_name] = array
+        sizes[-1] += array.nbytes
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(to_hf_config(cfg), f, indent=2)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, _SINGLE_FILE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    with open(os.path.join(directory, _INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)

@@ -1,0 +1,86 @@
+"""Per-token log-probabilities and entropies of a sequence without materialising [B, L, V] logits.
+
+For tokens y_0..y_{L-1} of a row and final hidden states h_t, the statistics of token t come
+from the distribution predicted at t - 1:
+
+    logprob[b, t] = log softmax(h_{t-1} W / tau)[y_t],   entropy[b, t] = H(softmax(h_{t-1} W / tau))
+
+(formulas in ``spear_jax.objectives.token_stats``). Both are 0 where token t or token t - 1 is
+padding (in particular at each row's first token), so they align with the token ids and their
+role masks. The sequence is processed in chunks of ``chunk_size`` positions inside a
+``lax.scan`` whose body is ``jax.checkpoint``-ed: peak memory holds one chunk's logits
+[B, chunk_size, V] in the forward and in the backward, never [B, L, V].
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spear_jax.objectives.token_stats import token_logprobs_and_entropy
+from spear_jax.sharding import constrain
+
+
+def chunked_token_stats(
+    hidden: jax.Array,
+    targets: jax.Array,
+    output_embedding: jax.Array,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    rules=(),
+) -> tuple[jax.Array, jax.Array]:
+    """Log-prob of ``targets`` and entropy under softmax(hidden @ output_embedding / temperature).
+
+    hidden: [B, L, D]; targets: [B, L] int; output_embedding: [D, V].
+    Returns (logprobs [B, L], entropy [B, L]) float32, computed ``chunk_size`` positions at a time.
+    """
+    if hidden.shape[:2] != targets.shape:
+        raise ValueError(f"hidden {hidden.shape} and targets {targets.shape} must share [B, L]")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    b, length, d = hidden.shape
+    chunk = min(chunk_size, length)
+    pad = (-length) % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    n = hidden.shape[1] // chunk
+    hidden_chunks = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)  # [n, B, C, D]
+    target_chunks = targets.reshape(b, n, chunk).swapaxes(0, 1)  # [n, B, C]
+
+    @jax.checkpoint
+    def one_chunk(h, y):
+        logits = jnp.einsum("bcd,dv->bcv", h, output_embedding, preferred_element_type=jnp.float32)
+        if rules:
+            logits = constrain(logits, ("act_batch", "act_length", "act_vocab"), rules)
+        return token_logprobs_and_entropy(logits, y, temperature)
+
+    def body(carry, xs):
+        return carry, one_chunk(*xs)
+
+    _, (logprobs, entropy) = jax.lax.scan(body, None, (hidden_chunks, target_chunks))
+    logprobs = logprobs.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
+    entropy = entropy.swapaxes(0, 1).reshape(b, n * chunk)[:, :length]
+    return logprobs, entropy
+
+
+def sequence_token_stats(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: jax.Array,
+    valid: jax.Array,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+) -> tuple[jax.Array, jax.Array]:
+    """(logprobs [B, L], entropy [B, L]) of ``tokens`` [B, L] under the model, as defined in the
+    module docstring (0 where token t or t - 1 is padding). ``valid`` [B, L] bool marks real
+    tokens; padding may lead or trail a row but must not interrupt it."""
+    model = nnx.merge(graphdef, state)
+    hidden, _ = model.hidden_states(tokens, valid)
+    predictors = jnp.pad(hidden[:, :-1], ((0, 0), (1, 0), (0, 0)))  # h_{t-1} at index t
+    logprobs, entropy = chunked_token_stats(
+        predictors, tokens, model.output_embedding(), temperature, chunk_size,
+        model.cfg.sharding_rules,
+    )
+    valid = valid.astype(bool)
+    scored = valid & jnp.pad(valid[:, :-1], ((0, 0), (1, 0)))
+    return jnp.where(scored, logprobs, 0.0), jnp.where(scored, entropy, 0.0)

@@ -1,0 +1,86 @@
+"""Correspondence between this model's parameters and Hugging Face tensor names and layouts.
+
+HF stores linear weights as [out, in]; this model stores [in, out] with attention heads split
+out: q_proj [D, H, hd], k/v_proj [D, KVH, hd], o_proj [H, hd, D], q/k/v biases [heads, hd].
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from spear_jax.model.config import ModelConfig
+
+ParamPath = tuple  # e.g. ("blocks", 3, "attention", "q_proj", "..."), as in nnx.to_flat_state
+
+
+class TensorSpec(NamedTuple):
+    hf_name: str
+    path: ParamPath
+    to_model: Callable[[np.ndarray], np.ndarray]  # HF layout -> model layout
+    to_hf: Callable[[np.ndarray], np.ndarray]  # model layout -> HF layout
+
+
+def _identity(x):
+    return x
+
+
+def _transpose(x):
+    return np.ascontiguousarray(x.T)
+
+
+def _in_heads(heads: int, head_dim: int):
+    """[heads * hd, D] <-> [D, heads, hd]."""
+    to_model = lambda w: np.ascontiguousarray(w.T).reshape(w.shape[1], heads, head_dim)
+    to_hf = lambda w: np.ascontiguousarray(w.reshape(w.shape[0], heads * head_dim).T)
+    return to_model, to_hf
+
+
+def _out_heads(heads: int, head_dim: int):
+    """[D, heads * hd] <-> [heads, hd, D]."""
+    to_model = lambda w: np.ascontiguousarray(w.T).reshape(heads, head_dim, w.shape[0])
+    to_hf = lambda w: np.ascontiguousarray(w.reshape(heads * head_dim, w.shape[-1]).T)
+    return to_model, to_hf
+
+
+def _bias(heads: int, head_dim: int):
+    return (lambda b: b.reshape(heads, head_dim)), (lambda b: b.reshape(heads * head_dim))
+
+
+def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
+    """Every parameter of ``cfg``'s model with its HF name and layout conversions."""
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    specs = [
+        TensorSpec("model.embed_tokens.weight", ("embed",), _identity, _identity),
+        TensorSpec("model.norm.weight", ("final_norm", "weight"), _identity, _identity),
+    ]
+    if not cfg.tie_embeddings:
+        specs.append(TensorSpec("lm_head.weight", ("lm_head",), _transpose, _transpose))
+    for i in range(cfg.num_layers):
+        hf = f"model.layers.{i}."
+        attn = ("blocks", i, "attention")
+        layer = [
+            (hf + "input_layernorm.weight", ("blocks", i, "input_norm", "weight"), _identity, _identity),
+            (hf + "post_attention_layernorm.weight", ("blocks", i, "post_attention_norm", "weight"),
+             _identity, _identity),
+            (hf + "self_attn.q_proj.weight", attn + ("q_proj",), *_in_heads(h, hd)),
+            (hf + "self_attn.k_proj.weight", attn + ("k_proj",), *_in_heads(kv, hd)),
+            (hf + "self_attn.v_proj.weight", attn + ("v_proj",), *_in_heads(kv, hd)),
+            (hf + "self_attn.o_proj.weight", attn + ("o_proj",), *_out_heads(h, hd)),
+            (hf + "mlp.gate_proj.weight", ("blocks", i, "mlp", "gate_proj"), _transpose, _transpose),
+            (hf + "mlp.up_proj.weight", ("blocks", i, "mlp", "up_proj"), _transpose, _transpose),
+            (hf + "mlp.down_proj.weight", ("blocks", i, "mlp", "down_proj"), _transpose, _transpose),
+        ]
+        if cfg.qkv_bias:
+            layer += [
+                (hf + "self_attn.q_proj.bias", attn + ("q_bias",), *_bias(h, hd)),
+                (hf + "self_attn.k_proj.bias", attn + ("k_bias",), *_bias(kv, hd)),
+                (hf + "self_attn.v_proj.bias", attn + ("v_bias",), *_bias(kv, hd)),
+            ]
+        if cfg.qk_norm:
+            layer += [
+                (hf + "self_attn.q_norm.weight", attn + ("q_norm", "weight"), _identity, _identity),
+                (hf + "self_attn.k_norm.weight", attn + ("k_norm", "weight"), _identity, _identity),
+            ]
+        specs += [TensorSpec(*entry) for entry in layer]
+    return specs

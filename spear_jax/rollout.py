@@ -1,0 +1,570 @@
+"""Host rollout engine: many environments in lockstep, one sampler call per turn, token rows.
+
+A rollout batch is ``num_tasks x group_size`` episodes: env ``i`` plays task ``task_ids[i //
+group_size]`` and belongs to group ``i // group_size`` (the GRPO ``uid``); its trajectory id is
+``i``. Every turn, the engine gathers the prompts of all live environments, calls the sampler
+once for all of them, decodes the responses, steps each environment with its response text, and
+drops environments whose episode ended. An environment that raises in ``reset`` or ``step`` is
+isolated: its episode is marked failed (``EpisodeSummary.error``), its rows are dropped, it is
+counted in ``metrics["rollout/failed_episodes"]``, and the others go on.
+
+Two row layouts (``RolloutConfig.layout``):
+
+* ``"step"`` (verl-agent): one row per env step. The prompt is a single user message rendered
+  afresh by ``environments.prompts.render_agent_prompt`` (task, last ``history_length``
+  (observation, projected action) pairs, current observation, admissible actions), wrapped by the
+  chat template with the assistant generation prompt; the response is the generated ids. The
+  environment supplies its ``prompt_style`` (an ``AgentPromptStyle``).
+* ``"trajectory"`` (ReTool-style math): one row per episode on a persistent KV-cache session.
+  The first call appends the chat-rendered prompt (optional system message + the first
+  observation as a user message + generation prompt); after each turn the next observation is
+  appended as an ``observation_role`` message (``render_followup``: the template's tail after the
+  assistant's end token, the message, the generation prompt). The row's response is every token
+  after the prompt: generated tokens (loss mask 1, behaviour logprobs) interleaved with
+  observation tokens (loss mask 0, logprob 0). When a turn ends without the assistant end token
+  (``finish_reason == "length"``) the end token is appended with mask 0 so the conversation stays
+  well-formed.
+
+Token level throughout: generated ids are stored as produced and never re-tokenised; the text
+handed to the environment is ``decode`` of the ids without the trailing end-of-turn sequence.
+
+Per-row record (``Row``): prompt/response ids, loss mask, behaviour logprobs, group id,
+trajectory id, step index, env reward of the step, episode return (sum of the episode's env
+rewards) and length, action validity, number of tool calls, anchor observation text and its
+batch-consistent integer id (first-appearance order, so equal texts get equal ids), response
+length and overlong flag (``response_length >= max_response_length``), incompleteness (agent:
+no ``<action>...</action>`` after the last ``</think>``; math: the environment's
+``info["incomplete"]``), decoded response text, won flag, task type and the last step's info.
+
+The engine is written against two narrow protocols: ``ChatTokenizer`` and ``TurnSampler``
+(satisfied by ``spear_jax.sampling.Sampler``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import jax
+import numpy as np
+
+from environments.base import Env, Observation, StepResult
+from environments.prompts import DEFAULT_HISTORY_LENGTH, render_agent_prompt
+from environments.react import has_action_after_last_think, parse_react_action
+
+LAYOUTS = ("step", "trajectory")
+DOMAINS = ("agent", "math")
+
+
+class ChatTokenizer(Protocol):
+    """What the engine needs from a tokenizer with a chat template.
+
+    ``render_prompt(m)`` followed by the generated assistant ids (ending with
+    ``assistant_end_ids``) followed by ``render_followup(role, text)`` must equal the template's
+    rendering of the whole conversation, tokenised, whenever the generated text tokenises back to
+    the generated ids.
+    """
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids (no special-token handling beyond the tokenizer's own)."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids to text; special tokens are dropped."""
+        ...
+
+    def render_prompt(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        """The conversation ``[(role, content), ...]`` and the assistant generation prompt."""
+        ...
+
+    def render_followup(self, role: str, content: str) -> list[int]:
+        """What follows a closed assistant message: the template's separator after the end
+        token, the message ``(role, content)`` and the assistant generation prompt."""
+        ...
+
+    @property
+    def assistant_end_ids(self) -> tuple[int, ...]:
+        """The id sequence that closes an assistant message (the stop sequence)."""
+        ...
+
+
+class TurnSampler(Protocol):
+    """The part of ``spear_jax.sampling.Sampler`` the engine calls."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Any, key: jax.Array) -> list:
+        ...
+
+    def start_session(self, batch_size: int) -> Any:
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Options of one rollout batch.
+
+    Attributes:
+      group_size: environments per task (episodes sharing a group id).
+      layout: ``"step"`` or ``"trajectory"`` rows (module docstring).
+      domain: ``"agent"`` (ReAct completeness test) or ``"math"`` (the env's ``incomplete``).
+      history_length: k, (observation, action) pairs shown in step-row prompts (reference 2).
+      max_turns: sampler calls per episode at most; None = each env's ``max_steps``. An episode
+        still running then is ended by the engine (``EpisodeSummary.truncated``).
+      max_response_length: the overlong threshold in tokens (per generated turn for step rows,
+        per whole response for trajectory rows); None = the sampling's ``max_new_tokens``
+        (step rows) or ``max_sequence_length`` minus the prompt (trajectory rows).
+      max_sequence_length: trajectory rows: prompt + response tokens at most (the session's KV
+        cache size). An episode whose next observation plus a full turn would not fit is ended
+        (truncated) before that turn.
+      system_prompt: trajectory rows: an optional system message before the first observation.
+      observation_role: trajectory rows: the chat role of observations after the first.
+    """
+
+    group_size: int = 8
+    layout: str = "step"
+    domain: str = "agent"
+    history_length: int = DEFAULT_HISTORY_LENGTH
+    max_turns: int | None = None
+    max_response_length: int | None = None
+    max_sequence_length: int | None = None
+    system_prompt: str | None = None
+    observation_role: str = "tool"
+
+    def __post_init__(self):
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"RolloutConfig.group_size must be a positive int, got {self.group_size!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"RolloutConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.domain not in DOMAINS:
+            raise ValueError(f"RolloutConfig.domain must be one of {DOMAINS}, got {self.domain!r}")
+        if self.history_length < 0:
+            raise ValueError(f"RolloutConfig.history_length must be >= 0, got {self.history_length}")
+        for name in ("max_turns", "max_response_length", "max_sequence_length"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"RolloutConfig.{name} must be a positive int or None, got {value!r}")
+        if self.layout == "trajectory" and self.max_sequence_length is None:
+            raise ValueError("RolloutConfig.max_sequence_length is required for layout='trajectory' "
+                             "(it is the session's KV-cache size)")
+
+
+@dataclasses.dataclass
+class Row:
+    """One training row (see the module docstring for the meaning of each field).
+
+    Arrays: ``prompt_ids`` [P] int32; ``response_ids``, ``loss_mask`` (int8, 1 = model token),
+    ``logprobs`` (float32, 0 where the mask is 0) [R].
+    """
+
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    loss_mask: np.ndarray
+    logprobs: np.ndarray
+    group_id: int
+    traj_id: int
+    step_index: int
+    reward: float
+    action_valid: bool
+    num_tool_calls: int
+    anchor_obs: str
+    response_text: str
+    finish_reason: str
+    overlong: bool
+    incomplete: bool
+    task_id: Any
+    task_type: str
+    num_turns: int = 1
+    anchor_id: int = -1
+    episode_return: float = 0.0
+    episode_length: int = 0
+    won: bool = False
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def response_length(self) -> int:
+        return int(self.response_ids.shape[0])
+
+
+@dataclasses.dataclass
+class EpisodeSummary:
+    """One episode of the batch: ``error`` is set when its environment raised."""
+
+    group_id: int
+    traj_id: int
+    task_id: Any
+    episode_return: float = 0.0
+    length: int = 0
+    won: bool = False
+    truncated: bool = False
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+@dataclasses.dataclass
+class RolloutResult:
+    """Rows of the completed episodes, one summary per episode, and scalar metrics."""
+
+    rows: list[Row]
+    episodes: list[EpisodeSummary]
+    metrics: dict[str, float]
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def strip_suffix(ids: np.ndarray, suffix: Sequence[int]) -> np.ndarray:
+    """``ids`` without a trailing ``suffix`` (unchanged when it does not end with it)."""
+    n = len(suffix)
+    if n and ids.shape[0] >= n and tuple(int(i) for i in ids[-n:]) == tuple(suffix):
+        return ids[:-n]
+    return ids
+
+
+def anchor_ids(anchors: Sequence[str]) -> np.ndarray:
+    """Integer ids for anchor texts: equal texts get equal ids, numbered by first appearance."""
+    table: dict[str, int] = {}
+    return np.asarray([table.setdefault(a, len(table)) for a in anchors], dtype=np.int64)
+
+
+def is_incomplete(domain: str, response_text: str, info: Mapping[str, Any]) -> bool:
+    """Dr.BoT's incompleteness: agent = no action after the last ``</think>``; math = the env's
+    verdict on the final answer (``info["incomplete"]``)."""
+    if domain == "agent":
+        return not has_action_after_last_think(response_text)
+    return bool(info.get("incomplete", False))
+
+
+def task_type_of(env: Env, info: Mapping[str, Any]) -> str:
+    """The domain's task type when its info reports one (ALFWorld), else the env's name."""
+    return str(info["task_type"]) if "task_type" in info else env.name
+
+
+def _check_inputs(envs: Sequence[Env], task_ids: Sequence[Any], config: RolloutConfig) -> None:
+    if len(task_ids) == 0:
+        raise ValueError("task_ids is empty")
+    if len(envs) != len(task_ids) * config.group_size:
+        raise ValueError(
+            f"envs has {len(envs)} environments; expected len(task_ids) x group_size = "
+            f"{len(task_ids)} x {config.group_size} = {len(task_ids) * config.group_size}"
+        )
+    if config.layout == "step":
+        for i, env in enumerate(envs):
+            if not hasattr(env, "prompt_style"):
+                raise TypeError(f"envs[{i}] ({type(env).__name__}) has no prompt_style; step rows "
+                                "render prompts with environments.prompts (AgentPromptStyle)")
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+@dataclasses.dataclass
+class _Live:
+    """Host state of one running episode."""
+
+    index: int
+    observation: Observation
+    anchor: str = ""
+    history: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    rows: list[Row] = dataclasses.field(default_factory=list)
+    rewards: list[float] = dataclasses.field(default_factory=list)
+    last_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    won: bool = False
+    # trajectory rows
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)
+    pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
+    pending: list[int] | None = None
+    texts: list[str] = dataclasses.field(default_factory=list)
+    invalid_turns: int = 0
+    length: int = 0
+
+
+class RolloutEngine:
+    """Runs rollout batches (module docstring).
+
+    Args:
+      sampler: ``generate`` (step rows) / ``start_session`` (trajectory rows).
+      tokenizer: a ``ChatTokenizer``.
+      config: batch options.
+      clock: the timer used for the env / sampler time metrics.
+    """
+
+    def __init__(self, sampler: TurnSampler, tokenizer: ChatTokenizer, config: RolloutConfig,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.sampler, self.tokenizer, self.config, self.clock = sampler, tokenizer, config, clock
+        self._end_ids = tuple(int(i) for i in tokenizer.assistant_end_ids)
+        if not self._end_ids:
+            raise ValueError("tokenizer.assistant_end_ids is empty: the engine needs the id sequence "
+                             "that ends an assistant turn")
+
+    def run(self, envs: Sequence[Env], task_ids: Sequence[Any], sampling: Any,
+            key: jax.Array) -> RolloutResult:
+        """Plays ``len(task_ids) x group_size`` episodes (env ``i`` plays ``task_ids[i //
+        group_size]``) and returns their rows.
+
+        Args:
+          envs: the environments, ``len(task_ids) * group_size`` of them (reset here).
+          task_ids: one task per group.
+          sampling: the sampler's ``SamplingParams`` (passed through; ``max_new_tokens`` is read).
+          key: PRNG key; turn ``t`` samples with ``fold_in(key, t)``.
+        """
+        config = self.config
+        _check_inputs(envs, task_ids, config)
+        self._check_sampling(sampling)
+        self._timers = {"env": 0.0, "sampler": 0.0}
+        self._env_steps = 0
+        episodes = [
+            EpisodeSummary(group_id=i // config.group_size, traj_id=i, task_id=task_ids[i // config.group_size])
+            for i in range(len(envs))
+        ]
+        live: list[_Live] = []
+        for i, env in enumerate(envs):
+            observation = self._env_call(episodes[i], lambda: env.reset(task_id=episodes[i].task_id))
+            if observation is not None:
+                live.append(_Live(index=i, observation=observation, anchor=observation.text))
+        if config.layout == "step":
+            finished = self._run_step_rows(envs, live, episodes, sampling, key)
+        else:
+            finished = self._run_trajectory_rows(envs, live, episodes, sampling, key)
+        rows = [row for state in sorted(finished, key=lambda s: s.index) for row in state.rows]
+        for row, anchor in zip(rows, anchor_ids([r.anchor_obs for r in rows])):
+            row.anchor_id = int(anchor)
+        return RolloutResult(rows=rows, episodes=episodes, metrics=self._metrics(rows, episodes))
+
+    # -- shared ---------------------------------------------------------------------------------
+
+    def _env_call(self, episode: EpisodeSummary, call: Callable[[], Any]) -> Any:
+        """Runs ``call``; on an exception marks the episode failed and returns None."""
+        start = self.clock()
+        try:
+            return call()
+        except Exception as error:  # an environment bug must not end the batch
+            episode.error = _error_text(error)
+            return None
+        finally:
+            self._timers["env"] += self.clock() - start
+
+    def _check_sampling(self, sampling: Any) -> None:
+        """The assistant's end sequence must end a generation, else turns run to the limit."""
+        ends_turn = self._end_ids in tuple(tuple(s) for s in sampling.stop_sequences) or (
+            len(self._end_ids) == 1 and self._end_ids[0] in sampling.eos_ids)
+        if not ends_turn:
+            raise ValueError(
+                f"sampling does not stop at the assistant end sequence {self._end_ids}: add it to "
+                "SamplingParams.stop_sequences (or eos_ids when it is one id)"
+            )
+
+    def _turn_limit(self, env: Env) -> int:
+        return self.config.max_turns if self.config.max_turns is not None else env.max_steps
+
+    def _decode_response(self, tokens: np.ndarray) -> str:
+        return self.tokenizer.decode([int(t) for t in strip_suffix(tokens, self._end_ids)])
+
+    def _finish(self, state: _Live, episode: EpisodeSummary, truncated: bool) -> None:
+        episode.episode_return = float(sum(state.rewards))
+        episode.length = len(state.rewards)
+        episode.won = state.won
+        episode.truncated = truncated
+        for row in state.rows:
+            row.episode_return = episode.episode_return
+            row.episode_length = episode.length
+            row.won = episode.won
+
+    # -- step rows ------------------------------------------------------------------------------
+
+    def _step_prompt(self, env: Env, state: _Live) -> list[int]:
+        text = render_agent_prompt(env.prompt_style, state.observation, state.history,
+                                   self.config.history_length)
+        return self.tokenizer.render_prompt([("user", text)])
+
+    def _run_step_rows(self, envs, live, episodes, sampling, key) -> list[_Live]:
+        config = self.config
+        max_response = config.max_response_length or sampling.max_new_tokens
+        finished: list[_Live] = []
+        turn = 0
+        while live:
+            prompts = [self._step_prompt(envs[s.index], s) for s in live]
+            start = self.clock()
+            generations = self.sampler.generate(prompts, sampling, jax.random.fold_in(key, turn))
+            self._timers["sampler"] += self.clock() - start
+            if len(generations) != len(live):
+                raise RuntimeError(f"sampler returned {len(generations)} generations for {len(live)} prompts")
+            still_live = []
+            for state, prompt, generation in zip(live, prompts, generations):
+                env, episode = envs[state.index], episodes[state.index]
+                tokens = np.asarray(generation.tokens, dtype=np.int32)
+                text = self._decode_response(tokens)
+                result: StepResult | None = self._env_call(episode, lambda: env.step(text))
+                if result is None:
+                    continue
+                self._env_steps += 1
+                state.rows.append(Row(
+                    prompt_ids=np.asarray(prompt, dtype=np.int32),
+                    response_ids=tokens,
+                    loss_mask=np.ones(tokens.shape, dtype=np.int8),
+                    logprobs=np.asarray(generation.logprobs, dtype=np.float32),
+                    group_id=episode.group_id,
+                    traj_id=episode.traj_id,
+                    step_index=len(state.rewards),
+                    reward=float(result.reward),
+                    action_valid=bool(result.action_valid),
+                    num_tool_calls=int(result.info.get("num_tool_calls", 0)),
+                    anchor_obs=state.observation.text,
+                    response_text=text,
+                    finish_reason=generation.finish_reason,
+                    overlong=tokens.shape[0] >= max_response,
+                    incomplete=is_incomplete(config.domain, text, result.info),
+                    task_id=episode.task_id,
+                    task_type=task_type_of(env, result.info),
+                    info=dict(result.info),
+                ))
+                state.history.append((state.observation.text, parse_react_action(text).action))
+                state.rewards.append(float(result.reward))
+                state.won = bool(result.won)
+                state.observation = result.observation
+                if result.done or len(state.rewards) >= self._turn_limit(env):
+                    self._finish(state, episode, truncated=not result.done)
+                    finished.append(state)
+                else:
+                    still_live.append(state)
+            live = still_live
+            turn += 1
+        return finished
+
+    # -- trajectory rows ------------------------------------------------------------------------
+
+    def _run_trajectory_rows(self, envs, live, episodes, sampling, key) -> list[_Live]:
+        config = self.config
+        session = self.sampler.start_session(len(envs))
+        for state in live:
+            messages = [("user", state.observation.text)]
+            if config.system_prompt is not None:
+                messages.insert(0, ("system", config.system_prompt))
+            state.prompt_ids = list(self.tokenizer.render_prompt(messages))
+            state.pending = state.prompt_ids
+            state.length = len(state.prompt_ids)
+            if state.length + sampling.max_new_tokens > config.max_sequence_length:
+                raise ValueError(
+                    f"the prompt of task {episodes[state.index].task_id!r} has {state.length} tokens; "
+                    f"with max_new_tokens={sampling.max_new_tokens} it exceeds "
+                    f"RolloutConfig.max_sequence_length={config.max_sequence_length}"
+                )
+        finished: list[_Live] = []
+        turn = 0
+        while live:
+            new_tokens: list[list[int] | None] = [None] * len(envs)
+            for state in live:
+                new_tokens[state.index] = state.pending
+            start = self.clock()
+            generations = session.extend_and_generate(new_tokens, sampling, jax.random.fold_in(key, turn))
+            self._timers["sampler"] += self.clock() - start
+            still_live = []
+            for state in live:
+                env, episode = envs[state.index], episodes[state.index]
+                generation = generations[state.index]
+                if generation is None:
+                    raise RuntimeError(f"session returned no generation for live row {state.index}")
+                if state.texts:  # after the first turn, what was appended is an observation
+                    self._add_piece(state, state.pending, model=False)
+                tokens = np.asarray(generation.tokens, dtype=np.int32)
+                self._add_piece(state, tokens, model=True, logprobs=generation.logprobs)
+                text = self._decode_response(tokens)
+                state.texts.append(text)
+                result: StepResult | None = self._env_call(episode, lambda: env.step(text))
+                if result is None:
+                    continue
+                self._env_steps += 1
+                state.rewards.append(float(result.reward))
+                state.invalid_turns += int(not result.action_valid)
+                state.last_info = dict(result.info)
+                state.won = bool(result.won)
+                closing = [] if generation.finish_reason != "length" else list(self._end_ids)
+                if not result.done and len(state.rewards) < self._turn_limit(env):
+                    followup = closing + list(self.tokenizer.render_followup(
+                        config.observation_role, result.observation.text))
+                    if state.length + len(followup) + sampling.max_new_tokens <= config.max_sequence_length:
+                        state.pending = followup
+                        state.length += len(followup)
+                        still_live.append(state)
+                        continue
+                if closing:
+                    self._add_piece(state, np.asarray(closing, dtype=np.int32), model=False)
+                state.rows.append(self._trajectory_row(env, state, episode, result))
+                self._finish(state, episode, truncated=not result.done)
+                finished.append(state)
+            live = still_live
+            turn += 1
+        return finished
+
+    def _add_piece(self, state: _Live, tokens, model: bool, logprobs=None) -> None:
+        tokens = np.asarray(tokens, dtype=np.int32)
+        if model:
+            state.length += tokens.shape[0]
+            logprobs = np.asarray(logprobs, dtype=np.float32)
+        else:
+            logprobs = np.zeros(tokens.shape, dtype=np.float32)
+        state.pieces.append((tokens, np.full(tokens.shape, int(model), dtype=np.int8), logprobs))
+
+    def _trajectory_row(self, env: Env, state: _Live, episode: EpisodeSummary, last: StepResult) -> Row:
+        config = self.config
+        response = np.concatenate([p[0] for p in state.pieces])
+        prompt = np.asarray(state.prompt_ids, dtype=np.int32)
+        max_response = config.max_response_length or (config.max_sequence_length - prompt.shape[0])
+        info = dict(last.info)
+        return Row(
+            prompt_ids=prompt,
+            response_ids=response,
+            loss_mask=np.concatenate([p[1] for p in state.pieces]),
+            logprobs=np.concatenate([p[2] for p in state.pieces]),
+            group_id=episode.group_id,
+            traj_id=episode.traj_id,
+            step_index=0,
+            reward=float(sum(state.rewards)),
+            action_valid=state.invalid_turns == 0,
+            num_tool_calls=int(info.get("num_tool_calls", 0)),
+            anchor_obs=state.anchor,
+            response_text="".join(state.texts),
+            finish_reason="",
+            overlong=response.shape[0] >= max_response,
+            incomplete=is_incomplete(config.domain, state.texts[-1], info),
+            task_id=episode.task_id,
+            task_type=task_type_of(env, info),
+            num_turns=len(state.texts),
+            info=info,
+        )
+
+    # -- metrics --------------------------------------------------------------------------------
+
+    def _metrics(self, rows: list[Row], episodes: list[EpisodeSummary]) -> dict[str, float]:
+        completed = [e for e in episodes if not e.failed]
+        metrics = {
+            "rollout/episodes": float(len(episodes)),
+            "rollout/failed_episodes": float(len(episodes) - len(completed)),
+            "rollout/rows": float(len(rows)),
+            "rollout/env_steps": float(self._env_steps),
+            "rollout/env_time_s": self._timers["env"],
+            "rollout/sampler_time_s": self._timers["sampler"],
+        }
+        if completed:
+            metrics.update({
+                "rollout/success_rate": float(np.mean([e.won for e in completed])),
+                "rollout/episode_return": float(np.mean([e.episode_return for e in completed])),
+                "rollout/episode_length": float(np.mean([e.length for e in completed])),
+                "rollout/truncated_fraction": float(np.mean([e.truncated for e in completed])),
+            })
+        if rows:
+            metrics.update({
+                "rollout/invalid_action_rate": float(np.mean([not r.action_valid for r in rows])),
+                "rollout/response_length": float(np.mean([r.response_length for r in rows])),
+                "rollout/overlong_fraction": float(np.mean([r.overlong for r in rows])),
+                "rollout/incomplete_fraction": float(np.mean([r.incomplete for r in rows])),
+                "rollout/tool_calls": float(np.mean([r.num_tool_calls for r in rows])),
+            })
+            by_type: dict[str, list[bool]] = {}
+            for row in rows:
+                if row.step_index == row.episode_length - 1 or self.config.layout == "trajectory":
+                    by_type.setdefault(row.task_type, []).append(row.won)
+            for task_type, wins in sorted(by_type.items()):
+                metrics[f"rollout/success_rate/{task_type}"] = float(np.mean(wins))
+        return metrics

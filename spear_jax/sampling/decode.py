@@ -1,0 +1,93 @@
+"""The device program: append tokens to a KV cache, then decode in one ``lax.while_loop``.
+
+``extend_and_decode`` is jitted once per shape bucket (batch, appended length, cache length,
+step budget, stop-table size). The weights ``state`` are an argument, never a constant, so new
+weights reuse the compiled program; the cache is donated and updated in place.
+
+Per row b, with budget[b] new tokens allowed:
+
+    logits <- forward_last(appended tokens of row b)       (prefill / observation append)
+    repeat while some row is live and step < max_steps:
+        t, logp <- sample_tokens(fold_in(fold_in(key, b), step), logits[b])
+        out[b, step] <- t;  row finishes on eos > stop sequence > length (n == budget[b])
+        logits, cache <- forward_last(t), written for every row live before this step
+                         (the final token of a row also enters its cache, so a later turn
+                         continues after it)
+
+Rows without appended tokens (``valid[b]`` all False) are inactive: untouched, nothing generated.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from spear_jax.model import KVCache, forward_last
+from spear_jax.sampling import stops
+from spear_jax.sampling.distribution import SamplingKnobs, sample_tokens
+from spear_jax.sharding import constrain
+
+RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
+FINISH_CODES = {EOS: "eos", STOP: "stop", LENGTH: "length"}
+
+_CACHE_AXES = (None, "act_batch", "act_length", "act_kv_heads", None)
+
+
+def _constrain_cache(cache: KVCache, rules) -> KVCache:
+    return KVCache(k=constrain(cache.k, _CACHE_AXES, rules), v=constrain(cache.v, _CACHE_AXES, rules),
+                   lengths=cache.lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "rules"), donate_argnames=("cache",))
+def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, knobs: SamplingKnobs,
+                      table: stops.StopTable, key, *, max_steps: int, rules):
+    """Append then decode.
+
+    tokens, valid: [B, L] int32 / bool, the tokens appended to each row (any padding layout);
+    budget: [B] int32, most tokens row b may generate (0 for inactive rows); key: PRNG key;
+    rules: the model's sharding rules (for the cache layout under a mesh).
+    Returns (out_tokens [B, max_steps] int32, out_logprobs [B, max_steps] float32,
+    num_generated [B] int32, finish [B] int32 in {RUNNING (inactive), EOS, STOP, LENGTH}, cache).
+    """
+    batch = tokens.shape[0]
+    cache = _constrain_cache(cache, rules)
+    logits, cache = forward_last(graphdef, state, tokens, valid, cache)
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(batch))
+    active = jnp.any(valid, axis=1)
+    finish = jnp.where(active & (budget <= 0), LENGTH, RUNNING).astype(jnp.int32)
+    done = ~active | (budget <= 0)
+    carry = dict(
+        step=jnp.int32(0), cache=cache, logits=logits, done=done, finish=finish,
+        num=jnp.zeros((batch,), jnp.int32), window=stops.empty_window(batch, table),
+        out_tokens=jnp.zeros((batch, max_steps), jnp.int32),
+        out_logprobs=jnp.zeros((batch, max_steps), jnp.float32),
+    )
+
+    def keep_going(c):
+        return (c["step"] < max_steps) & ~jnp.all(c["done"])
+
+    def step(c):
+        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, c["step"])
+        token, logprob = sample_tokens(keys, c["logits"], knobs)
+        live = ~c["done"]
+        token = jnp.where(live, token, 0)
+        num = c["num"] + live.astype(jnp.int32)
+        window = stops.push(c["window"], token, live)
+        reason = jnp.where(
+            stops.is_eos(token, table), EOS,
+            jnp.where(stops.ends_with_stop(window, table), STOP,
+                      jnp.where(num >= budget, LENGTH, RUNNING)))
+        logits, cache = forward_last(graphdef, state, token[:, None], live[:, None], c["cache"])
+        return dict(
+            step=c["step"] + 1, cache=_constrain_cache(cache, rules), logits=logits,
+            done=c["done"] | (live & (reason != RUNNING)),
+            finish=jnp.where(live, reason, c["finish"]).astype(jnp.int32), num=num, window=window,
+            out_tokens=jax.lax.dynamic_update_slice_in_dim(c["out_tokens"], token[:, None], c["step"], 1),
+            out_logprobs=jax.lax.dynamic_update_slice_in_dim(
+                c["out_logprobs"], jnp.where(live, logprob, 0.0)[:, None], c["step"], 1),
+        )
+
+    c = jax.lax.while_loop(keep_going, step, carry)
+    return c["out_tokens"], c["out_logprobs"], c["num"], c["finish"], c["cache"]
+

@@ -1,0 +1,73 @@
+"""Next-token selection on device: temperature, top-k, top-p (nucleus), greedy; per-row keys.
+
+With scaled logits z = logits / T and tokens sorted by z (descending, rank r = 0, 1, ...):
+
+    keep_k(r)  = top_k == 0  or  r < top_k
+    q_r        = softmax(z restricted to keep_k)_r                (renormalised after top-k)
+    keep_p(r)  = top_p >= 1  or  sum_{r' < r} q_r' < top_p        (smallest head with mass >= p)
+    token      ~ softmax(z restricted to keep_k and keep_p)
+    logprob    = log softmax(z)[token]                            (before truncation)
+
+Ties in z are broken by the sort order (lower id first), so exactly ``top_k`` tokens survive.
+Greedy takes argmax(logits). All knobs are traced values: changing them does not recompile.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingKnobs:
+    """Device form of the per-call sampling settings (all scalars, traced)."""
+
+    temperature: jax.Array  # [] float32
+    top_p: jax.Array        # [] float32
+    top_k: jax.Array        # [] int32, 0 = off
+    greedy: jax.Array       # [] bool
+
+    @classmethod
+    def make(cls, temperature: float, top_p: float, top_k: int, greedy: bool) -> "SamplingKnobs":
+        return cls(
+            temperature=jnp.asarray(temperature, jnp.float32), top_p=jnp.asarray(top_p, jnp.float32),
+            top_k=jnp.asarray(top_k, jnp.int32), greedy=jnp.asarray(greedy, bool),
+        )
+
+
+def truncation_mask_sorted(sorted_scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Which ranks survive top-k then top-p: sorted_scaled [..., V] (descending) -> bool [..., V]."""
+    rank = jnp.arange(sorted_scaled.shape[-1])
+    keep_k = (top_k <= 0) | (rank < top_k)
+    probs = jax.nn.softmax(jnp.where(keep_k, sorted_scaled, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_p = (top_p >= 1.0) | (mass_before < top_p)
+    return keep_k & keep_p
+
+
+def _sample_truncated(keys, scaled, top_k, top_p):
+    order = jnp.argsort(-scaled, axis=-1, stable=True)               # [B, V]
+    sorted_scaled = jnp.take_along_axis(scaled, order, axis=-1)
+    keep = truncation_mask_sorted(sorted_scaled, top_k, top_p)
+    picked_rank = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, sorted_scaled, -jnp.inf))
+    return jnp.take_along_axis(order, picked_rank[:, None], axis=-1)[:, 0]
+
+
+def sample_tokens(keys: jax.Array, logits: jax.Array, knobs: SamplingKnobs) -> tuple[jax.Array, jax.Array]:
+    """keys [B] (one PRNG key per row), logits [B, V] float32 -> (tokens [B] int32,
+    logprobs [B] float32 = log softmax(logits / temperature) at the tokens)."""
+    scaled = logits.astype(jnp.float32) / knobs.temperature
+    truncate = (knobs.top_k > 0) | (knobs.top_p < 1.0)
+
+    def draw():
+        return jax.lax.cond(
+            truncate,
+            lambda: _sample_truncated(keys, scaled, knobs.top_k, knobs.top_p),
+            lambda: jax.vmap(jax.random.categorical)(keys, scaled),
+        )
+
+    tokens = jax.lax.cond(knobs.greedy, lambda: jnp.argmax(logits, axis=-1), draw).astype(jnp.int32)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs

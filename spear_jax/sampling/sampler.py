@@ -1,0 +1,221 @@
+"""Host side of sampling: padding to shape buckets, the ``Sampler`` and multi-turn ``Session``.
+
+Shapes are padded to powers of two so that XLA compiles a handful of programs: the batch to
+``batch_bucket(n)`` (at most ``max_batch``), appended tokens to ``length_bucket(L)`` (at least
+16), the decode-step buffer to ``length_bucket(max_new_tokens)``, a fresh cache to
+``min(max_len, prompt bucket + step bucket)`` slots, the eos / stop tables to powers of two.
+Sampling values (temperature, top-k, top-p, greedy, ids of eos / stop tokens) and the weights
+are traced arguments: changing them never recompiles.
+
+A row may generate at most ``min(max_new_tokens, max_len - tokens already held)`` tokens; a
+row that reaches the cache capacity finishes with "length".
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from spear_jax.model import KVCache, ModelConfig, init_cache
+from spear_jax.sampling import decode
+from spear_jax.sampling.distribution import SamplingKnobs
+from spear_jax.sampling.params import Generation, SamplingParams
+from spear_jax.sampling.stops import StopTable
+from spear_jax.sharding import logical_to_pspec, shard_state
+
+MIN_LENGTH_BUCKET = 16
+
+
+def length_bucket(n: int) -> int:
+    """Smallest power of two >= max(n, MIN_LENGTH_BUCKET)."""
+    return 1 << (max(n, MIN_LENGTH_BUCKET) - 1).bit_length()
+
+
+def _check_sampling(sampling, vocab_size: int) -> None:
+    if not isinstance(sampling, SamplingParams):
+        raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    sampling.check_vocab(vocab_size)
+
+
+def _as_token_row(row, name: str, vocab_size: int) -> np.ndarray:
+    arr = np.asarray(row)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence of token ids, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
+    if arr.min() < 0 or arr.max() >= vocab_size:
+        raise ValueError(f"{name} holds ids outside [0, {vocab_size}): min {arr.min()}, max {arr.max()}")
+    return arr.astype(np.int32)
+
+
+class Sampler:
+    """KV-cache sampler over a split NNX model (``graphdef``, ``state``).
+
+    max_len: cache slots per row (prompt + all turns + generations); max_batch: most rows per
+    call; cache_dtype: KV storage dtype (bfloat16 halves cache memory); mesh: a
+    ``spear_jax.sharding.make_mesh`` mesh to shard weights (by ``config.sharding_rules``), the
+    batch and the cache over, or None for one device.
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, config: ModelConfig, *,
+                 max_len: int, max_batch: int, cache_dtype=jnp.float32, mesh=None):
+        if not 1 <= max_len <= config.max_position_embeddings:
+            raise ValueError(
+                f"max_len must be in [1, config.max_position_embeddings={config.max_position_embeddings}], "
+                f"got {max_len}"
+            )
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if not jnp.issubdtype(jnp.dtype(cache_dtype), jnp.floating):
+            raise ValueError(f"cache_dtype must be a float dtype, got {cache_dtype}")
+        self.graphdef, self.config = graphdef, config
+        self.max_len, self.max_batch = max_len, max_batch
+        self.cache_dtype = jnp.dtype(cache_dtype)
+        self.mesh = mesh
+        self._signature = _state_signature(state)
+        self._state = None
+        self.set_params(state)
+
+    # -- weights -----------------------------------------------------------------------------
+    def set_params(self, state: nnx.State) -> None:
+        """Use new weights from now on (same structure, shapes and dtypes: no recompilation)."""
+        signature = _state_signature(state)
+        if signature != self._signature:
+            diff = [f"{a} vs {b}" for a, b in zip(self._signature[1], signature[1]) if a != b][:3]
+            raise ValueError(
+                "state does not match the sampler's weights (structure, shapes or dtypes differ); "
+                f"first differences (expected vs got): {diff or 'tree structure'}"
+            )
+        self._state = shard_state(state, self.config.sharding_rules, self.mesh) if self.mesh else state
+
+    # -- shapes ------------------------------------------------------------------------------
+    def batch_bucket(self, n: int) -> int:
+        """Padded batch for n rows: a power of two (at least the mesh's data x fsdp size), at
+        most max_batch."""
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"number of rows must be in [1, max_batch={self.max_batch}], got {n}")
+        data_parallel = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return min(1 << (max(n, data_parallel) - 1).bit_length(), self.max_batch)
+
+    def new_cache(self, batch: int, length: int) -> KVCache:
+        """Empty cache [layers, batch, length, kv_heads, head_dim], laid out on the mesh."""
+        if self.mesh is None:
+            return init_cache(self.config, batch, length, self.cache_dtype)
+        shape = (self.config.num_layers, batch, length, self.config.num_kv_heads, self.config.head_dim)
+        kv = NamedSharding(self.mesh, logical_to_pspec(decode._CACHE_AXES, shape, self.config.sharding_rules, self.mesh))
+        lengths = NamedSharding(self.mesh, logical_to_pspec(("act_batch",), (batch,), self.config.sharding_rules, self.mesh))
+        make = jax.jit(lambda: init_cache(self.config, batch, length, self.cache_dtype),
+                       out_shardings=KVCache(k=kv, v=kv, lengths=lengths))
+        return make()
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
+                 key: jax.Array) -> list[Generation]:
+        """Independent prompts (any lengths) on a fresh cache; one Generation per prompt."""
+        _check_sampling(sampling, self.config.vocab_size)
+        rows = [_as_token_row(p, f"prompts[{b}]", self.config.vocab_size) for b, p in enumerate(prompts)]
+        if not rows:
+            raise ValueError("prompts is empty")
+        batch = self.batch_bucket(len(rows))
+        longest = max(len(r) for r in rows)
+        if longest > self.max_len:
+            raise ValueError(f"a prompt has {longest} tokens, more than max_len={self.max_len}")
+        cache_len = min(self.max_len, length_bucket(longest) + length_bucket(sampling.max_new_tokens))
+        padded = rows + [None] * (batch - len(rows))
+        held = np.zeros((batch,), np.int64)
+        results, _ = self.run(self.new_cache(batch, cache_len), padded, held, sampling, key)
+        return results[: len(rows)]
+
+    def start_session(self, batch_size: int) -> "Session":
+        """A multi-turn session of ``batch_size`` rows sharing one persistent cache."""
+        return Session(self, batch_size)
+
+    def run(self, cache: KVCache, rows: list[np.ndarray | None], held: np.ndarray,
+            sampling: SamplingParams, key: jax.Array) -> tuple[list[Generation | None], KVCache]:
+        """Append rows[b] (None = inactive) to a cache whose row b holds held[b] tokens, decode,
+        return the generations and the new cache (the input cache is donated)."""
+        _check_sampling(sampling, self.config.vocab_size)
+        batch, cache_len = cache.batch_size, cache.max_len
+        width = length_bucket(max(len(r) for r in rows if r is not None))
+        tokens = np.zeros((batch, width), np.int32)
+        valid = np.zeros((batch, width), bool)
+        budget = np.zeros((batch,), np.int32)
+        for b, row in enumerate(rows):
+            if row is not None:
+                tokens[b, : len(row)], valid[b, : len(row)] = row, True
+                budget[b] = min(sampling.max_new_tokens, cache_len - held[b] - len(row))
+        knobs = SamplingKnobs.make(sampling.temperature, sampling.top_p, sampling.top_k, sampling.greedy)
+        table = StopTable.make(sampling.eos_ids, sampling.stop_sequences)
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            out_tokens, out_logprobs, num, finish, cache = decode.extend_and_decode(
+                self.graphdef, self._state, cache, jnp.asarray(tokens), jnp.asarray(valid),
+                jnp.asarray(budget), knobs, table, key,
+                max_steps=length_bucket(sampling.max_new_tokens), rules=self.config.sharding_rules,
+            )
+        out_tokens, out_logprobs, num, finish = jax.device_get((out_tokens, out_logprobs, num, finish))
+        results: list[Generation | None] = []
+        for b, row in enumerate(rows):
+            if row is None:
+                results.append(None)
+                continue
+            n = int(num[b])
+            results.append(Generation(tokens=out_tokens[b, :n].copy(), logprobs=out_logprobs[b, :n].copy(),
+                                      finish_reason=decode.FINISH_CODES[int(finish[b])]))
+        return results, cache
+
+
+class Session:
+    """Multi-turn rows sharing a persistent KV cache (trajectory rows).
+
+    Each call appends new tokens after everything a row already holds (its earlier prompts,
+    observations and generated tokens) and decodes; earlier turns are never re-prefilled.
+    """
+
+    def __init__(self, sampler: Sampler, batch_size: int):
+        self._sampler = sampler
+        self.batch_size = batch_size
+        self._cache = sampler.new_cache(sampler.batch_bucket(batch_size), sampler.max_len)
+        self._held = np.zeros((self._cache.batch_size,), np.int64)
+
+    def extend_and_generate(self, new_tokens: Sequence[Sequence[int] | None], sampling: SamplingParams,
+                            key: jax.Array) -> list[Generation | None]:
+        """Row b: append new_tokens[b] (prompt first, observations later), then decode.
+        None = inactive this turn (nothing appended or generated, result None)."""
+        if len(new_tokens) != self.batch_size:
+            raise ValueError(f"new_tokens has {len(new_tokens)} rows, the session has {self.batch_size}")
+        vocab, max_len = self._sampler.config.vocab_size, self._sampler.max_len
+        _check_sampling(sampling, vocab)
+        rows = [None if t is None else _as_token_row(t, f"new_tokens[{b}]", vocab)
+                for b, t in enumerate(new_tokens)]
+        for b, row in enumerate(rows):
+            if row is not None and self._held[b] + len(row) > max_len:
+                raise ValueError(
+                    f"new_tokens[{b}] ({len(row)} tokens) does not fit: row {b} holds "
+                    f"{self._held[b]} of max_len={max_len} tokens"
+                )
+        if all(row is None for row in rows):
+            return [None] * self.batch_size
+        padded = rows + [None] * (self._cache.batch_size - self.batch_size)
+        results, self._cache = self._sampler.run(self._cache, padded, self._held, sampling, key)
+        for b, (row, gen) in enumerate(zip(rows, results)):
+            if row is not None:
+                self._held[b] += len(row) + len(gen.tokens)
+        return results[: self.batch_size]
+
+    def lengths(self) -> np.ndarray:
+        """[batch_size] int: tokens held per row."""
+        return self._held[: self.batch_size].copy()
+
+    def device_lengths(self) -> np.ndarray:
+        """[batch_size] int: the cache's own row lengths (equal to ``lengths()``)."""
+        return np.asarray(jax.device_get(self._cache.lengths))[: self.batch_size]
+
+
+def _state_signature(state: nnx.State):
+    leaves, treedef = jax.tree.flatten(state)
+    return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)

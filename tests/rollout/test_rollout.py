@@ -1,0 +1,232 @@
+"""Rollout engine with a scripted env and a scripted sampler: rows, history, failures, tokens."""
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from environments.base import Observation
+from environments.prompts import render_agent_prompt
+from rollout_scripted import (
+    SAY_NUMBER_STYLE, ChatMLTokenizer, SamplingParams, SayNumberEnv, ScriptedSampler, chatml_text,
+    fixed_logprobs, numbers_of_task, say_number_policy,
+)
+from spear_jax.rollout import RolloutConfig, RolloutEngine, anchor_ids, strip_suffix
+
+KEY = jax.random.key(0)
+END = (2,)  # <|im_end|> of ChatMLTokenizer
+SAMPLING = SamplingParams(max_new_tokens=64, stop_sequences=(END,))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    tokenizer = ChatMLTokenizer()
+    assert tokenizer.assistant_end_ids == END
+    return tokenizer
+
+
+def run(tok, envs, task_ids, policy=say_number_policy, sampling=SAMPLING, **config):
+    sampler = ScriptedSampler(tok, policy)
+    engine = RolloutEngine(sampler, tok, RolloutConfig(**config))
+    return engine.run(envs, task_ids, sampling, KEY), sampler
+
+
+def test_step_rows_records(tok):
+    envs = [SayNumberEnv(episode_length=3) for _ in range(6)]
+    result, sampler = run(tok, envs, [11, 22], group_size=3)
+    assert sampler.calls == [6, 6, 6]  # one sampler call per turn for all live envs
+    assert len(result.rows) == 18 and not any(e.failed for e in result.episodes)
+    for traj in range(6):
+        rows = [r for r in result.rows if r.traj_id == traj]
+        task = [11, 22][traj // 3]
+        numbers = numbers_of_task(task, 3)
+        assert [r.step_index for r in rows] == [0, 1, 2]
+        assert {r.group_id for r in rows} == {traj // 3} and {r.task_id for r in rows} == {task}
+        assert [r.anchor_obs for r in rows] == [f"Number: {n}" for n in numbers]
+        for row, n in zip(rows, numbers):
+            text = f"<think>I see {n}.</think><action>say {n}</action>"
+            assert row.response_text == text
+            np.testing.assert_array_equal(row.response_ids, tok.encode(text) + [tok.im_end])
+            np.testing.assert_array_equal(row.loss_mask, 1)
+            np.testing.assert_allclose(row.logprobs, fixed_logprobs(row.response_length))
+            assert row.reward == 1.0 and row.action_valid and not row.incomplete and not row.overlong
+            assert row.episode_return == 3.0 and row.episode_length == 3 and row.won
+            assert row.finish_reason == "stop" and row.task_type == "say_number"
+    # equal anchor texts share an id, different texts do not
+    texts = [r.anchor_obs for r in result.rows]
+    ids = [r.anchor_id for r in result.rows]
+    assert len(set(zip(texts, ids))) == len(set(texts)) == len(set(ids))
+    m = result.metrics
+    assert m["rollout/success_rate"] == 1.0 and m["rollout/episode_return"] == 3.0
+    assert m["rollout/env_steps"] == 18 and m["rollout/failed_episodes"] == 0
+
+
+def test_step_prompt_is_chat_wrapped_history_window(tok):
+    envs = [SayNumberEnv(episode_length=4)]
+    result, _ = run(tok, envs, [5], group_size=1, history_length=2)
+    numbers = numbers_of_task(5, 4)
+    actions = tuple(f"say {n}" for n in sorted(set(numbers)))
+    history = []
+    for t, row in enumerate(result.rows):
+        obs = Observation(text=f"Number: {numbers[t]}", task="say the number shown", admissible_actions=actions)
+        user = render_agent_prompt(SAY_NUMBER_STYLE, obs, history, 2)
+        np.testing.assert_array_equal(row.prompt_ids, tok.render_prompt([("user", user)]))
+        prompt_text = tok.decode(row.prompt_ids)
+        for j in range(t):
+            pair = f"[Observation {j + 1}: 'Number: {numbers[j]}', Action {j + 1}: 'say {numbers[j]}']"
+            assert (pair in prompt_text) == (j >= t - 2), (t, j)
+        history.append((obs.text, f"say {numbers[t]}"))
+    assert "you have already taken 3 step(s)" in tok.decode(result.rows[3].prompt_ids)
+
+
+def test_rewards_returns_and_validity(tok):
+    def policy(context):
+        if "Number: 0" in context.rsplit("Number:", 1)[0][-3:]:
+            return "no tags at all"
+        return say_number_policy(context, wrong_on=lambda n: n % 2 == 1)
+    envs = [SayNumberEnv(episode_length=5) for _ in range(4)]
+    result, _ = run(tok, envs, [1, 2, 3, 4], policy=policy, group_size=1)
+    for traj in range(4):
+        numbers = numbers_of_task(traj + 1, 5)
+        rows = [r for r in result.rows if r.traj_id == traj]
+        expected = [float(n % 2 == 0) for n in numbers]
+        assert [r.reward for r in rows] == expected
+        assert all(r.episode_return == sum(expected) for r in rows)
+        assert all(r.won == (sum(expected) == 5) for r in rows)
+        assert result.episodes[traj].episode_return == sum(expected)
+
+
+def test_finished_envs_drop_out(tok):
+    envs = [SayNumberEnv(episode_length=n) for n in (1, 3, 2, 3)]
+    result, sampler = run(tok, envs, [0, 1, 2, 3], group_size=1)
+    assert sampler.calls == [4, 3, 2]
+    assert [e.length for e in result.episodes] == [1, 3, 2, 3]
+    assert [len([r for r in result.rows if r.traj_id == i]) for i in range(4)] == [1, 3, 2, 3]
+
+
+def test_max_turns_truncates(tok):
+    envs = [SayNumberEnv(episode_length=6) for _ in range(2)]
+    result, sampler = run(tok, envs, [0], group_size=2, max_turns=2)
+    assert sampler.calls == [2, 2]
+    assert all(e.truncated and e.length == 2 and not e.won for e in result.episodes)
+    assert result.metrics["rollout/truncated_fraction"] == 1.0
+
+
+def test_failing_env_is_isolated(tok):
+    envs = [SayNumberEnv(), SayNumberEnv(fail_on_reset=True), SayNumberEnv(fail_at_step=1), SayNumberEnv()]
+    result, sampler = run(tok, envs, [7, 8], group_size=2)
+    failed = [e.traj_id for e in result.episodes if e.failed]
+    assert failed == [1, 2]
+    assert "scripted reset failure" in result.episodes[1].error
+    assert "scripted step failure" in result.episodes[2].error
+    assert {r.traj_id for r in result.rows} == {0, 3}
+    assert len(result.rows) == 6 and all(r.won for r in result.rows)
+    assert sampler.calls == [3, 3, 2]  # the step-1 failure happens on the second turn
+    assert result.metrics["rollout/failed_episodes"] == 2.0
+    assert result.metrics["rollout/success_rate"] == 1.0
+
+
+def test_overlong_and_incomplete_flags(tok):
+    sampling = SamplingParams(max_new_tokens=5, stop_sequences=(END,))
+    result, _ = run(tok, [SayNumberEnv(episode_length=2)], [3], sampling=sampling, group_size=1)
+    for row in result.rows:
+        assert row.response_length == 5 and row.finish_reason == "length"
+        assert row.overlong and row.incomplete and not row.action_valid
+        assert tok.im_end not in row.response_ids
+    full, _ = run(tok, [SayNumberEnv(episode_length=2)], [3], group_size=1, max_response_length=8)
+    assert all(r.overlong and not r.incomplete for r in full.rows)  # threshold below the length
+
+
+def test_config_and_input_errors(tok):
+    with pytest.raises(ValueError, match="layout"):
+        RolloutConfig(layout="dialogue")
+    with pytest.raises(ValueError, match="group_size"):
+        RolloutConfig(group_size=0)
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        RolloutConfig(layout="trajectory")
+    with pytest.raises(ValueError, match="expected len\\(task_ids\\) x group_size"):
+        run(tok, [SayNumberEnv()] * 3, [0, 1], group_size=2)
+    with pytest.raises(ValueError, match="does not stop at the assistant end sequence"):
+        run(tok, [SayNumberEnv()], [0], sampling=SamplingParams(max_new_tokens=8), group_size=1)
+    with pytest.raises(ValueError, match="task_ids is empty"):
+        run(tok, [], [], group_size=2)
+
+
+def test_helpers():
+    np.testing.assert_array_equal(anchor_ids(["b", "a", "b", "c", "a"]), [0, 1, 0, 2, 1])
+    np.testing.assert_array_equal(strip_suffix(np.array([1, 2, 9]), (9,)), [1, 2])
+    np.testing.assert_array_equal(strip_suffix(np.array([1, 2, 3]), (9,)), [1, 2, 3])
+
+
+# -- trajectory rows ----------------------------------------------------------------------------
+
+def look_policy(context):
+    """Answers the last number shown (a different wording from ``say_number_policy``)."""
+    n = int(re.findall(r"Number: (\d+)", context)[-1])
+    return f"<think>look at {n}.</think><action>say {n}</action>"
+
+
+def test_trajectory_stream_equals_rendered_conversation(tok):
+    envs = [SayNumberEnv(episode_length=3) for _ in range(4)]
+    result, sampler = run(tok, envs, [4, 9], policy=look_policy, group_size=2, layout="trajectory",
+                          max_sequence_length=400, system_prompt="Say numbers.")
+    assert sampler.calls == [4, 4, 4] and len(result.rows) == 4
+    for row in result.rows:
+        numbers = numbers_of_task(row.task_id, 3)
+        messages = [("system", "Say numbers."), ("user", f"Number: {numbers[0]}")]
+        answers = [f"<think>look at {n}.</think><action>say {n}</action>" for n in numbers]
+        for t, n in enumerate(numbers):
+            messages.append(("assistant", answers[t]))
+            if t + 1 < len(numbers):
+                messages.append(("tool", f"Number: {numbers[t + 1]}"))
+        full_text = chatml_text(messages, add_generation_prompt=False)
+        assert full_text.endswith("<|im_end|>\n")
+        stream = np.concatenate([row.prompt_ids, row.response_ids])
+        np.testing.assert_array_equal(stream, tok.encode(full_text[:-1]))  # the stream ends at <|im_end|>
+        # loss mask is 1 exactly on the assistant turns' ids (incl. <|im_end|>), 0 on tool tokens
+        expected_mask, expected_logp = [], []
+        for t, answer in enumerate(answers):
+            ids = tok.encode(answer) + [tok.im_end]
+            expected_mask += [1] * len(ids)
+            expected_logp += list(fixed_logprobs(len(ids)))
+            if t + 1 < len(answers):
+                obs = tok.render_followup("tool", f"Number: {numbers[t + 1]}")
+                expected_mask += [0] * len(obs)
+                expected_logp += [0.0] * len(obs)
+        np.testing.assert_array_equal(row.loss_mask, expected_mask)
+        np.testing.assert_allclose(row.logprobs, expected_logp)
+        assert row.episode_return == 3.0 and row.won and row.num_turns == 3 and row.step_index == 0
+        assert row.anchor_obs == f"Number: {numbers[0]}" and row.action_valid
+
+
+def test_trajectory_rows_stop_at_sequence_budget(tok):
+    sampling = SamplingParams(max_new_tokens=30, stop_sequences=(END,))
+    envs = [SayNumberEnv(episode_length=8)]
+    result, _ = run(tok, envs, [1], sampling=sampling, group_size=1, layout="trajectory",
+                    max_sequence_length=120)
+    (row,) = result.rows
+    assert result.episodes[0].truncated and not row.won
+    assert 1 <= row.num_turns < 8
+    assert row.prompt_ids.shape[0] + row.response_length <= 120
+
+
+def test_trajectory_length_finish_is_closed_with_masked_end_token(tok):
+    sampling = SamplingParams(max_new_tokens=6, eos_ids=END)
+    envs = [SayNumberEnv(episode_length=2)]
+    result, _ = run(tok, envs, [2], sampling=sampling, group_size=1, layout="trajectory",
+                    max_sequence_length=200)
+    (row,) = result.rows
+    ends = np.flatnonzero(row.response_ids == tok.im_end)
+    # turn 1 closed by the engine, the tool message's own end, turn 2 closed by the engine
+    assert len(ends) == 3 and ends[-1] == row.response_length - 1
+    assert np.all(row.loss_mask[ends] == 0)  # appended by the engine, not generated
+    assert row.loss_mask.sum() == 12 and not row.overlong
+    assert [row.loss_mask[i] for i in range(6)] == [1] * 6 and row.loss_mask[6] == 0
+
+
+def test_trajectory_failing_env_isolated(tok):
+    envs = [SayNumberEnv(), SayNumberEnv(fail_at_step=2), SayNumberEnv(fail_on_reset=True)]
+    result, sampler = run(tok, envs, [0, 1, 2], group_size=1, layout="trajectory", max_sequence_length=400)
+    assert [e.failed for e in result.episodes] == [False, True, True]
+    assert [r.traj_id for r in result.rows] == [0]
+    assert sampler.calls == [2, 2, 2]
