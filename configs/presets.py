@@ -50,7 +50,8 @@ def _smollm2(c: ml_collections.ConfigDict) -> None:
 
 def _twx(c: ml_collections.ConfigDict) -> None:
     c.env.name = "textworld_express"
-    c.env.kwargs = ml_collections.ConfigDict({"game": "cookingworld", "game_params": "numLocations=1,numIngredients=1,numDistractorItems=0,includeDoors=0,limitInventorySize=0"})
+    c.env.kwargs = ml_collections.ConfigDict(
+        {"game": "twc", "game_params": {"numLocations": 1, "numItemsToPutAway": 1}})
     c.env.max_steps = 8
     c.env.row_layout = "step"
 

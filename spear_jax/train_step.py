@@ -37,6 +37,7 @@ from spear_jax.objectives import ObjectiveConfig, SILConfig, policy_objective, s
 from spear_jax.objectives.aggregation import finalize
 
 MINIBATCH_KEYS = ("tokens", "valid", "loss_mask", "old_logprobs", "advantages", "row_valid")
+SFT_KEYS = ("tokens", "valid", "loss_mask", "row_valid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,30 +115,28 @@ def _micro_batch_objective(graphdef, params, micro, key, sil_weight, config: Upd
     )
 
 
-def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                   config: UpdateConfig, replay: bool, mesh=None) -> Callable:
-    """Returns ``update(params, opt_state, minibatch, key, sil_weight) -> (params, opt_state,
-    metrics)``, jitted with params and optimizer state donated. ``mesh`` is needed only for the
-    per-device Clip-Cov / KL-Cov selection scope."""
+def _make_update(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                 micro_objective: Callable) -> Callable:
+    """The accumulate -> clip -> AdamW -> non-finite-guard step around ``micro_objective(params,
+    micro, key, scalar) -> (S_j, N_j, metrics)`` (module docstring), jitted with params and
+    optimizer state donated."""
 
-    def update(params, opt_state, minibatch, key, sil_weight):
+    def update(params, opt_state, minibatch, key, scalar):
         n_micro = minibatch["tokens"].shape[0]
 
         def accumulate(carry, inputs):
             grad_sum, loss_sum, norm_sum = carry
             micro, index = inputs
-            micro_key = jax.random.fold_in(key, index)
 
             def objective(p):
-                s, n, metrics = _micro_batch_objective(graphdef, p, micro, micro_key, sil_weight, config, replay, mesh)
+                s, n, metrics = micro_objective(p, micro, jax.random.fold_in(key, index), scalar)
                 return s, (n, metrics)
 
             (s, (n, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(params)
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
             return (grad_sum, loss_sum + s, norm_sum + n), metrics
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        init = (zeros, jnp.float32(0.0), jnp.float32(0.0))
+        init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0.0), jnp.float32(0.0))
         (grad_sum, loss_sum, norm_sum), micro_metrics = jax.lax.scan(
             accumulate, init, (minibatch, jnp.arange(n_micro))
         )
@@ -149,12 +148,47 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
 
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
         metrics = {name: jnp.mean(value) for name, value in micro_metrics.items()}
         metrics.update(loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
-        return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+        return keep_if_finite(new_params, params), keep_if_finite(new_opt_state, opt_state), metrics
 
     return jax.jit(update, donate_argnums=(0, 1))
+
+
+def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                   config: UpdateConfig, replay: bool, mesh=None) -> Callable:
+    """Returns ``update(params, opt_state, minibatch, key, sil_weight) -> (params, opt_state,
+    metrics)`` for on-policy (``replay=False``) or replay (SIL) minibatches. ``mesh`` is needed
+    only for the per-device Clip-Cov / KL-Cov selection scope."""
+
+    def micro_objective(params, micro, key, sil_weight):
+        return _micro_batch_objective(graphdef, params, micro, key, sil_weight, config, replay, mesh)
+
+    return _make_update(graphdef, optimizer, micro_objective)
+
+
+def make_sft_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                       chunk_size: int = 512) -> Callable:
+    """Supervised update on minibatches with ``SFT_KEYS``: the token-mean negative log-likelihood
+
+        L = - sum_{i,t} M_{i,t} log pi(y_{i,t} | y_{i,<t}) / sum_{i,t} M_{i,t}
+
+    accumulated exactly over micro-batches. The returned ``update`` has the same signature as
+    ``make_update_fn``'s (its key and scalar arguments are unused)."""
+
+    def micro_objective(params, micro, key, scalar):
+        del key, scalar
+        logp, _ = sequence_token_stats(graphdef, params, micro["tokens"], micro["valid"], 1.0, chunk_size)
+        mask = micro["loss_mask"].astype(jnp.float32)
+        nll_sum = -jnp.sum(logp * mask)
+        tokens = jnp.sum(mask)
+        return nll_sum, tokens, {"nll": finalize(jax.lax.stop_gradient(nll_sum), tokens)}
+
+    return _make_update(graphdef, optimizer, micro_objective)
 
 
 def make_token_stats_fn(graphdef: nnx.GraphDef, temperature: float, chunk_size: int) -> Callable:

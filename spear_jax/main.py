@@ -1,0 +1,76 @@
+"""Command-line entry point.
+
+    python -m spear_jax.main --config=configs/spear.py:twx_tiny --workdir=runs/spear_twx
+
+Any field can be overridden, e.g. ``--config.trainer.total_steps=100``. With ``config.sft.enable``
+(the tiny presets) the run first trains the supervised warm start into ``<workdir>/warm_start``
+(skipped when it is already there) and starts RL from it. A ``configs/sft.py`` config runs the
+warm start alone. Re-running with the same ``--workdir`` resumes from the newest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/spear.py", "Run config file (and preset).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, metrics and plots.")
+
+WARM_START_DIR = "warm_start"
+PLOTTED = ("success_rate", "episode_return", "actor/entropy", "actor/pg_clipfrac", "replay/sil_weight",
+           "reward/toolcall_factor", "tool_calls", "actor/grad_norm")
+
+
+def run(config, workdir: str) -> dict:
+    """Runs the job ``config`` describes in ``workdir``; returns a summary dict."""
+    from spear_jax import metrics, run_config
+    from spear_jax.sft import run_sft
+
+    run_config.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as handle:
+        handle.write(config.to_json_best_effort(indent=2))
+    if config.name == "sft":
+        run_sft(config, workdir)
+        return {"warm_start": workdir}
+
+    summary = {}
+    if config.sft.enable:
+        warm = os.path.join(workdir, WARM_START_DIR)
+        if not os.path.isdir(os.path.join(warm, "checkpoints")):
+            logging.info("training the warm start into %s", warm)
+            run_sft(config, warm)
+        config = config.copy_and_resolve_references()
+        config.model.checkpoint_format, config.model.checkpoint_path = "orbax", warm
+        summary["warm_start"] = warm
+
+    from spear_jax.trainer import Trainer
+
+    trainer = Trainer(config, workdir)
+    try:
+        final = trainer.train()
+    finally:
+        trainer.close()
+    records = metrics.read_metrics(workdir)
+    evals = metrics.curves(records, "success_rate", split="eval")
+    summary.update(
+        eval_success_first=evals[1][0] if evals[0] else None,
+        eval_success_final=final.get("success_rate"),
+        eval_steps=evals[0], eval_success=evals[1],
+        plots=metrics.plot_run(workdir, PLOTTED),
+    )
+    with open(os.path.join(workdir, "summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary
+
+
+def main(argv) -> None:
+    del argv
+    summary = run(_CONFIG.value, _WORKDIR.value)
+    print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

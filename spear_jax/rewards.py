@@ -1,0 +1,50 @@
+"""Row rewards of a rollout batch: the reference reward manager (spec 2.5, 2.7, 3d).
+
+Every row of an episode carries the episode's shaped reward R (placed, in the reference, on the
+row's last valid token; here a scalar per row):
+
+    agent:  R = episode_return + min(1, 0.1 * episode_length) * kappa(t)     (all episodes)
+    math:   R = verifier(+-1) + recipe bonus(num_tool_calls, kappa(t))       (qwen2.5 / qwen3)
+
+with kappa(t) the tool-call factor of ``spear_jax.curriculum``. The shaped R is what enters the
+group filter, advantages, the baseline history and the replay buffer. The invalid-action penalty
+(agent: -0.1 on each row whose action was malformed) is applied after the group filter, by the
+trainer, through ``spear_jax.filters.apply_invalid_action_penalty``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from spear_jax import curriculum
+from spear_jax.filters import QualityFlags, response_quality_flags
+from spear_jax.rollout import Row
+
+
+def shaped_scores(rows: Sequence[Row], step: int, *, recipe: str, mode: str,
+                  max_toolcall_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(R [N] float32, kappa) for the rows of one batch at training step ``step``."""
+    kappa = float(curriculum.toolcall_reward_factor(step, mode, max_toolcall_steps))
+    returns = np.array([row.episode_return for row in rows], np.float64)
+    if recipe == "agent":
+        lengths = np.array([row.episode_length for row in rows], np.float64)
+        bonus = curriculum.agent_toolcall_bonus(lengths, step, mode, max_toolcall_steps)
+        scores = returns + bonus
+    else:
+        calls = np.array([row.num_tool_calls for row in rows], np.float64)
+        scores = curriculum.math_toolcall_score(returns, calls, step, mode, max_toolcall_steps, recipe)
+    return np.asarray(scores, np.float32).reshape(len(rows)), kappa
+
+
+def quality_flags(rows: Sequence[Row], max_response_length: int, domain: str) -> QualityFlags:
+    """Dr.BoT's overlong / incomplete / repetitive / unreadable flags of each row's response."""
+    lengths = np.array([row.response_length for row in rows], np.int64)
+    width = max(int(lengths.max(initial=0)), 1)
+    ids = np.zeros((len(rows), width), np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row.response_ids)] = row.response_ids
+    incomplete = np.array([row.incomplete for row in rows], bool) if domain == "math" else None
+    return response_quality_flags(
+        ids, lengths, [row.response_text for row in rows], max_response_length, incomplete=incomplete
+    )

@@ -1,0 +1,424 @@
+"""The SPEAR trainer: the host loop of GRPO / Dr.BoT / GiGPO, with or without SPEAR.
+
+One training step t (spec 3.0), in order:
+
+    1. rollout       tasks x group_size episodes -> rows (step rows or trajectory rows)
+    2. rewards       shaped R = env outcome + tool-call bonus kappa(t); quality flags
+    3. filters       flagged rows' loss masks zeroed (their R still counts); low-variance groups
+                     dropped
+    4. old logprobs  recomputed with the pre-update policy (and the entropy metric)
+    5. advantages    invalid-action penalty (agent), then GRPO / RLOO / GiGPO on device
+    6. replay check  buffer.replay_if_ready(t) -- before this step's rows are added
+    7. update        on-policy minibatches, then replay (SIL) minibatches weighted by lambda(t),
+                     each one optimizer step
+    8. buffer        remove_old(), then add_step(rows of step t)
+
+Every source of randomness is derived from ``config.seed`` and the step (rollout keys, task
+choice, Clip-Cov selection, replay subsampling), and the replay buffer is part of the
+checkpoint, so a run resumed from a checkpoint continues exactly as the uninterrupted run.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from environments.registry import make_env
+from spear_jax import curriculum, filters, rewards, run_config, sharding, train_step
+from spear_jax.batching import BatchingConfig, bucket_length, pack_rows
+from spear_jax.checkpoint import RunCheckpointer, RunState
+from spear_jax.metrics import MetricsWriter
+from spear_jax.objectives import (
+    AdvantageConfig,
+    GroupedRewards,
+    compute_advantages,
+    step_group_ids_from_anchors,
+    validate_group_sizes,
+)
+from spear_jax.policy import CHECKPOINT_SUBDIR, Policy, load_policy
+from spear_jax.replay import ReplayBuffer
+from spear_jax.rollout import RolloutConfig, RolloutEngine, RolloutResult, TemplateChatTokenizer
+from spear_jax.sampling import Sampler, SamplingParams
+
+# Row arrays the replay buffer stores (besides its required fields).
+_REPLAY_CARRIED = ("tokens", "valid", "loss_mask", "old_logprobs")
+
+
+def _domain(c: ml_collections.ConfigDict) -> str:
+    return "math" if c.env.row_layout == "trajectory" else "agent"
+
+
+class Trainer:
+    """Builds every component from a validated run config and runs the loop."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        run_config.validate(config)
+        self.config = c = config
+        self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.mesh = sharding.make_mesh(**run_config.mesh_shape(c, jax.device_count()))
+        self.policy: Policy = load_policy(c, self.mesh)
+        self.num_batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+        self.update_config = run_config.update_config(c)
+        steps_per_update = max(1, c.actor.ppo_epochs)
+        self.optimizer = train_step.make_optimizer(
+            run_config.optimizer_config(c, c.trainer.total_steps * steps_per_update))
+        graphdef = self.policy.graphdef
+        self.opt_state = jax.jit(self.optimizer.init)(self.policy.params)
+        self._update = train_step.make_update_fn(graphdef, self.optimizer, self.update_config,
+                                                 replay=False, mesh=self.mesh)
+        self._update_replay = train_step.make_update_fn(graphdef, self.optimizer, self.update_config,
+                                                        replay=True, mesh=self.mesh)
+        self._token_stats = train_step.make_token_stats_fn(
+            graphdef, c.rollout.temperature, c.model.logprob_chunk_size)
+        self.buffer = ReplayBuffer(run_config.replay_config(c)) if c.replay.enable else None
+
+        chat = TemplateChatTokenizer(self.policy.chat)
+        episodes = c.data.train_tasks_per_step * c.data.group_size
+        max_len = c.rollout.max_prompt_length + c.rollout.max_response_length
+        if c.env.row_layout == "trajectory":
+            max_len = c.rollout.max_prompt_length + c.rollout.max_response_length * c.env.max_tool_turns
+        self.sampler = Sampler(
+            graphdef, self.policy.params, self.policy.model_config, max_len=max_len,
+            max_batch=max(episodes, c.data.eval_episodes),
+            cache_dtype=jnp.dtype(c.rollout.kv_cache_dtype), mesh=self.mesh)
+        rollout = dict(layout=c.env.row_layout, domain=_domain(c), history_length=c.env.history_length,
+                       max_turns=c.env.max_tool_turns if c.env.row_layout == "trajectory" else None,
+                       max_response_length=c.rollout.max_response_length,
+                       max_sequence_length=max_len if c.env.row_layout == "trajectory" else None)
+        self.engine = RolloutEngine(self.sampler, chat, RolloutConfig(group_size=c.data.group_size, **rollout))
+        self.eval_engine = RolloutEngine(self.sampler, chat, RolloutConfig(group_size=1, **rollout))
+        self.sampling = self._sampling(c.rollout.temperature, c.rollout.top_p, chat)
+        self.eval_sampling = self._sampling(c.rollout.eval_temperature, c.rollout.eval_top_p, chat)
+
+        env_kwargs = dict(c.env.kwargs.to_dict(), max_steps=c.env.max_steps)
+        self.train_envs = [make_env(c.env.name, split="train", seed=c.seed + i, **env_kwargs)
+                           for i in range(episodes)]
+        self.eval_envs = [make_env(c.env.name, split=c.data.eval_split, seed=c.seed + i, **env_kwargs)
+                          for i in range(c.data.eval_episodes)]
+        self.checkpointer = RunCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR),
+                                            max_to_keep=c.trainer.max_checkpoints_to_keep)
+        self.writer = MetricsWriter(workdir)
+        self.step = 0
+
+    # -- construction helpers --------------------------------------------------------------------
+
+    def _sampling(self, temperature: float, top_p: float, chat: TemplateChatTokenizer) -> SamplingParams:
+        c = self.config
+        return SamplingParams(temperature=temperature, top_p=top_p, top_k=c.rollout.top_k,
+                              greedy=temperature == 0.0, max_new_tokens=c.rollout.max_response_length,
+                              stop_sequences=(tuple(chat.assistant_end_ids),))
+
+    def _key(self, purpose: int, step: int) -> jax.Array:
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), purpose), step)
+
+    def _rng(self, purpose: int, step: int) -> np.random.Generator:
+        return np.random.default_rng([self.config.seed, purpose, step])
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        host = {"replay": self.buffer.state_dict()} if self.buffer is not None else {}
+        self.checkpointer.save(self.step, RunState(
+            device={"params": self.policy.params, "opt_state": self.opt_state},
+            host=host, meta={"step": self.step, "config_name": self.config.name}))
+
+    def restore_if_any(self) -> bool:
+        """Resumes from the newest checkpoint in the workdir, if there is one."""
+        if self.checkpointer.latest_step() is None:
+            return False
+        state = self.checkpointer.restore({"params": self.policy.params, "opt_state": self.opt_state})
+        self.policy.params = state.device["params"]
+        self.opt_state = state.device["opt_state"]
+        if self.buffer is not None:
+            self.buffer = ReplayBuffer.from_state_dict(self.buffer.config, state.host["replay"])
+        self.step = int(state.meta["step"])
+        self.sampler.set_params(self.policy.params)
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        """Runs (or resumes) to ``trainer.total_steps``; returns the final evaluation metrics."""
+        c = self.config
+        resumed = self.restore_if_any()
+        if c.trainer.eval_before_train and not resumed:
+            self.evaluate(self.step)
+        while self.step < c.trainer.total_steps:
+            self.step += 1
+            metrics = self.train_step(self.step)
+            if self.step % c.trainer.checkpoint_every == 0 or self.step == c.trainer.total_steps:
+                start = time.perf_counter()
+                self.save()
+                metrics["time/checkpoint"] = time.perf_counter() - start
+            self.writer.write(self.step, metrics)
+            if self.step % c.trainer.eval_every == 0 and self.step != c.trainer.total_steps:
+                self.evaluate(self.step)
+        final = self.evaluate(self.step)
+        self.writer.close()
+        return final
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One SPEAR / GRPO-family step (module docstring); returns its metrics."""
+        c = self.config
+        timer = time.perf_counter
+        t0 = timer()
+        result = self.engine.run(self.train_envs, self._task_ids(step), self.sampling, self._key(0, step))
+        t_rollout = timer()
+        metrics = dict(result.metrics)
+        batch, prep_metrics = self._prepare(result, step)
+        metrics.update(prep_metrics)
+        t_prep = timer()
+
+        replay = None
+        if self.buffer is not None:
+            replay, replay_metrics = self.buffer.replay_if_ready(
+                step, self._rng(1, step), min_rows=self.num_batch_devices)
+            metrics.update({f"replay/{k}": v for k, v in replay_metrics.items()})
+
+        metrics.update(self._optimize(batch, step, replay_rows=None))
+        t_update = timer()
+        if replay is not None:
+            sil_weight = float(curriculum.sil_loss_weight(step, c.replay.loss_coef, c.replay.max_loss_steps))
+            metrics.update(self._optimize(self._replay_batch(replay), step, replay_rows=sil_weight))
+        t_replay = timer()
+        if self.buffer is not None:
+            self.buffer.remove_old()
+            self.buffer.add_step(self._buffer_rows(batch), step)
+            metrics.update({f"replay/{k}": v for k, v in self.buffer.metrics().items()})
+        self.sampler.set_params(self.policy.params)
+        metrics["replay/sil_weight"] = float(
+            curriculum.sil_loss_weight(step, c.replay.loss_coef, c.replay.max_loss_steps)) if c.replay.enable else 0.0
+        metrics.update({
+            "time/rollout": t_rollout - t0, "time/prepare": t_prep - t_rollout,
+            "time/update": t_update - t_prep, "time/replay": t_replay - t_update,
+            "time/step": timer() - t0,
+        })
+        return metrics
+
+    def _task_ids(self, step: int) -> list[int]:
+        num_tasks = self.train_envs[0].num_tasks
+        count = self.config.data.train_tasks_per_step
+        rng = self._rng(2, step)
+        return [int(i) for i in rng.choice(num_tasks, size=count, replace=count > num_tasks)]
+
+    # -- batch preparation (steps 2-5) -----------------------------------------------------------
+
+    def _prepare(self, result: RolloutResult, step: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        c, a = self.config, self.config.algorithm
+        rows = result.rows
+        if not rows:
+            raise RuntimeError(f"step {step}: the rollout produced no rows (every episode failed?)")
+        scores, kappa = rewards.shaped_scores(rows, step, recipe=a.toolcall_reward_recipe,
+                                              mode=a.use_toolcall_reward, max_toolcall_steps=a.max_toolcall_steps)
+        flags = rewards.quality_flags(rows, c.rollout.max_response_length, _domain(c))
+        enabled = [name for name in ("overlong", "incomplete", "repetitive", "unreadable")
+                   if a[f"filter_{name}_responses"]]
+        metrics = {"reward/toolcall_factor": kappa, "reward/shaped_mean": float(scores.mean())}
+        metrics.update({f"quality/{k}_frac": float(v.mean()) for k, v in flags.as_dict().items()})
+
+        kept = filters.low_variance_group_filter(
+            scores, np.array([r.group_id for r in rows]), np.array([r.traj_id for r in rows]),
+            ratio=a.rollout_filter_ratio, filter_type=a.rollout_filter_type, ddof=a.rollout_filter_std_ddof,
+            truncation="power_of_two" if a.rollout_filter_truncate_pow2 else "none",
+            rng=self._rng(3, step), grouping=a.grouping, group_size=c.data.group_size)
+        metrics.update({f"filter/{k}": float(v) for k, v in kept.metrics.items()})
+        index = kept.kept_rows
+        rows = [rows[i] for i in index]
+        scores = scores[index]
+        flag_mask = {k: v[index] for k, v in flags.as_dict().items()}
+
+        batch = self._pack(rows)
+        n = len(rows)
+        batch["loss_mask"][:n] = filters.mask_low_quality_rows(
+            batch["loss_mask"][:n], filters.QualityFlags(**flag_mask), enabled)
+        batch["old_logprobs"], entropy = self._old_logprobs(batch)
+        valid_tokens = batch["loss_mask"] > 0
+        metrics["actor/entropy"] = float(entropy[valid_tokens].mean()) if valid_tokens.any() else 0.0
+        metrics["actor/behaviour_logprob_gap"] = float(
+            np.abs(batch["old_logprobs"] - batch["logprobs"])[valid_tokens].mean()) if valid_tokens.any() else 0.0
+
+        action_valid = batch["action_valid"][:n]
+        penalised = scores
+        step_offsets = np.zeros(n, np.float32)
+        if a.use_invalid_action_penalty:
+            penalised, _ = filters.apply_invalid_action_penalty(scores, action_valid, a.invalid_action_penalty_coef)
+            step_offsets = (penalised - scores).astype(np.float32)
+        batch["scores"] = _pad_to(penalised.astype(np.float32), len(batch["row_valid"]))
+        all_episodes_ran = all(e.error is None for e in result.episodes)
+        advantages, adv_metrics = self._advantages(batch, rows, step_offsets, all_episodes_ran)
+        batch["advantages"] = advantages
+        metrics.update(adv_metrics)
+        metrics.update(_outcome_metrics(result))
+        return batch, metrics
+
+    def _pack(self, rows) -> dict[str, np.ndarray]:
+        c = self.config
+        longest = max(r.prompt_ids.shape[0] + r.response_ids.shape[0] for r in rows)
+        length = bucket_length(longest, tuple(c.trainer.length_buckets))
+        pad_id = self.policy.chat.stop_id
+        (packed,) = pack_rows(rows, BatchingConfig(buckets=(length,), pad_id=pad_id,
+                                                   row_multiple=c.actor.ppo_mini_batch_size))
+        return dict(packed.arrays)
+
+    def _old_logprobs(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Pre-update log-probs and entropies, one micro-batch of rows at a time."""
+        micro = self.config.actor.ppo_micro_batch_size
+        rows = batch["tokens"].shape[0]
+        logps, ents = [], []
+        batch_sharding = _batch_sharding(self.mesh, leading=0)
+        for start in range(0, rows, micro):
+            tokens = jax.device_put(batch["tokens"][start:start + micro], batch_sharding)
+            valid = jax.device_put(batch["valid"][start:start + micro], batch_sharding)
+            logp, ent = self._token_stats(self.policy.params, tokens, valid)
+            logps.append(np.asarray(logp))
+            ents.append(np.asarray(ent))
+        mask = batch["loss_mask"] > 0
+        return np.where(mask, np.concatenate(logps), 0.0).astype(np.float32), np.concatenate(ents)
+
+    def _advantages(self, batch, rows, step_offsets, all_episodes_ran: bool) -> tuple[np.ndarray, dict[str, float]]:
+        """Row advantages [B] broadcast over the loss mask -> [B, L]. Every group must hold
+        ``group_size`` trajectories (checked unless episodes failed or rows were truncated)."""
+        c, a = self.config, self.config.algorithm
+        n, padded = len(rows), len(batch["row_valid"])
+        group_ids = batch["group_id"].astype(np.int32)
+        traj_ids = batch["traj_id"].astype(np.int32)
+        if a.check_group_size and all_episodes_ran and not a.rollout_filter_truncate_pow2:
+            validate_group_sizes(group_ids[:n], c.data.group_size, traj_ids=traj_ids[:n])
+        fields = dict(scores=batch["scores"], group_ids=group_ids, row_valid=batch["row_valid"],
+                      traj_ids=traj_ids)
+        extra = {}
+        if a.adv_estimator == "gigpo":
+            step_groups, _ = step_group_ids_from_anchors(group_ids[:n], [r.anchor_obs for r in rows])
+            fields.update(step_index=batch["step_index"], step_rewards=batch["reward"],
+                          step_group_ids=_pad_to(step_groups.astype(np.int32), padded),
+                          step_return_offsets=_pad_to(step_offsets, padded))
+            extra = dict(gamma=a.gigpo_gamma, step_advantage_weight=a.gigpo_step_advantage_w,
+                         num_step_groups=padded)
+        normalize = a.gigpo_mode == "mean_std_norm" if a.adv_estimator == "gigpo" else a.norm_adv_by_std_in_grpo
+        config = AdvantageConfig(
+            estimator=a.adv_estimator, num_groups=c.data.train_tasks_per_step, normalize_by_std=normalize,
+            stats_over="rows" if a.grpo_statistics_over == "all_rows" else "trajectories",
+            num_trajectories=c.data.train_tasks_per_step * c.data.group_size,
+            expected_group_size=c.data.group_size, **extra)
+        inputs = GroupedRewards(**{k: jnp.asarray(v) for k, v in fields.items()})
+        row_adv, adv_metrics = compute_advantages(inputs, config)
+        row_adv = np.where(batch["row_valid"], np.asarray(row_adv), 0.0).astype(np.float32)
+        metrics = {f"advantage/{k}": float(v) for k, v in adv_metrics.items()}
+        metrics["advantage/mean_abs"] = float(np.abs(row_adv[:n]).mean())
+        batch["row_advantage"] = row_adv
+        return row_adv[:, None] * batch["loss_mask"], metrics
+
+    # -- updates (step 7) ------------------------------------------------------------------------
+
+    def _optimize(self, batch: dict[str, np.ndarray], step: int, replay_rows: float | None) -> dict[str, float]:
+        """One optimizer step per minibatch; ``replay_rows`` is the SIL weight for replay batches."""
+        c = self.config
+        mini, micro = c.actor.ppo_mini_batch_size, c.actor.ppo_micro_batch_size
+        replay = replay_rows is not None
+        update = self._update_replay if replay else self._update
+        prefix = "sil/" if replay else "actor/"
+        sums: dict[str, float] = {}
+        count = 0
+        batch_sharding = _batch_sharding(self.mesh, leading=1)
+        for epoch in range(c.actor.ppo_epochs):
+            for start in range(0, len(batch["row_valid"]), mini):
+                if not batch["row_valid"][start:start + mini].any():
+                    continue
+                minibatch = {
+                    key: jax.device_put(
+                        batch[key][start:start + mini].reshape((mini // micro, micro) + batch[key].shape[1:]),
+                        batch_sharding)
+                    for key in train_step.MINIBATCH_KEYS
+                }
+                key = jax.random.fold_in(self._key(4 + replay, step), epoch * 100_003 + start)
+                self.policy.params, self.opt_state, out = update(
+                    self.policy.params, self.opt_state, minibatch, key, jnp.float32(replay_rows or 0.0))
+                for name, value in out.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+                count += 1
+        metrics = {f"{prefix}{k}": v / count for k, v in sums.items()} if count else {}
+        metrics[f"{prefix}optimizer_steps"] = float(count)
+        return metrics
+
+    # -- replay plumbing -------------------------------------------------------------------------
+
+    def _buffer_rows(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The real rows of this step's batch in the buffer's row layout."""
+        keep = batch["row_valid"]
+        rows = {name: batch[name][keep] for name in _REPLAY_CARRIED}
+        rows.update(scores=batch["scores"][keep], advantages=batch["row_advantage"][keep],
+                    group_ids=batch["group_id"][keep], traj_ids=batch["traj_id"][keep],
+                    num_tool_calls=batch["num_tool_calls"][keep])
+        return rows
+
+    def _replay_batch(self, replay: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Replay rows padded to whole minibatches, advantages broadcast over their masks."""
+        mini = self.config.actor.ppo_mini_batch_size
+        rows = len(replay["scores"])
+        padded = -(-rows // mini) * mini
+        batch = {name: _pad_to(replay[name], padded) for name in _REPLAY_CARRIED}
+        batch["row_valid"] = _pad_to(np.ones(rows, bool), padded)
+        batch["advantages"] = _pad_to(replay["advantages"].astype(np.float32), padded)[:, None] * batch["loss_mask"]
+        return batch
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Success rate (overall and per task type) on the held-out fold, written as ``eval``."""
+        c = self.config
+        task_ids = list(range(min(c.data.eval_episodes, self.eval_envs[0].num_tasks)))
+        envs = self.eval_envs[: len(task_ids)]
+        start = time.perf_counter()
+        result = self.eval_engine.run(envs, task_ids, self.eval_sampling, self._key(9, step))
+        metrics = _outcome_metrics(result)
+        metrics["time/eval"] = time.perf_counter() - start
+        self.writer.write(step, metrics, split="eval")
+        return metrics
+
+    def close(self) -> None:
+        for env in self.train_envs + self.eval_envs:
+            env.close()
+        self.checkpointer.close()
+
+
+def _batch_sharding(mesh, leading: int) -> jax.sharding.NamedSharding:
+    """Rows split over the batch-parallel mesh axes; ``leading`` unsharded axes come first."""
+    spec = jax.sharding.PartitionSpec(*([None] * leading), ("data", "fsdp"))
+    return jax.sharding.NamedSharding(mesh, spec)
+
+
+def _pad_to(array: np.ndarray, rows: int) -> np.ndarray:
+    """Zero-pads the leading axis of ``array`` to ``rows``."""
+    pad = rows - array.shape[0]
+    return np.pad(array, [(0, pad)] + [(0, 0)] * (array.ndim - 1)) if pad > 0 else array
+
+
+def _outcome_metrics(result: RolloutResult) -> dict[str, float]:
+    """Success rate, return, length and tool calls over episodes, and success per task type."""
+    episodes = [e for e in result.episodes if e.error is None]
+    if not episodes:
+        return {"episodes": 0.0}
+    won = np.array([e.won for e in episodes], float)
+    metrics = {
+        "success_rate": float(won.mean()),
+        "episode_return": float(np.mean([e.episode_return for e in episodes])),
+        "episode_length": float(np.mean([e.length for e in episodes])),
+        "episodes": float(len(episodes)),
+    }
+    by_traj = {}
+    for row in result.rows:
+        by_traj[row.traj_id] = row
+    if by_traj:
+        metrics["tool_calls"] = float(np.mean([r.num_tool_calls for r in by_traj.values()]))
+        types: dict[str, list[bool]] = {}
+        for row in by_traj.values():
+            types.setdefault(row.task_type or "all", []).append(row.won)
+        for name, values in types.items():
+            metrics[f"success/{name}"] = float(np.mean(values))
+    return metrics
