@@ -580,12 +580,10 @@ def _run_snippet(cfg: dict) -> int:
     return 0
 
 
-def _supervise(cfg: dict) -> None:
-    """The worker's main process: isolate, fork the snippet's process, report its wait status."""
+def _run_and_report(cfg: dict) -> None:
+    """Forks the snippet's process, waits for it and writes its exit code (negative: killed by
+    that signal) to the status pipe."""
     status_fd = cfg["status_fd"]
-    if cfg["isolated"]:
-        _enter_namespaces()
-        _isolate_filesystem(cfg)
     pid = os.fork()
     if pid == 0:
         os.close(status_fd)
@@ -604,6 +602,27 @@ def _supervise(cfg: dict) -> None:
     code = (-os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status)
             else os.WEXITSTATUS(wait_status))
     os.write(status_fd, str(code).encode())
+
+
+def _supervise(cfg: dict) -> None:
+    """The worker's main process. Isolated: enter the namespaces and fork the PID namespace's
+    init, which runs and reports the snippet (the snippet is not PID 1, so kernel signals such
+    as SIGXCPU keep their default action; when the init exits, the kernel kills whatever the
+    snippet left in the namespace). Otherwise: run and report the snippet directly."""
+    if not cfg["isolated"]:
+        _run_and_report(cfg)
+        return
+    _enter_namespaces()
+    _isolate_filesystem(cfg)
+    init_pid = os.fork()
+    if init_pid == 0:
+        _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        try:
+            _run_and_report(cfg)
+        finally:
+            os._exit(0)
+    os.close(cfg["status_fd"])
+    os.waitpid(init_pid, 0)
 
 
 def _probe() -> int:
