@@ -30,7 +30,7 @@ from environments.math_grading import last_boxed_content
 TOOL_NAME = "code_interpreter"
 MAX_CALLS_PER_TURN = 1  # the reference allows at most one (parallel) call per turn
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-_CALL_BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
+_DECODER = json.JSONDecoder()
 _PY_FENCE = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
@@ -65,6 +65,33 @@ def fenced_python(text: str) -> list[str]:
 def _code_from_argument(code: str) -> str:
     blocks = fenced_python(code)
     return "\n".join(blocks) if blocks else code
+
+
+def _call_payloads(text: str) -> tuple[list[str], bool]:
+    """The payloads between ``<tool_call>`` and ``</tool_call>``, and whether one is unclosed.
+
+    A payload that starts with a JSON value followed by the closing tag is taken whole, so code
+    strings that contain the tags themselves do not split a call.
+    """
+    payloads, pos = [], text.find(CALL_OPEN)
+    while pos != -1:
+        start = pos + len(CALL_OPEN)
+        value_start = len(text) - len(text[start:].lstrip())
+        end = -1
+        try:
+            _, value_end = _DECODER.raw_decode(text, value_start)
+            tail = len(text) - len(text[value_end:].lstrip())
+            if text.startswith(CALL_CLOSE, tail):
+                end = tail
+        except (json.JSONDecodeError, RecursionError):
+            pass
+        if end == -1:
+            end = text.find(CALL_CLOSE, start)
+            if end == -1:
+                return payloads, True
+        payloads.append(text[start:end])
+        pos = text.find(CALL_OPEN, end + len(CALL_CLOSE))
+    return payloads, False
 
 
 def _error(message: str) -> ParsedTurn:
@@ -112,8 +139,7 @@ def parse_turn(text: str, tool_name: str = TOOL_NAME, accept_bare_fences: bool =
     """Classifies and parses one assistant turn (see module docstring). Never raises."""
     if not isinstance(text, str):
         return _error(f"Error: the response must be text, got {type(text).__name__}.")
-    blocks = _CALL_BLOCK.findall(text)
-    unclosed = text.count(CALL_OPEN) > len(blocks)
+    blocks, unclosed = _call_payloads(text)
     if len(blocks) > MAX_CALLS_PER_TURN:
         return _error(f"Error: {len(blocks)} tool calls in one turn; at most "
                       f"{MAX_CALLS_PER_TURN} is allowed.")
