@@ -189,10 +189,11 @@ def _processes_matching(uid: int | None, marker: str | None) -> list[int]:
             continue
         try:
             with open(f"/proc/{entry}/status", "rb") as f:
-                fields = dict(line.split(b":", 1) for line in f if b":" in line)
-            if fields[b"State"].split()[0] in (b"Z", b"X"):
+                status = f.read()
+            state = status[status.index(b"\nState:") + 7:].split(None, 1)[0]
+            if state in (b"Z", b"X"):
                 continue
-            if uid is not None and int(fields[b"Uid"].split()[0]) == uid:
+            if uid is not None and int(status[status.index(b"\nUid:") + 5:].split(None, 1)[0]) == uid:
                 found.append(int(entry))
             elif marker is not None:
                 with open(f"/proc/{entry}/environ", "rb") as f:
@@ -259,6 +260,7 @@ class _Worker:
 
     def __init__(self, cfg: SandboxConfig, uid: int | None, isolated: bool):
         self.uid = uid
+        self._killed = False
         self.marker = None if uid is not None else uuid.uuid4().hex
         self.host_scratch = None if isolated else tempfile.mkdtemp(prefix="spear-sandbox-")
         scratch = _SCRATCH_IN_NAMESPACE if isolated else self.host_scratch
@@ -348,18 +350,17 @@ class _Worker:
         return total + len(chunk) <= cfg.max_output_bytes
 
     def kill(self) -> None:
-        """Kills every process of the worker's uid (or marker), then the supervisor's group."""
-        _kill_all(self.uid, self.marker)  # first, so the supervisor still reaps its child
-        try:
-            self.proc.wait(timeout=0.5)
-        except subprocess.TimeoutExpired:
-            pass
+        """Kills the supervisor's process group and every process of the worker's uid (or
+        marker): escapees in new sessions included. Idempotent."""
+        if self._killed:
+            return
+        self._killed = True
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        self.proc.wait()
         _kill_all(self.uid, self.marker)
+        self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if not stream.closed:
                 stream.close()
