@@ -1,7 +1,7 @@
 """Sandbox calls/s (cold: a worker started per call; warm: pre-started pool) and MathToolEnv
 steps/s (a tool-call turn plus a graded final turn per episode).
 
-    python bench/sandbox_throughput.py [--calls 40] [--pool-size 2] [--episodes 20]
+    python bench/sandbox_throughput.py [--calls 40] [--pool-size 2] [--episodes 20] [--gap-s 0.5]
 
 Prints one JSON line per measurement. Each call runs a snippet that uses the preamble's numpy,
 so the interpreter boot and the preamble import are part of what a cold call pays.
@@ -23,17 +23,20 @@ from environments.sandbox import Sandbox, SandboxConfig  # noqa: E402
 SNIPPET = "print(int(np.arange(100).sum()))"
 
 
-def measure_calls(sandbox: Sandbox, calls: int) -> dict:
+def measure_calls(sandbox: Sandbox, calls: int, gap_s: float = 0.0) -> dict:
+    """Back-to-back calls (gap 0: throughput, bound by worker boots) or calls spaced by
+    ``gap_s`` (latency when the pool has time to refill, as between decoding turns)."""
     latencies = []
     start = time.perf_counter()
     for _ in range(calls):
+        time.sleep(gap_s)
         t0 = time.perf_counter()
         result = sandbox.run(SNIPPET)
         latencies.append(time.perf_counter() - t0)
         assert result.stdout == "4950\n", result
     elapsed = time.perf_counter() - start
     latencies.sort()
-    return {"calls": calls, "calls_per_s": calls / elapsed,
+    return {"calls": calls, "gap_s": gap_s, "calls_per_s": calls / elapsed,
             "latency_ms_p50": 1e3 * latencies[len(latencies) // 2],
             "latency_ms_p90": 1e3 * latencies[int(len(latencies) * 0.9)]}
 
@@ -61,14 +64,15 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=40)
     parser.add_argument("--pool-size", type=int, default=2)
     parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--gap-s", type=float, default=0.5, help="pause between spaced calls")
     args = parser.parse_args()
-    for warm in (False, True):
+    for warm, gap_s in ((False, 0.0), (True, 0.0), (False, args.gap_s), (True, args.gap_s)):
         with Sandbox(SandboxConfig(pool_size=args.pool_size, warm=warm)) as sandbox:
             if warm:
                 time.sleep(1.0)  # let the pool boot before timing
             row = {"bench": "sandbox_calls", "warm": warm, "pool_size": args.pool_size,
                    "isolated": sandbox.isolated, "drops_privileges": sandbox.drops_privileges}
-            row.update(measure_calls(sandbox, args.calls))
+            row.update(measure_calls(sandbox, args.calls if gap_s == 0 else args.calls // 4, gap_s))
             print(json.dumps(row), flush=True)
     with Sandbox(SandboxConfig(pool_size=args.pool_size, warm=True)) as sandbox:
         time.sleep(1.0)

@@ -4,10 +4,11 @@ Model code is hostile input. Every snippet runs in its own fresh interpreter ("w
 is discarded afterwards, so no snippet ever sees state left by another one. Containment layers
 (each degrades loudly, never silently, when the host cannot provide it):
 
-* **Namespaces** (root, ``unshare`` binary): a new network namespace (only a downed loopback:
-  no network at all, not even the host's localhost services), a new PID namespace (the worker is
-  its PID 1: when it exits or is killed, the kernel kills every process it left behind, including
-  ones that escaped with ``setsid``) and a new mount namespace in which fresh size-limited tmpfs
+* **Namespaces** (root, ``unshare(2)``): a new network namespace (only a downed loopback:
+  no network at all, not even the host's localhost services), a new PID namespace (its PID 1 is
+  a small trusted reaper that runs the snippet as its child and reports its exit status; when it
+  exits or is killed, the kernel kills every process left in the namespace, including ones that
+  escaped with ``setsid``) and a new mount namespace in which fresh size-limited tmpfs
   are mounted over the world-writable directories (``/tmp``, ``/var/tmp``, ``/dev/shm``,
   ``/run/lock``) and over any directory the unprivileged user could not traverse to reach the
   interpreter (e.g. ``/root`` 0700), with the interpreter re-exposed read-only inside it. The
