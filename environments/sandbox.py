@@ -398,6 +398,8 @@ class Sandbox:
     Use as a context manager or call ``close()``.
     """
 
+    _closed = True  # until __init__ has started the pool
+
     def __init__(self, config: SandboxConfig | None = None):
         self.config = config or SandboxConfig()
         self.isolated = _namespaces_work()
@@ -473,7 +475,7 @@ class Sandbox:
         self.close()
 
     def __del__(self):
-        if not getattr(self, "_closed", True):
+        if not self._closed:
             self.close()
 
 

@@ -3,6 +3,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
@@ -10,8 +11,11 @@ from environments.math_data import (BUNDLED_DIR, FieldMap, ProceduralProblems, b
                                     load_problems, math_file_builder)
 
 
-def test_tensorflow_is_not_needed():
-    assert importlib.util.find_spec("tensorflow") is None or pytest.skip("tensorflow is installed here")
+def test_tensorflow_is_not_needed(tmp_path):
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("tensorflow is installed here; this checks the TensorFlow-free path")
+    assert len(load_problems(bundled_math_builder("aime2024", str(tmp_path)), "test")) == 30
+    assert "tensorflow" not in sys.modules
 
 
 def test_bundled_copies_match_provenance_checksums():
