@@ -17,7 +17,7 @@ a call made on the last turn is counted but not run (its output could never be r
 turn is graded as the final response (normally -1, ``incomplete``). ``info`` carries
 ``num_tool_calls``, ``num_invalid_calls``, ``turns``, ``incomplete`` (no extractable boxed answer;
 per spec 5.14 *every* such response is flagged, tool use or not), ``correct``, ``acc``
-(= float(correct)), ``extracted_answer``, ``grader_error``, ``turns_exhausted`` and, after a call,
+(= float(correct)), ``score``, ``extracted_answer``, ``grader_error``, ``turns_exhausted`` and, after a call,
 ``tool_status``. The intrinsic tool-call bonus is the trainer's job (from ``num_tool_calls``).
 
 The first observation is the problem with the reference's instruction appended:
@@ -35,7 +35,7 @@ import numpy as np
 
 from environments.base import Observation, StepResult
 from environments.math_data import ANSWER_FORMAT_INSTRUCTION, MathProblem
-from environments.math_grading import Grade, grade_response
+from environments.math_grading import VERIFIERS, Grade, grade_response
 from environments.sandbox import Sandbox
 from environments.tool_calls import TOOL_NAME, parse_turn
 
@@ -60,9 +60,15 @@ def truncate_middle(text: str, max_chars: int) -> str:
     return text[:head] + marker + text[len(text) - (keep - head):]
 
 
-def default_grader(response: str, problem: MathProblem) -> Grade:
-    """math-verify against the problem's answer (see ``math_grading``)."""
-    return grade_response(response, problem.answer)
+def answer_grader(verifier: str) -> Grader:
+    """A grader comparing the response with the problem's ``answer`` using ``verifier``
+    (``"math_verify"`` or the reference's ``"dapo_strict"``, see ``math_grading``)."""
+    if verifier not in VERIFIERS:
+        raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
+
+    def grade(response: str, problem: MathProblem) -> Grade:
+        return grade_response(response, problem.answer, verifier=verifier)
+    return grade
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,14 +80,19 @@ class MathEnvConfig:
       max_tool_output_chars: tool output shown to the model, cut in the middle (ref 16384).
       append_instruction: append the reference's boxed-answer instruction to the problem.
       accept_bare_fences: a turn with only a ```python block counts as a call.
+      verifier: the built-in answer check, "math_verify" (symbolic equivalence, default) or
+        "dapo_strict" (the reference: last 100 chars, exact string match); see math_grading.
     """
 
     max_turns: int = 8
     max_tool_output_chars: int = 16384
     append_instruction: bool = True
     accept_bare_fences: bool = True
+    verifier: str = "math_verify"
 
     def __post_init__(self):
+        if self.verifier not in VERIFIERS:
+            raise ValueError(f"MathEnvConfig.verifier must be one of {VERIFIERS}, got {self.verifier!r}")
         if self.max_turns < 1:
             raise ValueError(f"MathEnvConfig.max_turns must be >= 1, got {self.max_turns}")
         if self.max_tool_output_chars < 64:
@@ -96,18 +107,20 @@ class MathToolEnv:
       problems: the task pool (``load_problems(...)`` or ``ProceduralProblems``).
       sandbox: executes the tool calls; shared by many envs is fine (it is thread-safe).
       config: episode limits.
-      grader: ``(final response, problem) -> Grade``; default math-verify on ``answer``.
+      grader: ``(final response, problem) -> Grade``; default ``answer_grader(config.verifier)``.
+        Pass e.g. ``ProceduralProblems.grade`` for generator-scored problems.
       seed: seeds the draw of a problem when ``reset`` gets neither ``task_id`` nor ``seed``.
     """
 
     name = "math_tool"
 
     def __init__(self, problems: Sequence[MathProblem], sandbox: Sandbox,
-                 config: MathEnvConfig = MathEnvConfig(), grader: Grader = default_grader,
+                 config: MathEnvConfig = MathEnvConfig(), grader: Grader | None = None,
                  seed: int = 0):
         if len(problems) == 0:
             raise ValueError("problems is empty")
-        self.problems, self.sandbox, self.config, self.grader = problems, sandbox, config, grader
+        self.problems, self.sandbox, self.config = problems, sandbox, config
+        self.grader = grader if grader is not None else answer_grader(config.verifier)
         self.max_steps = config.max_turns
         self._ids = {problems[i].id: i for i in range(len(problems))}
         self._rng = np.random.default_rng(seed)

@@ -6,9 +6,15 @@ ground truth, -1 otherwise; a response without an extractable boxed answer score
 flagged incomplete (spec 5.14: the reference's attempt to treat some of those differently is a
 no-op, so *every* response without a boxed answer is flagged).
 
-Equivalence is decided by ``math-verify`` (symbolic: ``\\frac{1}{2}`` = ``0.5``, ``025`` = ``25``,
-``1,450,000`` = ``1450000``, tuples, intervals, LaTeX) instead of DAPO's string normalisation,
-which marks many correct answers wrong. math-verify guards its sympy work with signal-based
+Two verifiers (``VERIFIERS``):
+
+* ``"math_verify"`` (default, sound): the last boxed answer in the last 300 characters, judged
+  equivalent by ``math-verify`` (symbolic: ``\\frac{1}{2}`` = ``0.5``, ``025`` = ``25``,
+  ``1,450,000`` = ``1450000``, tuples, intervals, LaTeX).
+* ``"dapo_strict"`` (faithful): the reference's strict boxed check. Of the 300-character window
+  it keeps only the last 100 characters, takes the last ``\\boxed{`` there (an unbalanced last
+  one means no answer) and requires its content to be *string-identical* to the ground truth, so
+  ``\\boxed{0.5}`` for ``\\frac{1}{2}`` and ``\\boxed{ 25}`` for ``25`` score -1. math-verify guards its sympy work with signal-based
 timeouts that only work in the main thread; off the main thread the timeouts are disabled
 (logged once). Any exception or timeout inside math-verify counts as incorrect and sets
 ``grader_error``.
@@ -24,6 +30,8 @@ from math_verify import parse, verify
 _LOG = logging.getLogger(__name__)
 
 ANSWER_WINDOW_CHARS = 300  # the reference verifier reads only this many trailing characters
+STRICT_WINDOW_CHARS = 100  # ... and its strict boxed mode only the last 100 of those
+VERIFIERS = ("math_verify", "dapo_strict")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
 
@@ -113,9 +121,26 @@ def answers_equivalent(predicted: str, ground_truth: str, timeout_s: int = 5) ->
     return bool(verify(gold, pred, timeout_seconds=timeout, raise_on_error=True))
 
 
+def grade_strict_boxed(response: str, ground_truth: str) -> Grade:
+    """The reference's strict boxed verifier (``"dapo_strict"``, module docstring)."""
+    tail = response[-ANSWER_WINDOW_CHARS:][-STRICT_WINDOW_CHARS:]
+    start = tail.rfind("\\boxed{")
+    extracted = _braced_argument(tail, start + len("\\boxed")) if start != -1 else None
+    if extracted is None:
+        return Grade(score=-1.0, correct=False, extracted=None, incomplete=True)
+    correct = extracted == ground_truth
+    return Grade(score=1.0 if correct else -1.0, correct=correct, extracted=extracted,
+                 incomplete=False)
+
+
 def grade_response(response: str, ground_truth: str, window: int = ANSWER_WINDOW_CHARS,
-                   timeout_s: int = 5) -> Grade:
-    """Grades a full response against ``ground_truth`` (see module docstring). Never raises."""
+                   timeout_s: int = 5, verifier: str = "math_verify") -> Grade:
+    """Grades a full response against ``ground_truth`` (see module docstring). Never raises
+    on model text."""
+    if verifier not in VERIFIERS:
+        raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
+    if verifier == "dapo_strict":
+        return grade_strict_boxed(response, ground_truth)
     extracted = extract_final_answer(response, window)
     if extracted is None or not extracted.strip():
         return Grade(score=-1.0, correct=False, extracted=extracted, incomplete=True)

@@ -166,3 +166,14 @@ def test_truncate_middle_properties(text, limit):
         assert len(head) + len(tail) + cut == len(text)
     else:
         assert out == text[:limit]
+
+
+def test_faithful_strict_verifier_option(aime, sandbox):
+    sound = MathToolEnv(aime, sandbox)
+    strict = MathToolEnv(aime, sandbox, MathEnvConfig(verifier="dapo_strict"))
+    for env in (sound, strict):
+        env.reset(task_id="aime2024-I-3")
+    assert sound.step("\\boxed{0809}").won
+    assert not strict.step("\\boxed{0809}").won
+    with pytest.raises(ValueError, match="verifier"):
+        MathEnvConfig(verifier="nope")

@@ -4,6 +4,7 @@ import os
 import threading
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from environments.math_grading import ANSWER_WINDOW_CHARS, extract_final_answer, grade_response, last_boxed_content
 
@@ -86,3 +87,30 @@ def test_works_off_the_main_thread():
     t.start()
     t.join()
     assert out[0].correct
+
+
+def test_dapo_strict_is_the_references_exact_match_on_the_last_100_chars():
+    strict = dict(verifier="dapo_strict")
+    assert grade_response(r"so \boxed{25}", "25", **strict).correct
+    assert not grade_response(r"\boxed{025}", "25", **strict).correct             # math-verify: correct
+    assert not grade_response(r"\boxed{0.5}", r"\frac{1}{2}", **strict).correct   # math-verify: correct
+    assert grade_response(r"\boxed{\frac{1}{2}}", r"\frac{1}{2}", **strict).correct
+    boxed = r"\boxed{25}"
+    assert grade_response(boxed + "." * (100 - len(boxed)), "25", **strict).correct
+    late = grade_response(boxed + "." * (101 - len(boxed)), "25", **strict)
+    assert late.incomplete and late.score == -1.0
+    assert grade_response(boxed + "." * 150, "25").correct   # the sound verifier reads 300 chars
+    # the last \boxed{ decides: unbalanced means no answer, no fallback to an earlier box
+    assert grade_response(r"\boxed{25} and \boxed{2", "25", **strict).incomplete
+    with pytest.raises(ValueError, match="verifier"):
+        grade_response(boxed, "25", verifier="exact")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("\\boxed{}frac0123456789.,-+^_()[] xyz$")), max_size=80),
+       st.sampled_from(["25", r"\frac{1}{2}", r"\left( 3, \frac{\pi}{2} \right)", "x^2+1"]),
+       st.sampled_from(["math_verify", "dapo_strict"]))
+def test_fuzz_grading_never_raises(response, truth, verifier):
+    g = grade_response(response, truth, verifier=verifier)
+    assert g.score in (1.0, -1.0) and g.correct == (g.score == 1.0)
+    assert not (g.correct and g.incomplete)
