@@ -43,9 +43,11 @@ import fcntl
 import json
 import logging
 import os
+import select
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -95,6 +97,9 @@ class SandboxConfig:
       tmpfs_bytes: size of each private tmpfs (scratch ``/tmp`` etc.) in the mount namespace.
       pool_size: number of worker slots (the most concurrent calls) kept warm.
       warm: keep ``pool_size`` workers pre-started; False starts each worker on demand (cold).
+      fork_server: fork isolated workers from a template interpreter that has imported the
+        preamble (a fork instead of an interpreter boot per worker); False boots each worker.
+        Only used with full isolation (root + namespaces).
       preamble: Python source run before every snippet, in the snippet's namespace.
       uid_base: first uid of the per-slot unprivileged users (root only).
       require_isolation: raise instead of warning when namespaces / privilege drop are
@@ -112,6 +117,7 @@ class SandboxConfig:
     tmpfs_bytes: int = 64 << 20
     pool_size: int = 2
     warm: bool = True
+    fork_server: bool = True
     preamble: str = DEFAULT_PREAMBLE
     uid_base: int = 61000
     require_isolation: bool = False
@@ -250,26 +256,78 @@ class _UidLease:
 # The host side: one worker process and the pool.
 
 
+def _worker_environment(scratch: str, marker: str | None) -> dict:
+    """The complete environment of a worker: nothing is inherited from the host."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+           "HOME": scratch, "TMPDIR": scratch, "OPENBLAS_NUM_THREADS": "1",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if marker is not None:
+        env[MARKER_VAR] = marker
+    return env
+
+
+class _ForkServer:
+    """A template interpreter (root, scrubbed environment) that has imported the preamble's
+    modules and forks isolated workers on request, so a worker costs a fork instead of an
+    interpreter boot plus numpy import. It never runs model code, so forked workers start from
+    a clean state. Requests carry the worker's config and its stdio + status pipe ends
+    (SCM_RIGHTS); the reply carries a pidfd of the forked supervisor (no pid-reuse races)."""
+
+    def __init__(self, preamble: str):
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._lock = threading.Lock()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", os.path.abspath(__file__), "--fork-server",
+                 json.dumps({"sock_fd": theirs.fileno(), "preamble": preamble})],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env=_worker_environment(_SCRATCH_IN_NAMESPACE, None), start_new_session=True,
+                close_fds=True, pass_fds=(theirs.fileno(),), cwd="/")
+        finally:
+            theirs.close()
+
+    def spawn(self, worker_cfg: dict, fds: Sequence[int]) -> int:
+        """Forks a worker with ``fds`` = (stdin, stdout, stderr, status); returns its pidfd."""
+        payload = json.dumps(worker_cfg).encode()
+        with self._lock:
+            socket.send_fds(self._sock, [len(payload).to_bytes(4, "big") + payload], list(fds))
+            _, pidfds, _, _ = socket.recv_fds(self._sock, 16, 1)
+        if len(pidfds) != 1:
+            raise RuntimeError("sandbox fork server did not return a worker")
+        return pidfds[0]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        self._sock.close()  # the server exits on EOF
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 class _Worker:
     """One started worker: a supervisor process whose child waits for its code on stdin.
 
     The supervisor (trusted, root) enters the namespaces, forks the child that runs the code,
     waits for it and writes its wait status to a private status pipe. The host reads stdout and
     stderr until that status arrives, so processes the snippet left behind holding the pipes
-    cannot stall a call.
+    cannot stall a call. The supervisor is forked by the ``_ForkServer`` when there is one, else
+    started as its own interpreter; either way the host holds a pidfd to signal it safely.
     """
 
-    def __init__(self, cfg: SandboxConfig, uid: int | None, isolated: bool):
+    def __init__(self, cfg: SandboxConfig, uid: int | None, isolated: bool,
+                 fork_server: _ForkServer | None):
         self.uid = uid
         self._killed = False
         self.marker = None if uid is not None else uuid.uuid4().hex
         self.host_scratch = None if isolated else tempfile.mkdtemp(prefix="spear-sandbox-")
         scratch = _SCRATCH_IN_NAMESPACE if isolated else self.host_scratch
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-               "HOME": scratch, "TMPDIR": scratch, "OPENBLAS_NUM_THREADS": "1",
-               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
-        if self.marker is not None:
-            env[MARKER_VAR] = self.marker
+        stdin_r, self.stdin_fd = os.pipe()
+        self.stdout_fd, stdout_w = os.pipe()
+        self.stderr_fd, stderr_w = os.pipe()
         self.status_fd, status_w = os.pipe()
         worker_cfg = {
             "uid": uid, "isolated": isolated, "scratch": scratch, "preamble": cfg.preamble,
@@ -277,21 +335,27 @@ class _Worker:
             "max_processes": cfg.max_processes, "max_file_bytes": cfg.max_file_bytes,
             "max_open_files": cfg.max_open_files, "tmpfs_bytes": cfg.tmpfs_bytes,
         }
-        argv = [sys.executable, "-I", os.path.abspath(__file__), json.dumps(worker_cfg)]
+        self._popen = None
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, env=env, start_new_session=True,
-                                         close_fds=True, pass_fds=(status_w,), cwd="/")
+            if fork_server is not None:
+                self._pidfd = fork_server.spawn(worker_cfg, (stdin_r, stdout_w, stderr_w, status_w))
+            else:
+                self._popen = subprocess.Popen(
+                    [sys.executable, "-I", os.path.abspath(__file__), json.dumps(worker_cfg)],
+                    stdin=stdin_r, stdout=stdout_w, stderr=stderr_w,
+                    env=_worker_environment(scratch, self.marker), start_new_session=True,
+                    close_fds=True, pass_fds=(status_w,), cwd="/")
+                self._pidfd = os.pidfd_open(self._popen.pid)
         finally:
-            os.close(status_w)
+            for fd in (stdin_r, stdout_w, stderr_w, status_w):
+                os.close(fd)
 
     def run(self, code: bytes, cfg: SandboxConfig) -> SandboxResult:
         """Sends ``code``, collects output until the child ends, the wall timeout or the output
         cap; then kills everything the worker started."""
         start = time.monotonic()
         deadline = start + cfg.timeout_s
-        stdin_fd, stdout_fd, stderr_fd = (s.fileno() for s in (self.proc.stdin, self.proc.stdout,
-                                                               self.proc.stderr))
+        stdin_fd, stdout_fd, stderr_fd = self.stdin_fd, self.stdout_fd, self.stderr_fd
         out = {stdout_fd: bytearray(), stderr_fd: bytearray()}
         status, wait_status = None, b""
         pending = memoryview(code)
@@ -314,7 +378,8 @@ class _Worker:
                             pending = pending[len(pending):]
                         if not pending:
                             sel.unregister(stdin_fd)
-                            self.proc.stdin.close()
+                            os.close(stdin_fd)
+                            self.stdin_fd = None
                     elif key.fd == self.status_fd:
                         chunk = os.read(self.status_fd, 4096)
                         wait_status += chunk
@@ -351,23 +416,26 @@ class _Worker:
         return total + len(chunk) <= cfg.max_output_bytes
 
     def kill(self) -> None:
-        """Kills the supervisor's process group and every process of the worker's uid (or
-        marker): escapees in new sessions included. Idempotent."""
+        """Kills the supervisor and every process of the worker's uid (or marker): escapees in
+        new sessions included. The supervisor's PID-namespace init dies with it (parent-death
+        signal) and takes the namespace's processes along. Idempotent."""
         if self._killed:
             return
         self._killed = True
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        except ProcessLookupError:
             pass
         _kill_all(self.uid, self.marker)
-        self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if not stream.closed:
-                stream.close()
-        if self.status_fd is not None:
-            os.close(self.status_fd)
-            self.status_fd = None
+        select.select([self._pidfd], [], [], 5.0)  # readable once the supervisor has exited
+        os.close(self._pidfd)
+        if self._popen is not None:
+            self._popen.wait()
+        _kill_all(self.uid, self.marker)
+        for fd in (self.stdin_fd, self.stdout_fd, self.stderr_fd, self.status_fd):
+            if fd is not None:
+                os.close(fd)
+        self.stdin_fd = self.stdout_fd = self.stderr_fd = self.status_fd = None
         if self.host_scratch is not None:
             shutil.rmtree(self.host_scratch, ignore_errors=True)
             self.host_scratch = None
@@ -419,14 +487,30 @@ class Sandbox:
         self._free_slots = collections.deque(range(self.config.pool_size))  # round robin
         self._warm: dict[int, _Worker] = {}
         self._cond = threading.Condition()
+        self._server_lock = threading.Lock()
+        self._fork_server = None
+        self.uses_fork_server = self.config.fork_server and self.isolated and self.drops_privileges
         self._closed = False
         if self.config.warm:
             for slot in self._free_slots:
                 self._warm[slot] = self._start(slot)
 
+    def _server(self) -> _ForkServer | None:
+        """The fork server, (re)started when needed; None when workers boot their own
+        interpreter (no isolation, or ``fork_server=False``)."""
+        if not self.uses_fork_server:
+            return None
+        with self._server_lock:
+            if self._fork_server is None or not self._fork_server.alive():
+                if self._fork_server is not None:
+                    _LOG.warning("sandbox fork server died; restarting it")
+                    self._fork_server.close()
+                self._fork_server = _ForkServer(self.config.preamble)
+            return self._fork_server
+
     def _start(self, slot: int) -> _Worker:
         uid = self._leases[slot].uid if self._leases else None
-        return _Worker(self.config, uid, self.isolated)
+        return _Worker(self.config, uid, self.isolated, self._server())
 
     def run(self, code: str) -> SandboxResult:
         """Runs ``code`` in a fresh worker and returns its result. Never raises on bad code."""
@@ -450,7 +534,8 @@ class Sandbox:
                 worker = self._start(slot)
             return worker.run(encoded, self.config)
         finally:
-            worker.kill()
+            if worker is not None:
+                worker.kill()
             with self._cond:
                 if self.config.warm and not self._closed:
                     self._warm[slot] = self._start(slot)
@@ -465,6 +550,10 @@ class Sandbox:
             self._cond.notify_all()
         for worker in workers:
             worker.kill()
+        with self._server_lock:
+            if self._fork_server is not None:
+                self._fork_server.close()
+                self._fork_server = None
         for lease in self._leases:
             lease.release()
 
@@ -629,6 +718,63 @@ def _supervise(cfg: dict) -> None:
     os.waitpid(init_pid, 0)
 
 
+def _reseed_random_modules() -> None:
+    """Forked workers would share the template's random state: draw fresh seeds."""
+    if "random" in sys.modules:
+        sys.modules["random"].seed()
+    if "numpy.random" in sys.modules:
+        sys.modules["numpy.random"].seed()
+
+
+def _fork_server_main(cfg: dict) -> None:
+    """The template: import the preamble's modules, then fork one worker per request."""
+    sock = socket.socket(fileno=cfg["sock_fd"])
+    exec(compile(cfg["preamble"], "<preamble>", "exec"), {"__name__": "__preamble__"})
+
+    def reap(*_):
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            pass
+
+    signal.signal(signal.SIGCHLD, reap)
+    while True:
+        header, fds, _, _ = socket.recv_fds(sock, 4, 4)
+        if len(header) < 4:
+            return  # the host closed the socket
+        size, payload = int.from_bytes(header, "big"), b""
+        while len(payload) < size:
+            chunk = sock.recv(size - len(payload))
+            if not chunk:
+                return
+            payload += chunk
+        worker_cfg = json.loads(payload)
+        # SIGCHLD blocked until the pidfd exists, so a child that dies at once is not reaped
+        # (and its pid reused) before the pidfd pins it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+                os.setsid()
+                for target, fd in enumerate(fds[:3]):
+                    os.dup2(fd, target)
+                worker_cfg["status_fd"] = fds[3]
+                os.closerange(3, fds[3])
+                os.closerange(fds[3] + 1, 65536)
+                _reseed_random_modules()
+                _supervise(worker_cfg)
+            finally:
+                os._exit(0)
+        pidfd = os.pidfd_open(pid)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        socket.send_fds(sock, [b"ok"], [pidfd])
+        for fd in (*fds, pidfd):
+            os.close(fd)
+
+
 def _probe() -> int:
     """Exit 0 iff namespaces, the private mounts and the fork into them work here."""
     _enter_namespaces()
@@ -642,4 +788,7 @@ def _probe() -> int:
 if __name__ == "__main__":
     if sys.argv[1] == "--probe":
         sys.exit(_probe())
+    if sys.argv[1] == "--fork-server":
+        _fork_server_main(json.loads(sys.argv[2]))
+        sys.exit(0)
     _supervise(json.loads(sys.argv[1]))

@@ -288,3 +288,35 @@ def test_unisolated_fallback_warns_and_still_kills_escapees(monkeypatch, capsys)
         scratch = r.stdout.strip()
         assert scratch.startswith("/") and not os.path.exists(scratch)
         assert _cmdline_processes(f"sleep\0{token}") == []
+
+
+# ---------------------------------------------------------------------------- the fork server
+
+def test_forked_workers_do_not_share_random_state():
+    with Sandbox(SandboxConfig(pool_size=1, timeout_s=10)) as sb:
+        draws = {sb.run("import random\nprint(random.random(), np.random.rand())").stdout for _ in range(3)}
+        assert len(draws) == 3
+
+
+@isolated_only
+def test_dead_fork_server_is_restarted():
+    with Sandbox(SandboxConfig(pool_size=1, timeout_s=10, warm=False)) as sb:
+        assert sb.run("print(1)").stdout == "1\n"
+        assert sb.uses_fork_server
+        sb._fork_server.proc.kill()
+        sb._fork_server.proc.wait()
+        assert sb.run("print(2)").stdout == "2\n"
+
+
+@isolated_only
+def test_workers_booting_their_own_interpreter_are_isolated_too():
+    with Sandbox(SandboxConfig(pool_size=1, timeout_s=4, cpu_time_s=2, fork_server=False)) as sb:
+        assert not sb.uses_fork_server
+        r = sb.run("import os, socket\nprint(os.getuid() != 0, os.path.exists('/root/.ssh'))\n"
+                   "socket.create_connection(('1.1.1.1', 53), timeout=1)")
+        assert r.stdout == "True False\n" and "OSError" in r.stderr
+        token = str(700000 + int(uuid.uuid4().int % 99999))
+        r = sb.run(f"import subprocess\nsubprocess.Popen(['sleep', '{token}'], start_new_session=True)\nprint('ok')")
+        assert r.stdout == "ok\n" and _cmdline_processes(f"sleep\0{token}") == []
+        uid = sb._leases[0].uid
+    assert _processes_matching(uid, None) == []
