@@ -1,5 +1,6 @@
-"""Sandbox calls/s (cold: a worker started per call; warm: pre-started pool) and MathToolEnv
-steps/s (a tool-call turn plus a graded final turn per episode).
+"""Sandbox calls/s (cold: a worker started per call; warm: pre-started pool; each with workers
+booting their own interpreter or forked from the fork server) and MathToolEnv steps/s (a
+tool-call turn plus a graded final turn per episode).
 
     python bench/sandbox_throughput.py [--calls 40] [--pool-size 2] [--episodes 20] [--gap-s 0.5]
 
@@ -66,17 +67,20 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--gap-s", type=float, default=0.5, help="pause between spaced calls")
     args = parser.parse_args()
-    for warm, gap_s in ((False, 0.0), (True, 0.0), (False, args.gap_s), (True, args.gap_s)):
-        with Sandbox(SandboxConfig(pool_size=args.pool_size, warm=warm)) as sandbox:
-            if warm:
-                time.sleep(1.0)  # let the pool boot before timing
-            row = {"bench": "sandbox_calls", "warm": warm, "pool_size": args.pool_size,
-                   "isolated": sandbox.isolated, "drops_privileges": sandbox.drops_privileges}
-            row.update(measure_calls(sandbox, args.calls if gap_s == 0 else args.calls // 4, gap_s))
-            print(json.dumps(row), flush=True)
+    for fork_server in (False, True):
+        for warm, gap_s in ((False, 0.0), (True, 0.0), (False, args.gap_s), (True, args.gap_s)):
+            config = SandboxConfig(pool_size=args.pool_size, warm=warm, fork_server=fork_server)
+            with Sandbox(config) as sandbox:
+                time.sleep(1.0)  # let the pool (and fork server) boot before timing
+                row = {"bench": "sandbox_calls", "fork_server": sandbox.uses_fork_server,
+                       "warm": warm, "pool_size": args.pool_size, "isolated": sandbox.isolated,
+                       "drops_privileges": sandbox.drops_privileges}
+                row.update(measure_calls(sandbox, args.calls if gap_s == 0 else args.calls // 4, gap_s))
+                print(json.dumps(row), flush=True)
     with Sandbox(SandboxConfig(pool_size=args.pool_size, warm=True)) as sandbox:
         time.sleep(1.0)
-        row = {"bench": "math_env", "warm": True, "pool_size": args.pool_size}
+        row = {"bench": "math_env", "fork_server": sandbox.uses_fork_server, "warm": True,
+               "pool_size": args.pool_size}
         row.update(measure_env(sandbox, args.episodes))
         print(json.dumps(row), flush=True)
 

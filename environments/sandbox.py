@@ -26,14 +26,18 @@ is discarded afterwards, so no snippet ever sees state left by another one. Cont
 * Wall-clock timeout and an output cap: the worker's process group is SIGKILLed (plus the uid
   sweep), and the output read so far is returned with a clear error line.
 
-A warm pool keeps ``pool_size`` workers pre-started (interpreter booted, namespaces set up,
-privileges dropped, the fixed preamble imported) and blocked reading their code from stdin; a
-call hands its code to one, collects the result, kills it and starts a replacement. Without
-root the sandbox still runs (process group + marker-variable sweep, rlimits, ``python -I``,
-scrubbed env, host scratch directory removed afterwards) but warns that network and filesystem
-are not isolated.
+A warm pool keeps ``pool_size`` workers pre-started (namespaces set up, privileges dropped, the
+fixed preamble imported) and blocked reading their code from stdin; a call hands its code to one,
+collects the result, kills it and starts a replacement. With full isolation, workers are forked
+from a **fork server**: a template interpreter (root, scrubbed environment, never runs model code)
+that imported the preamble's modules once, so a worker costs a fork rather than an interpreter
+boot plus the numpy import; forked workers re-seed ``random`` / ``numpy.random``. Without root
+the sandbox still runs (each worker boots its own interpreter; process group + marker-variable
+sweep, rlimits, ``python -I``, scrubbed env, host scratch directory removed afterwards) but warns
+that network and filesystem are not isolated.
 
-This file is also the worker program: ``python -I sandbox.py <json config>``.
+This file is also the worker program: ``python -I sandbox.py <json config>`` (one worker) or
+``python -I sandbox.py --fork-server <json>`` (the template).
 """
 from __future__ import annotations
 
