@@ -44,6 +44,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -163,6 +164,8 @@ class SandboxResult:
         """What the model sees: stdout, then stderr, then a one-line error for abnormal ends."""
         parts = [p for p in (self.stdout, self.stderr) if p]
         note = _STATUS_NOTES.get(self.status)
+        if self.status == "killed" and self.exit_code is None:
+            note = "Error: the sandbox worker ended without reporting a result."
         if note is not None:
             parts.append(note.format(code=self.exit_code))
         return "\n".join(parts) if parts else "(no output)"
@@ -180,8 +183,10 @@ _STATUS_NOTES = {
 # Host capabilities.
 
 
+@functools.lru_cache(maxsize=None)
 def _namespaces_work() -> bool:
-    """True when a worker can enter new network, PID and mount namespaces here (needs root)."""
+    """True when a worker can enter new network, PID and mount namespaces here (needs root).
+    Probed once per process."""
     if os.geteuid() != 0:
         return False
     try:
@@ -426,6 +431,11 @@ class _Worker:
         if self._killed:
             return
         self._killed = True
+        if self._popen is not None:  # its own session; the unreaped leader pins the group id
+            try:
+                os.killpg(self._popen.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         try:
             signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
         except ProcessLookupError:
