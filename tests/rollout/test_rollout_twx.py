@@ -10,7 +10,7 @@ if shutil.which("java") is None:
     pytest.skip("TextWorldExpress needs a Java runtime on PATH", allow_module_level=True)
 
 from environments.textworld_express import TextWorldExpressEnv  # noqa: E402
-from rollout_scripted import ChatMLTokenizer, SamplingParams, ScriptedSampler  # noqa: E402
+from rollout_scripted import chatml_tokenizer, SamplingParams, ScriptedSampler  # noqa: E402
 from spear_jax.rollout import RolloutConfig, RolloutEngine  # noqa: E402
 
 TASKS = [0, 1, 2]
@@ -45,7 +45,7 @@ def gold_policy(table):
 @pytest.fixture(scope="module")
 def setup():
     envs = [TextWorldExpressEnv("twc", split="train", max_steps=20) for _ in range(2 * len(TASKS))]
-    yield envs, ChatMLTokenizer()
+    yield envs, chatml_tokenizer()
     for env in envs:
         env.close()
 
