@@ -19,7 +19,7 @@ def _tiny_scale(c: ml_collections.ConfigDict) -> None:
     c.data.train_tasks_per_step = 8
     c.data.group_size = 4
     c.data.eval_episodes = 32
-    c.rollout.max_prompt_length = 384
+    c.rollout.max_prompt_length = 768
     c.rollout.max_response_length = 32
     c.actor.lr = 3e-4
     c.actor.ppo_mini_batch_size = 64
@@ -32,7 +32,7 @@ def _tiny_scale(c: ml_collections.ConfigDict) -> None:
     c.trainer.total_steps = 40
     c.trainer.eval_every = 10
     c.trainer.checkpoint_every = 10
-    c.trainer.length_buckets = (128, 256, 384)
+    c.trainer.length_buckets = (256, 384, 512, 640, 800)
     c.sft.enable = True
 
 

@@ -220,7 +220,6 @@ class Trainer:
         enabled = [name for name in ("overlong", "incomplete", "repetitive", "unreadable")
                    if a[f"filter_{name}_responses"]]
         metrics = {"reward/toolcall_factor": kappa, "reward/shaped_mean": float(scores.mean())}
-        metrics.update({f"quality/{k}_frac": float(v.mean()) for k, v in flags.as_dict().items()})
 
         kept = filters.low_variance_group_filter(
             scores, np.array([r.group_id for r in rows]), np.array([r.traj_id for r in rows]),
@@ -235,8 +234,9 @@ class Trainer:
 
         batch = self._pack(rows)
         n = len(rows)
-        batch["loss_mask"][:n] = filters.mask_low_quality_rows(
+        batch["loss_mask"][:n], quality_metrics = filters.mask_low_quality_rows(
             batch["loss_mask"][:n], filters.QualityFlags(**flag_mask), enabled)
+        metrics.update(quality_metrics)
         batch["old_logprobs"], entropy = self._old_logprobs(batch)
         valid_tokens = batch["loss_mask"] > 0
         metrics["actor/entropy"] = float(entropy[valid_tokens].mean()) if valid_tokens.any() else 0.0
