@@ -255,6 +255,14 @@ def test_group_size_metrics_expose_wrong_grouping():
     assert metrics["group_size_min"] == metrics["group_size_max"] == 8
 
 
+def test_out_of_range_group_ids_are_counted():
+    batch = GroupedRewards(jnp.asarray([1.0, 3.0, 4.0, 9.0]), jnp.asarray([0, 0, 2, 5], jnp.int32))
+    for estimator in ("grpo", "rloo"):
+        a, metrics = compute(batch, AdvantageConfig(estimator, 3, normalize_by_std=False))
+        assert int(metrics["num_rows_with_out_of_range_id"]) == 1
+        assert float(a[3]) == 0.0 and float(a[0]) == (-1.0 if estimator == "grpo" else -2.0)
+
+
 def test_zero_variance_fraction_counts_groups_of_two_or_more():
     scores = [1.0, 1.0, 0.0, 2.0, 5.0]
     _, metrics = grpo(scores, [0, 0, 1, 1, 2], 3)
