@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spear_jax.objectives import _checks
+from spear_jax.objectives._sharding import replicate_if_explicit
 
 
 class GroupedRewards(NamedTuple):
@@ -184,6 +185,7 @@ def _group_metrics(stats: _GroupStats, expected_group_size: int | None, row_vali
 
 
 def _check_batch(batch: GroupedRewards, config: AdvantageConfig) -> jax.Array:
+    """Validate ``batch`` for ``config``; returns row_valid [N] bool."""
     _checks.check_float("scores", batch.scores)
     _checks.check_rank("scores", batch.scores, 1)
     n = batch.scores.shape
@@ -234,6 +236,7 @@ def grpo_advantages(batch: GroupedRewards, config: AdvantageConfig):
     the statistics scope.
     """
     row_valid = _check_batch(batch, config)
+    batch, row_valid = replicate_if_explicit((batch, row_valid))  # rows are few: gather them
     usable = _usable_rows(batch, config, row_valid)
     scores = batch.scores.astype(jnp.float32)
     samples = _samples(batch._replace(scores=scores), config, usable)
@@ -251,6 +254,7 @@ def rloo_advantages(batch: GroupedRewards, config: AdvantageConfig):
     Returns (advantages [N] float32, metrics).
     """
     row_valid = _check_batch(batch, config)
+    batch, row_valid = replicate_if_explicit((batch, row_valid))  # rows are few: gather them
     usable = _usable_rows(batch, config, row_valid)
     scores = batch.scores.astype(jnp.float32)
     samples = _samples(batch._replace(scores=scores), config, usable)
@@ -276,6 +280,9 @@ def discounted_step_returns(step_rewards, traj_ids, step_index, gamma: float, ro
     The recurrence runs over the valid rows of a trajectory sorted by ``step_index`` (a dropped row
     is skipped, not treated as a zero reward). Returns [N] float32 (0 on invalid rows).
     """
+    step_rewards, traj_ids, step_index, row_valid = replicate_if_explicit(
+        (step_rewards, traj_ids, step_index, row_valid)
+    )
     n = step_rewards.shape[0]
     valid = jnp.ones(n, bool) if row_valid is None else row_valid.astype(bool)
     traj_key = jnp.where(valid, traj_ids, jnp.iinfo(jnp.int32).max).astype(jnp.int32)
@@ -308,6 +315,7 @@ def gigpo_advantages(batch: GroupedRewards, config: AdvantageConfig):
     Returns (advantages [N] float32, metrics) with step-group metrics prefixed ``step_``.
     """
     row_valid = _check_batch(batch, config)
+    batch, row_valid = replicate_if_explicit((batch, row_valid))
     episode_adv, metrics = grpo_advantages(batch, config)
     usable = _usable_rows(batch, config, row_valid)
     returns = discounted_step_returns(

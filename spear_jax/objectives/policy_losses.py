@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from spear_jax.objectives import _checks
+from spear_jax.objectives._sharding import replicate_if_explicit
 
 COV_SELECTION_SCOPES = ("global", "per_device")
 
@@ -169,6 +170,7 @@ def _select_largest(values, eligible, count):
 
 def _take_first(priority, eligible, count):
     """Mark the ``count`` eligible entries of highest ``priority`` ([S] arrays, S static)."""
+    priority, eligible = replicate_if_explicit((priority, eligible))  # top_k over the whole pool
     k_max = int(count.k_max)
     _, idx = jax.lax.top_k(priority, k_max)
     take = (jnp.arange(k_max) < count.value) & eligible[idx]
@@ -219,6 +221,8 @@ def _scoped(select, config: PolicyLossConfig, mesh, arrays, key):
         return select(*local, jax.random.fold_in(shard_key, jax.lax.axis_index(axis)))
 
     spec = P(axis)
+    if axis in mesh.explicit_axes:  # explicit meshes need the inputs laid out as the specs say
+        arrays = tuple(jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec)) for x in arrays)
     return jax.shard_map(
         per_shard, mesh=mesh, in_specs=(spec,) * len(arrays) + (P(),), out_specs=(spec, spec)
     )(*arrays, key)

@@ -334,3 +334,17 @@ def test_sharded_over_8_devices_equals_single_device():
     sharded, _ = jitted(cfg)(sharded_batch)
     assert len(sharded_batch.scores.sharding.device_set) == 8
     np.testing.assert_allclose(sharded, single, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "gigpo"])
+def test_explicit_axis_mesh_inputs_give_the_same_advantages(estimator):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    batch = to_grouped(random_batch(11))
+    cfg = AdvantageConfig(estimator, NUM_GROUPS, True, stats_over="trajectories", num_trajectories=NUM_TRAJ,
+                          num_step_groups=N)
+    single, _ = jitted(cfg)(batch)
+    with jax.set_mesh(mesh):
+        sharded_batch = jax.tree.map(
+            lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))), batch)
+        sharded, _ = jitted(cfg)(sharded_batch)
+    np.testing.assert_allclose(sharded, single, rtol=1e-6, atol=1e-6)
