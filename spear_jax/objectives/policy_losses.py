@@ -179,6 +179,8 @@ def _take_first(priority, eligible, count):
 
 @dataclasses.dataclass(frozen=True)
 class _Count:
+    """How many tokens to select: a traced count and the static bound used for ``top_k``."""
+
     value: jax.Array  # traced int32
     k_max: int  # static upper bound
 
@@ -232,7 +234,7 @@ def _cov_metrics(cov, valid, selected):
     m = valid.astype(jnp.float32)
     return {
         "cov_mean": _masked_mean(cov, m),
-        "cov_max": jnp.max(jnp.where(valid, cov, -jnp.inf)),
+        "cov_max": jnp.where(jnp.any(valid), jnp.max(jnp.where(valid, cov, -jnp.inf)), 0.0),
         "cov_num_selected": jnp.sum(selected.astype(jnp.int32)),
         "cov_selected_fraction": _masked_mean(selected.astype(jnp.float32), m),
     }
