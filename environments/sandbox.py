@@ -167,16 +167,25 @@ class SandboxResult:
         if self.status == "killed" and self.exit_code is None:
             note = "Error: the sandbox worker ended without reporting a result."
         if note is not None:
-            parts.append(note.format(code=self.exit_code))
+            parts.append(note.format(signal=_signal_name(self.exit_code)))
         return "\n".join(parts) if parts else "(no output)"
 
 
 _STATUS_NOTES = {
     "timeout": "Error: execution timed out (wall-clock limit); the process was killed.",
     "cpu_limit": "Error: CPU time limit exceeded; the process was killed.",
-    "killed": "Error: the process was killed by signal {code} (resource limit exceeded).",
+    "killed": "Error: the process was killed by {signal} (a resource limit was exceeded).",
     "output_limit": "Error: output limit exceeded; the process was killed and output truncated.",
 }
+
+
+def _signal_name(exit_code: int | None) -> str:
+    if exit_code is None or exit_code >= 0:
+        return "a signal"
+    try:
+        return signal.Signals(-exit_code).name
+    except ValueError:
+        return f"signal {-exit_code}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -320,3 +320,18 @@ def test_workers_booting_their_own_interpreter_are_isolated_too():
         assert r.stdout == "ok\n" and _cmdline_processes(f"sleep\0{token}") == []
         uid = sb._leases[0].uid
     assert _processes_matching(uid, None) == []
+
+
+@isolated_only
+def test_warm_worker_killed_while_idle_gives_an_error_then_recovers():
+    with Sandbox(SandboxConfig(pool_size=1, timeout_s=10)) as sb:
+        uid = sb._leases[0].uid
+        deadline = time.monotonic() + 10
+        while not _processes_matching(uid, None) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the warm worker drops to the slot uid once booted
+        for pid in _processes_matching(uid, None):
+            os.kill(pid, 9)
+        r = sb.run("print('never')")
+        assert r.status in ("killed", "error") and "never" not in r.stdout
+        assert r.text() == "Error: the process was killed by SIGKILL (a resource limit was exceeded)."
+        assert sb.run("print('again')").stdout == "again\n"
