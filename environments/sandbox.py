@@ -533,7 +533,17 @@ class Sandbox:
 
     def _start(self, slot: int) -> _Worker:
         uid = self._leases[slot].uid if self._leases else None
-        return _Worker(self.config, uid, self.isolated, self._server())
+        try:
+            return _Worker(self.config, uid, self.isolated, self._server())
+        except (OSError, RuntimeError) as err:
+            if not self.uses_fork_server:
+                raise
+            _LOG.warning("sandbox: starting a worker failed (%s); restarting the fork server", err)
+            with self._server_lock:
+                if self._fork_server is not None:
+                    self._fork_server.close()
+                    self._fork_server = None
+            return _Worker(self.config, uid, self.isolated, self._server())
 
     def run(self, code: str) -> SandboxResult:
         """Runs ``code`` in a fresh worker and returns its result. Never raises on bad code."""
@@ -561,7 +571,10 @@ class Sandbox:
                 worker.kill()
             with self._cond:
                 if self.config.warm and not self._closed:
-                    self._warm[slot] = self._start(slot)
+                    try:
+                        self._warm[slot] = self._start(slot)
+                    except (OSError, RuntimeError) as err:  # the next call starts one on demand
+                        _LOG.error("sandbox: could not start a warm worker: %s", err)
                 self._free_slots.append(slot)
                 self._cond.notify()
 
@@ -764,8 +777,10 @@ def _fork_server_main(cfg: dict) -> None:
     signal.signal(signal.SIGCHLD, reap)
     while True:
         header, fds, _, _ = socket.recv_fds(sock, 4, 4)
-        if len(header) < 4:
-            return  # the host closed the socket
+        while header and len(header) < 4:
+            header += sock.recv(4 - len(header))
+        if len(header) < 4 or len(fds) != 4:
+            return  # the host closed the socket (or broke the protocol)
         size, payload = int.from_bytes(header, "big"), b""
         while len(payload) < size:
             chunk = sock.recv(size - len(payload))
