@@ -1,0 +1,355 @@
+"""The sandbox against a corpus of hostile snippets, plus benign ones.
+
+Every hostile snippet must be contained, give the model a clear error text, and leave no
+process (checked by a /proc scan for the slot uids and for unique command-line markers) and no
+file (checked on the host filesystem) behind. Containment of network and filesystem needs root
+and namespaces; those tests are skipped (loudly) where they are unavailable.
+"""
+import os
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+from environments import sandbox as sandbox_module
+from environments.sandbox import Sandbox, SandboxConfig, _processes_matching
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SECRET_VAR, SECRET_VALUE = "SPEAR_TEST_SECRET", "s3cr3t-" + uuid.uuid4().hex
+FAST = dict(timeout_s=4.0, cpu_time_s=2, pool_size=2)
+
+
+def _cmdline_processes(token: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if token.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def cold():
+    """Workers started per call: after a call no process of a slot uid may exist at all."""
+    os.environ[SECRET_VAR] = SECRET_VALUE
+    with Sandbox(SandboxConfig(warm=False, **FAST)) as sb:
+        yield sb
+    os.environ.pop(SECRET_VAR, None)
+
+
+def _assert_no_leftovers(sb: Sandbox) -> None:
+    for lease in sb._leases:
+        assert _processes_matching(lease.uid, None) == [], f"process of uid {lease.uid} survived"
+
+
+isolated_only = pytest.mark.skipif(
+    not (os.geteuid() == 0 and sandbox_module._namespaces_work()),
+    reason="needs root and namespaces: network/filesystem isolation unavailable here")
+
+
+# ---------------------------------------------------------------------------- benign snippets
+
+def test_prints_and_preamble_numpy(cold):
+    r = cold.run("print(np.arange(5).sum(), math.comb(5, 2), Fraction(1, 3) + Fraction(1, 6))")
+    assert r.status == "ok" and r.exit_code == 0
+    assert r.stdout == "10 10 1/2\n" and r.stderr == ""
+    assert r.text() == "10 10 1/2\n"
+    _assert_no_leftovers(cold)
+
+
+def test_exception_gives_traceback_of_the_snippet_only(cold):
+    r = cold.run("def f(x):\n    return 1 / x\nprint('before')\nf(0)\n")
+    assert r.status == "error" and r.exit_code == 1
+    assert r.stdout == "before\n"
+    assert 'File "<code>", line 4' in r.stderr and 'File "<code>", line 2, in f' in r.stderr
+    assert "return 1 / x" in r.stderr and r.stderr.rstrip().endswith("ZeroDivisionError: division by zero")
+    assert "sandbox.py" not in r.stderr
+    assert r.text() == "before\n\n" + r.stderr
+
+
+def test_syntax_error_and_sys_exit(cold):
+    r = cold.run("print(1 +")
+    assert r.status == "error" and "SyntaxError" in r.stderr
+    r = cold.run("import sys\nprint('x')\nsys.exit(3)")
+    assert r.status == "error" and r.exit_code == 3 and r.stdout == "x\n"
+    r = cold.run("")
+    assert r.status == "ok" and r.text() == "(no output)"
+
+
+def test_sympy_importable(cold):
+    r = cold.run("import sympy\nprint(sympy.factorint(360))")
+    assert r.status == "ok" and r.stdout == "{2: 3, 3: 2, 5: 1}\n", r.text()
+
+
+def test_bad_code_argument_is_rejected_not_raised(cold):
+    assert cold.run(None).status == "rejected"
+    r = Sandbox(SandboxConfig(max_code_bytes=10, warm=False, pool_size=1))
+    try:
+        assert r.run("print('a long program')").status == "rejected"
+    finally:
+        r.close()
+
+
+# ---------------------------------------------------------------------------- hostile snippets
+
+def test_infinite_loop_hits_cpu_limit(cold):
+    r = cold.run("while True:\n    pass")
+    assert r.status in ("cpu_limit", "timeout"), r
+    assert "limit" in r.text() and "Error:" in r.text()
+    _assert_no_leftovers(cold)
+
+
+def test_sleeping_loop_hits_wall_timeout(cold):
+    start = time.monotonic()
+    r = cold.run("import time\nprint('started', flush=True)\nwhile True:\n    time.sleep(0.1)")
+    assert r.status == "timeout" and r.stdout == "started\n"
+    assert "timed out" in r.text()
+    assert time.monotonic() - start < FAST["timeout_s"] + 2
+    _assert_no_leftovers(cold)
+
+
+def test_process_ignoring_sigterm_is_killed(cold):
+    r = cold.run("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                 "signal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)")
+    assert r.status == "timeout"
+    _assert_no_leftovers(cold)
+
+
+def test_fork_bomb_is_contained(cold):
+    r = cold.run("import os\nwhile True:\n    os.fork()")
+    assert r.status in ("error", "killed", "timeout"), r
+    assert "BlockingIOError" in r.stderr or r.status != "error"
+    _assert_no_leftovers(cold)
+
+
+def test_memory_bomb(cold):
+    r = cold.run("x = bytearray(8 << 30)")
+    assert r.status == "error" and "MemoryError" in r.stderr
+    # grows without touching the pages (fast): the address-space limit must stop it
+    r = cold.run("chunks = []\nwhile True:\n    chunks.append(np.empty(64 << 20, dtype=np.uint8))")
+    assert r.status in ("error", "killed") and ("MemoryError" in r.stderr or r.status == "killed")
+    _assert_no_leftovers(cold)
+
+
+def test_gigabytes_of_output_are_cut(cold):
+    start = time.monotonic()
+    r = cold.run("s = 'x' * (1 << 20)\nwhile True:\n    print(s)")
+    assert r.status == "output_limit"
+    assert len(r.stdout) + len(r.stderr) <= cold.config.max_output_bytes
+    assert "output limit exceeded" in r.text()
+    assert time.monotonic() - start < 5
+    _assert_no_leftovers(cold)
+
+
+def test_big_file_hits_file_size_limit(cold):
+    r = cold.run("open('big.bin', 'wb').write(b'0' * (64 << 20))")
+    assert r.status in ("error", "killed") and ("File too large" in r.stderr or r.status == "killed")
+
+
+def test_setsid_child_does_not_outlive_the_call(cold):
+    token = str(900000 + int(uuid.uuid4().int % 99999))
+    r = cold.run(f"import subprocess\nsubprocess.Popen(['sleep', '{token}'], start_new_session=True)\n"
+                 "import os\npid = os.fork()\nif pid == 0:\n    os.setsid()\n"
+                 f"    os.execvp('sleep', ['sleep', '{token}'])\nprint('spawned')")
+    assert r.status == "ok" and r.stdout == "spawned\n"
+    assert r.duration_s < FAST["timeout_s"]  # leftover children holding the pipes do not stall
+    assert _cmdline_processes(f"sleep\0{token}") == []
+    _assert_no_leftovers(cold)
+
+
+def test_host_environment_is_not_readable(cold):
+    assert os.environ[SECRET_VAR] == SECRET_VALUE
+    r = cold.run(
+        "import os, glob\n"
+        f"print('env', any('{SECRET_VALUE}' in v for v in os.environ.values()))\n"
+        "hits = 0\n"
+        "for path in glob.glob('/proc/*/environ'):\n"
+        "    try:\n"
+        f"        hits += b'{SECRET_VALUE}' in open(path, 'rb').read()\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "print('proc', hits)\nprint(sorted(os.environ))")
+    assert r.status == "ok", r.text()
+    assert "env False" in r.stdout and "proc 0" in r.stdout
+    assert SECRET_VAR not in r.stdout
+
+
+@isolated_only
+def test_network_is_unreachable(cold):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+    try:
+        for target in (f"('127.0.0.1', {port})", "('1.1.1.1', 53)"):
+            r = cold.run(f"import socket\ns = socket.socket()\ns.settimeout(1)\ns.connect({target})\nprint('connected')")
+            assert r.status == "error" and "connected" not in r.stdout, r.text()
+            assert "OSError" in r.stderr or "Error" in r.stderr
+        assert accepted == []
+    finally:
+        server.close()
+
+
+@isolated_only
+def test_writes_outside_scratch_fail_or_vanish(cold):
+    name = "spear-sandbox-test-" + uuid.uuid4().hex
+    r = cold.run(
+        "import os\n"
+        f"for path in ['{REPO}/{name}', '/{name}', '/etc/{name}']:\n"
+        "    try:\n"
+        "        open(path, 'w').write('x')\n"
+        "        print('WROTE', path)\n"
+        "    except OSError as err:\n"
+        "        print('denied', type(err).__name__)\n"
+        f"for d in ['/tmp', '/var/tmp', '/dev/shm']:\n"
+        f"    open(os.path.join(d, '{name}'), 'w').write('x')\n"
+        "open('in_scratch.txt', 'w').write('ok')\nprint(os.getcwd(), os.listdir('.'))")
+    assert r.status == "ok", r.text()
+    assert "WROTE" not in r.stdout and r.stdout.count("denied PermissionError") == 3
+    assert "in_scratch.txt" in r.stdout
+    for directory in (REPO, "/", "/etc", "/tmp", "/var/tmp", "/dev/shm"):
+        assert not os.path.exists(os.path.join(directory, name)), directory
+
+
+@isolated_only
+def test_root_home_and_host_tmp_are_hidden(cold):
+    marker = os.path.join("/tmp", "spear-visible-" + uuid.uuid4().hex)
+    open(marker, "w").close()
+    try:
+        r = cold.run(f"import os\nprint(os.path.exists('{marker}'), os.getuid() != 0)")
+        assert r.stdout == "False True\n", r.text()
+    finally:
+        os.remove(marker)
+
+
+# ---------------------------------------------------------------------------- the warm pool
+
+def test_warm_pool_never_leaks_state_between_snippets():
+    with Sandbox(SandboxConfig(pool_size=1, timeout_s=10)) as sb:
+        first = sb.run("import math, os\nmath.pi = 3\nGLOBAL = 1\nopen('left.txt', 'w').write('x')\n"
+                       "os.environ['LEAK'] = '1'\nprint(os.getpid())")
+        second = sb.run("import math, os\nprint(math.pi == 3, 'GLOBAL' in globals(), "
+                        "os.path.exists('left.txt'), 'LEAK' in os.environ, os.listdir('.'))")
+        assert first.status == second.status == "ok"
+        assert second.stdout == "False False False False []\n"
+
+
+def test_warm_pool_is_faster_and_thread_safe():
+    with Sandbox(SandboxConfig(pool_size=2, timeout_s=10)) as sb:
+        time.sleep(1.0)  # let the pool boot
+        results = []
+        threads = [threading.Thread(target=lambda i=i: results.append(sb.run(f"print({i} * 2)")))
+                   for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(r.stdout for r in results) == sorted(f"{i * 2}\n" for i in range(6))
+        uids = [lease.uid for lease in sb._leases]
+    assert all(_processes_matching(uid, None) == [] for uid in uids)  # close() killed the pool
+
+
+def test_concurrent_sandboxes_get_distinct_uids():
+    with Sandbox(SandboxConfig(pool_size=2, warm=False)) as a, Sandbox(SandboxConfig(pool_size=2, warm=False)) as b:
+        uids = [lease.uid for lease in a._leases + b._leases]
+        assert len(set(uids)) == len(uids) or os.geteuid() != 0
+
+
+def test_invalid_config_names_the_field():
+    with pytest.raises(ValueError, match="timeout_s"):
+        SandboxConfig(timeout_s=0)
+    with pytest.raises(ValueError, match="uid_base"):
+        SandboxConfig(uid_base=0)
+
+
+# ---------------------------------------------------------------------------- without isolation
+
+def test_unisolated_fallback_warns_and_still_kills_escapees(monkeypatch, capsys):
+    """Without root: no namespaces, no uid; the marker sweep must still catch setsid children
+    and the host scratch directory must be removed."""
+    monkeypatch.setattr(sandbox_module, "_namespaces_work", lambda: False)
+    monkeypatch.setattr(sandbox_module.os, "geteuid", lambda: 1000)
+    with pytest.raises(RuntimeError, match="NOT ISOLATED"):
+        Sandbox(SandboxConfig(require_isolation=True, warm=False, pool_size=1))
+    token = str(800000 + int(uuid.uuid4().int % 99999))
+    with Sandbox(SandboxConfig(warm=False, pool_size=1, timeout_s=5)) as sb:
+        assert "NOT ISOLATED" in capsys.readouterr().err
+        r = sb.run(f"import os, subprocess\nsubprocess.Popen(['sleep', '{token}'], start_new_session=True)\n"
+                   "print(os.getcwd())")
+        assert r.status == "ok"
+        scratch = r.stdout.strip()
+        assert scratch.startswith("/") and not os.path.exists(scratch)
+        assert _cmdline_processes(f"sleep\0{token}") == []
+
+
+# ---------------------------------------------------------------------------- the fork server
+
+def test_forked_workers_do_not_share_random_state():
+    with Sandbox(SandboxConfig(pool_size=1, timeout_s=10)) as sb:
+        draws = {sb.run("import random\nprint(random.random(), np.random.rand())").stdout for _ in range(3)}
+        assert len(draws) == 3
+
+
+@isolated_only
+def test_dead_fork_server_is_restarted():
+    with Sandbox(SandboxConfig(pool_size=1, timeout_s=10, warm=False)) as sb:
+        assert sb.run("print(1)").stdout == "1\n"
+        assert sb.uses_fork_server
+        sb._fork_server.proc.kill()
+        sb._fork_server.proc.wait()
+        assert sb.run("print(2)").stdout == "2\n"
+
+
+@isolated_only
+def test_workers_booting_their_own_interpreter_are_isolated_too():
+    with Sandbox(SandboxConfig(pool_size=1, timeout_s=4, cpu_time_s=2, fork_server=False)) as sb:
+        assert not sb.uses_fork_server
+        r = sb.run("import os, socket\nprint(os.getuid() != 0, os.path.exists('/root/.ssh'))\n"
+                   "socket.create_connection(('1.1.1.1', 53), timeout=1)")
+        assert r.stdout == "True False\n" and "OSError" in r.stderr
+        token = str(700000 + int(uuid.uuid4().int % 99999))
+        r = sb.run(f"import subprocess\nsubprocess.Popen(['sleep', '{token}'], start_new_session=True)\nprint('ok')")
+        assert r.stdout == "ok\n" and _cmdline_processes(f"sleep\0{token}") == []
+        uid = sb._leases[0].uid
+    assert _processes_matching(uid, None) == []
+
+
+@isolated_only
+def test_warm_worker_killed_while_idle_gives_an_error_then_recovers():
+    with Sandbox(SandboxConfig(pool_size=1, timeout_s=10)) as sb:
+        uid = sb._leases[0].uid
+        deadline = time.monotonic() + 10
+        while not _processes_matching(uid, None) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the warm worker drops to the slot uid once booted
+        for pid in _processes_matching(uid, None):
+            os.kill(pid, 9)
+        r = sb.run("print('never')")
+        assert r.status in ("killed", "error") and "never" not in r.stdout
+        assert r.text() == "Error: the process was killed by SIGKILL (a resource limit was exceeded)."
+        assert sb.run("print('again')").stdout == "again\n"
+
+
+@isolated_only
+def test_memory_cgroup_caps_a_snippet_and_its_children_together():
+    """Each process stays under RLIMIT_AS (512 MiB), but three together exceed the slot's
+    512 MiB cgroup: the kernel's OOM killer must SIGKILL at least one of them."""
+    with Sandbox(SandboxConfig(pool_size=1, timeout_s=20, memory_bytes=512 << 20, warm=False)) as sb:
+        if not sb.limits_total_memory:
+            pytest.skip("no writable memory cgroup here: memory is limited per process only")
+        cgroup_dir = sb._cgroups[0].path
+        r = sb.run("import os, time\npids = []\nfor _ in range(3):\n    pid = os.fork()\n"
+                   "    if pid == 0:\n        block = bytearray(200 << 20)\n        time.sleep(0.5)\n"
+                   "        os._exit(0)\n    pids.append(pid)\n"
+                   "print([os.waitpid(p, 0)[1] & 0x7f for p in pids])")
+        assert r.status == "ok", r.text()
+        assert "9" in r.stdout.strip("[]\n").replace(" ", "").split(","), r.stdout  # SIGKILL
+        assert sb.run("print(np.ones(3).sum())").stdout == "3.0\n"
+    assert not os.path.exists(cgroup_dir)
