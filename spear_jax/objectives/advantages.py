@@ -29,9 +29,11 @@ Estimators (``s_i`` = row score, ``g`` = its group, ``n_g`` = number of samples 
   a singleton step group has step advantage 0. Both parts are std-normalised iff
   ``normalize_by_std`` (the reference's ``mean_std_norm`` vs ``mean_norm`` modes).
 
-Padding rows (``row_valid == False``) are excluded from every statistic and get advantage 0.
+Padding rows (``row_valid == False``) and rows with an id outside its range are excluded from
+every statistic and get advantage 0.
 Every estimator returns ``(advantages [N], metrics)``; metrics include the fraction of groups with
-zero reward variance and the group-size range, so a wrong grouping id (singleton groups) is visible.
+zero reward variance, the group-size range and the number of valid rows whose id lies outside
+``[0, num_groups)`` (such rows are left out of the statistics), so a wrong grouping id is visible.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spear_jax.objectives import _checks
+from spear_jax.objectives._sharding import replicate_if_explicit
 
 
 class GroupedRewards(NamedTuple):
@@ -156,7 +159,9 @@ def _samples(batch: GroupedRewards, config: AdvantageConfig, row_valid) -> _Samp
     return _Samples(traj_mean, traj_group, rows_per_traj > 0, jnp.clip(batch.traj_ids, 0, num_traj - 1))
 
 
-def _group_metrics(stats: _GroupStats, expected_group_size: int | None) -> dict[str, jax.Array]:
+def _group_metrics(stats: _GroupStats, expected_group_size: int | None, row_valid, usable):
+    """Group-size and zero-variance metrics; valid rows that are not ``usable`` [N] had an id out of
+    range."""
     nonempty = stats.count > 0
     multi = stats.count > 1
     zero_var = multi & (stats.value_max == stats.value_min)
@@ -167,6 +172,7 @@ def _group_metrics(stats: _GroupStats, expected_group_size: int | None) -> dict[
         "group_size_max": jnp.max(jnp.where(nonempty, stats.count, -jnp.inf)),
         "singleton_group_fraction": jnp.sum(stats.count == 1) / n_nonempty,
         "zero_variance_group_fraction": jnp.sum(zero_var) / jnp.maximum(jnp.sum(multi), 1),
+        "num_rows_with_out_of_range_id": jnp.sum(row_valid & ~usable),
     }
     if expected_group_size is not None:
         wrong = nonempty & (stats.count != expected_group_size)
@@ -179,6 +185,7 @@ def _group_metrics(stats: _GroupStats, expected_group_size: int | None) -> dict[
 
 
 def _check_batch(batch: GroupedRewards, config: AdvantageConfig) -> jax.Array:
+    """Validate ``batch`` for ``config``; returns row_valid [N] bool."""
     _checks.check_float("scores", batch.scores)
     _checks.check_rank("scores", batch.scores, 1)
     n = batch.scores.shape
@@ -193,8 +200,6 @@ def _check_batch(batch: GroupedRewards, config: AdvantageConfig) -> jax.Array:
     if batch.traj_ids is not None:
         _checks.check_int("traj_ids", batch.traj_ids, n)
     if config.estimator == "gigpo":
-        if config.num_trajectories is None:
-            raise ValueError("num_trajectories must be set in AdvantageConfig for estimator='gigpo'")
         for name in ("step_index", "step_rewards", "step_group_ids"):
             if getattr(batch, name) is None:
                 raise ValueError(f"{name} is required for estimator='gigpo'")
@@ -208,6 +213,18 @@ def _check_batch(batch: GroupedRewards, config: AdvantageConfig) -> jax.Array:
     return batch.row_valid.astype(bool)
 
 
+def _in_range(ids, bound):
+    return (ids >= 0) & (ids < bound)
+
+
+def _usable_rows(batch: GroupedRewards, config: AdvantageConfig, row_valid):
+    """Valid rows whose group (and, for trajectory statistics, trajectory) id is in range."""
+    usable = row_valid & _in_range(batch.group_ids, config.num_groups)
+    if config.stats_over == "trajectories":
+        usable = usable & _in_range(batch.traj_ids, config.num_trajectories)
+    return usable
+
+
 # ------------------------------------------------------------------------------------------------
 # Estimators
 
@@ -219,13 +236,16 @@ def grpo_advantages(batch: GroupedRewards, config: AdvantageConfig):
     the statistics scope.
     """
     row_valid = _check_batch(batch, config)
+    batch, row_valid = replicate_if_explicit((batch, row_valid))  # rows are few: gather them
+    usable = _usable_rows(batch, config, row_valid)
     scores = batch.scores.astype(jnp.float32)
-    samples = _samples(batch._replace(scores=scores), config, row_valid)
+    samples = _samples(batch._replace(scores=scores), config, usable)
     stats = _group_stats(samples.values, samples.group, samples.valid, config.num_groups)
     g = jnp.clip(batch.group_ids, 0, config.num_groups - 1)
     centred = scores - stats.mean[g]
     adv = centred / (stats.std[g] + config.eps) if config.normalize_by_std else centred
-    return jnp.where(row_valid, adv, 0.0), _group_metrics(stats, config.expected_group_size)
+    metrics = _group_metrics(stats, config.expected_group_size, row_valid, usable)
+    return jnp.where(usable, adv, 0.0), metrics
 
 
 def rloo_advantages(batch: GroupedRewards, config: AdvantageConfig):
@@ -234,14 +254,17 @@ def rloo_advantages(batch: GroupedRewards, config: AdvantageConfig):
     Returns (advantages [N] float32, metrics).
     """
     row_valid = _check_batch(batch, config)
+    batch, row_valid = replicate_if_explicit((batch, row_valid))  # rows are few: gather them
+    usable = _usable_rows(batch, config, row_valid)
     scores = batch.scores.astype(jnp.float32)
-    samples = _samples(batch._replace(scores=scores), config, row_valid)
+    samples = _samples(batch._replace(scores=scores), config, usable)
     stats = _group_stats(samples.values, samples.group, samples.valid, config.num_groups)
     g = jnp.clip(batch.group_ids, 0, config.num_groups - 1)
     count = stats.count[g]
     own = samples.values[samples.of_row]
     baseline = jnp.where(count > 1, (stats.total[g] - own) / jnp.maximum(count - 1.0, 1.0), 0.0)
-    return jnp.where(row_valid, scores - baseline, 0.0), _group_metrics(stats, config.expected_group_size)
+    metrics = _group_metrics(stats, config.expected_group_size, row_valid, usable)
+    return jnp.where(usable, scores - baseline, 0.0), metrics
 
 
 def discounted_step_returns(step_rewards, traj_ids, step_index, gamma: float, row_valid=None):
@@ -257,6 +280,9 @@ def discounted_step_returns(step_rewards, traj_ids, step_index, gamma: float, ro
     The recurrence runs over the valid rows of a trajectory sorted by ``step_index`` (a dropped row
     is skipped, not treated as a zero reward). Returns [N] float32 (0 on invalid rows).
     """
+    step_rewards, traj_ids, step_index, row_valid = replicate_if_explicit(
+        (step_rewards, traj_ids, step_index, row_valid)
+    )
     n = step_rewards.shape[0]
     valid = jnp.ones(n, bool) if row_valid is None else row_valid.astype(bool)
     traj_key = jnp.where(valid, traj_ids, jnp.iinfo(jnp.int32).max).astype(jnp.int32)
@@ -289,22 +315,25 @@ def gigpo_advantages(batch: GroupedRewards, config: AdvantageConfig):
     Returns (advantages [N] float32, metrics) with step-group metrics prefixed ``step_``.
     """
     row_valid = _check_batch(batch, config)
+    batch, row_valid = replicate_if_explicit((batch, row_valid))
     episode_adv, metrics = grpo_advantages(batch, config)
+    usable = _usable_rows(batch, config, row_valid)
     returns = discounted_step_returns(
-        batch.step_rewards, batch.traj_ids, batch.step_index, config.gamma, row_valid
+        batch.step_rewards, batch.traj_ids, batch.step_index, config.gamma, usable
     )
     if batch.step_return_offsets is not None:
         returns = returns + batch.step_return_offsets.astype(jnp.float32)
     num_sg = config.num_step_groups
-    stats = _group_stats(returns, batch.step_group_ids, row_valid, num_sg)
+    step_usable = usable & _in_range(batch.step_group_ids, num_sg)
+    stats = _group_stats(returns, batch.step_group_ids, step_usable, num_sg)
     sg = jnp.clip(batch.step_group_ids, 0, num_sg - 1)
     centred = returns - stats.mean[sg]
     step_adv = centred / (stats.std[sg] + config.eps) if config.normalize_by_std else centred
     step_adv = jnp.where(stats.count[sg] > 1, step_adv, 0.0)
     adv = episode_adv + config.step_advantage_weight * step_adv
-    step_metrics = _group_metrics(stats, None)
+    step_metrics = _group_metrics(stats, None, usable, step_usable)
     metrics.update({f"step_{k}": v for k, v in step_metrics.items()})
-    return jnp.where(row_valid, adv, 0.0), metrics
+    return jnp.where(usable, adv, 0.0), metrics
 
 
 Estimator = Callable[[GroupedRewards, AdvantageConfig], tuple[jax.Array, dict[str, jax.Array]]]

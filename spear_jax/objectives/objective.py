@@ -172,7 +172,8 @@ def sil_objective(
       sil_weight: scalar lambda(t) (float or traced), from the host curriculum.
       key, entropy, row_valid, mesh: as in :func:`policy_objective`.
 
-    Returns (sil_weight * loss_sum, normaliser, metrics with ``sil_weight`` added).
+    Returns (sil_weight * loss_sum, normaliser, metrics with ``sil_weight`` added); the other
+    metrics (``loss``, ``pg_loss``, ...) are the unweighted replay values.
     """
     replay_config = dataclasses.replace(
         config, policy=replay_policy_config(config.policy, sil), kl_coef=0.0

@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from spear_jax.objectives import _checks
+from spear_jax.objectives._sharding import replicate_if_explicit
 
 COV_SELECTION_SCOPES = ("global", "per_device")
 
@@ -169,6 +170,7 @@ def _select_largest(values, eligible, count):
 
 def _take_first(priority, eligible, count):
     """Mark the ``count`` eligible entries of highest ``priority`` ([S] arrays, S static)."""
+    priority, eligible = replicate_if_explicit((priority, eligible))  # top_k over the whole pool
     k_max = int(count.k_max)
     _, idx = jax.lax.top_k(priority, k_max)
     take = (jnp.arange(k_max) < count.value) & eligible[idx]
@@ -177,6 +179,8 @@ def _take_first(priority, eligible, count):
 
 @dataclasses.dataclass(frozen=True)
 class _Count:
+    """How many tokens to select: a traced count and the static bound used for ``top_k``."""
+
     value: jax.Array  # traced int32
     k_max: int  # static upper bound
 
@@ -219,6 +223,8 @@ def _scoped(select, config: PolicyLossConfig, mesh, arrays, key):
         return select(*local, jax.random.fold_in(shard_key, jax.lax.axis_index(axis)))
 
     spec = P(axis)
+    if axis in mesh.explicit_axes:  # explicit meshes need the inputs laid out as the specs say
+        arrays = tuple(jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec)) for x in arrays)
     return jax.shard_map(
         per_shard, mesh=mesh, in_specs=(spec,) * len(arrays) + (P(),), out_specs=(spec, spec)
     )(*arrays, key)
@@ -228,7 +234,7 @@ def _cov_metrics(cov, valid, selected):
     m = valid.astype(jnp.float32)
     return {
         "cov_mean": _masked_mean(cov, m),
-        "cov_max": jnp.max(jnp.where(valid, cov, -jnp.inf)),
+        "cov_max": jnp.where(jnp.any(valid), jnp.max(jnp.where(valid, cov, -jnp.inf)), 0.0),
         "cov_num_selected": jnp.sum(selected.astype(jnp.int32)),
         "cov_selected_fraction": _masked_mean(selected.astype(jnp.float32), m),
     }

@@ -255,6 +255,14 @@ def test_group_size_metrics_expose_wrong_grouping():
     assert metrics["group_size_min"] == metrics["group_size_max"] == 8
 
 
+def test_out_of_range_group_ids_are_counted():
+    batch = GroupedRewards(jnp.asarray([1.0, 3.0, 4.0, 9.0]), jnp.asarray([0, 0, 2, 5], jnp.int32))
+    for estimator in ("grpo", "rloo"):
+        a, metrics = compute(batch, AdvantageConfig(estimator, 3, normalize_by_std=False))
+        assert int(metrics["num_rows_with_out_of_range_id"]) == 1
+        assert float(a[3]) == 0.0 and float(a[0]) == (-1.0 if estimator == "grpo" else -2.0)
+
+
 def test_zero_variance_fraction_counts_groups_of_two_or_more():
     scores = [1.0, 1.0, 0.0, 2.0, 5.0]
     _, metrics = grpo(scores, [0, 0, 1, 1, 2], 3)
@@ -325,4 +333,18 @@ def test_sharded_over_8_devices_equals_single_device():
     sharded_batch = jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
     sharded, _ = jitted(cfg)(sharded_batch)
     assert len(sharded_batch.scores.sharding.device_set) == 8
+    np.testing.assert_allclose(sharded, single, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "gigpo"])
+def test_explicit_axis_mesh_inputs_give_the_same_advantages(estimator):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    batch = to_grouped(random_batch(11))
+    cfg = AdvantageConfig(estimator, NUM_GROUPS, True, stats_over="trajectories", num_trajectories=NUM_TRAJ,
+                          num_step_groups=N)
+    single, _ = jitted(cfg)(batch)
+    with jax.set_mesh(mesh):
+        sharded_batch = jax.tree.map(
+            lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))), batch)
+        sharded, _ = jitted(cfg)(sharded_batch)
     np.testing.assert_allclose(sharded, single, rtol=1e-6, atol=1e-6)

@@ -270,6 +270,27 @@ def test_per_device_scope_selects_per_shard(loss_mode):
     assert not np.allclose(global_loss, got)
 
 
+@pytest.mark.parametrize("scope", ["global", "per_device"])
+@pytest.mark.parametrize("loss_mode", ["clip_cov", "kl_cov"])
+def test_explicit_axis_mesh_gives_the_same_selection(loss_mode, scope):
+    explicit = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    logp, old, adv, mask, _, _ = random_inputs(8)
+    cfg = ObjectiveConfig(PolicyLossConfig(loss_mode, clip_cov_ratio=0.1, clip_cov_lb=0.2, clip_cov_ub=8.0,
+                                           kl_cov_ratio=0.1, cov_selection_scope=scope))
+    key = jax.random.key(4)
+
+    def run(mesh, *arrays):
+        return jax.jit(jax.value_and_grad(lambda *a: policy_objective(*a, cfg, key, mesh=mesh)[0]))(*arrays)
+
+    want_value, want_grad = run(data_mesh(), logp, old, adv, mask)
+    with jax.set_mesh(explicit):
+        sharded = [jax.device_put(x, NamedSharding(explicit, P("data"))) for x in (logp, old, adv, mask)]
+        for arrays in (sharded, (logp, old, adv, mask)):
+            value, grad = run(explicit, *arrays)
+            np.testing.assert_allclose(value, want_value, rtol=1e-5)
+            np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-8)
+
+
 def test_per_device_scope_rejects_unknown_axis():
     logp, old, adv, mask, _, _ = random_inputs(6)
     cfg = PolicyLossConfig("clip_cov", cov_selection_scope="per_device", cov_selection_axis="fsdp")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from spear_jax.objectives import policy_losses as pl
+from spear_jax.objectives.objective import ObjectiveConfig, policy_objective
 from spear_jax.objectives.policy_losses import PolicyLossConfig
 
 # ------------------------------------------------------------------------------------------------
@@ -237,6 +238,10 @@ def test_clip_cov_zeroes_exactly_k_of_the_eligible_tokens():
     np.testing.assert_allclose(loss[0, unselected], -1.0)
     np.testing.assert_allclose(grad[0, unselected], -1.0)
     assert metrics["cov_selected_fraction"] == pytest.approx(0.02)
+    # zeroed tokens stay in the token-mean denominator
+    s, n, _ = policy_objective(*(jnp.asarray(x, jnp.float32) for x in (logp, old, adv, mask)),
+                               ObjectiveConfig(cfg), jax.random.key(3))
+    assert float(n) == 100.0 and float(s) == pytest.approx(-8.0)
 
 
 def test_clip_cov_selection_is_reproducible_and_key_driven():
