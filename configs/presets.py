@@ -58,7 +58,7 @@ def _twx(c: ml_collections.ConfigDict) -> None:
 
 def _math_small(c: ml_collections.ConfigDict) -> None:
     c.env.name = "math"
-    c.env.kwargs = ml_collections.ConfigDict({"source": "reasoning_gym:basic_arithmetic"})
+    c.env.kwargs = ml_collections.ConfigDict({"source": "reasoning_gym:basic_arithmetic", "size": 2000})
     c.env.row_layout = "trajectory"
     c.env.max_tool_turns = 2
     c.actor.entropy_coeff = 0.0
@@ -89,16 +89,18 @@ def _agent_paper(c: ml_collections.ConfigDict, *, env_name: str) -> None:
         c.env.name = "alfworld"
         c.env.max_steps = 50
         c.rollout.max_prompt_length = 2048
+        c.trainer.length_buckets = (1024, 1536, 2048, 2560)
         c.actor.ppo_mini_batch_size = 1024
-        c.actor.ppo_micro_batch_size = 8
+        c.actor.ppo_micro_batch_size = 16  # global: the reference's 8 per GPU x 2 GPUs
         c.trainer.total_steps = 200
         c.replay.max_loss_steps = 100
     else:
         c.env.name = "webshop"
         c.env.max_steps = 15
         c.rollout.max_prompt_length = 4096
+        c.trainer.length_buckets = (1024, 2048, 3072, 4608)
         c.actor.ppo_mini_batch_size = 256
-        c.actor.ppo_micro_batch_size = 4
+        c.actor.ppo_micro_batch_size = 8  # global: the reference's 4 per GPU x 2 GPUs
         c.trainer.total_steps = 350
         c.replay.max_loss_steps = 200
 
@@ -123,7 +125,7 @@ def _math_paper(c: ml_collections.ConfigDict, *, qwen3: bool) -> None:
     c.actor.lr = 1e-6
     c.actor.entropy_coeff = 0.0
     c.actor.ppo_mini_batch_size = 1024
-    c.actor.ppo_micro_batch_size = 1
+    c.actor.ppo_micro_batch_size = 8  # global rows per forward (the reference packs by tokens)
     c.actor.loss_agg_max_response_length = 16384
     c.algorithm.use_invalid_action_penalty = False
     c.algorithm.rollout_filter_std_ddof = 1
@@ -135,6 +137,7 @@ def _math_paper(c: ml_collections.ConfigDict, *, qwen3: bool) -> None:
     c.replay.clip_cov_ratio, c.replay.clip_cov_lb, c.replay.clip_cov_ub = 0.02, 1.0, 40.0
     c.replay.clip_cov_ignores_replay_params = True  # faithful to the math runs (spec 5.2)
     c.trainer.total_steps = 300
+    c.trainer.length_buckets = (2048, 4096, 8192, 12288, 18432)
 
 
 def apply_preset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:

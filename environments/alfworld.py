@@ -126,6 +126,11 @@ class ALFWorldEnv:
         self._closed = False
 
     @property
+    def task_ids(self) -> range:
+        """Task ids accepted by ``reset``: ``0 .. num_tasks - 1``."""
+        return range(self.num_tasks)
+
+    @property
     def num_tasks(self) -> int:
         return len(self.games)
 

@@ -9,7 +9,7 @@ Model text is untrusted: ``step`` never raises on malformed text; it returns
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,12 @@ class Env(Protocol):
 
     name: str
     max_steps: int
+
+    @property
+    def task_ids(self) -> Sequence[int]:
+        """The task ids ``reset(task_id=...)`` accepts for this env's split, in a fixed order
+        (trainers draw training tasks from it and evaluate on a prefix of it)."""
+        ...
 
     def reset(self, task_id: int | str | None = None, seed: int | None = None) -> Observation:
         """Starts an episode on ``task_id`` (or one drawn from ``seed``) and returns its first

@@ -127,6 +127,16 @@ class MathToolEnv:
         self._problem: MathProblem | None = None
         self._done = True
 
+    @property
+    def task_ids(self) -> range:
+        """Task ids accepted by ``reset``: ``0 .. num_tasks - 1``."""
+        return range(self.num_tasks)
+
+    @property
+    def num_tasks(self) -> int:
+        """Problems in this env's pool."""
+        return len(self.problems)
+
     def reset(self, task_id: int | str | None = None, seed: int | None = None) -> Observation:
         """Starts an episode on problem ``task_id`` (index or id), else one drawn with ``seed``."""
         if task_id is not None:

@@ -217,6 +217,11 @@ class TextWorldExpressEnv:
     # -- task selection ---------------------------------------------------------------------
 
     @property
+    def task_ids(self) -> range:
+        """Task ids accepted by ``reset``: ``0 .. num_tasks - 1``."""
+        return range(self.num_tasks)
+
+    @property
     def num_tasks(self) -> int:
         """Number of tasks (seeds) in this fold."""
         return len(self.fold_seeds)

@@ -246,9 +246,19 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     if c.trainer.total_steps < 0 or c.trainer.eval_every < 1 or c.trainer.checkpoint_every < 1:
         raise ConfigError("config.trainer.total_steps must be >= 0 and eval_every, checkpoint_every >= 1")
     _check_weights(c)
+    _check_env_data(c)
     update_config(c)
     replay_config(c)
     optimizer_config(c, c.trainer.total_steps)
+
+
+def _check_env_data(c: ml_collections.ConfigDict) -> None:
+    kwargs = c.env.kwargs
+    if c.env.name == "math" and "source" in kwargs and kwargs.source == "jsonl":
+        path = kwargs.get("path", "")
+        if not path or not os.path.isfile(path):
+            raise ConfigError(f"config.env.kwargs.path = {path!r} must be the training problems' jsonl file "
+                              f"(fields 'problem' and 'answer'), e.g. DAPO-Math-17k converted to jsonl")
 
 
 def _check_weights(c: ml_collections.ConfigDict) -> None:

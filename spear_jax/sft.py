@@ -80,7 +80,8 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     chat = TemplateChatTokenizer(policy.chat)
     env = make_env(c.env.name, split="train", seed=c.seed, max_steps=c.env.max_steps, **c.env.kwargs.to_dict())
     rng = np.random.default_rng([c.seed, 17])
-    tasks = rng.choice(env.num_tasks, size=min(s.episodes, env.num_tasks), replace=False)
+    available = env.task_ids
+    tasks = [available[i] for i in rng.choice(len(available), size=min(s.episodes, len(available)), replace=False)]
     examples, gold_win_rate = gold_examples(env, tasks, chat, c.env.history_length)
     env.close()
     longest = max(len(p) + len(r) for p, r in examples)

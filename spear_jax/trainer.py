@@ -202,10 +202,11 @@ class Trainer:
         return metrics
 
     def _task_ids(self, step: int) -> list[int]:
-        num_tasks = self.train_envs[0].num_tasks
+        """This step's training tasks: a uniform draw without replacement from the train split."""
+        available = self.train_envs[0].task_ids
         count = self.config.data.train_tasks_per_step
-        rng = self._rng(2, step)
-        return [int(i) for i in rng.choice(num_tasks, size=count, replace=count > num_tasks)]
+        picks = self._rng(2, step).choice(len(available), size=count, replace=count > len(available))
+        return [int(available[i]) for i in picks]
 
     # -- batch preparation (steps 2-5) -----------------------------------------------------------
 
@@ -372,7 +373,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, float]:
         """Success rate (overall and per task type) on the held-out fold, written as ``eval``."""
         c = self.config
-        task_ids = list(range(min(c.data.eval_episodes, self.eval_envs[0].num_tasks)))
+        task_ids = list(self.eval_envs[0].task_ids[: c.data.eval_episodes])
         envs = self.eval_envs[: len(task_ids)]
         start = time.perf_counter()
         result = self.eval_engine.run(envs, task_ids, self.eval_sampling, self._key(9, step))

@@ -75,6 +75,11 @@ class WebShopEnv:
         self._steps = 0
         self._done = True
 
+    @property
+    def num_tasks(self) -> int:
+        """Goals in this env's split."""
+        return len(self.task_ids)
+
     def reset(self, task_id: int | str | None = None, seed: int | None = None) -> Observation:
         """Starts an episode on goal ``task_id`` (a global goal index in this split), or on a goal
         drawn uniformly from the split with ``seed`` (or the env's own generator)."""
