@@ -110,7 +110,9 @@ class TemplateChatTokenizer:
         return self.tokenizer.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special=True)
+        # Special tokens are kept: the ReAct tags (<think>, <action>) are special tokens of some
+        # vocabularies, and the engine strips the end-of-turn sequence itself.
+        return self.tokenizer.decode(ids)
 
     def render_prompt(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         rendered = self.template.conversation(

@@ -179,7 +179,7 @@ class Trainer:
         if self.buffer is not None:
             replay, replay_metrics = self.buffer.replay_if_ready(
                 step, self._rng(1, step), min_rows=self.num_batch_devices)
-            metrics.update({f"replay/{k}": v for k, v in replay_metrics.items()})
+            metrics.update(replay_metrics)
 
         metrics.update(self._optimize(batch, step, replay_rows=None))
         t_update = timer()
@@ -190,7 +190,7 @@ class Trainer:
         if self.buffer is not None:
             self.buffer.remove_old()
             self.buffer.add_step(self._buffer_rows(batch), step)
-            metrics.update({f"replay/{k}": v for k, v in self.buffer.metrics().items()})
+            metrics.update(self.buffer.metrics())
         self.sampler.set_params(self.policy.params)
         metrics["replay/sil_weight"] = float(
             curriculum.sil_loss_weight(step, c.replay.loss_coef, c.replay.max_loss_steps)) if c.replay.enable else 0.0

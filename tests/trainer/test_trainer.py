@@ -1,0 +1,165 @@
+"""Integration tests: a few iterations of each algorithm through the real trainer on the tiny
+model and TextWorldExpress (step rows) or procedural math (trajectory rows)."""
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from spear_jax import metrics as run_metrics
+from spear_jax.sampling import Generation
+from spear_jax.trainer import Trainer
+
+_ADMISSIBLE = re.compile(r"admissible actions of the current situation are: \[(.*?)\]", re.S)
+
+
+class RandomAdmissibleSampler:
+    """Plays a uniformly random admissible action in well-formed ReAct text (read from each
+    prompt), so that rewards vary across a group as they do once a policy is warm. The rows it
+    produces go through the real trainer: recomputed log-probs, advantages, buffer, updates."""
+
+    def __init__(self, chat):
+        self.chat = chat
+
+    def generate(self, prompts, sampling, key):
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+        out = []
+        for prompt in prompts:
+            actions = re.findall(r"'([^']*)'", _ADMISSIBLE.search(self.chat.decode(prompt)).group(1))
+            text = f"<think>go</think><action>{actions[rng.integers(len(actions))]}</action>"
+            tokens = np.asarray(self.chat.encode(text) + list(self.chat.assistant_end_ids), np.int32)
+            out.append(Generation(tokens=tokens, logprobs=np.full(tokens.shape, -0.5, np.float32),
+                                  finish_reason="stop"))
+        return out
+
+
+def _config(method, preset="twx_tiny", steps=2):
+    c = importlib.import_module(f"configs.{method}").get_config(preset)
+    c.unlock()
+    c.data.train_tasks_per_step, c.data.group_size, c.data.eval_episodes = 2, 2, 2
+    c.env.history_length = 0
+    c.env.max_steps = 3
+    c.rollout.max_response_length = 16
+    c.actor.loss_agg_max_response_length = 16
+    c.actor.ppo_mini_batch_size, c.actor.ppo_micro_batch_size = 16, 8
+    c.trainer.total_steps, c.trainer.eval_every, c.trainer.checkpoint_every = steps, 100, 1
+    c.sft.enable = False
+    return c
+
+
+def _coin(c):
+    """The one-room coin game: a random admissible policy wins about half of its episodes, so
+    groups have reward variance and the replay buffer fills."""
+    c.env.kwargs = {"game": "coin", "game_params": {"numLocations": 1, "numDistractorItems": 0,
+                                                    "includeDoors": 0}}
+    c.env.max_steps = 3
+    return c
+
+
+def _train_records(workdir):
+    return [r for r in run_metrics.read_metrics(workdir) if r["split"] == "train"]
+
+
+def _run(config, workdir, random_admissible=False):
+    trainer = Trainer(config, str(workdir))
+    if random_admissible:
+        trainer.engine.sampler = RandomAdmissibleSampler(trainer.engine.tokenizer)
+    try:
+        final = trainer.train()
+    finally:
+        trainer.close()
+    return final
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grpo", "drbot", "gigpo"])
+def test_baselines_run_and_update(method, tmp_path):
+    final = _run(_config(method), tmp_path)
+    records = _train_records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert record["actor/optimizer_steps"] >= 1
+        assert record["actor/skipped"] == 0.0
+        assert math.isfinite(record["actor/loss"])
+        if record["quality/frac_masked"] < 1.0:
+            assert record["actor/grad_norm"] > 0
+        else:  # Dr.BoT masks every malformed response of the untrained model: nothing to learn
+            assert record["actor/loss"] == 0.0 and record["actor/grad_norm"] == 0.0
+        assert record["rollout/env_steps"] > 0
+    assert 0.0 <= final["success_rate"] <= 1.0
+    assert os.path.isdir(tmp_path / "checkpoints" / "2")
+
+
+@pytest.mark.slow
+def test_spear_replay_triggers_and_trains(tmp_path):
+    c = _config("spear", "twx_tiny,grpo", steps=3)
+    c.replay.buffer_size = 2  # trigger as soon as > 3 rows beat the P50 baseline
+    c.replay.max_loss_steps = 2
+    _run(_coin(c), tmp_path, random_admissible=True)
+    records = _train_records(tmp_path)
+    replayed = [r for r in records if r.get("sil/optimizer_steps", 0) > 0]
+    assert replayed, "the replay path never ran"
+    for record in replayed:
+        assert record["step"] >= 2  # data of step k is replayed at step k + 1 at the earliest
+        assert record["sil/sil_weight"] > 0 and math.isfinite(record["sil/loss"])
+    assert all(r["replay/sil_weight"] == pytest.approx(min(1.0, (1 - math.cos(math.pi * r["step"] / 2)) / 2))
+               for r in records)
+
+
+@pytest.mark.slow
+def test_trajectory_rows_on_math(tmp_path):
+    c = _config("spear", "math_tiny,grpo", steps=1)
+    c.env.max_tool_turns = 2
+    c.rollout.max_prompt_length = 256
+    final = _run(c, tmp_path)
+    (record,) = _train_records(tmp_path)
+    assert record["actor/optimizer_steps"] >= 1 and math.isfinite(record["actor/loss"])
+    assert "success_rate" in final
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    def config(steps):
+        c = _config("spear", "twx_tiny,grpo", steps=steps)
+        c.replay.buffer_size = 2
+        c.trainer.eval_before_train = False
+        return _coin(c)
+
+    _run(config(4), tmp_path / "full", random_admissible=True)
+    _run(config(2), tmp_path / "resumed", random_admissible=True)  # "killed" after step 2
+    _run(config(4), tmp_path / "resumed", random_admissible=True)  # resumes from step 2
+    full = {r["step"]: r for r in _train_records(tmp_path / "full")}
+    resumed = {r["step"]: r for r in _train_records(tmp_path / "resumed")}
+    assert sorted(resumed) == [1, 2, 3, 4]
+    assert full[2]["replay/buffer_rows"] > 0  # the resumed run must restore a non-empty buffer
+    for step in (3, 4):
+        a = {k: v for k, v in full[step].items() if not k.startswith("time") and k != "time"}
+        b = {k: v for k, v in resumed[step].items() if not k.startswith("time") and k != "time"}
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == b[key], (step, key, a[key], b[key])
+
+
+@pytest.mark.slow
+def test_readme_main_command_on_a_short_schedule(tmp_path):
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "spear_jax.main", "--config=configs/spear.py:twx_tiny",
+           f"--workdir={workdir}", "--config.trainer.total_steps=1", "--config.sft.steps=2",
+           "--config.sft.episodes=4", "--config.data.train_tasks_per_step=2",
+           "--config.data.group_size=2", "--config.data.eval_episodes=2", "--config.env.max_steps=2",
+           "--config.actor.ppo_mini_batch_size=16", "--config.actor.ppo_micro_batch_size=8"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["eval_steps"] == [0, 1]
+    assert os.path.isfile(workdir / "warm_start" / "metrics.jsonl")
+    assert any(p.endswith("curve_success_rate.png") for p in summary["plots"])
