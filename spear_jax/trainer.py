@@ -69,7 +69,7 @@ class Trainer:
         self.optimizer = train_step.make_optimizer(
             run_config.optimizer_config(c, c.trainer.total_steps * steps_per_update))
         graphdef = self.policy.graphdef
-        self.opt_state = jax.jit(self.optimizer.init)(self.policy.params)
+        self.opt_state = _on_mesh(jax.jit(self.optimizer.init)(self.policy.params), self.mesh)
         self._update = train_step.make_update_fn(graphdef, self.optimizer, self.update_config,
                                                  replay=False, mesh=self.mesh)
         self._update_replay = train_step.make_update_fn(graphdef, self.optimizer, self.update_config,
@@ -133,8 +133,8 @@ class Trainer:
         if self.checkpointer.latest_step() is None:
             return False
         state = self.checkpointer.restore({"params": self.policy.params, "opt_state": self.opt_state})
-        self.policy.params = state.device["params"]
-        self.opt_state = state.device["opt_state"]
+        device = _on_mesh(state.device, self.mesh)
+        self.policy.params, self.opt_state = device["params"], device["opt_state"]
         if self.buffer is not None:
             self.buffer = ReplayBuffer.from_state_dict(self.buffer.config, state.host["replay"])
         self.step = int(state.meta["step"])
@@ -386,6 +386,20 @@ class Trainer:
         for env in self.train_envs + self.eval_envs:
             env.close()
         self.checkpointer.close()
+
+
+def _on_mesh(tree, mesh):
+    """Every leaf on ``mesh``: sharded leaves keep their layout, the rest (e.g. the optimizer's
+    step count) are replicated, so each jitted update sees one device set."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(leaf):
+        sharding = leaf.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
+            return leaf
+        return jax.device_put(leaf, replicated)
+
+    return jax.tree.map(place, tree)
 
 
 def _batch_sharding(mesh, leading: int) -> jax.sharding.NamedSharding:
