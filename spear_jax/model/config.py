@@ -1,0 +1,284 @@
+"""Model configuration: one frozen dataclass for the Llama / Qwen2 / Qwen3 decoder family.
+
+``get_model_config(name)`` returns a preset with the published dimensions;
+``from_hf_config(config_json_dict)`` reads a Hugging Face ``config.json`` and
+``to_hf_config(cfg)`` writes one back.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+# Logical axis name -> mesh axis (or tuple of mesh axes, or None = replicated).
+# Parameter axes: vocab, embed, heads, kv_heads, head_dim, mlp, norm.
+# Activation axes: act_batch, act_length, act_embed, act_heads, act_mlp, act_vocab.
+# A dimension whose size is not divisible by its mesh axes' size is replicated instead.
+DEFAULT_SHARDING_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 frequency-dependent RoPE scaling (``rope_type: llama3`` in HF configs)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static description of a decoder-only transformer.
+
+    ``param_dtype`` is the storage dtype of the parameters (float32 master weights by default);
+    ``compute_dtype`` is the dtype of matmuls and activations (``"bfloat16"`` for mixed
+    precision). Norm statistics, softmax, RoPE and logits are always float32.
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_embeddings: bool
+    max_position_embeddings: int
+    rope_scaling: RopeScaling | None = None
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = False
+    sharding_rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_SHARDING_RULES
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+        logical = [name for name, _ in self.sharding_rules]
+        if len(set(logical)) != len(logical):
+            raise ValueError(f"sharding_rules repeat a logical axis: {logical}")
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Qwen2 has biases on the q/k/v projections."""
+        return self.architecture == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 RMS-normalises q and k per head before RoPE."""
+        return self.architecture == "qwen3"
+
+    @property
+    def param_jnp_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def compute_jnp_dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
+        attn += 2 * self.head_dim if self.qk_norm else 0
+        block = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else v * d
+        return v * d + self.num_layers * block + d + head
+
+
+_LLAMA3_SCALING = RopeScaling(
+    factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Test / CPU default; vocabulary of spear_jax/model/assets/tiny_spm.model.
+    "tiny": ModelConfig(
+        architecture="llama", vocab_size=4096, hidden_size=128, intermediate_size=384,
+        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, rope_theta=10000.0,
+        rms_norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=4096,
+    ),
+    "smollm2-135m": ModelConfig(
+        architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+        rms_norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=8192,
+    ),
+    "llama-3.2-1b": ModelConfig(
+        architecture="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+        num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_embeddings=True, max_position_embeddings=131072,
+        rope_scaling=_LLAMA3_SCALING,
+    ),
+    "qwen2.5-0.5b": ModelConfig(
+        architecture="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+        num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_embeddings=True, max_position_embeddings=32768,
+    ),
+    "qwen2.5-1.5b": ModelConfig(
+        architecture="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+        num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_embeddings=True, max_position_embeddings=32768,
+    ),
+    "qwen2.5-7b": ModelConfig(
+        architecture="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_embeddings=False, max_position_embeddings=32768,
+    ),
+    "qwen2.5-32b": ModelConfig(
+        architecture="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=27648,
+        num_layers=64, num_heads=40, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+        rms_norm_eps=1e-5, tie_embeddings=False, max_position_embeddings=32768,
+    ),
+    "qwen3-0.6b": ModelConfig(
+        architecture="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+        num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_embeddings=True, max_position_embeddings=40960,
+    ),
+    "qwen3-1.7b": ModelConfig(
+        architecture="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_embeddings=True, max_position_embeddings=40960,
+    ),
+    "qwen3-4b": ModelConfig(
+        architecture="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+        num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_embeddings=True, max_position_embeddings=40960,
+    ),
+    "qwen3-8b": ModelConfig(
+        architecture="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+        num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_embeddings=False, max_position_embeddings=40960,
+    ),
+    "qwen3-32b": ModelConfig(
+        architecture="qwen3", vocab_size=151936, hidden_size=5120, intermediate_size=25600,
+        num_layers=64, num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_embeddings=False, max_position_embeddings=40960,
+    ),
+}
+
+
+def get_model_config(name: str, **overrides) -> ModelConfig:
+    """Preset by name (see ``PRESETS``), with optional field overrides
+    (e.g. ``compute_dtype="bfloat16"``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+_HF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_HF_ARCHITECTURE_NAMES = {
+    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+}
+
+
+def from_hf_config(hf: dict, **overrides) -> ModelConfig:
+    """ModelConfig from a Hugging Face ``config.json`` dictionary (Llama, Qwen2, Qwen3)."""
+    model_type = hf.get("model_type")
+    if model_type not in _HF_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported architecture: config.json model_type={model_type!r} "
+            f"(architectures={hf.get('architectures')}); supported: {sorted(_HF_MODEL_TYPES)}"
+        )
+    architecture = _HF_MODEL_TYPES[model_type]
+    if architecture == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+        raise ValueError("unsupported Llama variant: attention_bias / mlp_bias must be false")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {hf.get('hidden_act')!r}; only 'silu' is supported")
+    rope_params = hf.get("rope_parameters") or {}
+    rope_scaling_dict = hf.get("rope_scaling") or rope_params
+    rope_type = rope_scaling_dict.get("rope_type", rope_scaling_dict.get("type", "default"))
+    rope_scaling = None
+    if rope_type == "llama3":
+        rope_scaling = RopeScaling(
+            factor=float(rope_scaling_dict["factor"]),
+            low_freq_factor=float(rope_scaling_dict["low_freq_factor"]),
+            high_freq_factor=float(rope_scaling_dict["high_freq_factor"]),
+            original_max_position_embeddings=int(
+                rope_scaling_dict["original_max_position_embeddings"]
+            ),
+        )
+    elif rope_type != "default":
+        raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: default, llama3")
+    rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    num_heads = hf["num_attention_heads"]
+    fields = dict(
+        architecture=architecture,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        rope_theta=float(rope_theta),
+        rms_norm_eps=float(hf["rms_norm_eps"]),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=hf["max_position_embeddings"],
+        rope_scaling=rope_scaling,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def to_hf_config(cfg: ModelConfig) -> dict:
+    """Hugging Face ``config.json`` dictionary describing ``cfg`` (float32 weights)."""
+    hf = {
+        "architectures": [_HF_ARCHITECTURE_NAMES[cfg.architecture]],
+        "model_type": _HF_MODEL_TYPES[cfg.architecture],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "torch_dtype": "float32",
+        "attention_dropout": 0.0,
+    }
+    if cfg.architecture == "llama":
+        hf.update(attention_bias=False, mlp_bias=False)
+    if cfg.rope_scaling is not None:
+        hf["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(cfg.rope_scaling)}
+    return hf

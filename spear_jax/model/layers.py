@@ -1,0 +1,166 @@
+"""Transformer building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP.
+
+Every parameter is an ``nnx.Param`` stored in ``cfg.param_dtype`` and carrying logical axis names
+in its ``out_sharding`` metadata (mapped to mesh axes by ``spear_jax.sharding``). Matmuls run in
+``cfg.compute_dtype``; normalisation statistics, RoPE and the attention softmax run in float32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spear_jax.model.config import ModelConfig
+from spear_jax.sharding import constrain
+
+_INIT_STD = 0.02
+
+
+def _param(rngs: nnx.Rngs | None, shape, axes, cfg: ModelConfig, init: str = "normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, cfg.param_jnp_dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, cfg.param_jnp_dtype)
+    else:
+        value = (_INIT_STD * jax.random.normal(rngs.params(), shape)).astype(cfg.param_jnp_dtype)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w, statistics in float32; output in the input's dtype."""
+
+    def __init__(self, size: int, eps: float, cfg: ModelConfig, axis_name: str = "norm"):
+        self.eps = eps
+        self.weight = _param(None, (size,), (axis_name,), cfg, init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed.astype(x.dtype) * self.weight[...].astype(x.dtype)).astype(x.dtype)
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """inv_freq_i = theta^(-2i / head_dim), i < head_dim / 2, with Llama-3 scaling if configured:
+    wavelengths above original_ctx / low_freq_factor are divided by ``factor``, those below
+    original_ctx / high_freq_factor are kept, and the band between is interpolated."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    inv_freq = inv_freq.astype(np.float32)
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    old_ctx = scaling.original_max_position_embeddings
+    low_wavelen = old_ctx / scaling.low_freq_factor
+    high_wavelen = old_ctx / scaling.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_ctx / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate halves: x [B, L, heads, head_dim], positions [B, L] -> same shape and dtype.
+
+    With angles a = pos * inv_freq and x = (x1, x2) split in halves:
+    (x1 cos a - x2 sin a, x2 cos a + x1 sin a).
+    """
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, L, hd/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
+        self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), cfg, init="zeros")
+            self.k_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), cfg, init="zeros")
+            self.v_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), cfg, init="zeros")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg, axis_name="head_dim")
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg, axis_name="head_dim")
+
+    def project_qkv(self, x: jax.Array, positions: jax.Array):
+        """x [B, L, D], positions [B, L] -> q [B, L, H, hd], k, v [B, L, KVH, hd] (RoPE applied)."""
+        cd = self.cfg.compute_jnp_dtype
+        x = x.astype(cd)
+        q = jnp.einsum("bld,dhk->blhk", x, self.q_proj[...].astype(cd))
+        k = jnp.einsum("bld,dhk->blhk", x, self.k_proj[...].astype(cd))
+        v = jnp.einsum("bld,dhk->blhk", x, self.v_proj[...].astype(cd))
+        if self.cfg.qkv_bias:
+            q = q + self.q_bias[...].astype(cd)
+            k = k + self.k_bias[...].astype(cd)
+            v = v + self.v_bias[...].astype(cd)
+        if self.cfg.qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        rules = self.cfg.sharding_rules
+        inv_freq = rope_inverse_frequencies(self.cfg)
+        q = constrain(apply_rope(q, positions, inv_freq), ("act_batch", "act_length", "act_heads", None), rules)
+        k = constrain(apply_rope(k, positions, inv_freq), ("act_batch", "act_length", "act_kv_heads", None), rules)
+        v = constrain(v, ("act_batch", "act_length", "act_kv_heads", None), rules)
+        return q, k, v
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """softmax(q k^T / sqrt(hd) masked) v, projected out.
+
+        q [B, L, H, hd]; k, v [B, S, KVH, hd]; mask [B, L, S] bool (True = may attend)
+        -> [B, L, D] in compute dtype.
+        """
+        cd = self.cfg.compute_jnp_dtype
+        b, l, h, hd = q.shape
+        kvh = k.shape[2]
+        q = q.reshape(b, l, kvh, h // kvh, hd)
+        scores = jnp.einsum("blkgd,bskd->bkgls", q, k.astype(cd), preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / np.sqrt(hd))
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cd)
+        out = jnp.einsum("bkgls,bskd->blkgd", probs, v.astype(cd)).reshape(b, l, h, hd)
+        out = jnp.einsum("blhk,hkd->bld", out, self.o_proj[...].astype(cd))
+        return constrain(out, ("act_batch", "act_length", "act_embed"), self.cfg.sharding_rules)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(x W_gate) * (x W_up))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), cfg)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cd = self.cfg.compute_jnp_dtype
+        x = x.astype(cd)
+        gate = x @ self.gate_proj[...].astype(cd)
+        up = x @ self.up_proj[...].astype(cd)
+        hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"), self.cfg.sharding_rules)
+        out = hidden @ self.down_proj[...].astype(cd)
+        return constrain(out, ("act_batch", "act_length", "act_embed"), self.cfg.sharding_rules)
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
+        self.attention = Attention(cfg, rngs=rngs)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
