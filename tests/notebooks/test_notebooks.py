@@ -230,6 +230,19 @@ def test_paper_curves_on_a_real_run_directory(tmp_path):
     assert "paper_curves_curves.png" in result["pngs"]
 
 
+@pytest.mark.parametrize(
+    "replace, message",
+    [
+        ({"RUNS: dict[str, str] = {}": "RUNS = {'SPEAR': '/nonexistent/run'}"}, "holds no metrics.jsonl"),
+        ({'BENCHMARK = "ALFWorld"': 'BENCHMARK = "ALFworld"'}, "BENCHMARK = 'ALFworld' is not one of"),
+        ({'"Dr.BoT": "Dr.BoT (GRPO)"}': '"Dr.BoT": "DrBoT"}'}, "PAPER_METHOD .*DrBoT.* not in the ALFWorld table"),
+    ],
+)
+def test_paper_curves_bad_settings_fail_clearly(tmp_path, replace, message):
+    with pytest.raises(NotebookCellError, match=message):
+        run_notebook(NOTEBOOK_DIR / "paper_curves.ipynb", tmp_path, replace=replace)
+
+
 # ------------------------------------------------------------------------------------------------
 # The paper numbers in paper_curves.ipynb against the spec's tables (section 1.2)
 
