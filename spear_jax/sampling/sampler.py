@@ -79,6 +79,7 @@ class Sampler:
         self.mesh = mesh
         self._signature = _state_signature(state)
         self._state = None
+        self._cache_makers = {}  # (batch, length) -> jitted sharded constructor
         self.set_params(state)
 
     # -- weights -----------------------------------------------------------------------------
@@ -107,11 +108,14 @@ class Sampler:
         if self.mesh is None:
             return init_cache(self.config, batch, length, self.cache_dtype)
         shape = (self.config.num_layers, batch, length, self.config.num_kv_heads, self.config.head_dim)
-        kv = NamedSharding(self.mesh, logical_to_pspec(decode._CACHE_AXES, shape, self.config.sharding_rules, self.mesh))
-        lengths = NamedSharding(self.mesh, logical_to_pspec(("act_batch",), (batch,), self.config.sharding_rules, self.mesh))
-        make = jax.jit(lambda: init_cache(self.config, batch, length, self.cache_dtype),
-                       out_shardings=KVCache(k=kv, v=kv, lengths=lengths))
-        return make()
+        if (batch, length) not in self._cache_makers:
+            rules = self.config.sharding_rules
+            kv = NamedSharding(self.mesh, logical_to_pspec(decode.CACHE_AXES, shape, rules, self.mesh))
+            lengths = NamedSharding(self.mesh, logical_to_pspec(("act_batch",), (batch,), rules, self.mesh))
+            self._cache_makers[batch, length] = jax.jit(
+                lambda: init_cache(self.config, batch, length, self.cache_dtype),
+                out_shardings=KVCache(k=kv, v=kv, lengths=lengths))
+        return self._cache_makers[batch, length]()
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
