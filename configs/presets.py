@@ -13,15 +13,18 @@ from configs.base import PRESETS
 
 
 def _tiny_scale(c: ml_collections.ConfigDict) -> None:
-    """A CPU-sized run: a handful of tasks, short responses, a few dozen steps."""
+    """A CPU-sized run (the embedded default): a supervised warm start on gold trajectories,
+    then a few dozen RL steps of 8 tasks x 4 episodes with short responses."""
     c.model.preset = "tiny"
     c.model.checkpoint_format = "random"
     c.data.train_tasks_per_step = 8
     c.data.group_size = 4
-    c.data.eval_episodes = 32
-    c.rollout.max_prompt_length = 768
+    c.data.eval_episodes = 64
+    c.env.history_length = 0  # the current observation and admissible actions only
+    c.rollout.max_prompt_length = 512
     c.rollout.max_response_length = 32
-    c.actor.lr = 3e-4
+    c.actor.lr = 1e-4
+    c.actor.entropy_coeff = 0.0
     c.actor.ppo_mini_batch_size = 64
     c.actor.ppo_micro_batch_size = 32
     c.actor.loss_agg_max_response_length = 32
@@ -29,11 +32,15 @@ def _tiny_scale(c: ml_collections.ConfigDict) -> None:
     c.replay.baseline_buffer_size = 256
     c.replay.max_loss_steps = 20
     c.algorithm.max_toolcall_steps = 20
-    c.trainer.total_steps = 40
+    c.trainer.total_steps = 30
     c.trainer.eval_every = 10
     c.trainer.checkpoint_every = 10
-    c.trainer.length_buckets = (256, 384, 512, 640, 800)
+    c.trainer.length_buckets = (256, 320, 384, 448, 544)
     c.sft.enable = True
+    c.sft.episodes = 300
+    c.sft.steps = 150
+    c.sft.batch_size = 32
+    c.sft.lr = 1e-3
 
 
 def _smollm2(c: ml_collections.ConfigDict) -> None:
@@ -52,7 +59,7 @@ def _twx(c: ml_collections.ConfigDict) -> None:
     c.env.name = "textworld_express"
     c.env.kwargs = ml_collections.ConfigDict(
         {"game": "twc", "game_params": {"numLocations": 1, "numItemsToPutAway": 1}})
-    c.env.max_steps = 8
+    c.env.max_steps = 6
     c.env.row_layout = "step"
 
 

@@ -28,7 +28,7 @@ from spear_jax.metrics import MetricsWriter
 from spear_jax.policy import CHECKPOINT_SUBDIR, load_policy
 from spear_jax.rollout import TemplateChatTokenizer
 
-GOLD_THINK = "i will do the next step of the plan."
+GOLD_THINK = "next step"
 
 
 def gold_examples(env, task_ids, chat: TemplateChatTokenizer, history_length: int,
