@@ -1,0 +1,138 @@
+"""Rollout engine throughput vs raw environment throughput (host overhead of the engine).
+
+Three measurements on the same TextWorldExpress envs (``--game``, ``--envs`` of them in
+``--envs / --group-size`` groups, every episode ``--steps`` long: the policy never wins, so
+episodes end at the step limit):
+
+* ``raw``: reset every env, then step all of them round-robin with one fixed ReAct response
+  (``env.step(text)``), no tokenizer, no prompt;
+* ``engine, scripted``: ``RolloutEngine`` with a sampler that returns the same response as
+  precomputed token ids (zero sampling cost); the difference to ``raw`` is the engine's host
+  work: rendering the history-window prompt, chat-template tokenisation, decoding, records;
+* ``engine, tiny model`` (``--model tiny``): the real KV-cache ``Sampler`` on a random tiny
+  model (SmolLM2 vocabulary) generating ``--max-new-tokens`` tokens per turn; reports env
+  steps/s and generated tokens/s, with the split env / sampler / host time.
+
+Every run repeats ``--repeats`` times (best of, after one warm-up for the model); figures are
+printed as JSON lines. The tokenizer is SmolLM2's byte-level BPE with the ChatML template.
+
+Examples::
+
+    python -m bench.rollout_throughput
+    python -m bench.rollout_throughput --envs 32 --steps 20 --model tiny --max-new-tokens 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+from environments.textworld_express import TextWorldExpressEnv
+from spear_jax.model.chat_template import ChatTemplate
+from spear_jax.model.tokenizer import smollm2_tokenizer
+from spear_jax.rollout import RolloutConfig, RolloutEngine, TemplateChatTokenizer
+from spear_jax.sampling import Generation, SamplingParams
+
+RESPONSE = "<think>I should look around first.</think><action>look around</action>"
+
+
+class FixedResponseSampler:
+    """Returns ``ids`` (with zero logprobs) for every prompt: a policy with no sampling cost."""
+
+    def __init__(self, ids):
+        self.ids = np.asarray(ids, dtype=np.int32)
+        self.logprobs = np.zeros(self.ids.shape, dtype=np.float32)
+
+    def generate(self, prompts, sampling, key):
+        return [Generation(self.ids, self.logprobs, "stop") for _ in prompts]
+
+
+def raw_steps_per_s(envs, task_ids, group_size, steps) -> dict:
+    start = time.perf_counter()
+    for i, env in enumerate(envs):
+        env.reset(task_id=task_ids[i // group_size])
+    for _ in range(steps):
+        for env in envs:
+            env.step(RESPONSE)
+    elapsed = time.perf_counter() - start
+    return {"env_steps": len(envs) * steps, "seconds": elapsed, "env_steps_per_s": len(envs) * steps / elapsed}
+
+
+def engine_steps_per_s(engine, envs, task_ids, sampling, key) -> dict:
+    start = time.perf_counter()
+    result = engine.run(envs, task_ids, sampling, key)
+    elapsed = time.perf_counter() - start
+    m = result.metrics
+    generated = int(sum(r.loss_mask.sum() for r in result.rows))
+    return {
+        "env_steps": int(m["rollout/env_steps"]), "seconds": elapsed,
+        "env_steps_per_s": m["rollout/env_steps"] / elapsed,
+        "env_s": m["rollout/env_time_s"], "sampler_s": m["rollout/sampler_time_s"],
+        "host_s": elapsed - m["rollout/env_time_s"] - m["rollout/sampler_time_s"],
+        "generated_tokens": generated, "generated_tokens_per_s": generated / m["rollout/sampler_time_s"],
+        "mean_prompt_tokens": float(np.mean([r.prompt_ids.shape[0] for r in result.rows])),
+        "failed_episodes": int(m["rollout/failed_episodes"]),
+    }
+
+
+def best(runs: list[dict]) -> dict:
+    return max(runs, key=lambda r: r["env_steps_per_s"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--game", default="twc")
+    parser.add_argument("--envs", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", choices=("none", "tiny"), default="none")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    if args.envs % args.group_size:
+        parser.error(f"--envs ({args.envs}) must be a multiple of --group-size ({args.group_size})")
+
+    tok = TemplateChatTokenizer(ChatTemplate(smollm2_tokenizer(), "chatml"))
+    envs = [TextWorldExpressEnv(args.game, split="train", max_steps=args.steps) for _ in range(args.envs)]
+    task_ids = list(range(args.envs // args.group_size))
+    config = RolloutConfig(group_size=args.group_size)
+    setup = {"game": args.game, "envs": args.envs, "group_size": args.group_size, "steps": args.steps,
+             "cpu_devices": jax.device_count(), "backend": jax.default_backend()}
+
+    raw = best([raw_steps_per_s(envs, task_ids, args.group_size, args.steps) for _ in range(args.repeats)])
+    print(json.dumps({"run": "raw", **setup, **raw}))
+
+    end = tok.assistant_end_ids
+    scripted = FixedResponseSampler(tok.encode(RESPONSE) + list(end))
+    sampling = SamplingParams(max_new_tokens=512, stop_sequences=(end,))
+    engine = RolloutEngine(scripted, tok, config)
+    runs = [engine_steps_per_s(engine, envs, task_ids, sampling, jax.random.key(0)) for _ in range(args.repeats)]
+    result = best(runs)
+    overhead_ms = 1e3 * (1 / result["env_steps_per_s"] - 1 / raw["env_steps_per_s"])
+    print(json.dumps({"run": "engine_scripted", **setup, **result, "host_overhead_ms_per_step": overhead_ms}))
+
+    if args.model == "tiny":
+        from flax import nnx
+
+        from spear_jax.model import get_model_config, init_model
+        from spear_jax.sampling import Sampler
+
+        cfg = get_model_config("tiny", vocab_size=tok.tokenizer.vocab_size)
+        graphdef, state = nnx.split(init_model(cfg, seed=0))
+        sampler = Sampler(graphdef, state, cfg, max_len=2048, max_batch=args.envs)
+        sampling = SamplingParams(max_new_tokens=args.max_new_tokens, stop_sequences=(end,))
+        engine = RolloutEngine(sampler, tok, config)
+        engine_steps_per_s(engine, envs, task_ids, sampling, jax.random.key(0))  # compiles
+        runs = [engine_steps_per_s(engine, envs, task_ids, sampling, jax.random.key(1 + i))
+                for i in range(args.repeats)]
+        print(json.dumps({"run": "engine_tiny_model", **setup, "max_new_tokens": args.max_new_tokens,
+                          **best(runs)}))
+    for env in envs:
+        env.close()
+
+
+if __name__ == "__main__":
+    main()
