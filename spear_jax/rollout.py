@@ -307,7 +307,6 @@ class _Live:
     history: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     rows: list[Row] = dataclasses.field(default_factory=list)
     rewards: list[float] = dataclasses.field(default_factory=list)
-    last_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     won: bool = False
     # trajectory rows
     prompt_ids: list[int] = dataclasses.field(default_factory=list)
@@ -515,7 +514,6 @@ class RolloutEngine:
                 self._env_steps += 1
                 state.rewards.append(float(result.reward))
                 state.invalid_turns += int(not result.action_valid)
-                state.last_info = dict(result.info)
                 state.won = bool(result.won)
                 closing = [] if generation.finish_reason != "length" else list(self._end_ids)
                 if not result.done and len(state.rewards) < self._turn_limit(env):

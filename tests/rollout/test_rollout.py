@@ -9,10 +9,11 @@ import pytest
 from environments.base import Observation
 from environments.prompts import render_agent_prompt
 from rollout_scripted import (
-    SAY_NUMBER_STYLE, chatml_tokenizer, SamplingParams, SayNumberEnv, ScriptedSampler, chatml_text,
+    SAY_NUMBER_STYLE, SayNumberEnv, ScriptedSampler, chatml_text, chatml_tokenizer,
     fixed_logprobs, numbers_of_task, say_number_policy,
 )
 from spear_jax.rollout import RolloutConfig, RolloutEngine, anchor_ids, strip_suffix
+from spear_jax.sampling import SamplingParams
 
 KEY = jax.random.key(0)
 END = (2,)  # <|im_end|> of chatml_tokenizer
