@@ -13,8 +13,8 @@ episodes end at the step limit):
   model (SmolLM2 vocabulary) generating ``--max-new-tokens`` tokens per turn; reports env
   steps/s and generated tokens/s, with the split env / sampler / host time.
 
-Every run repeats ``--repeats`` times (raw and scripted interleaved; best of; one warm-up for
-the model); figures are printed as JSON lines. Besides wall time, the Python process's CPU time
+Every run repeats ``--repeats`` times (raw and scripted interleaved, after one warm-up pass of
+the JVM; best of; one warm-up run for the model); figures are printed as JSON lines. Besides wall time, the Python process's CPU time
 per step is reported (the JVM's work is in another process), which is what the engine adds and
 is less sensitive to other load on the machine. The tokenizer is SmolLM2's byte-level BPE with the ChatML template.
 
@@ -110,6 +110,7 @@ def main():
     scripted = FixedResponseSampler(tok.encode(RESPONSE) + list(end))
     sampling = SamplingParams(max_new_tokens=512, stop_sequences=(end,))
     engine = RolloutEngine(scripted, tok, config)
+    raw_steps_per_s(envs, task_ids, args.group_size, args.steps)  # warms the JVM's JIT up
     raw_runs, engine_runs = [], []
     for _ in range(args.repeats):  # interleaved, so machine load hits both alike
         raw_runs.append(raw_steps_per_s(envs, task_ids, args.group_size, args.steps))
