@@ -31,11 +31,11 @@ from spear_jax.sharding import constrain
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 FINISH_CODES = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 
-_CACHE_AXES = (None, "act_batch", "act_length", "act_kv_heads", None)
+CACHE_AXES = (None, "act_batch", "act_length", "act_kv_heads", None)
 
 
 def _constrain_cache(cache: KVCache, rules) -> KVCache:
-    return KVCache(k=constrain(cache.k, _CACHE_AXES, rules), v=constrain(cache.v, _CACHE_AXES, rules),
+    return KVCache(k=constrain(cache.k, CACHE_AXES, rules), v=constrain(cache.v, CACHE_AXES, rules),
                    lengths=cache.lengths)
 
 

@@ -36,6 +36,12 @@ def length_bucket(n: int) -> int:
     return 1 << (max(n, MIN_LENGTH_BUCKET) - 1).bit_length()
 
 
+def _check_sampling(sampling, vocab_size: int) -> None:
+    if not isinstance(sampling, SamplingParams):
+        raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    sampling.check_vocab(vocab_size)
+
+
 def _as_token_row(row, name: str, vocab_size: int) -> np.ndarray:
     arr = np.asarray(row)
     if arr.ndim != 1 or arr.size == 0:
@@ -73,6 +79,7 @@ class Sampler:
         self.mesh = mesh
         self._signature = _state_signature(state)
         self._state = None
+        self._cache_makers = {}  # (batch, length) -> jitted sharded constructor
         self.set_params(state)
 
     # -- weights -----------------------------------------------------------------------------
@@ -101,16 +108,20 @@ class Sampler:
         if self.mesh is None:
             return init_cache(self.config, batch, length, self.cache_dtype)
         shape = (self.config.num_layers, batch, length, self.config.num_kv_heads, self.config.head_dim)
-        kv = NamedSharding(self.mesh, logical_to_pspec(decode._CACHE_AXES, shape, self.config.sharding_rules, self.mesh))
-        lengths = NamedSharding(self.mesh, logical_to_pspec(("act_batch",), (batch,), self.config.sharding_rules, self.mesh))
-        make = jax.jit(lambda: init_cache(self.config, batch, length, self.cache_dtype),
-                       out_shardings=KVCache(k=kv, v=kv, lengths=lengths))
-        return make()
+        if (batch, length) not in self._cache_makers:
+            rules = self.config.sharding_rules
+            kv = NamedSharding(self.mesh, logical_to_pspec(decode.CACHE_AXES, shape, rules, self.mesh))
+            lengths = NamedSharding(self.mesh, logical_to_pspec(("act_batch",), (batch,), rules, self.mesh))
+            self._cache_makers[batch, length] = jax.jit(
+                lambda: init_cache(self.config, batch, length, self.cache_dtype),
+                out_shardings=KVCache(k=kv, v=kv, lengths=lengths))
+        return self._cache_makers[batch, length]()
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
                  key: jax.Array) -> list[Generation]:
         """Independent prompts (any lengths) on a fresh cache; one Generation per prompt."""
+        _check_sampling(sampling, self.config.vocab_size)
         rows = [_as_token_row(p, f"prompts[{b}]", self.config.vocab_size) for b, p in enumerate(prompts)]
         if not rows:
             raise ValueError("prompts is empty")
@@ -132,9 +143,7 @@ class Sampler:
             sampling: SamplingParams, key: jax.Array) -> tuple[list[Generation | None], KVCache]:
         """Append rows[b] (None = inactive) to a cache whose row b holds held[b] tokens, decode,
         return the generations and the new cache (the input cache is donated)."""
-        if not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        sampling.check_vocab(self.config.vocab_size)
+        _check_sampling(sampling, self.config.vocab_size)
         batch, cache_len = cache.batch_size, cache.max_len
         width = length_bucket(max(len(r) for r in rows if r is not None))
         tokens = np.zeros((batch, width), np.int32)
@@ -184,6 +193,7 @@ class Session:
         if len(new_tokens) != self.batch_size:
             raise ValueError(f"new_tokens has {len(new_tokens)} rows, the session has {self.batch_size}")
         vocab, max_len = self._sampler.config.vocab_size, self._sampler.max_len
+        _check_sampling(sampling, vocab)
         rows = [None if t is None else _as_token_row(t, f"new_tokens[{b}]", vocab)
                 for b, t in enumerate(new_tokens)]
         for b, row in enumerate(rows):

@@ -1,0 +1,160 @@
+"""Decode throughput of the KV-cache sampler, side by side with ``transformers`` ``generate``.
+
+For each model (``tiny`` random init, ``smollm2`` = SmolLM2-135M-Instruct from its GGUF) and
+batch size, both engines decode greedily from the same weights (exported with
+``save_hf_checkpoint`` and read back by ``transformers``) and the same equal-length prompts,
+without eos, so every row generates exactly the requested tokens.
+
+Decode tokens/s is measured as  B * (n_long - n_short) / (t(n_long) - t(n_short)):  two runs
+that differ only in the number of new tokens, so prefill and dispatch cancel (n_short and
+n_long share one step bucket, hence one compiled program). End-to-end tokens/s (prefill
+included) is B * n_long / t(n_long).
+
+Memory-bandwidth bound of one decode step (``--bandwidth-gbs``):
+    t_step >= (weight bytes + B * KV bytes per row) / bandwidth,
+with KV bytes per row = 2 * layers * kv_heads * head_dim * cache bytes * slots read. The
+sampler attends over every slot of its cache (``slots = cache length``), ``transformers`` over
+the filled part only; the bound printed uses the sampler's slots.
+
+    python bench/sampler_throughput.py                       # CPU, tiny + smollm2, B = 1, 8, 32
+    python bench/sampler_throughput.py --models smollm2 --batch-sizes 1,64,256 \
+        --bandwidth-gbs 3350 --skip-hf                       # e.g. one H100 (HBM3)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spear_jax.model import get_model_config, init_model
+from spear_jax.model.gguf_checkpoint import load_smollm2
+from spear_jax.model.hf_checkpoint import save_hf_checkpoint
+from spear_jax.sampling import Sampler, SamplingParams
+from spear_jax.sampling.sampler import length_bucket
+
+
+def build_model(name: str, compute_dtype: str):
+    if name == "tiny":
+        cfg = get_model_config("tiny", compute_dtype=compute_dtype)
+        graphdef, state = nnx.split(init_model(cfg, 0))
+        return cfg, graphdef, state
+    if name == "smollm2":
+        return load_smollm2(compute_dtype=compute_dtype)
+    raise ValueError(f"unknown model {name!r}; choose from tiny, smollm2")
+
+
+def load_transformers(cfg, state, device: str):
+    import torch
+    import transformers
+
+    directory = tempfile.mkdtemp(prefix="sampler_bench_")
+    save_hf_checkpoint(cfg, state, directory)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval().to(device)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def time_jax(sampler, prompts, new_tokens, repeats):
+    params = SamplingParams(greedy=True, max_new_tokens=new_tokens)
+    out = sampler.generate(prompts, params, jax.random.key(0))  # compile + warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = sampler.generate(prompts, params, jax.random.key(0))
+        best = min(best, time.perf_counter() - start)
+    assert all(len(g.tokens) == new_tokens for g in out)
+    return best, np.stack([g.tokens for g in out])
+
+
+def time_hf(model, prompts, new_tokens, repeats, device):
+    import torch
+
+    ids = torch.tensor(np.asarray(prompts), dtype=torch.long, device=device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        model.generate(ids, **kwargs)  # warm up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = model.generate(ids, **kwargs)
+            best = min(best, time.perf_counter() - start)
+    return best, out[:, ids.shape[1]:].cpu().numpy()
+
+
+def bandwidth_bound_tokens_per_s(cfg, batch, slots, cache_bytes, bandwidth_gbs):
+    weight_bytes = cfg.num_params() * jnp.dtype(cfg.param_dtype).itemsize
+    kv_bytes_per_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache_bytes * slots
+    step_seconds = (weight_bytes + batch * kv_bytes_per_row) / (bandwidth_gbs * 1e9)
+    return batch / step_seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny,smollm2")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64,
+                        help="n_long; n_short = n_long / 2 + 1 (same step bucket)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many timed runs")
+    parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--cache-dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--bandwidth-gbs", type=float, default=None,
+                        help="device memory bandwidth in GB/s, for the decode bound")
+    parser.add_argument("--skip-hf", action="store_true", help="only the JAX sampler")
+    parser.add_argument("--hf-device", default="cpu")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args()
+
+    n_long = args.new_tokens
+    n_short = n_long // 2 + 1
+    if length_bucket(n_short) != length_bucket(n_long):
+        raise ValueError(f"--new-tokens {n_long} must be a power of two >= 32 (one step bucket)")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
+          f"load average at start {os.getloadavg()}")
+    rows = []
+    for name in args.models.split(","):
+        cfg, graphdef, state = build_model(name, args.compute_dtype)
+        max_len = args.prompt_len + n_long
+        sampler = Sampler(graphdef, state, cfg, max_len=max_len, max_batch=max(batch_sizes),
+                          cache_dtype=jnp.dtype(args.cache_dtype))
+        slots = min(max_len, length_bucket(args.prompt_len) + length_bucket(n_long))
+        hf_model = None if args.skip_hf else load_transformers(cfg, state, args.hf_device)
+        rng = np.random.default_rng(0)
+        for batch in batch_sizes:
+            prompts = rng.integers(0, cfg.vocab_size, size=(batch, args.prompt_len)).tolist()
+            t_short, _ = time_jax(sampler, prompts, n_short, args.repeats)
+            t_long, jax_tokens = time_jax(sampler, prompts, n_long, args.repeats)
+            row = dict(model=name, batch=batch, prompt_len=args.prompt_len, new_tokens=n_long,
+                       jax_decode_tok_s=batch * (n_long - n_short) / (t_long - t_short),
+                       jax_e2e_tok_s=batch * n_long / t_long, load_avg_1m=os.getloadavg()[0])
+            if hf_model is not None:
+                h_short, _ = time_hf(hf_model, prompts, n_short, args.repeats, args.hf_device)
+                h_long, hf_tokens = time_hf(hf_model, prompts, n_long, args.repeats, args.hf_device)
+                row.update(hf_decode_tok_s=batch * (n_long - n_short) / (h_long - h_short),
+                           hf_e2e_tok_s=batch * n_long / h_long,
+                           greedy_agreement=float(np.mean(jax_tokens == hf_tokens)))
+                row["decode_speedup"] = row["jax_decode_tok_s"] / row["hf_decode_tok_s"]
+            if args.bandwidth_gbs:
+                row["bound_tok_s"] = bandwidth_bound_tokens_per_s(
+                    cfg, batch, slots, jnp.dtype(args.cache_dtype).itemsize, args.bandwidth_gbs)
+            rows.append(row)
+            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                  flush=True)
+    print(f"load average at end {os.getloadavg()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

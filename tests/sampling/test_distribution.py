@@ -1,0 +1,136 @@
+"""Next-token selection: empirical frequencies match the intended distribution exactly,
+truncation is exact, log-probs are log softmax(logits / T) before truncation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spear_jax.sampling.distribution import SamplingKnobs, sample_tokens, truncation_mask_sorted
+
+N = 40_000
+LOGITS = np.array([2.0, 1.5, 0.3, -0.4, 1.0, -2.0, 0.0, 0.7], np.float32)
+
+_sample = jax.jit(sample_tokens)
+
+
+def draw(logits, temperature=1.0, top_p=1.0, top_k=0, greedy=False, seed=0, n=N):
+    keys = jax.random.split(jax.random.key(seed), n)
+    batch = jnp.broadcast_to(jnp.asarray(logits), (n, len(logits)))
+    tokens, logprobs = _sample(keys, batch, SamplingKnobs.make(temperature, top_p, top_k, greedy))
+    return np.asarray(tokens), np.asarray(logprobs)
+
+
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def reference_probs(logits, temperature, top_k, top_p):
+    """numpy: temperature, keep top_k, renormalise, keep smallest head with mass >= top_p."""
+    z = logits.astype(np.float64) / temperature
+    order = np.argsort(-z, kind="stable")
+    keep = np.zeros(len(z), bool)
+    k = len(z) if top_k == 0 else top_k
+    q = softmax(z[order[:k]])
+    mass = 0.0
+    for rank in range(k):
+        if top_p < 1.0 and mass >= top_p:
+            break
+        keep[order[rank]] = True
+        mass += q[rank]
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    return p / p.sum()
+
+
+def assert_frequencies(tokens, probs):
+    """Every token's frequency within 5 binomial standard deviations; zero-probability tokens
+    never drawn."""
+    freq = np.bincount(tokens, minlength=len(probs)) / len(tokens)
+    sigma = np.sqrt(probs * (1 - probs) / len(tokens))
+    np.testing.assert_array_less(np.abs(freq - probs), 5 * sigma + 1e-12)
+    assert np.all(freq[probs == 0] == 0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
+def test_frequencies_match_softmax_over_temperature(temperature):
+    tokens, logprobs = draw(LOGITS, temperature=temperature)
+    assert_frequencies(tokens, softmax(LOGITS.astype(np.float64) / temperature))
+    expected = np.log(softmax(LOGITS.astype(np.float64) / temperature))[tokens]
+    np.testing.assert_allclose(logprobs, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.7), (4, 0.8), (1, 1.0), (0, 0.5)])
+def test_truncation_frequencies_and_untruncated_logprobs(top_k, top_p):
+    temperature = 0.8
+    tokens, logprobs = draw(LOGITS, temperature=temperature, top_k=top_k, top_p=top_p, seed=1)
+    assert_frequencies(tokens, reference_probs(LOGITS, temperature, top_k, top_p))
+    # behaviour log-probs are taken before truncation
+    expected = np.log(softmax(LOGITS.astype(np.float64) / temperature))[tokens]
+    np.testing.assert_allclose(logprobs, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_top_p_hand_case():
+    # probs 0.5, 0.3, 0.15, 0.05: top_p = 0.7 keeps {0, 1} (0.5 < 0.7, then 0.8 >= 0.7);
+    # top_p = 0.5 keeps {0}; top_p = 0.81 keeps {0, 1, 2}.
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    mask = truncation_mask_sorted(jnp.asarray(logits)[None], jnp.int32(0), jnp.float32(0.7))
+    np.testing.assert_array_equal(np.asarray(mask[0]), [True, True, False, False])
+    mask = truncation_mask_sorted(jnp.asarray(logits)[None], jnp.int32(0), jnp.float32(0.5))
+    np.testing.assert_array_equal(np.asarray(mask[0]), [True, False, False, False])
+    mask = truncation_mask_sorted(jnp.asarray(logits)[None], jnp.int32(2), jnp.float32(0.81))
+    np.testing.assert_array_equal(np.asarray(mask[0]), [True, True, False, False])
+    tokens, _ = draw(logits, top_p=0.7, n=20_000)
+    assert_frequencies(tokens, np.array([0.625, 0.375, 0.0, 0.0]))
+
+
+def test_top_k_keeps_exactly_k_with_ties():
+    logits = np.array([1.0, 3.0, 3.0, 3.0, 0.0], np.float32)
+    tokens, _ = draw(logits, top_k=2, n=20_000)
+    # stable sort: ties broken by lower id -> ids 1 and 2, equally likely
+    assert_frequencies(tokens, np.array([0.0, 0.5, 0.5, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("knobs", [dict(greedy=True), dict(top_k=1), dict(top_p=1e-6),
+                                   dict(greedy=True, temperature=0.3, top_k=5)])
+def test_greedy_like_settings_take_the_argmax(knobs):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(64, 50)).astype(np.float32) * 3
+    keys = jax.random.split(jax.random.key(0), 64)
+    tokens, logprobs = _sample(keys, jnp.asarray(logits), SamplingKnobs.make(
+        knobs.get("temperature", 1.0), knobs.get("top_p", 1.0), knobs.get("top_k", 0), knobs.get("greedy", False)))
+    np.testing.assert_array_equal(np.asarray(tokens), logits.argmax(-1))
+    temperature = knobs.get("temperature", 1.0)
+    z = logits.astype(np.float64) / temperature
+    expected = (z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)))
+    np.testing.assert_allclose(np.asarray(logprobs), expected[np.arange(64), logits.argmax(-1)], rtol=1e-5, atol=1e-5)
+
+
+def test_determinism_and_key_dependence():
+    a, _ = draw(LOGITS, seed=5, n=256)
+    b, _ = draw(LOGITS, seed=5, n=256)
+    c, _ = draw(LOGITS, seed=6, n=256)
+    np.testing.assert_array_equal(a, b)
+    assert np.mean(a != c) > 0.3
+
+
+_mask = jax.jit(truncation_mask_sorted)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-5, 5, allow_nan=False), min_size=12, max_size=12, unique=True),
+       st.integers(0, 12), st.floats(0.05, 1.0))
+def test_truncation_mask_matches_numpy(values, top_k, top_p):
+    logits = np.sort(np.asarray(values, np.float32))[::-1].copy()
+    if len(np.unique(logits)) < len(logits):
+        return
+    got = np.asarray(_mask(jnp.asarray(logits)[None], jnp.int32(top_k), jnp.float32(top_p))[0])
+    expected = reference_probs(logits, 1.0, top_k, top_p) > 0
+    # float32 vs float64 cumulative sums may disagree only when a partial mass is within
+    # rounding of top_p; skip those knife-edge cases
+    k = len(logits) if top_k == 0 else top_k
+    masses = np.cumsum(softmax(logits[:k].astype(np.float64)))
+    if top_p < 1.0 and np.min(np.abs(masses - top_p)) < 1e-5:
+        return
+    np.testing.assert_array_equal(got, expected)
