@@ -1,0 +1,143 @@
+"""Forward+backward throughput and MFU of the train step, side by side with transformers (torch).
+
+    python bench/model_throughput.py --preset smollm2-135m --batch 4 --seq_len 256
+    python bench/model_throughput.py --preset qwen2.5-1.5b --batch 16 --seq_len 4096 \
+        --compute_dtype bfloat16 --remat --peak_tflops 989 --no_torch          # on an H100
+
+The step is value_and_grad of the mean token log-likelihood (chunked log-prob pass) over random
+tokens. Model FLOPs per token (PaLM convention, no rematerialisation counted):
+
+    6 * N_matmul + 6 * num_layers * seq_len * num_heads * head_dim
+
+with N_matmul = all matmul weights including the output projection (tied or not). MFU =
+achieved FLOP/s / peak; the peak is ``--peak_tflops`` when given, else the best of a large
+float32 matmul measured in this run under XLA and under torch. ``os.getloadavg()`` is printed
+because the CPU may be shared.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spear_jax.model import get_model_config, init_sharded, to_hf_config
+from spear_jax.model.logprobs import sequence_token_stats
+from spear_jax.sharding import make_mesh
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    per_layer = d * q + 2 * d * kv + q * d + 3 * d * f
+    n_matmul = cfg.num_layers * per_layer + d * v
+    return 6 * n_matmul + 6 * cfg.num_layers * seq_len * q
+
+
+def time_fn(fn, steps: int) -> float:
+    fn()  # compile / warm up
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps
+
+
+def jax_matmul_peak(n: int) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    seconds = time_fn(lambda: mm(a).block_until_ready(), 5)
+    return 2 * n**3 / seconds
+
+
+def torch_matmul_peak(n: int) -> float:
+    import torch
+
+    a = torch.randn(n, n)
+    seconds = time_fn(lambda: a @ a, 5)
+    return 2 * n**3 / seconds
+
+
+def jax_step_seconds(cfg, batch: int, seq_len: int, steps: int) -> float:
+    mesh = make_mesh(data=-1)
+    graphdef, state = init_sharded(cfg, mesh)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    tokens = jax.device_put(
+        jax.random.randint(jax.random.key(1), (batch, seq_len), 0, cfg.vocab_size), batch_sharding)
+    valid = jax.device_put(jnp.ones((batch, seq_len), bool), batch_sharding)
+
+    def loss(st):
+        logprobs, _ = sequence_token_stats(graphdef, st, tokens, valid)
+        return -jnp.mean(logprobs)
+
+    with jax.set_mesh(mesh):
+        step = jax.jit(jax.value_and_grad(loss))
+        return time_fn(lambda: jax.block_until_ready(step(state)), steps)
+
+
+def torch_step_seconds(cfg, batch: int, seq_len: int, steps: int) -> float:
+    import torch
+    import transformers
+
+    hf_config = transformers.AutoConfig.for_model(**to_hf_config(cfg))
+    dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).train()
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=tokens, labels=tokens)
+        out.loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return time_fn(step, steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="accelerator peak for MFU (e.g. 989 for H100 bf16); default: measured")
+    parser.add_argument("--matmul_size", type=int, default=2048)
+    parser.add_argument("--no_torch", action="store_true", help="skip the transformers comparison")
+    args = parser.parse_args()
+
+    cfg = get_model_config(args.preset, compute_dtype=args.compute_dtype, remat=args.remat)
+    tokens = args.batch * args.seq_len
+    flops = flops_per_token(cfg, args.seq_len) * tokens
+    print(f"backend={jax.default_backend()} devices={len(jax.devices())} preset={args.preset} "
+          f"batch={args.batch} seq_len={args.seq_len} dtype={args.compute_dtype} remat={args.remat}")
+    print(f"loadavg before: {os.getloadavg()}  cpus={os.cpu_count()}")
+
+    peaks = {"xla_matmul": jax_matmul_peak(args.matmul_size)}
+    if not args.no_torch:
+        peaks["torch_matmul"] = torch_matmul_peak(args.matmul_size)
+    for name, value in peaks.items():
+        print(f"{name} {args.matmul_size}^3 fp32: {value / 1e9:.1f} GFLOP/s")
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else max(peaks.values())
+    print(f"peak used for MFU: {peak / 1e9:.1f} GFLOP/s ({'given' if args.peak_tflops else 'measured'})")
+
+    results = {"jax": jax_step_seconds(cfg, args.batch, args.seq_len, args.steps)}
+    if not args.no_torch:
+        results["torch"] = torch_step_seconds(cfg, args.batch, args.seq_len, args.steps)
+    for name, seconds in results.items():
+        print(f"{name:6s} step {seconds * 1e3:9.1f} ms  {tokens / seconds:9.1f} tokens/s  "
+              f"{flops / seconds / 1e9:8.1f} GFLOP/s  MFU {flops / seconds / peak:6.1%}")
+    if "torch" in results:
+        print(f"jax / torch throughput ratio: {results['torch'] / results['jax']:.2f}")
+    print(f"loadavg after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
