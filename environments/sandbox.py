@@ -20,6 +20,11 @@ is discarded afterwards, so no snippet ever sees state left by another one. Cont
   process count. Every process of that uid is SIGKILLed after each call (``/proc`` scan), which
   catches escapees even without a PID namespace.
 * **rlimits**: CPU seconds, address space, process count, file size, open files, no core dumps.
+* **Memory cgroup** (root, cgroup v1 or delegated v2): each slot has a child memory cgroup of
+  this process's own, limited to ``memory_bytes`` for the snippet *and all its children*
+  (RLIMIT_AS alone would allow ``max_processes`` x ``memory_bytes``); the snippet's processes
+  carry ``oom_score_adj`` 1000 so the kernel's OOM killer takes them first. Without it (warned
+  once) memory is limited per process only.
 * ``python -I`` (no user site, no ``PYTHON*`` variables, script dir not on ``sys.path``), a
   scrubbed environment (only ``PATH``, locale, ``HOME``/``TMPDIR`` = scratch and single-thread
   BLAS settings; nothing from the host), stdin closed after the code.
@@ -93,7 +98,8 @@ class SandboxConfig:
     Attributes:
       timeout_s: wall-clock limit of one call (reference: 30 s).
       cpu_time_s: RLIMIT_CPU of the worker (SIGXCPU at the limit, SIGKILL one second later).
-      memory_bytes: RLIMIT_AS, the address-space limit (reference: 1 GB).
+      memory_bytes: RLIMIT_AS of each process, and (where a memory cgroup can be created) the
+        total of the snippet and its children (reference: 1 GB).
       max_processes: RLIMIT_NPROC for the worker's uid (processes and threads).
       max_file_bytes: RLIMIT_FSIZE, the largest file the snippet may write.
       max_open_files: RLIMIT_NOFILE.
@@ -167,16 +173,25 @@ class SandboxResult:
         if self.status == "killed" and self.exit_code is None:
             note = "Error: the sandbox worker ended without reporting a result."
         if note is not None:
-            parts.append(note.format(code=self.exit_code))
+            parts.append(note.format(signal=_signal_name(self.exit_code)))
         return "\n".join(parts) if parts else "(no output)"
 
 
 _STATUS_NOTES = {
     "timeout": "Error: execution timed out (wall-clock limit); the process was killed.",
     "cpu_limit": "Error: CPU time limit exceeded; the process was killed.",
-    "killed": "Error: the process was killed by signal {code} (resource limit exceeded).",
+    "killed": "Error: the process was killed by {signal} (a resource limit was exceeded).",
     "output_limit": "Error: output limit exceeded; the process was killed and output truncated.",
 }
+
+
+def _signal_name(exit_code: int | None) -> str:
+    if exit_code is None or exit_code >= 0:
+        return "a signal"
+    try:
+        return signal.Signals(-exit_code).name
+    except ValueError:
+        return f"signal {-exit_code}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +276,64 @@ class _UidLease:
             self._fd = None
 
 
+class _MemoryCgroup:
+    """A child memory cgroup (v1 or v2) of this process's own, capping a slot's total memory.
+
+    RLIMIT_AS bounds each process; this bounds the snippet and all its children together (and
+    the tmpfs pages they write), so ``max_processes`` processes cannot each take the limit.
+    ``create`` returns None when the host does not let us create one (no root, read-only
+    cgroupfs, v2 without the memory controller delegated).
+    """
+
+    def __init__(self, path: str, procs_file: str):
+        self.path, self.procs_file = path, procs_file
+
+    @classmethod
+    def create(cls, name: str, limit_bytes: int) -> "_MemoryCgroup | None":
+        try:
+            with open("/proc/self/cgroup") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            _, controllers, own = line.split(":", 2)
+            if "memory" in controllers.split(","):  # cgroup v1
+                path = os.path.join("/sys/fs/cgroup/memory", own.lstrip("/"), name)
+                limits = (("memory.limit_in_bytes", limit_bytes), ("memory.memsw.limit_in_bytes", limit_bytes))
+                break
+            if controllers == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):  # v2
+                path = os.path.join("/sys/fs/cgroup", own.lstrip("/"), name)
+                limits = (("memory.max", limit_bytes), ("memory.swap.max", 0))
+                break
+        else:
+            return None
+        try:
+            os.makedirs(path, exist_ok=True)
+            for filename, value in limits:
+                if filename == limits[0][0] or os.path.exists(os.path.join(path, filename)):
+                    with open(os.path.join(path, filename), "w") as f:
+                        f.write(str(value))
+        except OSError as err:
+            _LOG.warning("sandbox: no memory cgroup (%s); memory is limited per process only", err)
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+            return None
+        return cls(path, os.path.join(path, "cgroup.procs"))
+
+    def remove(self) -> None:
+        for _ in range(50):  # processes leave a cgroup shortly after they are reaped
+            try:
+                os.rmdir(self.path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.01)
+        _LOG.error("sandbox: could not remove cgroup %s", self.path)
+
+
 # --------------------------------------------------------------------------------------------
 # The host side: one worker process and the pool.
 
@@ -328,7 +401,7 @@ class _Worker:
     """
 
     def __init__(self, cfg: SandboxConfig, uid: int | None, isolated: bool,
-                 fork_server: _ForkServer | None):
+                 fork_server: _ForkServer | None, cgroup_procs: str | None):
         self.uid = uid
         self._killed = False
         self.marker = None if uid is not None else uuid.uuid4().hex
@@ -340,7 +413,7 @@ class _Worker:
         self.status_fd, status_w = os.pipe()
         worker_cfg = {
             "uid": uid, "isolated": isolated, "scratch": scratch, "preamble": cfg.preamble,
-            "status_fd": status_w, "cpu_time_s": cfg.cpu_time_s, "memory_bytes": cfg.memory_bytes,
+            "status_fd": status_w, "cgroup_procs": cgroup_procs, "cpu_time_s": cfg.cpu_time_s, "memory_bytes": cfg.memory_bytes,
             "max_processes": cfg.max_processes, "max_file_bytes": cfg.max_file_bytes,
             "max_open_files": cfg.max_open_files, "tmpfs_bytes": cfg.tmpfs_bytes,
         }
@@ -498,6 +571,9 @@ class Sandbox:
             print(f"WARNING: {message}", file=sys.stderr)
         self._leases = ([_UidLease(self.config.uid_base) for _ in range(self.config.pool_size)]
                         if self.drops_privileges else [])
+        self._cgroups = ([_MemoryCgroup.create(f"spear-sandbox-{lease.uid}", self.config.memory_bytes)
+                          for lease in self._leases] if self.drops_privileges else [])
+        self.limits_total_memory = bool(self._cgroups) and all(self._cgroups)
         self._free_slots = collections.deque(range(self.config.pool_size))  # round robin
         self._warm: dict[int, _Worker] = {}
         self._cond = threading.Condition()
@@ -524,7 +600,19 @@ class Sandbox:
 
     def _start(self, slot: int) -> _Worker:
         uid = self._leases[slot].uid if self._leases else None
-        return _Worker(self.config, uid, self.isolated, self._server())
+        cgroup = self._cgroups[slot] if self._cgroups else None
+        procs_file = cgroup.procs_file if cgroup is not None else None
+        try:
+            return _Worker(self.config, uid, self.isolated, self._server(), procs_file)
+        except (OSError, RuntimeError) as err:
+            if not self.uses_fork_server:
+                raise
+            _LOG.warning("sandbox: starting a worker failed (%s); restarting the fork server", err)
+            with self._server_lock:
+                if self._fork_server is not None:
+                    self._fork_server.close()
+                    self._fork_server = None
+            return _Worker(self.config, uid, self.isolated, self._server(), procs_file)
 
     def run(self, code: str) -> SandboxResult:
         """Runs ``code`` in a fresh worker and returns its result. Never raises on bad code."""
@@ -552,7 +640,10 @@ class Sandbox:
                 worker.kill()
             with self._cond:
                 if self.config.warm and not self._closed:
-                    self._warm[slot] = self._start(slot)
+                    try:
+                        self._warm[slot] = self._start(slot)
+                    except (OSError, RuntimeError) as err:  # the next call starts one on demand
+                        _LOG.error("sandbox: could not start a warm worker: %s", err)
                 self._free_slots.append(slot)
                 self._cond.notify()
 
@@ -568,6 +659,9 @@ class Sandbox:
             if self._fork_server is not None:
                 self._fork_server.close()
                 self._fork_server = None
+        for cgroup in self._cgroups:
+            if cgroup is not None:
+                cgroup.remove()
         for lease in self._leases:
             lease.release()
 
@@ -634,6 +728,9 @@ def _isolate_filesystem(cfg: dict) -> None:
 
 def _drop_privileges(cfg: dict) -> None:
     import resource
+    if cfg["cgroup_procs"] is not None:  # at the cgroup's limit the snippet's processes die first
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
     uid = cfg["uid"]
     if uid is not None:
         os.chown(cfg["scratch"], uid, uid)
@@ -716,6 +813,9 @@ def _supervise(cfg: dict) -> None:
     init, which runs and reports the snippet (the snippet is not PID 1, so kernel signals such
     as SIGXCPU keep their default action; when the init exits, the kernel kills whatever the
     snippet left in the namespace). Otherwise: run and report the snippet directly."""
+    if cfg["cgroup_procs"] is not None:
+        with open(cfg["cgroup_procs"], "w") as f:
+            f.write(str(os.getpid()))
     if not cfg["isolated"]:
         _run_and_report(cfg)
         return
@@ -755,8 +855,10 @@ def _fork_server_main(cfg: dict) -> None:
     signal.signal(signal.SIGCHLD, reap)
     while True:
         header, fds, _, _ = socket.recv_fds(sock, 4, 4)
-        if len(header) < 4:
-            return  # the host closed the socket
+        while header and len(header) < 4:
+            header += sock.recv(4 - len(header))
+        if len(header) < 4 or len(fds) != 4:
+            return  # the host closed the socket (or broke the protocol)
         size, payload = int.from_bytes(header, "big"), b""
         while len(payload) < size:
             chunk = sock.recv(size - len(payload))
@@ -780,6 +882,10 @@ def _fork_server_main(cfg: dict) -> None:
                 os.closerange(fds[3] + 1, 65536)
                 _reseed_random_modules()
                 _supervise(worker_cfg)
+            except BaseException:  # a failure of the sandbox itself: say so on stderr
+                import traceback
+                traceback.print_exc()
+                sys.stderr.flush()
             finally:
                 os._exit(0)
         pidfd = os.pidfd_open(pid)

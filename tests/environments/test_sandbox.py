@@ -320,3 +320,36 @@ def test_workers_booting_their_own_interpreter_are_isolated_too():
         assert r.stdout == "ok\n" and _cmdline_processes(f"sleep\0{token}") == []
         uid = sb._leases[0].uid
     assert _processes_matching(uid, None) == []
+
+
+@isolated_only
+def test_warm_worker_killed_while_idle_gives_an_error_then_recovers():
+    with Sandbox(SandboxConfig(pool_size=1, timeout_s=10)) as sb:
+        uid = sb._leases[0].uid
+        deadline = time.monotonic() + 10
+        while not _processes_matching(uid, None) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the warm worker drops to the slot uid once booted
+        for pid in _processes_matching(uid, None):
+            os.kill(pid, 9)
+        r = sb.run("print('never')")
+        assert r.status in ("killed", "error") and "never" not in r.stdout
+        assert r.text() == "Error: the process was killed by SIGKILL (a resource limit was exceeded)."
+        assert sb.run("print('again')").stdout == "again\n"
+
+
+@isolated_only
+def test_memory_cgroup_caps_a_snippet_and_its_children_together():
+    """Each process stays under RLIMIT_AS (512 MiB), but three together exceed the slot's
+    512 MiB cgroup: the kernel's OOM killer must SIGKILL at least one of them."""
+    with Sandbox(SandboxConfig(pool_size=1, timeout_s=20, memory_bytes=512 << 20, warm=False)) as sb:
+        if not sb.limits_total_memory:
+            pytest.skip("no writable memory cgroup here: memory is limited per process only")
+        cgroup_dir = sb._cgroups[0].path
+        r = sb.run("import os, time\npids = []\nfor _ in range(3):\n    pid = os.fork()\n"
+                   "    if pid == 0:\n        block = bytearray(200 << 20)\n        time.sleep(0.5)\n"
+                   "        os._exit(0)\n    pids.append(pid)\n"
+                   "print([os.waitpid(p, 0)[1] & 0x7f for p in pids])")
+        assert r.status == "ok", r.text()
+        assert "9" in r.stdout.strip("[]\n").replace(" ", "").split(","), r.stdout  # SIGKILL
+        assert sb.run("print(np.ones(3).sum())").stdout == "3.0\n"
+    assert not os.path.exists(cgroup_dir)
