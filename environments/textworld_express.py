@@ -192,6 +192,7 @@ class TextWorldExpressEnv:
             raise ValueError(f"unknown TextWorldExpress split {split!r}; choose one of {SPLITS}")
         if not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
             raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+        params_text = format_game_params(game_params)
         self.game = game
         self.split = split
         self.game_params = dict(game_params or {})
@@ -202,14 +203,14 @@ class TextWorldExpressEnv:
         self._rng = np.random.default_rng(seed)
         self._jvm = jvm or shared_jvm()
         self._sim = self._jvm.new_simulator()
-        error = self._sim.load(game, format_game_params(self.game_params))
+        error = self._sim.load(game, params_text)
         if error:
             raise ValueError(f"game_params {self.game_params} rejected for game {game!r}: {error.strip()}")
         fold_getter = {
             "train": self._sim.getSeedsTrain, "dev": self._sim.getSeedsDev,
             "test": self._sim.getSeedsTest,
         }[split]
-        self._fold_seeds = tuple(int(s) for s in fold_getter())
+        self.fold_seeds: tuple[int, ...] = tuple(int(s) for s in fold_getter())  # TWX seeds of the fold
         self._closed = False
         self._episode: dict[str, Any] | None = None
 
@@ -218,7 +219,7 @@ class TextWorldExpressEnv:
     @property
     def num_tasks(self) -> int:
         """Number of tasks (seeds) in this fold."""
-        return len(self._fold_seeds)
+        return len(self.fold_seeds)
 
     def _choose_task(self, task_id, seed) -> int:
         if task_id is not None and seed is not None:
@@ -240,7 +241,7 @@ class TextWorldExpressEnv:
     def reset(self, task_id: int | None = None, seed: int | None = None) -> Observation:
         self._check_open()
         index = self._choose_task(task_id, seed)
-        game_seed = self._fold_seeds[index]
+        game_seed = self.fold_seeds[index]
         state = json.loads(self._sim.generateNewGameJSON(game_seed, self.split, self.generate_gold))
         properties = json.loads(self._sim.getGenerationPropertiesJSON())
         if not properties:

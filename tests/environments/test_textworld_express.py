@@ -109,7 +109,7 @@ def test_folds_are_disjoint_and_tasks_reproducible():
     for split in twx.SPLITS:
         env = twx.TextWorldExpressEnv("twc", split=split)
         env.reset(0)
-        seeds[split] = set(env._fold_seeds)
+        seeds[split] = set(env.fold_seeds)
         first = env.reset(seed=11)
         task_id = env.step(react("look around")).info["task_id"]
         again = env.reset(seed=11)
@@ -164,6 +164,8 @@ def test_bad_input_gives_clear_errors(twc):
         twx.TextWorldExpressEnv("twc", game_params={"numIngredients": 2})
     with pytest.raises(ValueError, match=r"game_params\['numLocations'\] must be an int"):
         twx.TextWorldExpressEnv("twc", game_params={"numLocations": "abc"})
+    with pytest.raises(TypeError, match="game_params must be a mapping"):
+        twx.TextWorldExpressEnv("twc", game_params="numLocations=2")
     with pytest.raises(ValueError, match="game_params.*less than"):
         twx.TextWorldExpressEnv("twc", game_params={"numLocations": 100})
     with pytest.raises(IndexError, match=r"task_id 1000 out of range .*0\.\.999"):
@@ -224,3 +226,16 @@ def test_step_never_raises_on_arbitrary_text(twc, response):
     result = twc.step(response)
     assert result.action_valid == parse_react_action(response).valid
     assert isinstance(result.observation.text, str) and result.reward in (0.0, 10.0)
+
+
+def test_registry_builds_and_rejects():
+    from environments.registry import env_names, make_env
+
+    assert {"textworld_express", "alfworld"} <= set(env_names())
+    env = make_env("textworld_express", game="coin", split="dev", max_steps=7)
+    assert isinstance(env, twx.TextWorldExpressEnv) and env.max_steps == 7 and env.split == "dev"
+    env.close()
+    with pytest.raises(ValueError, match="unknown environment 'nethack'.*textworld_express"):
+        make_env("nethack")
+    with pytest.raises(TypeError, match="bad options for environment 'textworld_express'.*game_params"):
+        make_env("textworld_express", num_locations=2)
