@@ -10,13 +10,14 @@ episodes end at the step limit):
   precomputed token ids (zero sampling cost); the difference to ``raw`` is the engine's host
   work: rendering the history-window prompt, chat-template tokenisation, decoding, records;
 * ``engine, tiny model`` (``--model tiny``): the real KV-cache ``Sampler`` on a random tiny
-  model (SmolLM2 vocabulary) generating ``--max-new-tokens`` tokens per turn; reports env
-  steps/s and generated tokens/s, with the split env / sampler / host time.
+  model with its own tokenizer (``tiny_spm.model``) generating ``--max-new-tokens`` tokens per
+  turn; reports env steps/s and generated tokens/s, with the split env / sampler / host time.
 
 Every run repeats ``--repeats`` times (raw and scripted interleaved, after one warm-up pass of
-the JVM; best of; one warm-up run for the model); figures are printed as JSON lines. Besides wall time, the Python process's CPU time
-per step is reported (the JVM's work is in another process), which is what the engine adds and
-is less sensitive to other load on the machine. The tokenizer is SmolLM2's byte-level BPE with the ChatML template.
+the JVM; best of; one warm-up run for the model); figures are printed as JSON lines. Besides
+wall time, the Python process's CPU time per step is reported (the JVM's work is in another
+process): it is what the engine adds, and it is less sensitive to other load on the machine.
+The scripted runs tokenise with SmolLM2's byte-level BPE and the ChatML template.
 
 Examples::
 
@@ -127,13 +128,15 @@ def main():
         from flax import nnx
 
         from spear_jax.model import get_model_config, init_model
+        from spear_jax.model.tokenizer import tiny_tokenizer
         from spear_jax.sampling import Sampler
 
-        cfg = get_model_config("tiny", vocab_size=tok.tokenizer.vocab_size)
+        tiny_tok = TemplateChatTokenizer(ChatTemplate(tiny_tokenizer(), "chatml"))
+        cfg = get_model_config("tiny")
         graphdef, state = nnx.split(init_model(cfg, seed=0))
         sampler = Sampler(graphdef, state, cfg, max_len=2048, max_batch=args.envs)
-        sampling = SamplingParams(max_new_tokens=args.max_new_tokens, stop_sequences=(end,))
-        engine = RolloutEngine(sampler, tok, config)
+        sampling = SamplingParams(max_new_tokens=args.max_new_tokens, stop_sequences=(tiny_tok.assistant_end_ids,))
+        engine = RolloutEngine(sampler, tiny_tok, config)
         engine_steps_per_s(engine, envs, task_ids, sampling, jax.random.key(0))  # compiles
         runs = [engine_steps_per_s(engine, envs, task_ids, sampling, jax.random.key(1 + i))
                 for i in range(args.repeats)]
