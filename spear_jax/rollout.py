@@ -534,7 +534,7 @@ class RolloutEngine:
                         continue
                 if closing:
                     self._add_piece(state, np.asarray(closing, dtype=np.int32), model=False)
-                state.rows.append(self._trajectory_row(env, state, episode, result))
+                state.rows.append(self._trajectory_row(env, state, episode, result, generation.finish_reason))
                 self._finish(state, episode, truncated=not result.done)
                 finished.append(state)
             live = still_live
@@ -550,7 +550,8 @@ class RolloutEngine:
             logprobs = np.zeros(tokens.shape, dtype=np.float32)
         state.pieces.append((tokens, np.full(tokens.shape, int(model), dtype=np.int8), logprobs))
 
-    def _trajectory_row(self, env: Env, state: _Live, episode: EpisodeSummary, last: StepResult) -> Row:
+    def _trajectory_row(self, env: Env, state: _Live, episode: EpisodeSummary, last: StepResult,
+                        finish_reason: str) -> Row:
         config = self.config
         response = np.concatenate([p[0] for p in state.pieces])
         prompt = np.asarray(state.prompt_ids, dtype=np.int32)
@@ -569,7 +570,7 @@ class RolloutEngine:
             num_tool_calls=int(info.get("num_tool_calls", 0)),
             anchor_obs=state.anchor,
             response_text="".join(state.texts),
-            finish_reason="",
+            finish_reason=finish_reason,
             overlong=response.shape[0] >= max_response,
             incomplete=is_incomplete(config.domain, state.texts[-1], info),
             task_id=episode.task_id,

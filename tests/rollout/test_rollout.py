@@ -200,7 +200,7 @@ def check_stream_equals_rendered_conversation(tok, system_prompt):
                 expected_logp += [0.0] * len(tok.render_followup("tool", f"Number: {numbers[t + 1]}"))
         np.testing.assert_allclose(row.logprobs, expected_logp)
         assert row.episode_return == 3.0 and row.won and row.num_turns == 3 and row.step_index == 0
-        assert row.anchor_obs == f"Number: {numbers[0]}" and row.action_valid
+        assert row.anchor_obs == f"Number: {numbers[0]}" and row.action_valid and row.finish_reason == "stop"
 
 
 def test_trajectory_stream_equals_rendered_conversation(tok):
