@@ -5,6 +5,8 @@ import re
 import jax
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from environments.base import Observation
 from environments.prompts import render_agent_prompt
@@ -277,3 +279,34 @@ def test_env_text_drops_only_what_ended_the_turn(tok):
     n = numbers_of_task(0, 1)[0]
     assert seen == [f"<think>I see {n}.</think><action>say {n}</action>"]
     assert result.rows[0].response_ids[-1] == pad and result.rows[0].loss_mask[-1] == 1
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 3), st.data())
+def test_lockstep_invariants(tok, group_size, data):
+    """Random episode lengths and failures: one sampler call per turn over exactly the live envs,
+    rows only from completed episodes, one row per step, ids and returns consistent."""
+    num_tasks = data.draw(st.integers(1, 3))
+    n = num_tasks * group_size
+    lengths = data.draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    fail = data.draw(st.lists(st.sampled_from([None, "reset", 0, 1, 2]), min_size=n, max_size=n))
+    layout = data.draw(st.sampled_from(["step", "trajectory"]))
+    envs = [SayNumberEnv(episode_length=length, fail_on_reset=f == "reset",
+                         fail_at_step=f if isinstance(f, int) else None) for length, f in zip(lengths, fail)]
+    task_ids = list(range(10, 10 + num_tasks))
+    result, sampler = run(tok, envs, task_ids, group_size=group_size, layout=layout, max_sequence_length=1024)
+    # env i is live at turn t iff it reset fine and t < its last turn (failure turn included)
+    last_turn = [0 if f == "reset" else (min(length, f + 1) if isinstance(f, int) else length)
+                 for length, f in zip(lengths, fail)]
+    expected_calls = [sum(t < last for last in last_turn) for t in range(max(last_turn))]
+    assert sampler.calls == [c for c in expected_calls if c > 0]
+    failed = {i for i, (length, f) in enumerate(zip(lengths, fail))
+              if f == "reset" or (isinstance(f, int) and f < length)}
+    assert {e.traj_id for e in result.episodes if e.failed} == failed
+    assert {r.traj_id for r in result.rows} == set(range(n)) - failed
+    for i in set(range(n)) - failed:
+        rows = [r for r in result.rows if r.traj_id == i]
+        assert len(rows) == (lengths[i] if layout == "step" else 1)
+        assert all(r.group_id == i // group_size and r.task_id == task_ids[i // group_size] for r in rows)
+        assert all(r.episode_return == lengths[i] == r.episode_length and r.won for r in rows)
+    assert result.metrics["rollout/failed_episodes"] == len(failed)
