@@ -21,9 +21,9 @@ Two row layouts (``RolloutConfig.layout``):
   appended as an ``observation_role`` message (``render_followup``: the template's tail after the
   assistant's end token, the message, the generation prompt). The row's response is every token
   after the prompt: generated tokens (loss mask 1, behaviour logprobs) interleaved with
-  observation tokens (loss mask 0, logprob 0). When a turn ends without the assistant end token
-  (``finish_reason == "length"``) the end token is appended with mask 0 so the conversation stays
-  well-formed.
+  observation tokens (loss mask 0, logprob 0). When a turn ends without the assistant end
+  sequence (cut at ``max_new_tokens``, or ended by another eos id / stop sequence) the end
+  sequence is appended with mask 0 so the conversation stays well-formed.
 
 Token level throughout: generated ids are stored as produced and never re-tokenised; the text
 handed to the environment is ``decode`` of the ids without the trailing end-of-turn sequence
@@ -523,7 +523,8 @@ class RolloutEngine:
                 state.rewards.append(float(result.reward))
                 state.invalid_turns += int(not result.action_valid)
                 state.won = bool(result.won)
-                closing = [] if generation.finish_reason != "length" else list(self._end_ids)
+                closed = strip_suffix(tokens, self._end_ids).shape[0] < tokens.shape[0]
+                closing = [] if closed else list(self._end_ids)
                 if not result.done and len(state.rewards) < self._turn_limit(env):
                     followup = closing + list(self.tokenizer.render_followup(
                         config.observation_role, result.observation.text))

@@ -310,3 +310,26 @@ def test_lockstep_invariants(tok, group_size, data):
         assert all(r.group_id == i // group_size and r.task_id == task_ids[i // group_size] for r in rows)
         assert all(r.episode_return == lengths[i] == r.episode_length and r.won for r in rows)
     assert result.metrics["rollout/failed_episodes"] == len(failed)
+
+
+def test_trajectory_turn_ended_by_eos_is_closed(tok):
+    pad = tok.tokenizer.token_to_id("<pad>")
+
+    class EosSampler(ScriptedSampler):
+        def emit(self, context, sampling):
+            g = super().emit(context, sampling)
+            g.tokens = np.concatenate([g.tokens[:-1], [pad]]).astype(np.int32)
+            g.finish_reason = "eos"
+            return g
+
+    sampling = SamplingParams(max_new_tokens=64, stop_sequences=(END,), eos_ids=(pad,))
+    config = RolloutConfig(group_size=1, layout="trajectory", max_sequence_length=400)
+    result = RolloutEngine(EosSampler(tok, say_number_policy), tok, config).run(
+        [SayNumberEnv(episode_length=2)], [0], sampling, KEY)
+    (row,) = result.rows
+    assert row.won  # the env saw the answers without the eos id
+    pads = np.flatnonzero(row.response_ids == pad)
+    assert len(pads) == 2 and np.all(row.loss_mask[pads] == 1)
+    # each eos is followed by the engine's <|im_end|> with mask 0
+    assert np.all(row.response_ids[pads + 1] == END[0]) and np.all(row.loss_mask[pads + 1] == 0)
+    assert pads[-1] + 1 == row.response_length - 1
