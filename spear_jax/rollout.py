@@ -148,6 +148,10 @@ class RolloutConfig:
       layout: ``"step"`` or ``"trajectory"`` rows (module docstring).
       domain: ``"agent"`` (ReAct completeness test) or ``"math"`` (the env's ``incomplete``).
       history_length: k, (observation, action) pairs shown in step-row prompts (reference 2).
+      max_prompt_length: step rows: a prompt longer than this many tokens is re-rendered with
+        fewer history pairs (k-1, ..., 0; the reference's WebShop falls back to the no-history
+        template by characters); if even the history-free prompt is longer it is used as is
+        (batching truncates it from the left). None = never shorten.
       max_turns: sampler calls per episode at most; None = each env's ``max_steps``. An episode
         still running then is ended by the engine (``EpisodeSummary.truncated``).
       max_response_length: the overlong threshold in tokens (per generated turn for step rows,
@@ -164,6 +168,7 @@ class RolloutConfig:
     layout: str = "step"
     domain: str = "agent"
     history_length: int = DEFAULT_HISTORY_LENGTH
+    max_prompt_length: int | None = None
     max_turns: int | None = None
     max_response_length: int | None = None
     max_sequence_length: int | None = None
@@ -179,7 +184,7 @@ class RolloutConfig:
             raise ValueError(f"RolloutConfig.domain must be one of {DOMAINS}, got {self.domain!r}")
         if self.history_length < 0:
             raise ValueError(f"RolloutConfig.history_length must be >= 0, got {self.history_length}")
-        for name in ("max_turns", "max_response_length", "max_sequence_length"):
+        for name in ("max_prompt_length", "max_turns", "max_response_length", "max_sequence_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"RolloutConfig.{name} must be a positive int or None, got {value!r}")
@@ -419,9 +424,14 @@ class RolloutEngine:
     # -- step rows ------------------------------------------------------------------------------
 
     def _step_prompt(self, env: Env, state: _Live) -> list[int]:
-        text = render_agent_prompt(env.prompt_style, state.observation, state.history,
-                                   self.config.history_length)
-        return self.tokenizer.render_prompt([("user", text)])
+        """The step's prompt with the longest history window (<= k) within max_prompt_length."""
+        limit = self.config.max_prompt_length
+        for k in range(self.config.history_length, -1, -1):
+            text = render_agent_prompt(env.prompt_style, state.observation, state.history, k)
+            ids = self.tokenizer.render_prompt([("user", text)])
+            if limit is None or len(ids) <= limit or not state.history:
+                return ids
+        return ids
 
     def _run_step_rows(self, envs, live, episodes, sampling, key) -> list[_Live]:
         config = self.config

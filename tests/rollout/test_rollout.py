@@ -333,3 +333,19 @@ def test_trajectory_turn_ended_by_eos_is_closed(tok):
     # each eos is followed by the engine's <|im_end|> with mask 0
     assert np.all(row.response_ids[pads + 1] == END[0]) and np.all(row.loss_mask[pads + 1] == 0)
     assert pads[-1] + 1 == row.response_length - 1
+
+
+def test_step_prompt_history_shrinks_to_fit(tok):
+    def prompts_with(limit):
+        result, _ = run(tok, [SayNumberEnv(episode_length=4)], [5], group_size=1, history_length=2,
+                        max_prompt_length=limit)
+        return [tok.decode(r.prompt_ids) for r in result.rows], [r.prompt_ids.shape[0] for r in result.rows]
+
+    full_texts, full_lengths = prompts_with(None)
+    assert full_texts[3].count("[Observation") == 2
+    texts, lengths = prompts_with(full_lengths[3] - 1)  # the k=2 prompt of step 4 no longer fits
+    assert all(n <= full_lengths[3] - 1 for n in lengths)
+    assert texts[3].count("[Observation") == 1 and lengths[3] <= full_lengths[3] - 1
+    texts, lengths = prompts_with(10)  # nothing fits: the history-free prompt is used
+    assert all(t.count("[Observation") == 0 for t in texts)
+    assert all("you have already taken" in t for t in texts[1:])
