@@ -61,7 +61,7 @@ def test_stop_sequences_and_eos_end_exactly_where_they_should(sampler, prompts):
     g = [int(t) for t in free.tokens]
     cases = [
         dict(stop_sequences=(tuple(g[4:7]),)),                       # three-token stop
-        dict(stop_sequences=((int(prompt[-1]), g[0]), (999 % 512, 1))),  # spans the prompt boundary
+        dict(stop_sequences=((int(prompt[-1]), g[0]), (500, 1))),  # spans the prompt boundary
         dict(eos_ids=(g[5],)),
         dict(eos_ids=(g[9],), stop_sequences=(tuple(g[2:4]),)),
     ]
