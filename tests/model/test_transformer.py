@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from flax import nnx
 
 from spear_jax.model import (
@@ -33,10 +35,19 @@ def random_model(cfg, seed=0):
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
+_jitted_forward = jax.jit(forward, static_argnums=0)
+
+
+def run(model, tokens, valid, cache=None):
+    """Jitted forward of ``model`` (one compilation per config and shape)."""
+    graphdef, state = nnx.split(model)
+    return _jitted_forward(graphdef, state, jnp.asarray(tokens), jnp.asarray(valid), cache)
+
+
 def single_row_logits(model, row_tokens):
     """Reference: the row alone, unpadded, in one forward -> [n, V]."""
     toks = jnp.asarray(row_tokens, jnp.int32)[None]
-    logits, _ = model(toks, jnp.ones_like(toks, bool))
+    logits, _ = run(model, toks, jnp.ones_like(toks, bool))
     return np.asarray(logits[0])
 
 
@@ -54,7 +65,7 @@ def test_prefill_then_ragged_steps_equal_full_forward(architecture):
     valid = np.zeros((B, prompt_width), bool)
     for b, n in enumerate(prompt_lens):
         toks[b, :n], valid[b, :n] = sequences[b][:n], True
-    logits, cache = model(jnp.asarray(toks), jnp.asarray(valid), cache)
+    logits, cache = run(model, toks, valid, cache)
     np.testing.assert_array_equal(np.asarray(cache.lengths), prompt_lens)
     got = {b: [np.asarray(logits[b, :n])] for b, n in enumerate(prompt_lens)}
 
@@ -68,7 +79,7 @@ def test_prefill_then_ragged_steps_equal_full_forward(architecture):
         for b in range(B):
             if step_valid[b, 0]:
                 step_tok[b, 0] = sequences[b][consumed[b]]
-        logits, cache = model(jnp.asarray(step_tok), jnp.asarray(step_valid), cache)
+        logits, cache = run(model, step_tok, step_valid, cache)
         for b in range(B):
             if step_valid[b, 0]:
                 got[b].append(np.asarray(logits[b, :1]))
@@ -98,12 +109,12 @@ def test_appending_multi_token_chunk_equals_reprefill(architecture):
         return jnp.asarray(toks), jnp.asarray(valid)
 
     cache = init_cache(cfg, B, max_len)
-    _, cache = model(*padded(first, 6), cache)
-    appended, cache = model(*padded(chunk, 7), cache)
+    _, cache = run(model, *padded(first, 6), cache)
+    appended, cache = run(model, *padded(chunk, 7), cache)
 
     whole = [np.concatenate([f, c]) for f, c in zip(first, chunk)]
     fresh = init_cache(cfg, B, max_len)
-    reprefill, fresh = model(*padded(whole, 10), fresh)
+    reprefill, fresh = run(model, *padded(whole, 10), fresh)
     np.testing.assert_array_equal(np.asarray(cache.lengths), np.asarray(fresh.lengths))
     for b in range(B):
         n0, n1 = len(first[b]), len(chunk[b])
@@ -130,7 +141,7 @@ def test_padding_anywhere_is_inert():
     toks = np.full((3, 8), 7, np.int32)
     for b, layout in enumerate(layouts):
         toks[b, layout] = seq
-    logits, _ = model(jnp.asarray(toks), jnp.asarray(np.stack(layouts)))
+    logits, _ = run(model, toks, np.stack(layouts))
     assert np.all(np.isfinite(np.asarray(logits)))
     for b, layout in enumerate(layouts):
         np.testing.assert_allclose(np.asarray(logits[b])[layout], want, atol=2e-5, rtol=2e-5)
@@ -142,8 +153,8 @@ def test_forward_last_picks_each_rows_last_valid_token():
     graphdef, state = nnx.split(model)
     toks = jax.random.randint(jax.random.key(0), (3, 5), 0, cfg.vocab_size)
     valid = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]], bool)
-    full, _ = forward(graphdef, state, toks, valid)
-    last, _ = forward_last(graphdef, state, toks, valid)
+    full, _ = _jitted_forward(graphdef, state, toks, valid)
+    last, _ = jax.jit(forward_last, static_argnums=0)(graphdef, state, toks, valid)
     np.testing.assert_allclose(np.asarray(last), np.asarray(full[jnp.arange(3), jnp.array([2, 4, 3])]), atol=1e-6)
 
 
@@ -154,7 +165,7 @@ def test_jitted_decode_step_with_donated_cache_and_bf16_cache():
     step = jax.jit(forward_last, static_argnums=0, donate_argnames=("cache",))
     toks = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
     ones = jnp.ones((2, 1), bool)
-    want, _ = forward(graphdef, state, toks, jnp.ones_like(toks, bool))
+    want, _ = _jitted_forward(graphdef, state, toks, jnp.ones_like(toks, bool))
     for dtype, tol in ((jnp.float32, 2e-5), (jnp.bfloat16, 5e-2)):
         cache = init_cache(cfg, 2, 12, dtype)
         logits, cache = step(graphdef, state, toks[:, :5], jnp.ones((2, 5), bool), cache)
@@ -173,8 +184,8 @@ def test_bf16_compute_close_to_fp32_and_params_stay_fp32():
     model16 = nnx.merge(nnx.graphdef(random_model(cfg.replace(compute_dtype="bfloat16"))), nnx.state(model32))
     toks = jax.random.randint(jax.random.key(2), (2, 8), 0, cfg.vocab_size)
     valid = jnp.ones_like(toks, bool)
-    l32, _ = model32(toks, valid)
-    l16, _ = model16(toks, valid)
+    l32, _ = run(model32, toks, valid)
+    l16, _ = run(model16, toks, valid)
     assert l16.dtype == jnp.float32
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model16)))
     assert np.abs(np.asarray(l16) - np.asarray(l32)).max() < 0.1 * np.abs(np.asarray(l32)).max()
@@ -192,8 +203,9 @@ def test_remat_same_value_and_gradient():
         logits, _ = forward(gd, st, toks, valid)
         return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
-    v1, g1 = jax.value_and_grad(loss)(state, graphdef)
-    v2, g2 = jax.value_and_grad(loss)(state, graphdef_remat)
+    grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    v1, g1 = grad_fn(state, graphdef)
+    v2, g2 = grad_fn(state, graphdef_remat)
     np.testing.assert_allclose(v1, v2, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
@@ -208,7 +220,7 @@ def test_sharded_forward_equals_single_device(mesh_shape):
     graphdef, state = nnx.split(model)
     toks = jax.random.randint(jax.random.key(4), (8, 12), 0, cfg.vocab_size)
     valid = jnp.arange(12)[None] < jnp.arange(5, 13)[:, None]
-    want, _ = forward(graphdef, state, toks, valid)
+    want, _ = _jitted_forward(graphdef, state, toks, valid)
 
     mesh = make_mesh(*mesh_shape)
     sharded = shard_state(state, cfg.sharding_rules, mesh)
@@ -219,7 +231,7 @@ def test_sharded_forward_equals_single_device(mesh_shape):
         )
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
     if mesh_shape[2] > 1:  # the tensor axis really splits the MLP
-        spec = sharded["blocks"][0]["mlp"]["gate_proj"].value.sharding.spec
+        spec = sharded["blocks"][0]["mlp"]["gate_proj"].get_value().sharding.spec
         assert spec == jax.sharding.PartitionSpec("fsdp", "tensor")
 
 
@@ -230,7 +242,7 @@ def test_init_sharded_matches_host_init():
     _, host = nnx.split(init_model(cfg, seed=3))
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(host)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
-    emb = sharded["embed"].value
+    emb = sharded["embed"].get_value()
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
 
 
@@ -241,3 +253,39 @@ def test_bad_inputs_raise_clear_errors():
         model(jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 4), bool))
     with pytest.raises(ValueError, match="cache batch"):
         model(jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 3), bool), init_cache(cfg, 3, 8))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_property_any_chunking_of_ragged_rows_equals_full_forward(data):
+    """Random row lengths, cut into random chunks (each row its own number of valid tokens per
+    call, right-padded): the logits of every token equal the single full forward's."""
+    cfg = small_cfg("qwen3", num_layers=1)
+    model = _PROPERTY_MODEL.get("m") or _PROPERTY_MODEL.setdefault("m", random_model(cfg, seed=9))
+    graphdef, state = nnx.split(model)
+    B = 2
+    lengths = [data.draw(st.integers(1, 9)) for _ in range(B)]
+    rng = np.random.default_rng(sum(lengths))
+    seqs = [rng.integers(0, cfg.vocab_size, size=n) for n in lengths]
+    cache = init_cache(cfg, B, 10)
+    done = [0] * B
+    got = [[] for _ in range(B)]
+    while any(d < n for d, n in zip(done, lengths)):
+        takes = [data.draw(st.integers(0, n - d)) for d, n in zip(done, lengths)]
+        if not any(takes):  # always make progress
+            first = next(b for b in range(B) if done[b] < lengths[b])
+            takes[first] = lengths[first] - done[first]
+        width = 9  # one static chunk shape: a single compiled forward
+        toks = np.zeros((B, width), np.int32)
+        valid = np.zeros((B, width), bool)
+        for b, k in enumerate(takes):
+            toks[b, :k], valid[b, :k] = seqs[b][done[b] : done[b] + k], True
+        logits, cache = _jitted_forward(graphdef, state, jnp.asarray(toks), jnp.asarray(valid), cache)
+        for b, k in enumerate(takes):
+            got[b].append(np.asarray(logits[b, :k]))
+            done[b] += k
+    for b in range(B):
+        np.testing.assert_allclose(np.concatenate(got[b]), single_row_logits(model, seqs[b]), atol=2e-5, rtol=2e-5)
+
+
+_PROPERTY_MODEL: dict = {}
