@@ -3,6 +3,8 @@
     python bench/model_throughput.py --preset smollm2-135m --batch 4 --seq_len 256
     python bench/model_throughput.py --preset qwen2.5-1.5b --batch 16 --seq_len 4096 \
         --compute_dtype bfloat16 --remat --peak_tflops 989 --no_torch          # on an H100
+    python bench/model_throughput.py --preset qwen2.5-0.5b --batch 16 --seq_len 4096 \
+        --compute_dtype bfloat16 --remat --memory_only      # compile only: XLA memory analysis
 
 The step is value_and_grad of the mean token log-likelihood (chunked log-prob pass) over random
 tokens. Model FLOPs per token (PaLM convention, no rematerialisation counted):
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spear_jax.model import get_model_config, init_sharded, to_hf_config
+from spear_jax.model import get_model_config, init_model, init_sharded, to_hf_config
 from spear_jax.model.logprobs import sequence_token_stats
 from spear_jax.sharding import make_mesh
 
@@ -61,6 +63,16 @@ def torch_matmul_peak(n: int) -> float:
     return 2 * n**3 / seconds
 
 
+def make_train_step(graphdef):
+    """value_and_grad of the mean token negative log-likelihood (chunked log-prob pass)."""
+
+    def loss(state, tokens, valid):
+        logprobs, _ = sequence_token_stats(graphdef, state, tokens, valid)
+        return -jnp.mean(logprobs)
+
+    return jax.jit(jax.value_and_grad(loss))
+
+
 def jax_step_seconds(cfg, batch: int, seq_len: int, steps: int) -> float:
     mesh = make_mesh(data=-1)
     graphdef, state = init_sharded(cfg, mesh)
@@ -68,14 +80,23 @@ def jax_step_seconds(cfg, batch: int, seq_len: int, steps: int) -> float:
     tokens = jax.device_put(
         jax.random.randint(jax.random.key(1), (batch, seq_len), 0, cfg.vocab_size), batch_sharding)
     valid = jax.device_put(jnp.ones((batch, seq_len), bool), batch_sharding)
-
-    def loss(st):
-        logprobs, _ = sequence_token_stats(graphdef, st, tokens, valid)
-        return -jnp.mean(logprobs)
-
     with jax.set_mesh(mesh):
-        step = jax.jit(jax.value_and_grad(loss))
-        return time_fn(lambda: jax.block_until_ready(step(state)), steps)
+        step = make_train_step(graphdef)
+        return time_fn(lambda: jax.block_until_ready(step(state, tokens, valid)), steps)
+
+
+def print_step_memory(cfg, batch: int, seq_len: int) -> None:
+    """Compile the train step for abstract inputs (nothing allocated) and print XLA's memory
+    analysis for one device."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: init_model(cfg)))
+    tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+    valid = jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_)
+    compiled = make_train_step(graphdef).lower(state, tokens, valid).compile()
+    mem = compiled.memory_analysis()
+    gib = 1 / 2**30
+    print(f"step memory (GiB): arguments {mem.argument_size_in_bytes * gib:.2f}  outputs "
+          f"{mem.output_size_in_bytes * gib:.2f}  temporaries {mem.temp_size_in_bytes * gib:.2f}  "
+          f"(dense fp32 logits would be {batch * seq_len * cfg.vocab_size * 4 * gib:.2f})")
 
 
 def torch_step_seconds(cfg, batch: int, seq_len: int, steps: int) -> float:
@@ -111,6 +132,8 @@ def main() -> None:
                         help="accelerator peak for MFU (e.g. 989 for H100 bf16); default: measured")
     parser.add_argument("--matmul_size", type=int, default=2048)
     parser.add_argument("--no_torch", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--memory_only", action="store_true",
+                        help="only compile the step and print its memory analysis")
     args = parser.parse_args()
 
     cfg = get_model_config(args.preset, compute_dtype=args.compute_dtype, remat=args.remat)
@@ -119,6 +142,9 @@ def main() -> None:
     print(f"backend={jax.default_backend()} devices={len(jax.devices())} preset={args.preset} "
           f"batch={args.batch} seq_len={args.seq_len} dtype={args.compute_dtype} remat={args.remat}")
     print(f"loadavg before: {os.getloadavg()}  cpus={os.cpu_count()}")
+    if args.memory_only:
+        print_step_memory(cfg, args.batch, args.seq_len)
+        return
 
     peaks = {"xla_matmul": jax_matmul_peak(args.matmul_size)}
     if not args.no_torch:

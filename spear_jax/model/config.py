@@ -50,7 +50,9 @@ class ModelConfig:
 
     ``param_dtype`` is the storage dtype of the parameters (float32 master weights by default);
     ``compute_dtype`` is the dtype of matmuls and activations (``"bfloat16"`` for mixed
-    precision). Norm statistics, softmax, RoPE and logits are always float32.
+    precision). Norm statistics, softmax, RoPE and logits are always float32. ``remat``
+    rematerialises each block in the backward; ``attention_query_chunk`` (0 = off) bounds the
+    attention scores to [B, heads, chunk, keys] by processing queries in chunks.
     """
 
     architecture: str
@@ -69,6 +71,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False
+    attention_query_chunk: int = 1024
     sharding_rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_SHARDING_RULES
 
     def __post_init__(self):
@@ -85,6 +88,8 @@ class ModelConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                 f"({self.num_kv_heads})"
             )
+        if self.attention_query_chunk < 0:
+            raise ValueError(f"attention_query_chunk must be >= 0, got {self.attention_query_chunk}")
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")

@@ -121,19 +121,37 @@ class Attention(nnx.Module):
         """softmax(q k^T / sqrt(hd) masked) v, projected out.
 
         q [B, L, H, hd]; k, v [B, S, KVH, hd]; mask [B, L, S] bool (True = may attend)
-        -> [B, L, D] in compute dtype.
+        -> [B, L, D] in compute dtype. Queries are processed ``cfg.attention_query_chunk`` at a
+        time (rematerialised in the backward), so scores take [B, H, chunk, S], not [B, H, L, S].
         """
         cd = self.cfg.compute_jnp_dtype
         b, l, h, hd = q.shape
-        kvh = k.shape[2]
-        q = q.reshape(b, l, kvh, h // kvh, hd)
-        scores = jnp.einsum("blkgd,bskd->bkgls", q, k.astype(cd), preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / np.sqrt(hd))
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cd)
-        out = jnp.einsum("bkgls,bskd->blkgd", probs, v.astype(cd)).reshape(b, l, h, hd)
+        chunk = self.cfg.attention_query_chunk
+        k, v = k.astype(cd), v.astype(cd)
+        if chunk <= 0 or l <= chunk:
+            out = grouped_attention(q, k, v, mask)
+        else:
+            pad = (-l) % chunk
+            q_chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, -1, chunk, h, hd)
+            mask_chunks = jnp.pad(mask, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, mask.shape[-1])
+            one = jax.checkpoint(lambda qm: grouped_attention(qm[0], k, v, qm[1]))
+            out = jax.lax.map(one, (q_chunks.swapaxes(0, 1), mask_chunks.swapaxes(0, 1)))
+            out = out.swapaxes(0, 1).reshape(b, l + pad, h, hd)[:, :l]
         out = jnp.einsum("blhk,hkd->bld", out, self.o_proj[...].astype(cd))
         return constrain(out, ("act_batch", "act_length", "act_embed"), self.cfg.sharding_rules)
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B, L, H, hd]; k, v [B, S, KVH, hd] (H a multiple of KVH); mask [B, L, S]
+    -> [B, L, H, hd]. Scores and softmax in float32; a fully masked row gives a uniform average."""
+    b, l, h, hd = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, l, kvh, h // kvh, hd)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / np.sqrt(hd))
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, h, hd)
 
 
 class MLP(nnx.Module):

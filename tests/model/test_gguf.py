@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spear_jax.model import forward, forward_last, init_cache
+from spear_jax.model import forward, init_cache
 from spear_jax.model.chat_template import ChatTemplate
 from spear_jax.model.gguf_checkpoint import load_smollm2, smollm2_gguf_path, unpermute_rotary_rows
 from spear_jax.model.tokenizer import smollm2_tokenizer
@@ -44,15 +44,13 @@ def test_smollm2_gguf_matches_transformers():
         hf_greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
 
     tokens = jnp.asarray([prompt], jnp.int32)
-    got, _ = jax.jit(forward, static_argnums=0)(graphdef, state, tokens, jnp.ones_like(tokens, bool))
-    np.testing.assert_allclose(np.asarray(got[0]), want, atol=2e-3, rtol=2e-3)
-
-    step = jax.jit(forward_last, static_argnums=0, donate_argnames=("cache",))
+    step = jax.jit(forward, static_argnums=0, donate_argnames=("cache",))
     cache = init_cache(cfg, 1, len(prompt) + 8)
     logits, cache = step(graphdef, state, tokens, jnp.ones_like(tokens, bool), cache)
+    np.testing.assert_allclose(np.asarray(logits[0]), want, atol=2e-3, rtol=2e-3)
     greedy = []
     for _ in range(8):
-        nxt = int(jnp.argmax(logits[0]))
+        nxt = int(jnp.argmax(logits[0, -1]))
         greedy.append(nxt)
         logits, cache = step(graphdef, state, jnp.asarray([[nxt]], jnp.int32), jnp.ones((1, 1), bool), cache)
     assert greedy == hf_greedy, (tok.decode(greedy), tok.decode(hf_greedy))

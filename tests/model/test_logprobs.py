@@ -26,14 +26,14 @@ def numpy_stats(logits, tokens, valid, temperature):
     return lp, ent
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 5, 64])
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
 def test_sequence_stats_match_numpy_reference(chunk_size):
     cfg = get_model_config("tiny", architecture="qwen3", vocab_size=256)
     graphdef, state = nnx.split(init_model(cfg, seed=1))
     toks = jax.random.randint(jax.random.key(0), (3, 11), 0, cfg.vocab_size)
     valid = jnp.asarray(np.arange(11)[None] < np.array([[11], [7], [3]]))
     valid = valid.at[2].set(jnp.arange(11) >= 4)  # a left-padded row
-    logits, _ = forward(graphdef, state, toks, valid)
+    logits, _ = jax.jit(forward, static_argnums=0)(graphdef, state, toks, valid)
     want_lp, want_ent = numpy_stats(np.asarray(logits), np.asarray(toks), np.asarray(valid), 0.7)
     lp, ent = jax.jit(sequence_token_stats, static_argnums=(0, 4, 5))(
         graphdef, state, toks, valid, 0.7, chunk_size
@@ -60,8 +60,8 @@ def test_gradient_equals_dense_gradient():
         ent = -jnp.sum(jnp.exp(logp) * logp, -1)
         return jnp.sum(weights[:, 1:] * lp) + 0.1 * jnp.sum(ent)
 
-    v1, g1 = jax.value_and_grad(chunked)(state)
-    v2, g2 = jax.value_and_grad(dense)(state)
+    v1, g1 = jax.jit(jax.value_and_grad(chunked))(state)
+    v2, g2 = jax.jit(jax.value_and_grad(dense))(state)
     np.testing.assert_allclose(v1, v2, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)

@@ -207,6 +207,9 @@ def test_remat_same_value_and_gradient():
     v1, g1 = grad_fn(state, graphdef)
     v2, g2 = grad_fn(state, graphdef_remat)
     np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    remat_eqns = str(jax.make_jaxpr(loss, static_argnums=1)(state, graphdef_remat)).count("remat2[")
+    plain_eqns = str(jax.make_jaxpr(loss, static_argnums=1)(state, graphdef)).count("remat2[")
+    assert remat_eqns == plain_eqns + cfg.num_layers
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
 
@@ -289,3 +292,23 @@ def test_property_any_chunking_of_ragged_rows_equals_full_forward(data):
 
 
 _PROPERTY_MODEL: dict = {}
+
+
+def test_query_chunked_attention_equals_unchunked_with_gradient():
+    cfg = small_cfg("qwen2", attention_query_chunk=0)
+    model = random_model(cfg, seed=10)
+    graphdef, state = nnx.split(model)
+    graphdef_chunked = nnx.graphdef(init_model(cfg.replace(attention_query_chunk=3)))
+    toks = jax.random.randint(jax.random.key(5), (2, 10), 0, cfg.vocab_size)
+    valid = jnp.arange(10)[None] >= jnp.array([[0], [2]])  # one left-padded row
+
+    def loss(st, gd):
+        logits, _ = forward(gd, st, toks, valid)
+        return jnp.sum(jnp.where(valid[..., None], jnp.tanh(logits), 0.0))
+
+    grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    v1, g1 = grad_fn(state, graphdef)
+    v2, g2 = grad_fn(state, graphdef_chunked)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * np.abs(np.asarray(b)).max())
