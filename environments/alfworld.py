@@ -20,7 +20,8 @@ Episode semantics (the paper's setting):
 * ``info["task_type"]`` is one of the six ALFWorld task types; ``success_by_task_type`` turns
   finished episodes into the per-type success rates of the paper's tables.
 
-A reset loads and compiles the game (0.4-1 s on this CPU); a step takes 40-80 ms.
+A reset loads and compiles the game (0.4-1 s on an idle CPU core); a step takes 40-80 ms
+(admissible-command generation dominates). See docs/environments.md for measured throughput.
 """
 from __future__ import annotations
 
