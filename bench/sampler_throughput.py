@@ -126,6 +126,9 @@ def main():
                         help="device memory bandwidth in GB/s, for the decode bound")
     parser.add_argument("--skip-hf", action="store_true", help="only the JAX sampler")
     parser.add_argument("--hf-device", default="cpu")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice); on a CPU shared "
+                             "with other jobs, 1 avoids oversubscription stalls")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
 
@@ -134,6 +137,10 @@ def main():
     if length_bucket(n_short) != length_bucket(n_long):
         raise ValueError(f"--new-tokens {n_long} must be a power of two >= 32 (one step bucket)")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if args.torch_threads and not args.skip_hf:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
           f"load average at start {os.getloadavg()}")
     rows = []

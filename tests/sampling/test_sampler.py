@@ -204,3 +204,22 @@ def test_bad_inputs_name_the_argument(sampler, cfg):
         sampler.start_session(2).extend_and_generate([[1]], GREEDY, key)
     with pytest.raises(ValueError, match="max_len"):
         Sampler(*random_state(cfg, 0), cfg, max_len=cfg.max_position_embeddings + 1, max_batch=1)
+
+
+def test_sharded_session_equals_unsharded_session(cfg, model, sampler, prompts):
+    from spear_jax.sharding import make_mesh
+
+    graphdef, state = model
+    sharded = Sampler(graphdef, state, cfg, max_len=MAX_LEN, max_batch=MAX_BATCH,
+                      mesh=make_mesh(data=2, fsdp=2, tensor=2))
+    sessions = [sampler.start_session(4), sharded.start_session(4)]
+    turns = [[list(p) for p in prompts], [[1, 2], None, [3], [4, 5, 6]]]
+    params = SamplingParams(temperature=0.8, max_new_tokens=6)
+    for turn, new_tokens in enumerate(turns):
+        ref, got = (s.extend_and_generate(new_tokens, params, jax.random.key(turn)) for s in sessions)
+        for r, g in zip(ref, got):
+            assert (r is None) == (g is None)
+            if r is not None:
+                np.testing.assert_array_equal(r.tokens, g.tokens)
+                np.testing.assert_allclose(r.logprobs, g.logprobs, atol=1e-4)
+    np.testing.assert_array_equal(sessions[0].lengths(), sessions[1].device_lengths())

@@ -1,5 +1,4 @@
 """Stop-sequence and eos detection on device against a numpy reference."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings
