@@ -17,7 +17,7 @@ from spear_jax.sharding import constrain
 _INIT_STD = 0.02
 
 
-def _param(rngs: nnx.Rngs | None, shape, axes, cfg: ModelConfig, init: str = "normal") -> nnx.Param:
+def make_param(rngs: nnx.Rngs | None, shape, axes, cfg: ModelConfig, init: str = "normal") -> nnx.Param:
     if init == "ones":
         value = jnp.ones(shape, cfg.param_jnp_dtype)
     elif init == "zeros":
@@ -32,7 +32,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, size: int, eps: float, cfg: ModelConfig, axis_name: str = "norm"):
         self.eps = eps
-        self.weight = _param(None, (size,), (axis_name,), cfg, init="ones")
+        self.weight = make_param(None, (size,), (axis_name,), cfg, init="ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -84,14 +84,14 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
-        self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg)
-        self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg)
-        self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg)
+        self.q_proj = make_param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
+        self.k_proj = make_param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        self.v_proj = make_param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        self.o_proj = make_param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg)
         if cfg.qkv_bias:
-            self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), cfg, init="zeros")
-            self.k_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), cfg, init="zeros")
-            self.v_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), cfg, init="zeros")
+            self.q_bias = make_param(rngs, (h, hd), ("heads", "head_dim"), cfg, init="zeros")
+            self.k_bias = make_param(rngs, (kv, hd), ("kv_heads", "head_dim"), cfg, init="zeros")
+            self.v_bias = make_param(rngs, (kv, hd), ("kv_heads", "head_dim"), cfg, init="zeros")
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg, axis_name="head_dim")
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg, axis_name="head_dim")
@@ -160,9 +160,9 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), cfg)
-        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), cfg)
-        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), cfg)
+        self.gate_proj = make_param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self.up_proj = make_param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self.down_proj = make_param(rngs, (f, d), ("mlp", "embed"), cfg)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cd = self.cfg.compute_jnp_dtype

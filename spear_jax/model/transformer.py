@@ -20,7 +20,7 @@ from flax import nnx
 
 from spear_jax.model.config import ModelConfig
 from spear_jax.model.kv_cache import KVCache
-from spear_jax.model.layers import MLP, Attention, Block, RMSNorm, _param
+from spear_jax.model.layers import Block, RMSNorm, make_param
 from spear_jax.sharding import constrain, state_shardings
 
 
@@ -47,11 +47,11 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+        self.embed = make_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
         if not cfg.tie_embeddings:
-            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
+            self.lm_head = make_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
 
     def output_embedding(self) -> jax.Array:
         """The [D, V] matrix mapping final hidden states to logits (compute dtype)."""

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from spear_jax.model import forward
 from spear_jax.model.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint

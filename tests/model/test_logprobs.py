@@ -89,3 +89,19 @@ def test_shape_errors():
         chunked_token_stats(jnp.zeros((2, 3, 4)), jnp.zeros((2, 4), jnp.int32), jnp.zeros((4, 5)))
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_token_stats(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3), jnp.int32), jnp.zeros((4, 5)), chunk_size=0)
+
+
+def test_sharded_stats_equal_single_device():
+    from spear_jax.sharding import make_mesh, shard_state
+
+    cfg = get_model_config("tiny", architecture="qwen2", vocab_size=256)
+    graphdef, state = nnx.split(init_model(cfg, seed=3))
+    toks = jax.random.randint(jax.random.key(3), (4, 12), 0, cfg.vocab_size)
+    valid = jnp.arange(12)[None] < jnp.array([[12], [9], [5], [12]])
+    stats = jax.jit(sequence_token_stats, static_argnums=(0, 4, 5))
+    want = stats(graphdef, state, toks, valid, 1.0, 5)
+    mesh = make_mesh(2, 2, 2)
+    with jax.set_mesh(mesh):
+        got = stats(graphdef, shard_state(state, cfg.sharding_rules, mesh), toks, valid, 1.0, 5)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)

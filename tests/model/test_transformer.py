@@ -233,6 +233,9 @@ def test_sharded_forward_equals_single_device(mesh_shape):
             graphdef, sharded, jax.device_put(toks, batch_sharding), jax.device_put(valid, batch_sharding)
         )
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+    with jax.set_mesh(mesh):  # activations carry sharding constraints under the mesh
+        jaxpr = str(jax.make_jaxpr(forward, static_argnums=0)(graphdef, sharded, toks, valid))
+    assert "sharding_constraint" in jaxpr
     if mesh_shape[2] > 1:  # the tensor axis really splits the MLP
         spec = sharded["blocks"][0]["mlp"]["gate_proj"].get_value().sharding.spec
         assert spec == jax.sharding.PartitionSpec("fsdp", "tensor")
