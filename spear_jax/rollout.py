@@ -21,12 +21,14 @@ Two row layouts (``RolloutConfig.layout``):
   appended as an ``observation_role`` message (``render_followup``: the template's tail after the
   assistant's end token, the message, the generation prompt). The row's response is every token
   after the prompt: generated tokens (loss mask 1, behaviour logprobs) interleaved with
-  observation tokens (loss mask 0, logprob 0). When a turn ends without the assistant end token
-  (``finish_reason == "length"``) the end token is appended with mask 0 so the conversation stays
-  well-formed.
+  observation tokens (loss mask 0, logprob 0). When a turn ends without the assistant end
+  sequence (cut at ``max_new_tokens``, or ended by another eos id / stop sequence) the end
+  sequence is appended with mask 0 so the conversation stays well-formed.
 
 Token level throughout: generated ids are stored as produced and never re-tokenised; the text
-handed to the environment is ``decode`` of the ids without the trailing end-of-turn sequence.
+handed to the environment is ``decode`` of the ids without the trailing end-of-turn sequence
+(or eos id), with every other id written out (tags such as ``<think>`` are often special
+tokens and must reach the environment).
 
 Per-row record (``Row``): prompt/response ids, loss mask, behaviour logprobs, group id,
 trajectory id, step index, env reward of the step, episode return (sum of the episode's env
@@ -70,7 +72,8 @@ class ChatTokenizer(Protocol):
         ...
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Ids to text; special tokens are dropped."""
+        """Ids to text, every id written out: tag tokens (``<think>``, ``<tool_call>``) are often
+        special / user-defined symbols, and the environment must see them."""
         ...
 
     def render_prompt(self, messages: Sequence[tuple[str, str]]) -> list[int]:
@@ -112,7 +115,7 @@ class TemplateChatTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         # Special tokens are kept: the ReAct tags (<think>, <action>) are special tokens of some
         # vocabularies, and the engine strips the end-of-turn sequence itself.
-        return self.tokenizer.decode(ids)
+        return self.tokenizer.decode(ids, skip_special=False)
 
     def render_prompt(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         rendered = self.template.conversation(
@@ -147,6 +150,10 @@ class RolloutConfig:
       layout: ``"step"`` or ``"trajectory"`` rows (module docstring).
       domain: ``"agent"`` (ReAct completeness test) or ``"math"`` (the env's ``incomplete``).
       history_length: k, (observation, action) pairs shown in step-row prompts (reference 2).
+      max_prompt_length: step rows: a prompt longer than this many tokens is re-rendered with
+        fewer history pairs (k-1, ..., 0; the reference's WebShop falls back to the no-history
+        template by characters); if even the history-free prompt is longer it is used as is
+        (batching truncates it from the left). None = never shorten.
       max_turns: sampler calls per episode at most; None = each env's ``max_steps``. An episode
         still running then is ended by the engine (``EpisodeSummary.truncated``).
       max_response_length: the overlong threshold in tokens (per generated turn for step rows,
@@ -163,6 +170,7 @@ class RolloutConfig:
     layout: str = "step"
     domain: str = "agent"
     history_length: int = DEFAULT_HISTORY_LENGTH
+    max_prompt_length: int | None = None
     max_turns: int | None = None
     max_response_length: int | None = None
     max_sequence_length: int | None = None
@@ -178,7 +186,7 @@ class RolloutConfig:
             raise ValueError(f"RolloutConfig.domain must be one of {DOMAINS}, got {self.domain!r}")
         if self.history_length < 0:
             raise ValueError(f"RolloutConfig.history_length must be >= 0, got {self.history_length}")
-        for name in ("max_turns", "max_response_length", "max_sequence_length"):
+        for name in ("max_prompt_length", "max_turns", "max_response_length", "max_sequence_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"RolloutConfig.{name} must be a positive int or None, got {value!r}")
@@ -309,7 +317,6 @@ class _Live:
     history: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     rows: list[Row] = dataclasses.field(default_factory=list)
     rewards: list[float] = dataclasses.field(default_factory=list)
-    last_info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     won: bool = False
     # trajectory rows
     prompt_ids: list[int] = dataclasses.field(default_factory=list)
@@ -398,7 +405,12 @@ class RolloutEngine:
     def _turn_limit(self, env: Env) -> int:
         return self.config.max_turns if self.config.max_turns is not None else env.max_steps
 
-    def _decode_response(self, tokens: np.ndarray) -> str:
+    def _decode_response(self, generation) -> str:
+        """The text the environment gets: the generated ids without what ended the turn (the
+        assistant end sequence, or the eos id), decoded."""
+        tokens = np.asarray(generation.tokens)
+        if generation.finish_reason == "eos":
+            tokens = tokens[:-1]
         return self.tokenizer.decode([int(t) for t in strip_suffix(tokens, self._end_ids)])
 
     def _finish(self, state: _Live, episode: EpisodeSummary, truncated: bool) -> None:
@@ -414,9 +426,14 @@ class RolloutEngine:
     # -- step rows ------------------------------------------------------------------------------
 
     def _step_prompt(self, env: Env, state: _Live) -> list[int]:
-        text = render_agent_prompt(env.prompt_style, state.observation, state.history,
-                                   self.config.history_length)
-        return self.tokenizer.render_prompt([("user", text)])
+        """The step's prompt with the longest history window (<= k) within max_prompt_length."""
+        limit = self.config.max_prompt_length
+        for k in range(self.config.history_length, -1, -1):
+            text = render_agent_prompt(env.prompt_style, state.observation, state.history, k)
+            ids = self.tokenizer.render_prompt([("user", text)])
+            if limit is None or len(ids) <= limit or not state.history:
+                return ids
+        return ids
 
     def _run_step_rows(self, envs, live, episodes, sampling, key) -> list[_Live]:
         config = self.config
@@ -434,7 +451,7 @@ class RolloutEngine:
             for state, prompt, generation in zip(live, prompts, generations):
                 env, episode = envs[state.index], episodes[state.index]
                 tokens = np.asarray(generation.tokens, dtype=np.int32)
-                text = self._decode_response(tokens)
+                text = self._decode_response(generation)
                 result: StepResult | None = self._env_call(episode, lambda: env.step(text))
                 if result is None:
                     continue
@@ -509,7 +526,7 @@ class RolloutEngine:
                     self._add_piece(state, state.pending, model=False)
                 tokens = np.asarray(generation.tokens, dtype=np.int32)
                 self._add_piece(state, tokens, model=True, logprobs=generation.logprobs)
-                text = self._decode_response(tokens)
+                text = self._decode_response(generation)
                 state.texts.append(text)
                 result: StepResult | None = self._env_call(episode, lambda: env.step(text))
                 if result is None:
@@ -517,9 +534,9 @@ class RolloutEngine:
                 self._env_steps += 1
                 state.rewards.append(float(result.reward))
                 state.invalid_turns += int(not result.action_valid)
-                state.last_info = dict(result.info)
                 state.won = bool(result.won)
-                closing = [] if generation.finish_reason != "length" else list(self._end_ids)
+                closed = strip_suffix(tokens, self._end_ids).shape[0] < tokens.shape[0]
+                closing = [] if closed else list(self._end_ids)
                 if not result.done and len(state.rewards) < self._turn_limit(env):
                     followup = closing + list(self.tokenizer.render_followup(
                         config.observation_role, result.observation.text))
@@ -530,7 +547,7 @@ class RolloutEngine:
                         continue
                 if closing:
                     self._add_piece(state, np.asarray(closing, dtype=np.int32), model=False)
-                state.rows.append(self._trajectory_row(env, state, episode, result))
+                state.rows.append(self._trajectory_row(env, state, episode, result, generation.finish_reason))
                 self._finish(state, episode, truncated=not result.done)
                 finished.append(state)
             live = still_live
@@ -546,7 +563,8 @@ class RolloutEngine:
             logprobs = np.zeros(tokens.shape, dtype=np.float32)
         state.pieces.append((tokens, np.full(tokens.shape, int(model), dtype=np.int8), logprobs))
 
-    def _trajectory_row(self, env: Env, state: _Live, episode: EpisodeSummary, last: StepResult) -> Row:
+    def _trajectory_row(self, env: Env, state: _Live, episode: EpisodeSummary, last: StepResult,
+                        finish_reason: str) -> Row:
         config = self.config
         response = np.concatenate([p[0] for p in state.pieces])
         prompt = np.asarray(state.prompt_ids, dtype=np.int32)
@@ -565,7 +583,7 @@ class RolloutEngine:
             num_tool_calls=int(info.get("num_tool_calls", 0)),
             anchor_obs=state.anchor,
             response_text="".join(state.texts),
-            finish_reason="",
+            finish_reason=finish_reason,
             overlong=response.shape[0] >= max_response,
             incomplete=is_incomplete(config.domain, state.texts[-1], info),
             task_id=episode.task_id,

@@ -21,7 +21,7 @@ from environments.prompts import AgentPromptStyle
 from spear_jax.model.chat_template import ChatTemplate
 from spear_jax.model.tokenizer import HFTokenizer
 from spear_jax.rollout import TemplateChatTokenizer
-from spear_jax.sampling import Generation, SamplingParams
+from spear_jax.sampling import Generation
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 

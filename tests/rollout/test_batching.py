@@ -1,11 +1,14 @@
 """Bucketed padding of rollout rows: layout, metadata, truncation, errors, round trip."""
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rollout_scripted import SayNumberEnv, ScriptedSampler, chatml_tokenizer, say_number_policy
 from spear_jax.batching import ROW_FIELDS, BatchingConfig, bucket_length, pack_rows
-from spear_jax.rollout import Row
+from spear_jax.rollout import RolloutConfig, RolloutEngine, Row
+from spear_jax.sampling import SamplingParams
 
 
 def make_row(prompt, response, mask=None, logprobs=None, **meta):
@@ -115,3 +118,24 @@ def test_round_trip(specs, multiple):
             assert a["prompt_truncated"][b] == (total > 32) and a["reward"][b] == np.float32(row.reward)
     assert sorted(seen) == list(range(len(rows)))
     assert [b.length for b in batches] == sorted(b.length for b in batches)
+
+
+@pytest.mark.parametrize("layout", ["step", "trajectory"])
+def test_rollout_rows_pack_losslessly(layout):
+    tok = chatml_tokenizer()
+    engine = RolloutEngine(ScriptedSampler(tok, say_number_policy), tok,
+                           RolloutConfig(group_size=2, layout=layout, max_sequence_length=512))
+    sampling = SamplingParams(max_new_tokens=32, stop_sequences=(tok.assistant_end_ids,))
+    envs = [SayNumberEnv(episode_length=n) for n in (2, 3, 1, 2)]
+    rows = engine.run(envs, [0, 1], sampling, jax.random.key(0)).rows
+    batches = pack_rows(rows, BatchingConfig(buckets=(64, 128, 256, 512), row_multiple=2))
+    assert sum(b.num_rows for b in batches) == len(rows)
+    for batch in batches:
+        a = batch.arrays
+        for b in np.flatnonzero(a["row_valid"]):
+            row = rows[a["row_index"][b]]
+            n = a["valid"][b].sum()
+            np.testing.assert_array_equal(a["tokens"][b, :n], np.concatenate([row.prompt_ids, row.response_ids]))
+            assert a["loss_mask"][b].sum() == row.loss_mask.sum()
+            assert (a["group_id"][b], a["traj_id"][b], a["anchor_id"][b]) == (row.group_id, row.traj_id, row.anchor_id)
+            assert a["episode_return"][b] == row.episode_return and a["won"][b] == row.won

@@ -5,14 +5,17 @@ import re
 import jax
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from environments.base import Observation
 from environments.prompts import render_agent_prompt
 from rollout_scripted import (
-    SAY_NUMBER_STYLE, chatml_tokenizer, SamplingParams, SayNumberEnv, ScriptedSampler, chatml_text,
+    SAY_NUMBER_STYLE, SayNumberEnv, ScriptedSampler, chatml_text, chatml_tokenizer,
     fixed_logprobs, numbers_of_task, say_number_policy,
 )
 from spear_jax.rollout import RolloutConfig, RolloutEngine, anchor_ids, strip_suffix
+from spear_jax.sampling import SamplingParams
 
 KEY = jax.random.key(0)
 END = (2,)  # <|im_end|> of chatml_tokenizer
@@ -199,11 +202,16 @@ def check_stream_equals_rendered_conversation(tok, system_prompt):
                 expected_logp += [0.0] * len(tok.render_followup("tool", f"Number: {numbers[t + 1]}"))
         np.testing.assert_allclose(row.logprobs, expected_logp)
         assert row.episode_return == 3.0 and row.won and row.num_turns == 3 and row.step_index == 0
-        assert row.anchor_obs == f"Number: {numbers[0]}" and row.action_valid
+        assert row.anchor_obs == f"Number: {numbers[0]}" and row.action_valid and row.finish_reason == "stop"
 
 
 def test_trajectory_stream_equals_rendered_conversation(tok):
     check_stream_equals_rendered_conversation(tok, "Say numbers.")
+
+
+def test_trajectory_stream_with_tiny_sentencepiece():
+    from spear_jax.model.tokenizer import tiny_tokenizer
+    check_stream_equals_rendered_conversation(chatml_tokenizer(tiny_tokenizer()), "Say numbers.")
 
 
 def test_trajectory_stream_with_smollm2_tokenizer():
@@ -244,3 +252,100 @@ def test_trajectory_failing_env_isolated(tok):
     assert [e.failed for e in result.episodes] == [False, True, True]
     assert [r.traj_id for r in result.rows] == [0]
     assert sampler.calls == [2, 2, 2]
+
+
+def test_env_text_drops_only_what_ended_the_turn(tok):
+    """An eos id (not the end sequence) that ended a turn is not shown to the env; the row keeps
+    every generated id."""
+    pad = tok.tokenizer.token_to_id("<pad>")
+    seen = []
+
+    class EosSampler(ScriptedSampler):
+        def generate(self, prompts, sampling, key):
+            out = super().generate(prompts, sampling, key)
+            for g in out:
+                g.tokens = np.concatenate([g.tokens[:-1], [pad]]).astype(np.int32)
+                g.finish_reason = "eos"
+            return out
+
+    class RecordingEnv(SayNumberEnv):
+        def step(self, response_text):
+            seen.append(response_text)
+            return super().step(response_text)
+
+    sampling = SamplingParams(max_new_tokens=64, stop_sequences=(END,), eos_ids=(pad,))
+    engine = RolloutEngine(EosSampler(tok, say_number_policy), tok, RolloutConfig(group_size=1))
+    result = engine.run([RecordingEnv(episode_length=1)], [0], sampling, KEY)
+    n = numbers_of_task(0, 1)[0]
+    assert seen == [f"<think>I see {n}.</think><action>say {n}</action>"]
+    assert result.rows[0].response_ids[-1] == pad and result.rows[0].loss_mask[-1] == 1
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 3), st.data())
+def test_lockstep_invariants(tok, group_size, data):
+    """Random episode lengths and failures: one sampler call per turn over exactly the live envs,
+    rows only from completed episodes, one row per step, ids and returns consistent."""
+    num_tasks = data.draw(st.integers(1, 3))
+    n = num_tasks * group_size
+    lengths = data.draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    fail = data.draw(st.lists(st.sampled_from([None, "reset", 0, 1, 2]), min_size=n, max_size=n))
+    layout = data.draw(st.sampled_from(["step", "trajectory"]))
+    envs = [SayNumberEnv(episode_length=length, fail_on_reset=f == "reset",
+                         fail_at_step=f if isinstance(f, int) else None) for length, f in zip(lengths, fail)]
+    task_ids = list(range(10, 10 + num_tasks))
+    result, sampler = run(tok, envs, task_ids, group_size=group_size, layout=layout, max_sequence_length=1024)
+    # env i is live at turn t iff it reset fine and t < its last turn (failure turn included)
+    last_turn = [0 if f == "reset" else (min(length, f + 1) if isinstance(f, int) else length)
+                 for length, f in zip(lengths, fail)]
+    expected_calls = [sum(t < last for last in last_turn) for t in range(max(last_turn))]
+    assert sampler.calls == [c for c in expected_calls if c > 0]
+    failed = {i for i, (length, f) in enumerate(zip(lengths, fail))
+              if f == "reset" or (isinstance(f, int) and f < length)}
+    assert {e.traj_id for e in result.episodes if e.failed} == failed
+    assert {r.traj_id for r in result.rows} == set(range(n)) - failed
+    for i in set(range(n)) - failed:
+        rows = [r for r in result.rows if r.traj_id == i]
+        assert len(rows) == (lengths[i] if layout == "step" else 1)
+        assert all(r.group_id == i // group_size and r.task_id == task_ids[i // group_size] for r in rows)
+        assert all(r.episode_return == lengths[i] == r.episode_length and r.won for r in rows)
+    assert result.metrics["rollout/failed_episodes"] == len(failed)
+
+
+def test_trajectory_turn_ended_by_eos_is_closed(tok):
+    pad = tok.tokenizer.token_to_id("<pad>")
+
+    class EosSampler(ScriptedSampler):
+        def emit(self, context, sampling):
+            g = super().emit(context, sampling)
+            g.tokens = np.concatenate([g.tokens[:-1], [pad]]).astype(np.int32)
+            g.finish_reason = "eos"
+            return g
+
+    sampling = SamplingParams(max_new_tokens=64, stop_sequences=(END,), eos_ids=(pad,))
+    config = RolloutConfig(group_size=1, layout="trajectory", max_sequence_length=400)
+    result = RolloutEngine(EosSampler(tok, say_number_policy), tok, config).run(
+        [SayNumberEnv(episode_length=2)], [0], sampling, KEY)
+    (row,) = result.rows
+    assert row.won  # the env saw the answers without the eos id
+    pads = np.flatnonzero(row.response_ids == pad)
+    assert len(pads) == 2 and np.all(row.loss_mask[pads] == 1)
+    # each eos is followed by the engine's <|im_end|> with mask 0
+    assert np.all(row.response_ids[pads + 1] == END[0]) and np.all(row.loss_mask[pads + 1] == 0)
+    assert pads[-1] + 1 == row.response_length - 1
+
+
+def test_step_prompt_history_shrinks_to_fit(tok):
+    def prompts_with(limit):
+        result, _ = run(tok, [SayNumberEnv(episode_length=4)], [5], group_size=1, history_length=2,
+                        max_prompt_length=limit)
+        return [tok.decode(r.prompt_ids) for r in result.rows], [r.prompt_ids.shape[0] for r in result.rows]
+
+    full_texts, full_lengths = prompts_with(None)
+    assert full_texts[3].count("[Observation") == 2
+    texts, lengths = prompts_with(full_lengths[3] - 1)  # the k=2 prompt of step 4 no longer fits
+    assert all(n <= full_lengths[3] - 1 for n in lengths)
+    assert texts[3].count("[Observation") == 1 and lengths[3] <= full_lengths[3] - 1
+    texts, lengths = prompts_with(10)  # nothing fits: the history-free prompt is used
+    assert all(t.count("[Observation") == 0 for t in texts)
+    assert all("you have already taken" in t for t in texts[1:])

@@ -11,6 +11,7 @@ from flax import nnx
 
 from rollout_scripted import chatml_tokenizer, SayNumberEnv
 from spear_jax.model import forward, get_model_config, init_model
+from spear_jax.model.tokenizer import tiny_tokenizer
 from spear_jax.rollout import RolloutConfig, RolloutEngine
 from spear_jax.sampling import Sampler, SamplingParams
 
@@ -26,7 +27,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def tok():
-    return chatml_tokenizer()
+    return chatml_tokenizer(tiny_tokenizer())  # the tiny preset's own vocabulary
 
 
 PADDED = 512

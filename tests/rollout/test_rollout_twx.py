@@ -10,8 +10,9 @@ if shutil.which("java") is None:
     pytest.skip("TextWorldExpress needs a Java runtime on PATH", allow_module_level=True)
 
 from environments.textworld_express import TextWorldExpressEnv  # noqa: E402
-from rollout_scripted import chatml_tokenizer, SamplingParams, ScriptedSampler  # noqa: E402
+from rollout_scripted import ScriptedSampler, chatml_tokenizer  # noqa: E402
 from spear_jax.rollout import RolloutConfig, RolloutEngine  # noqa: E402
+from spear_jax.sampling import SamplingParams  # noqa: E402
 
 TASKS = [0, 1, 2]
 STEP = re.compile(r"You are now at step (\d+) and your current observation is: (.*?)\nYour admissible", re.S)
