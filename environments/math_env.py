@@ -49,13 +49,14 @@ def truncate_middle(text: str, max_chars: int) -> str:
         raise ValueError(f"max_chars must be positive, got {max_chars}")
     if len(text) <= max_chars:
         return text
-    marker = f"\n...[{len(text) - max_chars} characters truncated]...\n"
-    if len(marker) >= max_chars:
-        return text[:max_chars]
-    # the marker reports an upper bound of the cut; recompute it for the real kept length
-    keep = max_chars - len(marker)
-    marker = f"\n...[{len(text) - keep} characters truncated]...\n"
-    keep = max_chars - len(marker)
+    keep = max_chars
+    while True:  # the marker states the exact cut; a longer count shortens what is kept
+        marker = f"\n...[{len(text) - keep} characters truncated]...\n"
+        if len(marker) >= max_chars:
+            return text[:max_chars]
+        if keep == max_chars - len(marker):
+            break
+        keep = max_chars - len(marker)
     head = (keep + 1) // 2
     return text[:head] + marker + text[len(text) - (keep - head):]
 
