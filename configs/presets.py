@@ -23,6 +23,9 @@ def _tiny_scale(c: ml_collections.ConfigDict) -> None:
     c.env.history_length = 0  # the current observation and admissible actions only
     c.rollout.max_prompt_length = 512
     c.rollout.max_response_length = 32
+    # A 2-layer model after a short warm start is far less peaked than an instruct LLM; at
+    # temperature 1 most of its turns are malformed, so it explores at 0.7 instead.
+    c.rollout.temperature = 0.7
     c.actor.lr = 1e-4
     c.actor.entropy_coeff = 0.0
     c.actor.ppo_mini_batch_size = 64
@@ -32,13 +35,13 @@ def _tiny_scale(c: ml_collections.ConfigDict) -> None:
     c.replay.baseline_buffer_size = 256
     c.replay.max_loss_steps = 20
     c.algorithm.max_toolcall_steps = 20
-    c.trainer.total_steps = 30
-    c.trainer.eval_every = 10
-    c.trainer.checkpoint_every = 10
-    c.trainer.length_buckets = (256, 320, 384, 448, 544)
+    c.trainer.total_steps = 20
+    c.trainer.eval_every = 5
+    c.trainer.checkpoint_every = 5
+    c.trainer.length_buckets = (192, 256, 320, 384, 448, 544)
     c.sft.enable = True
     c.sft.episodes = 300
-    c.sft.steps = 150
+    c.sft.steps = 100
     c.sft.batch_size = 32
     c.sft.lr = 1e-3
 
@@ -58,8 +61,8 @@ def _smollm2(c: ml_collections.ConfigDict) -> None:
 def _twx(c: ml_collections.ConfigDict) -> None:
     c.env.name = "textworld_express"
     c.env.kwargs = ml_collections.ConfigDict(
-        {"game": "twc", "game_params": {"numLocations": 1, "numItemsToPutAway": 1}})
-    c.env.max_steps = 6
+        {"game": "coin", "game_params": {"numLocations": 3, "numDistractorItems": 0, "includeDoors": 0}})
+    c.env.max_steps = 8
     c.env.row_layout = "step"
 
 
