@@ -19,14 +19,14 @@ def _tiny_scale(c: ml_collections.ConfigDict) -> None:
     c.model.checkpoint_format = "random"
     c.data.train_tasks_per_step = 8
     c.data.group_size = 4
-    c.data.eval_episodes = 64
-    c.env.history_length = 0  # the current observation and admissible actions only
+    c.data.eval_episodes = 96
+    c.env.history_length = 1  # the last (observation, action) pair: enough not to walk back
     c.rollout.max_prompt_length = 512
     c.rollout.max_response_length = 32
     # A 2-layer model after a short warm start is far less peaked than an instruct LLM; at
     # temperature 1 most of its turns are malformed, so it explores at 0.7 instead.
     c.rollout.temperature = 0.7
-    c.actor.lr = 1e-4
+    c.actor.lr = 5e-4
     c.actor.entropy_coeff = 0.0
     c.actor.ppo_mini_batch_size = 64
     c.actor.ppo_micro_batch_size = 32
@@ -41,7 +41,7 @@ def _tiny_scale(c: ml_collections.ConfigDict) -> None:
     c.trainer.length_buckets = (192, 256, 320, 384, 448, 544)
     c.sft.enable = True
     c.sft.episodes = 300
-    c.sft.steps = 100
+    c.sft.steps = 80
     c.sft.batch_size = 32
     c.sft.lr = 1e-3
 

@@ -213,7 +213,7 @@ def test_paper_curves_on_a_real_run_directory(tmp_path):
     for step in range(1, 11):
         writer.write(step, {"rollout/episode_return": step * 0.5, "actor/entropy": 1.0 / step})
         if step % 5 == 0:
-            writer.write(step, {"rollout/success_rate": 0.1 * step}, split="eval")
+            writer.write(step, {"success_rate": 0.1 * step}, split="eval")
     writer.close()
     result = run_notebook(
         NOTEBOOK_DIR / "paper_curves.ipynb",
@@ -224,7 +224,7 @@ def test_paper_curves_on_a_real_run_directory(tmp_path):
     assert ns["SYNTHETIC_DEMO"] is False
     assert ns["final_success"] == {"SPEAR": pytest.approx(100.0)}
     assert "SPEAR: train/replay/p50_mean (replay P50 baseline)" in ns["missing"]
-    logged = ("train/rollout/episode_return", "train/actor/entropy", "eval/rollout/success_rate")
+    logged = ("train/rollout/episode_return", "train/actor/entropy", "eval/success_rate")
     assert not any(key in line for key in logged for line in ns["missing"])
     assert "SPEAR: train/rollout/success_rate (train success)" in ns["missing"]
     assert "paper_curves_curves.png" in result["pngs"]
