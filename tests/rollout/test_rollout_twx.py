@@ -9,7 +9,7 @@ pytest.importorskip("textworld_express", reason="textworld-express is not instal
 if shutil.which("java") is None:
     pytest.skip("TextWorldExpress needs a Java runtime on PATH", allow_module_level=True)
 
-from environments.textworld_express import TextWorldExpressEnv  # noqa: E402
+from environments.textworld_express import TextWorldExpressEnv, TextWorldExpressJVM  # noqa: E402
 from rollout_scripted import ScriptedSampler, chatml_tokenizer  # noqa: E402
 from spear_jax.rollout import RolloutConfig, RolloutEngine  # noqa: E402
 from spear_jax.sampling import SamplingParams  # noqa: E402
@@ -45,10 +45,14 @@ def gold_policy(table):
 
 @pytest.fixture(scope="module")
 def setup():
-    envs = [TextWorldExpressEnv("twc", split="train", max_steps=20) for _ in range(2 * len(TASKS))]
+    # A JVM of its own: the gold table is replayed on fresh simulators, so nothing another test
+    # did in the process-wide JVM may influence the games generated here.
+    jvm = TextWorldExpressJVM()
+    envs = [TextWorldExpressEnv("twc", split="train", max_steps=20, jvm=jvm) for _ in range(2 * len(TASKS))]
     yield envs, chatml_tokenizer()
     for env in envs:
         env.close()
+    jvm.close()
 
 
 def test_gold_policy_through_engine(setup):
