@@ -90,6 +90,7 @@ class Trainer:
         rollout = dict(layout=c.env.row_layout, domain=_domain(c), history_length=c.env.history_length,
                        max_turns=c.env.max_tool_turns if c.env.row_layout == "trajectory" else None,
                        max_response_length=c.rollout.max_response_length,
+                       max_prompt_length=c.rollout.max_prompt_length if c.env.row_layout == "step" else None,
                        max_sequence_length=max_len if c.env.row_layout == "trajectory" else None)
         self.engine = RolloutEngine(self.sampler, chat, RolloutConfig(group_size=c.data.group_size, **rollout))
         self.eval_engine = RolloutEngine(self.sampler, chat, RolloutConfig(group_size=1, **rollout))
