@@ -1,9 +1,9 @@
 """Forward+backward throughput and MFU of the train step, side by side with transformers (torch).
 
-    python bench/model_throughput.py --preset smollm2-135m --batch 4 --seq_len 256
-    python bench/model_throughput.py --preset qwen2.5-1.5b --batch 16 --seq_len 4096 \
+    python -m bench.model_throughput --preset smollm2-135m --batch 4 --seq_len 256
+    python -m bench.model_throughput --preset qwen2.5-1.5b --batch 16 --seq_len 4096 \
         --compute_dtype bfloat16 --remat --peak_tflops 989 --no_torch          # on an H100
-    python bench/model_throughput.py --preset qwen2.5-0.5b --batch 16 --seq_len 4096 \
+    python -m bench.model_throughput --preset qwen2.5-0.5b --batch 16 --seq_len 4096 \
         --compute_dtype bfloat16 --remat --memory_only      # compile only: XLA memory analysis
 
 The step is value_and_grad of the mean token log-likelihood (chunked log-prob pass) over random

@@ -7,7 +7,7 @@ installed. The objective itself is a tiny fraction of a train step (the model fo
 dominates); the figure that matters is that Clip-Cov's static-shape selection (``top_k`` over the
 micro-batch) does not cost more than the reference's dynamic indexing.
 
-    PYTHONPATH=. python bench/objectives_throughput.py [--repeats 20] [--torch-threads 1]
+    python -m bench.objectives_throughput [--repeats 20] [--torch-threads 1]
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ with KV bytes per row = 2 * layers * kv_heads * head_dim * cache bytes * slots r
 sampler attends over every slot of its cache (``slots = cache length``), ``transformers`` over
 the filled part only; the bound printed uses the sampler's slots.
 
-    python bench/sampler_throughput.py                       # CPU, tiny + smollm2, B = 1, 8, 32
-    python bench/sampler_throughput.py --models smollm2 --batch-sizes 1,64,256 \
+    python -m bench.sampler_throughput                       # CPU, tiny + smollm2, B = 1, 8, 32
+    python -m bench.sampler_throughput --models smollm2 --batch-sizes 1,64,256 \
         --bandwidth-gbs 3350 --skip-hf                       # e.g. one H100 (HBM3)
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 booting their own interpreter or forked from the fork server) and MathToolEnv steps/s (a
 tool-call turn plus a graded final turn per episode).
 
-    python bench/sandbox_throughput.py [--calls 40] [--pool-size 2] [--episodes 20] [--gap-s 0.5]
+    python -m bench.sandbox_throughput [--calls 40] [--pool-size 2] [--episodes 20] [--gap-s 0.5]
 
 Prints one JSON line per measurement. Each call runs a snippet that uses the preamble's numpy,
 so the interpreter boot and the preamble import are part of what a cold call pays.

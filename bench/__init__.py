@@ -1,0 +1,1 @@
+"""Throughput scripts; run from the repository root as ``python -m bench.<script>``."""
