@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.env.kwargs = ml_collections.ConfigDict()  # domain-specific constructor arguments
     c.env.max_steps = 50  # env.max_steps (ALFWorld 50, WebShop 15)
     c.env.history_length = 2  # (observation, action) pairs in step-row prompts
+    c.env.prompt_template = "verl_agent"  # step-row prompt: verl_agent (reference) | compact
     c.env.row_layout = "step"  # step (one row per env step) | trajectory (one row per episode)
     c.env.max_tool_turns = 8  # trajectory rows: assistant turns per episode (math)
 
@@ -163,8 +164,12 @@ def base_config() -> ml_collections.ConfigDict:
     # --- warm start (supervised) -----------------------------------------------------------------
     c.sft = ml_collections.ConfigDict()
     c.sft.enable = False
-    c.sft.source = "gold"  # gold (environment gold paths) | jsonl (user conversations)
-    c.sft.jsonl_path = ""
+    # gold (environment gold paths) | conversations (jsonl of chat messages) | math_solutions
+    # (jsonl of worked solutions, e.g. GSM8K train); see spear_jax/sft_data.py
+    c.sft.source = "gold"
+    c.sft.data_path = ""  # the jsonl file of the conversations / math_solutions sources
+    c.sft.problem_field = "problem"  # math_solutions: record fields (GSM8K train: question, answer)
+    c.sft.solution_field = "solution"
     c.sft.episodes = 256
     c.sft.steps = 200
     c.sft.lr = 1e-4

@@ -20,8 +20,11 @@ def _tiny_scale(c: ml_collections.ConfigDict) -> None:
     c.data.train_tasks_per_step = 8
     c.data.group_size = 4
     c.data.eval_episodes = 96
-    c.env.history_length = 1  # the last (observation, action) pair: enough not to walk back
-    c.rollout.max_prompt_length = 512
+    # Half the prompt tokens of the reference template: the last 2 actions stand in for the
+    # (observation, action) pairs, enough not to walk back.
+    c.env.prompt_template = "compact"
+    c.env.history_length = 2
+    c.rollout.max_prompt_length = 320
     c.rollout.max_response_length = 32
     # A 2-layer model after a short warm start is far less peaked than an instruct LLM; at
     # temperature 1 most of its turns are malformed, so it explores at 0.7 instead.
@@ -38,7 +41,7 @@ def _tiny_scale(c: ml_collections.ConfigDict) -> None:
     c.trainer.total_steps = 20
     c.trainer.eval_every = 5
     c.trainer.checkpoint_every = 5
-    c.trainer.length_buckets = (192, 256, 320, 384, 448, 544)
+    c.trainer.length_buckets = (192, 256, 320, 352)
     c.sft.enable = True
     c.sft.episodes = 300
     c.sft.steps = 80

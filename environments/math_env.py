@@ -101,6 +101,12 @@ class MathEnvConfig:
                              f"{self.max_tool_output_chars}")
 
 
+def problem_text(problem: str, append_instruction: bool = True) -> str:
+    """The first observation of a problem: its text, then (by default) the reference's
+    boxed-answer instruction on a new line."""
+    return f"{problem}\n{ANSWER_FORMAT_INSTRUCTION}" if append_instruction else problem
+
+
 class MathToolEnv:
     """One math problem per episode, solved with ``code_interpreter`` calls (module docstring).
 
@@ -155,9 +161,7 @@ class MathToolEnv:
         self._problem = self.problems[index]
         self._turns = self._tool_calls = self._invalid_calls = 0
         self._done = False
-        task = self._problem.problem
-        if self.config.append_instruction:
-            task = f"{task}\n{ANSWER_FORMAT_INSTRUCTION}"
+        task = problem_text(self._problem.problem, self.config.append_instruction)
         self._observation = Observation(text=task, task=task)
         return self._observation
 

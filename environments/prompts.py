@@ -29,6 +29,17 @@ the multi-turn dialogue is never replayed. Two templates, as in the reference:
 ``<action> </action>``, matching ``environments.react.parse_react_action``. Admissible actions
 render as a Python-style list of quoted strings; "help" is never shown (ALFWorld convention).
 When an environment has no admissible list (``None``) the line is omitted.
+
+The templates above are ``template="verl_agent"`` (the default). ``template="compact"`` carries
+the same task, current observation and admissible actions in about half the tokens, for small
+models on a CPU budget: the history is the last ``k`` *actions* only (the observations they
+answered are dropped) and the instructions are one line::
+
+      {intro} Your task is to: {task}
+      Step {t+1}. Your last {m} action(s): 'a', 'b'.       <- only when t >= 1 and k >= 1
+      Observation: {observation}
+      Admissible actions: ['a', 'b', ...].
+      {compact instructions}
 """
 from __future__ import annotations
 
@@ -46,6 +57,12 @@ INSTRUCTIONS = (
     "Once you've finished your reasoning, you should choose an admissible action for current "
     "step and present it within <action> </action> tags."
 )
+
+COMPACT_INSTRUCTIONS = (
+    "Think inside <think> </think>, then give one admissible action inside <action> </action>."
+)
+
+TEMPLATES = ("verl_agent", "compact")
 
 HIDDEN_ACTIONS = frozenset({"help"})
 
@@ -95,6 +112,7 @@ def render_agent_prompt(
     observation: Observation,
     history: Sequence[tuple[str, str]] = (),
     history_length: int = DEFAULT_HISTORY_LENGTH,
+    template: str = "verl_agent",
 ) -> str:
     """Renders the user message for the current step (see the module docstring).
 
@@ -103,13 +121,19 @@ def render_agent_prompt(
       observation: the current observation (text, task, admissible actions).
       history: all (observation, action) pairs of the episode before this step; its length is
         the step count.
-      history_length: k >= 0, the number of recent pairs shown on later steps.
+      history_length: k >= 0, the number of recent pairs (``"compact"``: actions) shown on later
+        steps.
+      template: one of ``TEMPLATES``.
     """
     if history_length < 0:
         raise ValueError(f"history_length must be >= 0, got {history_length}")
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
     for j, pair in enumerate(history):
         if len(pair) != 2:
             raise ValueError(f"history[{j}] must be an (observation, action) pair, got {pair!r}")
+    if template == "compact":
+        return _render_compact(style, observation, history, history_length)
     actions_line = (
         ""
         if observation.admissible_actions is None
@@ -134,3 +158,17 @@ def render_agent_prompt(
         f"{observation.text}\n"
         f"{actions_line}\n{INSTRUCTIONS}"
     )
+
+
+def _render_compact(style: AgentPromptStyle, observation: Observation,
+                    history: Sequence[tuple[str, str]], history_length: int) -> str:
+    lines = [f"{style.intro} Your task is to: {observation.task}"]
+    shown = [action for _, action in history[max(0, len(history) - history_length):]]
+    if history and shown:
+        actions = ", ".join(f"'{a}'" for a in shown)
+        lines.append(f"Step {len(history) + 1}. Your last {len(shown)} action(s): {actions}.")
+    lines.append(f"Observation: {observation.text}")
+    if observation.admissible_actions is not None:
+        lines.append(f"Admissible actions: {format_admissible_actions(observation.admissible_actions)}.")
+    lines.append(COMPACT_INSTRUCTIONS)
+    return "\n".join(lines)

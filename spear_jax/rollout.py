@@ -12,9 +12,11 @@ Two row layouts (``RolloutConfig.layout``):
 
 * ``"step"`` (verl-agent): one row per env step. The prompt is a single user message rendered
   afresh by ``environments.prompts.render_agent_prompt`` (task, last ``history_length``
-  (observation, projected action) pairs, current observation, admissible actions), wrapped by the
-  chat template with the assistant generation prompt; the response is the generated ids. The
-  environment supplies its ``prompt_style`` (an ``AgentPromptStyle``).
+  (observation, projected action) pairs, current observation, admissible actions; template
+  ``prompt_template``), wrapped by the chat template with the assistant generation prompt; the
+  response is the generated ids. The environment supplies its ``prompt_style`` (an
+  ``AgentPromptStyle``). ``render_step_prompt`` is the one place that renders and fits these
+  prompts (the supervised warm start uses it too).
 * ``"trajectory"`` (ReTool-style math): one row per episode on a persistent KV-cache session.
   The first call appends the chat-rendered prompt (optional system message + the first
   observation as a user message + generation prompt); after each turn the next observation is
@@ -51,7 +53,7 @@ import jax
 import numpy as np
 
 from environments.base import Env, Observation, StepResult
-from environments.prompts import DEFAULT_HISTORY_LENGTH, render_agent_prompt
+from environments.prompts import DEFAULT_HISTORY_LENGTH, TEMPLATES, AgentPromptStyle, render_agent_prompt
 from environments.react import has_action_after_last_think, parse_react_action
 
 LAYOUTS = ("step", "trajectory")
@@ -150,6 +152,8 @@ class RolloutConfig:
       layout: ``"step"`` or ``"trajectory"`` rows (module docstring).
       domain: ``"agent"`` (ReAct completeness test) or ``"math"`` (the env's ``incomplete``).
       history_length: k, (observation, action) pairs shown in step-row prompts (reference 2).
+      prompt_template: step rows: ``environments.prompts.TEMPLATES`` (``"verl_agent"``, the
+        reference's; ``"compact"``, about half the tokens).
       max_prompt_length: step rows: a prompt longer than this many tokens is re-rendered with
         fewer history pairs (k-1, ..., 0; the reference's WebShop falls back to the no-history
         template by characters); if even the history-free prompt is longer it is used as is
@@ -170,6 +174,7 @@ class RolloutConfig:
     layout: str = "step"
     domain: str = "agent"
     history_length: int = DEFAULT_HISTORY_LENGTH
+    prompt_template: str = "verl_agent"
     max_prompt_length: int | None = None
     max_turns: int | None = None
     max_response_length: int | None = None
@@ -186,6 +191,9 @@ class RolloutConfig:
             raise ValueError(f"RolloutConfig.domain must be one of {DOMAINS}, got {self.domain!r}")
         if self.history_length < 0:
             raise ValueError(f"RolloutConfig.history_length must be >= 0, got {self.history_length}")
+        if self.prompt_template not in TEMPLATES:
+            raise ValueError(f"RolloutConfig.prompt_template must be one of {TEMPLATES}, "
+                             f"got {self.prompt_template!r}")
         for name in ("max_prompt_length", "max_turns", "max_response_length", "max_sequence_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -193,6 +201,20 @@ class RolloutConfig:
         if self.layout == "trajectory" and self.max_sequence_length is None:
             raise ValueError("RolloutConfig.max_sequence_length is required for layout='trajectory' "
                              "(it is the session's KV-cache size)")
+
+
+def render_step_prompt(tokenizer: ChatTokenizer, style: AgentPromptStyle, observation: Observation,
+                       history: Sequence[tuple[str, str]], history_length: int, template: str,
+                       max_prompt_length: int | None) -> list[int]:
+    """A step row's prompt ids: the chat-wrapped ``render_agent_prompt`` with the longest history
+    window k' <= ``history_length`` whose prompt fits ``max_prompt_length`` (None = no limit);
+    the history-free prompt is returned even when it is longer."""
+    for k in range(history_length, -1, -1):
+        text = render_agent_prompt(style, observation, history, k, template)
+        ids = tokenizer.render_prompt([("user", text)])
+        if max_prompt_length is None or len(ids) <= max_prompt_length or not history:
+            return ids
+    return ids
 
 
 @dataclasses.dataclass
@@ -426,14 +448,9 @@ class RolloutEngine:
     # -- step rows ------------------------------------------------------------------------------
 
     def _step_prompt(self, env: Env, state: _Live) -> list[int]:
-        """The step's prompt with the longest history window (<= k) within max_prompt_length."""
-        limit = self.config.max_prompt_length
-        for k in range(self.config.history_length, -1, -1):
-            text = render_agent_prompt(env.prompt_style, state.observation, state.history, k)
-            ids = self.tokenizer.render_prompt([("user", text)])
-            if limit is None or len(ids) <= limit or not state.history:
-                return ids
-        return ids
+        config = self.config
+        return render_step_prompt(self.tokenizer, env.prompt_style, state.observation, state.history,
+                                  config.history_length, config.prompt_template, config.max_prompt_length)
 
     def _run_step_rows(self, envs, live, episodes, sampling, key) -> list[_Live]:
         config = self.config

@@ -15,7 +15,9 @@ import re
 import jax
 import ml_collections
 
+from environments.prompts import TEMPLATES as PROMPT_TEMPLATES
 from environments.registry import env_names
+from spear_jax.sft_data import SOURCES as SFT_SOURCES
 from spear_jax import curriculum
 from spear_jax.model import PRESETS as MODEL_PRESETS
 from spear_jax.objectives import (
@@ -202,6 +204,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     num_devices = num_devices or jax.device_count()
     _choice(c, "env.name", env_names())
     _choice(c, "env.row_layout", ROW_LAYOUTS)
+    _choice(c, "env.prompt_template", PROMPT_TEMPLATES)
     _choice(c, "model.preset", MODEL_PRESETS)
     _choice(c, "model.checkpoint_format", CHECKPOINT_FORMATS)
     _choice(c, "model.compute_dtype", DTYPES)
@@ -213,6 +216,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _choice(c, "actor.loss_agg_mode", AGGREGATION_MODES)
     _choice(c, "actor.loss_agg_scope", ("exact", "per_micro_batch"))
     _choice(c, "actor.clip_cov_scope", ("micro_batch", "per_device"))
+    _choice(c, "sft.source", SFT_SOURCES)
     with _naming("config.algorithm.use_toolcall_reward"):
         curriculum.check_toolcall_reward_mode(c.algorithm.use_toolcall_reward)
 
@@ -253,6 +257,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
 
 
 def _check_env_data(c: ml_collections.ConfigDict) -> None:
+    uses_sft = c.sft.enable or c.name == "sft"
+    if uses_sft and c.sft.source != "gold" and not os.path.isfile(c.sft.data_path):
+        raise ConfigError(f"config.sft.data_path = {c.sft.data_path!r} must be the jsonl file of "
+                          f"config.sft.source = {c.sft.source!r}")
     kwargs = c.env.kwargs
     if c.env.name == "math" and "source" in kwargs and kwargs.source == "jsonl":
         path = kwargs.get("path", "")

@@ -1,74 +1,85 @@
-"""Supervised warm start (the paper's cold-start SFT) on gold agent trajectories.
+"""Supervised warm start (the paper's cold-start SFT), writing the checkpoint RL starts from.
 
-Examples are step rows exactly as the rollout engine renders them: the prompt is the chat-wrapped
-agent prompt (task, last ``history_length`` (observation, action) pairs, current observation,
-admissible actions) and the response is the gold turn
-
-    <think>{think}</think><action>{gold action}</action><end of turn>
-
-for every step of the environment's gold action sequence (TextWorldExpress and ALFWorld expose
-``gold_actions()``). The loss is the token-mean negative log-likelihood of the response tokens
-(``train_step.make_sft_update_fn``); the result is saved as a run checkpoint whose ``params``
-the RL run loads with ``model.checkpoint_format = "orbax"``.
+The examples come from ``spear_jax.sft_data`` (environment gold paths, a user's conversations,
+or worked math solutions; ``config.sft.source``). The loss is the token-mean negative
+log-likelihood of the masked response tokens (``train_step.make_sft_update_fn``). Each step
+draws ``sft.batch_size`` examples uniformly and pads them to the smallest
+``trainer.length_buckets`` entry that holds the longest (one compiled program per bucket). The
+result is saved as a run checkpoint whose ``params`` the RL run loads with
+``model.checkpoint_format = "orbax"``.
 """
 from __future__ import annotations
 
 import os
 import time
+from typing import Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from environments.prompts import render_agent_prompt
 from environments.registry import make_env
-from spear_jax import run_config, sharding, train_step
+from spear_jax import run_config, sft_data, sharding, train_step
 from spear_jax.checkpoint import RunCheckpointer, RunState
 from spear_jax.metrics import MetricsWriter
 from spear_jax.policy import CHECKPOINT_SUBDIR, load_policy
 from spear_jax.rollout import TemplateChatTokenizer
-
-GOLD_THINK = "next step"
-
-
-def gold_examples(env, task_ids, chat: TemplateChatTokenizer, history_length: int,
-                  think: str = GOLD_THINK) -> tuple[list[tuple[list[int], list[int]]], float]:
-    """(prompt ids, response ids) of every gold step of ``task_ids``, and the fraction of gold
-    episodes that the environment scored as won (a check of the gold paths themselves)."""
-    examples, wins = [], 0
-    for task in task_ids:
-        observation = env.reset(task_id=int(task))
-        history: list[tuple[str, str]] = []
-        for action in env.gold_actions():
-            prompt_text = render_agent_prompt(env.prompt_style, observation, history, history_length)
-            prompt = chat.render_prompt([("user", prompt_text)])
-            response_text = f"<think>{think}</think><action>{action}</action>"
-            examples.append((prompt, chat.encode(response_text) + list(chat.assistant_end_ids)))
-            result = env.step(response_text)
-            history.append((observation.text, action))
-            observation = result.observation
-            if result.done:
-                wins += int(result.won)
-                break
-    return examples, wins / max(len(task_ids), 1)
+from spear_jax.sft_data import Example
 
 
-def pack_examples(examples, length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """[N, length] tokens / valid / loss_mask (response tokens only) and [N] row_valid; prompts
-    longer than the room left by the response are cut from the left."""
+def pack_examples(examples: Sequence[Example], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """[N, length] tokens / valid / loss_mask (the examples' response masks) and [N] row_valid;
+    prompts longer than the room left by the response are cut from the left."""
     n = len(examples)
     tokens = np.full((n, length), pad_id, np.int32)
     valid = np.zeros((n, length), bool)
     loss_mask = np.zeros((n, length), np.float32)
-    for i, (prompt, response) in enumerate(examples):
+    for i, example in enumerate(examples):
+        response = example.response
         if len(response) >= length:
             raise ValueError(f"example {i}: response of {len(response)} tokens does not fit length {length}")
-        prompt = prompt[max(0, len(prompt) - (length - len(response))):]
+        prompt = example.prompt[max(0, len(example.prompt) - (length - len(response))):]
         total = len(prompt) + len(response)
         tokens[i, :total] = prompt + response
         valid[i, :total] = True
-        loss_mask[i, len(prompt):total] = 1.0
+        loss_mask[i, len(prompt):total] = example.mask
     return {"tokens": tokens, "valid": valid, "loss_mask": loss_mask, "row_valid": np.ones(n, bool)}
+
+
+def build_examples(c: ml_collections.ConfigDict, chat: TemplateChatTokenizer,
+                   rng: np.random.Generator) -> tuple[list[Example], dict[str, float]]:
+    """The examples of ``config.sft.source`` and metrics describing them."""
+    s = c.sft
+    if s.source == "conversations":
+        return sft_data.conversation_examples(s.data_path, chat), {}
+    if s.source == "math_solutions":
+        return sft_data.math_solution_examples(s.data_path, chat, s.problem_field, s.solution_field), {}
+    env = make_env(c.env.name, split="train", seed=c.seed, max_steps=c.env.max_steps, **c.env.kwargs.to_dict())
+    if not hasattr(env, "gold_actions"):
+        env.close()
+        raise ValueError(f"config.sft.source = 'gold' needs an environment with gold actions; "
+                         f"{c.env.name!r} has none (use 'conversations' or 'math_solutions')")
+    available = env.task_ids
+    tasks = [available[i] for i in rng.choice(len(available), size=min(s.episodes, len(available)), replace=False)]
+    examples, gold_win_rate = sft_data.gold_examples(env, tasks, chat, c.env.history_length, c.env.prompt_template,
+                                                     c.rollout.max_prompt_length)
+    env.close()
+    return examples, {"sft/gold_win_rate": gold_win_rate}
+
+
+def _bucket(length: int, buckets) -> int:
+    """The smallest length bucket holding ``length`` tokens (the largest if none does)."""
+    return next((b for b in buckets if b >= length), buckets[-1])
+
+
+def _minibatch(data: dict[str, np.ndarray], rows: np.ndarray, length: int, micro: int) -> dict[str, np.ndarray]:
+    """``rows`` of the packed data cut to ``length`` columns (rows are left-aligned, so only
+    padding is cut), as [num_micro, micro, ...] arrays of ``train_step.SFT_KEYS``."""
+    out = {}
+    for key in train_step.SFT_KEYS:
+        picked = data[key][rows] if data[key].ndim == 1 else data[key][rows, :length]
+        out[key] = picked.reshape((len(rows) // micro, micro) + picked.shape[1:])
+    return out
 
 
 def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -78,15 +89,11 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     mesh = sharding.make_mesh(**run_config.mesh_shape(c, jax.device_count()))
     policy = load_policy(c, mesh)
     chat = TemplateChatTokenizer(policy.chat)
-    env = make_env(c.env.name, split="train", seed=c.seed, max_steps=c.env.max_steps, **c.env.kwargs.to_dict())
     rng = np.random.default_rng([c.seed, 17])
-    available = env.task_ids
-    tasks = [available[i] for i in rng.choice(len(available), size=min(s.episodes, len(available)), replace=False)]
-    examples, gold_win_rate = gold_examples(env, tasks, chat, c.env.history_length)
-    env.close()
-    longest = max(len(p) + len(r) for p, r in examples)
-    length = next((b for b in c.trainer.length_buckets if b >= longest), c.trainer.length_buckets[-1])
-    data = pack_examples(examples, length, pad_id=policy.chat.stop_id)
+    examples, data_metrics = build_examples(c, chat, rng)
+    buckets = c.trainer.length_buckets
+    totals = np.array([example.length for example in examples])
+    data = pack_examples(examples, _bucket(totals.max(), buckets), pad_id=policy.chat.stop_id)
 
     optimizer = train_step.make_optimizer(train_step.OptimizerConfig(
         lr=s.lr, schedule="cosine", warmup_steps=min(10, s.steps // 10), total_steps=max(s.steps, 1),
@@ -100,14 +107,13 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     start = time.perf_counter()
     for step in range(1, s.steps + 1):
         rows = rng.choice(len(examples), size=batch_rows, replace=len(examples) < batch_rows)
-        minibatch = {k: jax.device_put(data[k][rows].reshape((batch_rows // micro, micro) + data[k].shape[1:]), spec)
-                     for k in train_step.SFT_KEYS}
+        minibatch = jax.device_put(_minibatch(data, rows, _bucket(totals[rows].max(), buckets), micro), spec)
         with jax.set_mesh(mesh):
             params, opt_state, out = update(params, opt_state, minibatch, jax.random.key(0), np.float32(0))
         if step % 10 == 0 or step == s.steps:
             writer.write(step, {"sft/nll": float(out["nll"]), "sft/grad_norm": float(out["grad_norm"]),
-                                "sft/examples": float(len(examples)), "sft/gold_win_rate": gold_win_rate,
-                                "time/sft": time.perf_counter() - start}, split="sft")
+                                "sft/examples": float(len(examples)), "time/sft": time.perf_counter() - start,
+                                **data_metrics}, split="sft")
     writer.close()
     checkpointer = RunCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR), max_to_keep=1)
     checkpointer.save(s.steps, RunState(device={"params": params}, host={}, meta={"step": s.steps, "kind": "sft"}))

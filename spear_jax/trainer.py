@@ -88,6 +88,7 @@ class Trainer:
             max_batch=max(episodes, c.data.eval_episodes),
             cache_dtype=jnp.dtype(c.rollout.kv_cache_dtype), mesh=self.mesh)
         rollout = dict(layout=c.env.row_layout, domain=_domain(c), history_length=c.env.history_length,
+                       prompt_template=c.env.prompt_template,
                        max_turns=c.env.max_tool_turns if c.env.row_layout == "trajectory" else None,
                        max_response_length=c.rollout.max_response_length,
                        max_prompt_length=c.rollout.max_prompt_length if c.env.row_layout == "step" else None,

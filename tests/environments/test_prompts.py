@@ -3,7 +3,7 @@ import pytest
 
 from environments.base import Observation
 from environments.prompts import (
-    INSTRUCTIONS, AgentPromptStyle, format_admissible_actions, format_history, render_agent_prompt,
+    COMPACT_INSTRUCTIONS, INSTRUCTIONS, AgentPromptStyle, format_admissible_actions, format_history, render_agent_prompt,
 )
 
 ALF = AgentPromptStyle("You are an expert agent operating in the ALFRED Embodied Environment.", True)
@@ -64,7 +64,32 @@ def test_no_admissible_list_omits_the_line():
     assert "admissible actions of the current situation" not in render_agent_prompt(GAME, obs, [("o", "a")])
 
 
+def test_compact_first_step():
+    assert render_agent_prompt(ALF, OBS, template="compact") == (
+        "You are an expert agent operating in the ALFRED Embodied Environment. "
+        "Your task is to: put a mug on the desk.\n"
+        "Observation: You see a desk 1.\n"
+        "Admissible actions: ['go to desk 1', 'look'].\n" + COMPACT_INSTRUCTIONS
+    )
+
+
+def test_compact_later_step_shows_last_k_actions_only():
+    history = [("o1", "a1"), ("o2", "a2"), ("o3", "a3")]
+    assert render_agent_prompt(GAME, OBS, history, history_length=2, template="compact") == (
+        "You are an expert agent playing a game. Your task is to: put a mug on the desk.\n"
+        "Step 4. Your last 2 action(s): 'a2', 'a3'.\n"
+        "Observation: You see a desk 1.\n"
+        "Admissible actions: ['go to desk 1', 'look'].\n" + COMPACT_INSTRUCTIONS
+    )
+    no_history = render_agent_prompt(GAME, OBS, history, history_length=0, template="compact")
+    assert "Step" not in no_history and "o3" not in no_history
+    obs = Observation(text="t", task="g", admissible_actions=None)
+    assert "Admissible" not in render_agent_prompt(GAME, obs, history, template="compact")
+
+
 def test_bad_arguments():
+    with pytest.raises(ValueError, match="template must be one of"):
+        render_agent_prompt(GAME, OBS, template="short")
     with pytest.raises(ValueError, match="history_length"):
         render_agent_prompt(GAME, OBS, [], history_length=-1)
     with pytest.raises(ValueError, match=r"history\[1\]"):

@@ -83,6 +83,22 @@ def test_step_prompt_is_chat_wrapped_history_window(tok):
     assert "you have already taken 3 step(s)" in tok.decode(result.rows[3].prompt_ids)
 
 
+def test_compact_template_reaches_the_prompts(tok):
+    result, _ = run(tok, [SayNumberEnv(episode_length=3)], [5], group_size=1, history_length=1,
+                    prompt_template="compact")
+    numbers = numbers_of_task(5, 3)
+    actions = tuple(f"say {n}" for n in sorted(set(numbers)))
+    history = []
+    for t, row in enumerate(result.rows):
+        obs = Observation(text=f"Number: {numbers[t]}", task="say the number shown", admissible_actions=actions)
+        user = render_agent_prompt(SAY_NUMBER_STYLE, obs, history, 1, template="compact")
+        np.testing.assert_array_equal(row.prompt_ids, tok.render_prompt([("user", user)]))
+        history.append((obs.text, f"say {numbers[t]}"))
+    assert f"Your last 1 action(s): 'say {numbers[1]}'" in tok.decode(result.rows[2].prompt_ids)
+    with pytest.raises(ValueError, match="prompt_template"):
+        RolloutConfig(prompt_template="terse")
+
+
 def test_rewards_returns_and_validity(tok):
     def policy(context):
         if "Number: 0" in context.rsplit("Number:", 1)[0][-3:]:

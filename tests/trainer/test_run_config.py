@@ -83,6 +83,10 @@ def test_unknown_fields_are_rejected():
         (lambda c: setattr(c.model, "checkpoint_format", "hf"), "config.model.checkpoint_path"),
         (lambda c: setattr(c.model, "checkpoint_path", "/nonexistent"), "config.model.checkpoint_path"),
         (lambda c: setattr(c.trainer, "length_buckets", (16,)), "config.trainer.length_buckets"),
+        (lambda c: setattr(c.env, "prompt_template", "short"), "config.env.prompt_template"),
+        (lambda c: setattr(c.sft, "source", "web"), "config.sft.source"),
+        (lambda c: (setattr(c.sft, "enable", True), setattr(c.sft, "source", "conversations")),
+         "config.sft.data_path"),
     ],
 )
 def test_bad_configs_name_the_field(edit, message):

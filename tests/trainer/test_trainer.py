@@ -17,7 +17,7 @@ from spear_jax import metrics as run_metrics
 from spear_jax.sampling import Generation
 from spear_jax.trainer import Trainer
 
-_ADMISSIBLE = re.compile(r"admissible actions of the current situation are: \[(.*?)\]", re.S)
+_ADMISSIBLE = re.compile(r"(?:admissible actions of the current situation are|Admissible actions): \[(.*?)\]", re.S)
 
 
 class RandomAdmissibleSampler:
