@@ -32,7 +32,7 @@ import numpy as np
 
 from environments import alfworld_data
 from environments.alfworld_data import TASK_TYPES
-from environments.base import Observation, StepResult
+from environments.base import Observation, StepResult, choose_task_index
 from environments.prompts import AgentPromptStyle
 from environments.react import parse_react_action
 
@@ -135,28 +135,10 @@ class ALFWorldEnv:
     def num_tasks(self) -> int:
         return len(self.games)
 
-    def _choose_task(self, task_id, seed) -> int:
-        if task_id is not None and seed is not None:
-            raise ValueError("pass either task_id or seed to reset, not both")
-        if task_id is None:
-            rng = self._rng if seed is None else np.random.default_rng(seed)
-            return int(rng.integers(self.num_tasks))
-        if isinstance(task_id, str):
-            if task_id not in self._index_by_name:
-                raise KeyError(f"task_id {task_id!r} is not a game of ALFWorld split {self.split!r}")
-            return self._index_by_name[task_id]
-        if isinstance(task_id, (bool, np.bool_)) or not isinstance(task_id, (int, np.integer)):
-            raise TypeError(f"task_id must be an int index or a game name, got {task_id!r}")
-        if not 0 <= task_id < self.num_tasks:
-            raise IndexError(
-                f"task_id {task_id} out of range for ALFWorld split {self.split!r} "
-                f"({self.num_tasks} games: 0..{self.num_tasks - 1})"
-            )
-        return int(task_id)
-
     def reset(self, task_id: int | str | None = None, seed: int | None = None) -> Observation:
         self._check_open()
-        index = self._choose_task(task_id, seed)
+        index = choose_task_index(task_id, seed, self.num_tasks, self._rng,
+                                  f"ALFWorld split {self.split!r}", self._index_by_name)
         game = self.games[index]
         if self._engine is None:
             self._engine = _start_engine(str(game.path))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class Observation:
@@ -76,3 +78,28 @@ class Env(Protocol):
     def close(self) -> None:
         """Releases external resources (JVMs, subprocesses, sandboxes)."""
         ...
+
+
+def choose_task_index(task_id: Any, seed: int | None, num_tasks: int, rng: np.random.Generator,
+                      what: str, names: Mapping[str, int] | None = None) -> int:
+    """The task index an indexed env's ``reset(task_id, seed)`` plays.
+
+    ``task_id`` an int in ``[0, num_tasks)`` (or, with ``names``, one of its keys) selects that
+    task; else one is drawn uniformly, from ``numpy.random.default_rng(seed)`` when ``seed`` is
+    given, otherwise from the env's own ``rng``. ``what`` names the task list in errors (e.g.
+    ``"coin/train"``).
+    """
+    if task_id is not None and seed is not None:
+        raise ValueError("pass either task_id or seed to reset, not both")
+    if task_id is None:
+        return int((rng if seed is None else np.random.default_rng(seed)).integers(num_tasks))
+    if isinstance(task_id, str) and names is not None:
+        if task_id not in names:
+            raise KeyError(f"task_id {task_id!r} is not a task name of {what}")
+        return names[task_id]
+    if isinstance(task_id, (bool, np.bool_)) or not isinstance(task_id, (int, np.integer)):
+        kinds = "an int index or a task name" if names is not None else "an int index"
+        raise TypeError(f"task_id must be {kinds} of {what}, got {task_id!r}")
+    if not 0 <= task_id < num_tasks:
+        raise IndexError(f"task_id {task_id} out of range for {what} ({num_tasks} tasks: 0..{num_tasks - 1})")
+    return int(task_id)

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from environments.base import Observation, StepResult
+from environments.base import Observation, StepResult, choose_task_index
 from environments.math_data import ANSWER_FORMAT_INSTRUCTION, MathProblem
 from environments.math_grading import VERIFIERS, Grade, grade_response
 from environments.sandbox import Sandbox
@@ -146,18 +146,7 @@ class MathToolEnv:
 
     def reset(self, task_id: int | str | None = None, seed: int | None = None) -> Observation:
         """Starts an episode on problem ``task_id`` (index or id), else one drawn with ``seed``."""
-        if task_id is not None:
-            if isinstance(task_id, str):
-                if task_id not in self._ids:
-                    raise KeyError(f"task_id {task_id!r} is not a problem id of this env")
-                index = self._ids[task_id]
-            elif not 0 <= task_id < len(self.problems):
-                raise IndexError(f"task_id {task_id} out of range [0, {len(self.problems)})")
-            else:
-                index = int(task_id)
-        else:
-            rng = np.random.default_rng(seed) if seed is not None else self._rng
-            index = int(rng.integers(len(self.problems)))
+        index = choose_task_index(task_id, seed, len(self.problems), self._rng, "this env's problems", self._ids)
         self._problem = self.problems[index]
         self._turns = self._tool_calls = self._invalid_calls = 0
         self._done = False

@@ -44,7 +44,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from environments.base import Observation, StepResult
+from environments.base import Observation, StepResult, choose_task_index
 from environments.prompts import AgentPromptStyle
 from environments.react import parse_react_action
 
@@ -226,26 +226,11 @@ class TextWorldExpressEnv:
         """Number of tasks (seeds) in this fold."""
         return len(self.fold_seeds)
 
-    def _choose_task(self, task_id, seed) -> int:
-        if task_id is not None and seed is not None:
-            raise ValueError("pass either task_id or seed to reset, not both")
-        if task_id is None:
-            rng = self._rng if seed is None else np.random.default_rng(seed)
-            return int(rng.integers(self.num_tasks))
-        if isinstance(task_id, (bool, np.bool_)) or not isinstance(task_id, (int, np.integer)):
-            raise TypeError(f"task_id must be an int index into the {self.split} fold, got {task_id!r}")
-        if not 0 <= task_id < self.num_tasks:
-            raise IndexError(
-                f"task_id {task_id} out of range for {self.game}/{self.split} "
-                f"({self.num_tasks} tasks: 0..{self.num_tasks - 1})"
-            )
-        return int(task_id)
-
     # -- Env protocol -----------------------------------------------------------------------
 
     def reset(self, task_id: int | None = None, seed: int | None = None) -> Observation:
         self._check_open()
-        index = self._choose_task(task_id, seed)
+        index = choose_task_index(task_id, seed, self.num_tasks, self._rng, f"{self.game}/{self.split}")
         game_seed = self.fold_seeds[index]
         state = json.loads(self._sim.generateNewGameJSON(game_seed, self.split, self.generate_gold))
         properties = json.loads(self._sim.getGenerationPropertiesJSON())

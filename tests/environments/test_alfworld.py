@@ -149,7 +149,7 @@ def test_bad_input_gives_clear_errors(unseen, cache_dir):
         ALFWorldEnv("valid_seen", cache_dir=cache_dir, max_steps=0)
     with pytest.raises(IndexError, match=r"task_id 134 out of range .*0\.\.133"):
         unseen.reset(134)
-    with pytest.raises(KeyError, match="not a game"):
+    with pytest.raises(KeyError, match="not a task name"):
         unseen.reset("no-such-game/trial")
     with pytest.raises(TypeError, match="task_id"):
         unseen.reset(1.5)
