@@ -156,8 +156,8 @@ class RolloutConfig:
         reference's; ``"compact"``, about half the tokens).
       max_prompt_length: step rows: a prompt longer than this many tokens is re-rendered with
         fewer history pairs (k-1, ..., 0; the reference's WebShop falls back to the no-history
-        template by characters); if even the history-free prompt is longer it is used as is
-        (batching truncates it from the left). None = never shorten.
+        template by characters); if even the history-free prompt is longer it is cut from the
+        left to this many tokens. None = never shorten.
       max_turns: sampler calls per episode at most; None = each env's ``max_steps``. An episode
         still running then is ended by the engine (``EpisodeSummary.truncated``).
       max_response_length: the overlong threshold in tokens (per generated turn for step rows,
@@ -208,13 +208,14 @@ def render_step_prompt(tokenizer: ChatTokenizer, style: AgentPromptStyle, observ
                        max_prompt_length: int | None) -> list[int]:
     """A step row's prompt ids: the chat-wrapped ``render_agent_prompt`` with the longest history
     window k' <= ``history_length`` whose prompt fits ``max_prompt_length`` (None = no limit);
-    the history-free prompt is returned even when it is longer."""
+    when even the history-free prompt is longer, its last ``max_prompt_length`` ids (the
+    current observation, admissible actions, instructions and generation prompt survive)."""
     for k in range(history_length, -1, -1):
         text = render_agent_prompt(style, observation, history, k, template)
         ids = tokenizer.render_prompt([("user", text)])
-        if max_prompt_length is None or len(ids) <= max_prompt_length or not history:
+        if max_prompt_length is None or len(ids) <= max_prompt_length:
             return ids
-    return ids
+    return ids[-max_prompt_length:]
 
 
 @dataclasses.dataclass

@@ -362,6 +362,13 @@ def test_step_prompt_history_shrinks_to_fit(tok):
     texts, lengths = prompts_with(full_lengths[3] - 1)  # the k=2 prompt of step 4 no longer fits
     assert all(n <= full_lengths[3] - 1 for n in lengths)
     assert texts[3].count("[Observation") == 1 and lengths[3] <= full_lengths[3] - 1
-    texts, lengths = prompts_with(10)  # nothing fits: the history-free prompt is used
-    assert all(t.count("[Observation") == 0 for t in texts)
+    bare, _ = run(tok, [SayNumberEnv(episode_length=4)], [5], group_size=1, history_length=0)
+    bare_lengths = [r.prompt_ids.shape[0] for r in bare.rows]
+    texts, lengths = prompts_with(max(bare_lengths))  # only the history-free prompts fit
+    assert lengths == bare_lengths and all(t.count("[Observation") == 0 for t in texts)
     assert all("you have already taken" in t for t in texts[1:])
+    limit = min(bare_lengths) - 3  # nothing fits: the history-free prompts' last `limit` ids
+    cut, _ = run(tok, [SayNumberEnv(episode_length=4)], [5], group_size=1, history_length=2,
+                 max_prompt_length=limit)
+    for row, whole in zip(cut.rows, bare.rows):
+        np.testing.assert_array_equal(row.prompt_ids, whole.prompt_ids[-limit:])
