@@ -19,6 +19,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 METRICS_FILE = "metrics.jsonl"
+# Metric -> the short name shown after the console progress bar.
+PROGRESS_KEYS = {"success_rate": "success", "episode_return": "return", "actor/entropy": "entropy",
+                 "replay/buffer_rows": "buffer", "sft/nll": "nll", "time/step": "s/step"}
 
 
 def _as_float(value) -> float | None:
@@ -57,6 +60,18 @@ class MetricsWriter:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def progress_bar(total: int, initial: int = 0, desc: str = ""):
+    """A console progress bar over optimisation steps (tqdm, on stderr)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def progress_summary(metrics: Mapping[str, float]) -> dict[str, str]:
+    """The ``PROGRESS_KEYS`` present in ``metrics``, by short name, for the bar's postfix."""
+    return {short: f"{metrics[key]:.3g}" for key, short in PROGRESS_KEYS.items() if key in metrics}
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -21,7 +21,7 @@ import numpy as np
 from environments.registry import make_env
 from spear_jax import run_config, sft_data, sharding, train_step
 from spear_jax.checkpoint import RunCheckpointer, RunState
-from spear_jax.metrics import MetricsWriter
+from spear_jax.metrics import MetricsWriter, progress_bar, progress_summary
 from spear_jax.policy import CHECKPOINT_SUBDIR, load_policy
 from spear_jax.rollout import TemplateChatTokenizer
 from spear_jax.sft_data import Example
@@ -104,6 +104,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     batch_rows = -(-s.batch_size // micro) * micro
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
     writer = MetricsWriter(workdir)
+    bar = progress_bar(s.steps, desc="warm start")
     start = time.perf_counter()
     for step in range(1, s.steps + 1):
         rows = rng.choice(len(examples), size=batch_rows, replace=len(examples) < batch_rows)
@@ -111,9 +112,13 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
         with jax.set_mesh(mesh):
             params, opt_state, out = update(params, opt_state, minibatch, jax.random.key(0), np.float32(0))
         if step % 10 == 0 or step == s.steps:
-            writer.write(step, {"sft/nll": float(out["nll"]), "sft/grad_norm": float(out["grad_norm"]),
-                                "sft/examples": float(len(examples)), "time/sft": time.perf_counter() - start,
-                                **data_metrics}, split="sft")
+            metrics = {"sft/nll": float(out["nll"]), "sft/grad_norm": float(out["grad_norm"]),
+                       "sft/examples": float(len(examples)), "time/sft": time.perf_counter() - start,
+                       **data_metrics}
+            writer.write(step, metrics, split="sft")
+            bar.set_postfix(progress_summary(metrics), refresh=False)
+        bar.update()
+    bar.close()
     writer.close()
     checkpointer = RunCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR), max_to_keep=1)
     checkpointer.save(s.steps, RunState(device={"params": params}, host={}, meta={"step": s.steps, "kind": "sft"}))

@@ -31,7 +31,7 @@ from environments.registry import make_env
 from spear_jax import curriculum, filters, rewards, run_config, sharding, train_step
 from spear_jax.batching import BatchingConfig, bucket_length, pack_rows
 from spear_jax.checkpoint import RunCheckpointer, RunState
-from spear_jax.metrics import MetricsWriter
+from spear_jax import metrics as run_metrics
 from spear_jax.objectives import (
     AdvantageConfig,
     GroupedRewards,
@@ -105,7 +105,7 @@ class Trainer:
                           for i in range(c.data.eval_episodes)]
         self.checkpointer = RunCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR),
                                             max_to_keep=c.trainer.max_checkpoints_to_keep)
-        self.writer = MetricsWriter(workdir)
+        self.writer = run_metrics.MetricsWriter(workdir)
         self.step = 0
 
     # -- construction helpers --------------------------------------------------------------------
@@ -149,8 +149,16 @@ class Trainer:
         """Runs (or resumes) to ``trainer.total_steps``; returns the final evaluation metrics."""
         c = self.config
         resumed = self.restore_if_any()
+        bar = run_metrics.progress_bar(c.trainer.total_steps, initial=self.step, desc=c.name)
+
+        def evaluate() -> dict[str, float]:
+            result = self.evaluate(self.step)
+            bar.write(f"eval at step {self.step}: success {result.get('success_rate', float('nan')):.3f} "
+                      f"on {int(result['episodes'])} held-out episodes")
+            return result
+
         if c.trainer.eval_before_train and not resumed:
-            self.evaluate(self.step)
+            evaluate()
         while self.step < c.trainer.total_steps:
             self.step += 1
             metrics = self.train_step(self.step)
@@ -159,9 +167,12 @@ class Trainer:
                 self.save()
                 metrics["time/checkpoint"] = time.perf_counter() - start
             self.writer.write(self.step, metrics)
+            bar.set_postfix(run_metrics.progress_summary(metrics), refresh=False)
+            bar.update()
             if self.step % c.trainer.eval_every == 0 and self.step != c.trainer.total_steps:
-                self.evaluate(self.step)
-        final = self.evaluate(self.step)
+                evaluate()
+        final = evaluate()
+        bar.close()
         self.writer.close()
         return final
 

@@ -47,3 +47,14 @@ def test_plot_run_writes_pngs(tmp_path):
     for path in paths:
         with open(path, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_summary_and_bar(capsys):
+    summary = metrics.progress_summary({"success_rate": 0.53125, "time/step": 12.3456, "actor/loss": 1.0})
+    assert summary == {"success": "0.531", "s/step": "12.3"}
+    bar = metrics.progress_bar(4, initial=1, desc="spear")
+    bar.set_postfix(summary, refresh=False)
+    bar.update()
+    bar.close()
+    err = capsys.readouterr().err
+    assert "spear" in err and "2/4" in err and "success=0.531" in err
