@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import os
 from typing import Any
 
@@ -24,6 +25,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 _SEPARATOR = "/"
+
+
+class _SingleProcessMergeNotice(logging.Filter):
+    """Drops orbax's per-save warning that a single-process save has no per-process OCDBT
+    subdirectories to merge (there is nothing to merge; the checkpoint is complete)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_SingleProcessMergeNotice())
 
 
 @dataclasses.dataclass

@@ -40,7 +40,7 @@ def run(config, workdir: str) -> dict:
     if config.sft.enable:
         warm = os.path.join(workdir, WARM_START_DIR)
         if not os.path.isdir(os.path.join(warm, "checkpoints")):
-            logging.info("training the warm start into %s", warm)
+            print(f"training the warm start into {warm}", flush=True)
             run_sft(config, warm)
         config = config.copy_and_resolve_references()
         config.model.checkpoint_format, config.model.checkpoint_path = "orbax", warm
@@ -68,6 +68,10 @@ def run(config, workdir: str) -> dict:
 
 def main(argv) -> None:
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        # Library INFO lines (orbax's per-save messages, backend probing) would bury the
+        # progress bars; --verbosity=0 brings them back.
+        logging.set_verbosity(logging.WARNING)
     summary = run(_CONFIG.value, _WORKDIR.value)
     print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
 
