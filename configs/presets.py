@@ -13,8 +13,8 @@ from configs.base import PRESETS
 
 
 def _tiny_scale(c: ml_collections.ConfigDict) -> None:
-    """A CPU-sized run (the embedded default): a supervised warm start on gold trajectories,
-    then a few dozen RL steps of 8 tasks x 4 episodes with short responses."""
+    """A CPU-sized run (the embedded default): a few dozen RL steps of 8 tasks x 4 episodes with
+    short responses, after a short supervised warm start where the domain enables one."""
     c.model.preset = "tiny"
     c.model.checkpoint_format = "random"
     c.data.train_tasks_per_step = 8
@@ -42,7 +42,6 @@ def _tiny_scale(c: ml_collections.ConfigDict) -> None:
     c.trainer.eval_every = 5
     c.trainer.checkpoint_every = 5
     c.trainer.length_buckets = (192, 256, 320, 352)
-    c.sft.enable = True
     c.sft.episodes = 300
     c.sft.steps = 80
     c.sft.batch_size = 32
@@ -67,6 +66,7 @@ def _twx(c: ml_collections.ConfigDict) -> None:
         {"game": "coin", "game_params": {"numLocations": 3, "numDistractorItems": 0, "includeDoors": 0}})
     c.env.max_steps = 8
     c.env.row_layout = "step"
+    c.sft.enable = True  # warm start on TWX gold paths
 
 
 def _math_small(c: ml_collections.ConfigDict) -> None:
@@ -80,6 +80,9 @@ def _math_small(c: ml_collections.ConfigDict) -> None:
     c.algorithm.rollout_filter_std_ddof = 1
     c.replay.baseline_std_ddof = 1
     c.replay.require_tool_call = True
+    # Procedural problems come without worked solutions: a warm start needs a file, e.g.
+    # --config.sft.enable=True --config.sft.source=math_solutions --config.sft.data_path=...
+    c.sft.enable = False
 
 
 def _agent_paper(c: ml_collections.ConfigDict, *, env_name: str) -> None:
