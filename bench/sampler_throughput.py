@@ -105,6 +105,51 @@ def best_times(run_short, run_long, repeats):
     return first, best_short, best_long, out
 
 
+def session_seconds(sampler, batch, prompt_len, turns, obs_len, new_tokens, repeats):
+    """(first-call seconds, best seconds) of one multi-turn session on a fresh ``max_len`` cache:
+    a prompt of ``prompt_len`` tokens, then ``turns`` turns of ``new_tokens`` greedy tokens, an
+    observation of ``obs_len`` tokens before every turn after the first."""
+    rng = np.random.default_rng(1)
+    vocab = sampler.config.vocab_size
+    params = SamplingParams(greedy=True, max_new_tokens=new_tokens)
+    appended = [rng.integers(0, vocab, size=(batch, prompt_len if t == 0 else obs_len)).tolist()
+                for t in range(turns)]
+
+    def run():
+        session = sampler.start_session(batch)
+        for t, rows in enumerate(appended):
+            gens = session.extend_and_generate(rows, params, jax.random.key(t))
+        jax.block_until_ready(gens[0].tokens)
+        return session.lengths()
+
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return first, best
+
+
+def run_session_benchmark(args):
+    """Multi-turn session rows: decode tokens/s over a persistent ``--session-max-len`` cache."""
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    for name in args.models.split(","):
+        cfg, graphdef, state = build_model(name, args.compute_dtype)
+        sampler = Sampler(graphdef, state, cfg, max_len=args.session_max_len, max_batch=max(batch_sizes),
+                          cache_dtype=jnp.dtype(args.cache_dtype))
+        for batch in batch_sizes:
+            first, best = session_seconds(sampler, batch, args.prompt_len, args.session_turns,
+                                          args.session_obs_len, args.new_tokens, args.repeats)
+            generated = batch * args.session_turns * args.new_tokens
+            print(f"session model={name} batch={batch} max_len={args.session_max_len} "
+                  f"prompt={args.prompt_len} turns={args.session_turns} obs={args.session_obs_len} "
+                  f"new_tokens={args.new_tokens} first_call_s={first:.3g} best_s={best:.4g} "
+                  f"tok_s={generated / best:.4g} load_avg_1m={os.getloadavg()[0]:.3g}", flush=True)
+
+
 def bandwidth_bound_tokens_per_s(cfg, batch, slots, cache_bytes, bandwidth_gbs):
     weight_bytes = cfg.num_params() * jnp.dtype(cfg.param_dtype).itemsize
     kv_bytes_per_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache_bytes * slots
@@ -130,7 +175,17 @@ def main():
                         help="torch intra-op threads (default: torch's choice); on a CPU shared "
                              "with other jobs, 1 avoids oversubscription stalls")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--session", action="store_true",
+                        help="instead: multi-turn sessions on a persistent cache (sampler only)")
+    parser.add_argument("--session-max-len", type=int, default=2048)
+    parser.add_argument("--session-turns", type=int, default=3)
+    parser.add_argument("--session-obs-len", type=int, default=16)
     args = parser.parse_args()
+    if args.session:
+        print(f"load average at start {os.getloadavg()}")
+        run_session_benchmark(args)
+        print(f"load average at end {os.getloadavg()}")
+        return
 
     n_long = args.new_tokens
     n_short = n_long // 2 + 1
