@@ -2,6 +2,9 @@
 
 Row ``b`` holds ``lengths[b]`` valid positions in slots ``[0, lengths[b])`` of every layer; slot
 ``t`` holds the (RoPE-rotated) key and the value of the token at position ``t`` of that row.
+Layout ``[layers, batch, kv_heads, slots, head_dim]`` (head-major): one (row, kv head) is a
+contiguous [slots, head_dim] matrix, the operand layout a decode step's q k^T and p v read
+without a transposing copy.
 A forward with a cache appends each row's valid new tokens at slots ``lengths[b], ...`` and
 returns a new cache; jit the caller with ``donate_argnames=("cache",)`` so XLA updates the
 buffers in place.
@@ -19,7 +22,7 @@ from spear_jax.model.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """k, v: [layers, batch, max_len, kv_heads, head_dim]; lengths: [batch] int32."""
+    """k, v: [layers, batch, kv_heads, max_len, head_dim]; lengths: [batch] int32."""
 
     k: jax.Array
     v: jax.Array
@@ -27,7 +30,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def batch_size(self) -> int:
@@ -37,8 +40,9 @@ class KVCache:
         """Store k_new, v_new [B, L, KVH, hd] of ``layer`` at ``slots`` [B, L]; slots >= max_len
         (used for padding tokens) are dropped. ``lengths`` is not changed."""
         rows = jnp.broadcast_to(jnp.arange(slots.shape[0])[:, None], slots.shape)
-        k = self.k.at[layer, rows, slots].set(k_new.astype(self.k.dtype), mode="drop")
-        v = self.v.at[layer, rows, slots].set(v_new.astype(self.v.dtype), mode="drop")
+        # the advanced indices (rows, slots) around the kv-head slice index [B, L, KVH, hd]
+        k = self.k.at[layer, rows, :, slots].set(k_new.astype(self.k.dtype), mode="drop")
+        v = self.v.at[layer, rows, :, slots].set(v_new.astype(self.v.dtype), mode="drop")
         return KVCache(k=k, v=v, lengths=self.lengths)
 
 
@@ -46,7 +50,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float3
     """Empty cache (all lengths 0) for ``batch_size`` rows of up to ``max_len`` tokens."""
     if batch_size <= 0 or max_len <= 0:
         raise ValueError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
-    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
         lengths=jnp.zeros((batch_size,), jnp.int32),

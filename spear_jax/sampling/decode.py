@@ -40,7 +40,7 @@ from spear_jax.sharding import constrain
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 FINISH_CODES = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 
-CACHE_AXES = (None, "act_batch", "act_length", "act_kv_heads", None)
+CACHE_AXES = (None, "act_batch", "act_kv_heads", "act_length", None)
 
 
 def _constrain_cache(cache: KVCache, rules) -> KVCache:
@@ -50,7 +50,7 @@ def _constrain_cache(cache: KVCache, rules) -> KVCache:
 
 def _prefix(cache: KVCache, window: int) -> KVCache:
     """The first ``window`` slots of every row (same lengths)."""
-    return KVCache(k=cache.k[:, :, :window], v=cache.v[:, :, :window], lengths=cache.lengths)
+    return KVCache(k=cache.k[:, :, :, :window], v=cache.v[:, :, :, :window], lengths=cache.lengths)
 
 
 def _write_prefix(full: KVCache, prefix: KVCache) -> KVCache:

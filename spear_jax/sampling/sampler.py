@@ -115,10 +115,10 @@ class Sampler:
         return min(1 << (max(n, data_parallel) - 1).bit_length(), self.max_batch)
 
     def new_cache(self, batch: int, length: int) -> KVCache:
-        """Empty cache [layers, batch, length, kv_heads, head_dim], laid out on the mesh."""
+        """Empty cache [layers, batch, kv_heads, length, head_dim], laid out on the mesh."""
         if self.mesh is None:
             return init_cache(self.config, batch, length, self.cache_dtype)
-        shape = (self.config.num_layers, batch, length, self.config.num_kv_heads, self.config.head_dim)
+        shape = (self.config.num_layers, batch, self.config.num_kv_heads, length, self.config.head_dim)
         if (batch, length) not in self._cache_makers:
             rules = self.config.sharding_rules
             kv = NamedSharding(self.mesh, logical_to_pspec(decode.CACHE_AXES, shape, rules, self.mesh))

@@ -122,7 +122,7 @@ def test_appending_multi_token_chunk_equals_reprefill(architecture):
             np.asarray(appended[b, :n1]), np.asarray(reprefill[b, n0 : n0 + n1]), atol=2e-5, rtol=2e-5
         )
         np.testing.assert_allclose(
-            np.asarray(cache.k[:, b, : n0 + n1]), np.asarray(fresh.k[:, b, : n0 + n1]), atol=2e-5
+            np.asarray(cache.k[:, b, :, : n0 + n1]), np.asarray(fresh.k[:, b, :, : n0 + n1]), atol=2e-5
         )
 
 

@@ -62,11 +62,11 @@ def test_windowed_program_equals_whole_cache_program_and_leaves_the_rest_alone(c
     np.testing.assert_array_equal(f_w, f_f)
     np.testing.assert_array_equal(c_w.lengths, np.array(lengths) + valid.sum(1) + budget)
     np.testing.assert_array_equal(c_w.lengths, c_f.lengths)
-    np.testing.assert_allclose(c_w.k[:, :, :window], c_f.k[:, :, :window], atol=1e-5)
-    np.testing.assert_allclose(c_w.v[:, :, :window], c_f.v[:, :, :window], atol=1e-5)
+    np.testing.assert_allclose(c_w.k[:, :, :, :window], c_f.k[:, :, :, :window], atol=1e-5)
+    np.testing.assert_allclose(c_w.v[:, :, :, :window], c_f.v[:, :, :, :window], atol=1e-5)
     # beyond the window nothing changed; the inactive row changed nowhere
-    np.testing.assert_array_equal(c_w.k[:, :, window:], before.k[:, :, window:])
-    np.testing.assert_array_equal(c_w.v[:, :, window:], before.v[:, :, window:])
+    np.testing.assert_array_equal(c_w.k[:, :, :, window:], before.k[:, :, :, window:])
+    np.testing.assert_array_equal(c_w.v[:, :, :, window:], before.v[:, :, :, window:])
     np.testing.assert_array_equal(c_w.k[:, 1], before.k[:, 1])
     np.testing.assert_array_equal(c_w.v[:, 1], before.v[:, 1])
     with pytest.raises(ValueError, match="window"):
