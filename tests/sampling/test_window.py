@@ -148,3 +148,25 @@ def test_session_with_window_equals_session_without_and_full_forward(cfg, model,
     # the last turn ran row 1 into the cache capacity: 59 held + 2 appended leaves 11 slots
     assert len(windowed[-1][1].tokens) == 11 and windowed[-1][1].finish_reason == "length"
     assert lengths_w[1] == 72
+
+
+@pytest.mark.parametrize("query_chunk", [0, 3])
+def test_cache_attention_paths_equal_cache_free_forward(cfg, query_chunk):
+    """Appends longer than ``attention_query_chunk`` (token-major fallback) and short ones
+    (``cached_attention``) over a head-major cache give the logits of one cache-free forward."""
+    from flax import nnx
+
+    from spear_jax.model import forward, init_model
+
+    chunk_cfg = cfg.replace(attention_query_chunk=query_chunk)
+    graphdef, state = nnx.split(init_model(chunk_cfg, 3))
+    toks = jax.random.randint(jax.random.key(2), (2, 12), 0, cfg.vocab_size)
+    want, _ = forward(graphdef, state, toks, jnp.ones_like(toks, bool))
+    cache = init_cache(chunk_cfg, 2, 16)
+    got = []
+    for lo, hi in ((0, 7), (7, 9), (9, 10), (10, 12)):
+        part = toks[:, lo:hi]
+        logits, cache = forward(graphdef, state, part, jnp.ones_like(part, bool), cache)
+        got.append(logits)
+    np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_array_equal(cache.lengths, [12, 12])
