@@ -1,8 +1,8 @@
 """The device program: append tokens to a KV cache, then decode in one ``lax.while_loop``.
 
 ``extend_and_decode`` is jitted once per shape bucket (batch, appended length, cache length,
-attention window, step budget, stop-table size). The weights ``state`` are an argument, never a constant, so new
-weights reuse the compiled program; the cache is donated and updated in place.
+attention window, step budget, stop-table size). The weights ``state`` are an argument, never a
+constant, so new weights reuse the compiled program; the cache is donated and updated in place.
 
 Per row b, with budget[b] new tokens allowed:
 
