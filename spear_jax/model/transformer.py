@@ -10,60 +10,27 @@ their outputs are meaningless but finite.
 
 Without a cache the keys are the chunk itself; with a cache the valid new tokens are written at
 slots ``positions[b, i]`` and the keys are all cache slots of the row, so prefill + incremental
-steps compute exactly what one full forward computes. Over the (head-major) cache, attention
-runs as ``cached_attention``, the same equation with its products ordered for that layout.
+steps compute exactly what one full forward computes.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from spear_jax.model.config import ModelConfig
 from spear_jax.model.kv_cache import KVCache
-from spear_jax.model.layers import Attention, Block, RMSNorm, make_param
+from spear_jax.model.layers import Block, RMSNorm, make_param
 from spear_jax.sharding import constrain, state_shardings
-
-
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """``grouped_attention`` over a head-major cache layer: q [B, L, H, hd]; k, v [B, KVH, S, hd];
-    mask [B, L, S] -> [B, L, H, hd]. Scores are laid out [B, KVH, S, L, G] (G = H / KVH) so
-    that both products read each (row, kv head) [S, hd] block as it is stored."""
-    b, l, h, hd = q.shape
-    kvh = k.shape[1]
-    q = q.reshape(b, l, kvh, h // kvh, hd)
-    scores = jnp.einsum("bksd,blkgd->bkslg", k, q, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / np.sqrt(hd))
-    scores = jnp.where(mask.swapaxes(1, 2)[:, None, :, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=2).astype(q.dtype)
-    return jnp.einsum("bkslg,bksd->blkgd", probs, v).reshape(b, l, h, hd)
-
-
-def _attend_cache(attention: Attention, q, k, v, mask):
-    """Attention of new tokens q [B, L, H, hd] over a cache layer k, v [B, KVH, S, hd], projected
-    out -> [B, L, D]. Chunks of at most ``attention_query_chunk`` queries (decode steps, short
-    appends) use ``cached_attention``; longer appends go through ``Attention.attend`` (query
-    chunking) on the token-major view."""
-    cfg = attention.cfg
-    cd = cfg.compute_jnp_dtype
-    chunk = cfg.attention_query_chunk
-    if chunk > 0 and q.shape[1] > chunk:
-        return attention.attend(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
-    out = cached_attention(q, k.astype(cd), v.astype(cd), mask)
-    out = jnp.einsum("blhk,hkd->bld", out, attention.o_proj[...].astype(cd))
-    return constrain(out, ("act_batch", "act_length", "act_embed"), cfg.sharding_rules)
 
 
 def _block_forward(block: Block, x, positions, mask, cache: KVCache | None, layer: int, slots):
     h = block.input_norm(x)
     q, k, v = block.attention.project_qkv(h, positions)
-    if cache is None:
-        attended = block.attention.attend(q, k, v, mask)
-    else:
+    if cache is not None:
         cache = cache.write(layer, k, v, slots)
-        attended = _attend_cache(block.attention, q, cache.k[layer], cache.v[layer], mask)
-    x = x + attended.astype(x.dtype)
+        k, v = cache.k[layer], cache.v[layer]
+    x = x + block.attention.attend(q, k, v, mask).astype(x.dtype)
     x = x + block.mlp(block.post_attention_norm(x)).astype(x.dtype)
     return x, cache
 

@@ -40,27 +40,25 @@ from spear_jax.sharding import constrain
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 FINISH_CODES = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 
-CACHE_AXES = ("act_batch", "act_kv_heads", "act_length", None)  # of each layer's k and v buffer
+CACHE_AXES = (None, "act_batch", "act_length", "act_kv_heads", None)
 
 
 def _constrain_cache(cache: KVCache, rules) -> KVCache:
-    return KVCache(k=tuple(constrain(x, CACHE_AXES, rules) for x in cache.k),
-                   v=tuple(constrain(x, CACHE_AXES, rules) for x in cache.v), lengths=cache.lengths)
+    return KVCache(k=constrain(cache.k, CACHE_AXES, rules), v=constrain(cache.v, CACHE_AXES, rules),
+                   lengths=cache.lengths)
 
 
 def _prefix(cache: KVCache, window: int) -> KVCache:
     """The first ``window`` slots of every row (same lengths)."""
-    return KVCache(k=tuple(x[:, :, :window] for x in cache.k), v=tuple(x[:, :, :window] for x in cache.v),
-                   lengths=cache.lengths)
+    return KVCache(k=cache.k[:, :, :window], v=cache.v[:, :, :window], lengths=cache.lengths)
 
 
 def _write_prefix(full: KVCache, prefix: KVCache) -> KVCache:
     """``full`` with its first ``prefix.max_len`` slots replaced by ``prefix`` (in place when
     ``full`` is donated), lengths taken from ``prefix``."""
-    def put(buffers, parts):
-        return tuple(jax.lax.dynamic_update_slice(x, p, (0,) * x.ndim) for x, p in zip(buffers, parts))
-
-    return KVCache(k=put(full.k, prefix.k), v=put(full.v, prefix.v), lengths=prefix.lengths)
+    origin = (0,) * full.k.ndim
+    return KVCache(k=jax.lax.dynamic_update_slice(full.k, prefix.k, origin),
+                   v=jax.lax.dynamic_update_slice(full.v, prefix.v, origin), lengths=prefix.lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules"),

@@ -27,17 +27,10 @@ def test_attention_window_is_the_bucket_of_the_most_an_active_row_will_hold():
 
 def _random_cache(cfg, batch, max_len, lengths, seed):
     """A cache with arbitrary finite contents in every slot (also beyond the lengths)."""
-    ks = jax.random.split(jax.random.key(seed), 2 * cfg.num_layers)
-    shape = init_cache(cfg, batch, max_len).k[0].shape
-    return KVCache(k=tuple(jax.random.normal(k, shape) for k in ks[::2]),
-                   v=tuple(jax.random.normal(k, shape) for k in ks[1::2]),
+    ks = jax.random.split(jax.random.key(seed), 2)
+    shape = init_cache(cfg, batch, max_len).k.shape
+    return KVCache(k=jax.random.normal(ks[0], shape), v=jax.random.normal(ks[1], shape),
                    lengths=jnp.asarray(lengths, jnp.int32))
-
-
-def _stacked(cache):
-    """(k, v) [layers, batch, kv_heads, slots, head_dim] numpy, lengths."""
-    k, v = jax.device_get(cache.stacked())
-    return np.asarray(k), np.asarray(v), np.asarray(cache.lengths)
 
 
 def test_windowed_program_equals_whole_cache_program_and_leaves_the_rest_alone(cfg, model):
@@ -56,27 +49,26 @@ def test_windowed_program_equals_whole_cache_program_and_leaves_the_rest_alone(c
     results = {}
     for w in (window, max_len):
         cache = _random_cache(cfg, batch, max_len, lengths, seed=3)
-        before_k, before_v, _ = _stacked(cache)
+        before = jax.device_get(cache)
         out = decode.extend_and_decode(
             graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(budget), knobs,
             table, jax.random.key(5), max_steps=16, window=w, rules=cfg.sharding_rules)
-        results[w] = jax.device_get(out[:4]) + (_stacked(out[4]),)
+        results[w] = jax.device_get(out)
     (t_w, lp_w, n_w, f_w, c_w), (t_f, lp_f, n_f, f_f, c_f) = results[window], results[max_len]
-    (k_w, v_w, len_w), (k_f, v_f, len_f) = c_w, c_f
     np.testing.assert_array_equal(t_w, t_f)
     np.testing.assert_allclose(lp_w, lp_f, atol=1e-5)
     np.testing.assert_array_equal(n_w, budget)
     np.testing.assert_array_equal(n_w, n_f)
     np.testing.assert_array_equal(f_w, f_f)
-    np.testing.assert_array_equal(len_w, np.array(lengths) + valid.sum(1) + budget)
-    np.testing.assert_array_equal(len_w, len_f)
-    np.testing.assert_allclose(k_w[:, :, :, :window], k_f[:, :, :, :window], atol=1e-5)
-    np.testing.assert_allclose(v_w[:, :, :, :window], v_f[:, :, :, :window], atol=1e-5)
+    np.testing.assert_array_equal(c_w.lengths, np.array(lengths) + valid.sum(1) + budget)
+    np.testing.assert_array_equal(c_w.lengths, c_f.lengths)
+    np.testing.assert_allclose(c_w.k[:, :, :window], c_f.k[:, :, :window], atol=1e-5)
+    np.testing.assert_allclose(c_w.v[:, :, :window], c_f.v[:, :, :window], atol=1e-5)
     # beyond the window nothing changed; the inactive row changed nowhere
-    np.testing.assert_array_equal(k_w[:, :, :, window:], before_k[:, :, :, window:])
-    np.testing.assert_array_equal(v_w[:, :, :, window:], before_v[:, :, :, window:])
-    np.testing.assert_array_equal(k_w[:, 1], before_k[:, 1])
-    np.testing.assert_array_equal(v_w[:, 1], before_v[:, 1])
+    np.testing.assert_array_equal(c_w.k[:, :, window:], before.k[:, :, window:])
+    np.testing.assert_array_equal(c_w.v[:, :, window:], before.v[:, :, window:])
+    np.testing.assert_array_equal(c_w.k[:, 1], before.k[:, 1])
+    np.testing.assert_array_equal(c_w.v[:, 1], before.v[:, 1])
     with pytest.raises(ValueError, match="window"):
         decode.extend_and_decode(
             graphdef, state, _random_cache(cfg, batch, max_len, lengths, 3), jnp.asarray(tokens),
@@ -152,8 +144,8 @@ def test_session_with_window_equals_session_without_and_full_forward(cfg, model,
 
 @pytest.mark.parametrize("query_chunk", [0, 3])
 def test_cache_attention_paths_equal_cache_free_forward(cfg, query_chunk):
-    """Appends longer than ``attention_query_chunk`` (token-major fallback) and short ones
-    (``cached_attention``) over a head-major cache give the logits of one cache-free forward."""
+    """Cached appends longer than ``attention_query_chunk`` (query-chunked attention) and short
+    ones (decode steps) give the logits of one cache-free forward."""
     from flax import nnx
 
     from spear_jax.model import forward, init_model
