@@ -26,8 +26,8 @@ its fraction of the roof. Threads: XLA's CPU backend uses every core; torch uses
 
     python -m bench.sampler_throughput                       # CPU, tiny + smollm2, B = 1, 8, 32
     python -m bench.sampler_throughput --models tiny --torch-threads 2   # torch on both cores
-    python -m bench.sampler_throughput --session --models tiny --batch-sizes 8 --prompt-len 64 \
-        --new-tokens 32                                      # multi-turn sessions, max_len 2048
+    # multi-turn sessions on a max_len 2048 cache (sampler only):
+    python -m bench.sampler_throughput --session --models tiny --batch-sizes 8 --prompt-len 64 --new-tokens 32
 """
 from __future__ import annotations
 
