@@ -10,15 +10,24 @@ that differ only in the number of new tokens, so prefill and dispatch cancel (n_
 n_long share one step bucket, hence one compiled program). End-to-end tokens/s (prefill
 included) is B * n_long / t(n_long).
 
-Memory-bandwidth bound of one decode step (``--bandwidth-gbs``):
-    t_step >= (weight bytes + B * KV bytes per row) / bandwidth,
-with KV bytes per row = 2 * layers * kv_heads * head_dim * cache bytes * slots read. The
-sampler attends over every slot of its cache (``slots = cache length``), ``transformers`` over
-the filled part only; the bound printed uses the sampler's slots.
+Hardware roofs, measured at start on the JAX device:
+    matmul roof    = GFLOP/s of a jitted float32 [1024, 1024] x [1024, 1024] matmul (peak), and
+                     per (model, batch) of the LM-head-shaped [B, D] x [D, V] matmul;
+    memory roof    = GB/s of a jitted sum over a 256 MiB float32 array (a pure read).
+Work of one decode step at batch B, with S attended slots per row (the mean filled context
+prompt + (n_short + n_long) / 2 for the FLOPs, the slots each engine reads for the bytes):
+    FLOPs/token    = 2 * params touched per token (all weights incl. the LM head; an untied
+                     input embedding is only gathered) + 4 * layers * heads * head_dim * S
+    bytes/step     = weight bytes touched + B * 2 * layers * kv_heads * head_dim * cache bytes * S
+(the sampler reads its attention window, ``transformers`` its filled cache). Achieved GFLOP/s =
+FLOPs/token * decode tok/s; achieved GB/s = bytes/step * decode tok/s / B; each is printed with
+its fraction of the roof. Threads: XLA's CPU backend uses every core; torch uses
+``--torch-threads`` (default: torch's choice), printed at start.
 
     python -m bench.sampler_throughput                       # CPU, tiny + smollm2, B = 1, 8, 32
-    python -m bench.sampler_throughput --models smollm2 --batch-sizes 1,64,256 \
-        --bandwidth-gbs 3350 --skip-hf                       # e.g. one H100 (HBM3)
+    python -m bench.sampler_throughput --models tiny --torch-threads 2   # torch on both cores
+    # multi-turn sessions on a max_len 2048 cache (sampler only):
+    python -m bench.sampler_throughput --session --models tiny --batch-sizes 8 --prompt-len 64 --new-tokens 32
 """
 from __future__ import annotations
 
@@ -105,11 +114,100 @@ def best_times(run_short, run_long, repeats):
     return first, best_short, best_long, out
 
 
-def bandwidth_bound_tokens_per_s(cfg, batch, slots, cache_bytes, bandwidth_gbs):
-    weight_bytes = cfg.num_params() * jnp.dtype(cfg.param_dtype).itemsize
-    kv_bytes_per_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache_bytes * slots
-    step_seconds = (weight_bytes + batch * kv_bytes_per_row) / (bandwidth_gbs * 1e9)
-    return batch / step_seconds
+def session_seconds(sampler, batch, prompt_len, turns, obs_len, new_tokens, repeats):
+    """(first-call seconds, best seconds) of one multi-turn session on a fresh ``max_len`` cache:
+    a prompt of ``prompt_len`` tokens, then ``turns`` turns of ``new_tokens`` greedy tokens, an
+    observation of ``obs_len`` tokens before every turn after the first."""
+    rng = np.random.default_rng(1)
+    vocab = sampler.config.vocab_size
+    params = SamplingParams(greedy=True, max_new_tokens=new_tokens)
+    appended = [rng.integers(0, vocab, size=(batch, prompt_len if t == 0 else obs_len)).tolist()
+                for t in range(turns)]
+
+    def run():
+        session = sampler.start_session(batch)
+        for t, rows in enumerate(appended):
+            gens = session.extend_and_generate(rows, params, jax.random.key(t))
+        jax.block_until_ready(gens[0].tokens)
+        return session.lengths()
+
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return first, best
+
+
+def run_session_benchmark(args):
+    """Multi-turn session rows: decode tokens/s over a persistent ``--session-max-len`` cache."""
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    for name in args.models.split(","):
+        cfg, graphdef, state = build_model(name, args.compute_dtype)
+        sampler = Sampler(graphdef, state, cfg, max_len=args.session_max_len, max_batch=max(batch_sizes),
+                          cache_dtype=jnp.dtype(args.cache_dtype))
+        for batch in batch_sizes:
+            first, best = session_seconds(sampler, batch, args.prompt_len, args.session_turns,
+                                          args.session_obs_len, args.new_tokens, args.repeats)
+            generated = batch * args.session_turns * args.new_tokens
+            print(f"session model={name} batch={batch} max_len={args.session_max_len} "
+                  f"prompt={args.prompt_len} turns={args.session_turns} obs={args.session_obs_len} "
+                  f"new_tokens={args.new_tokens} first_call_s={first:.3g} best_s={best:.4g} "
+                  f"tok_s={generated / best:.4g} load_avg_1m={os.getloadavg()[0]:.3g}", flush=True)
+
+
+def _best_seconds(fn, *args, repeats=8):
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_gflops(m: int, k: int, n: int) -> float:
+    """Measured GFLOP/s of a jitted float32 [m, k] x [k, n] matmul (2 m k n FLOPs)."""
+    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+    return 2 * m * k * n / _best_seconds(jax.jit(jnp.matmul), a, b) / 1e9
+
+
+def read_gbs(mib: int = 256) -> float:
+    """Measured GB/s of a jitted sum over a float32 array of ``mib`` MiB (every byte read once)."""
+    x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+    return x.nbytes / _best_seconds(jax.jit(jnp.sum), x) / 1e9
+
+
+def params_touched_per_token(cfg) -> int:
+    """Weights every decoded token multiplies with: all of them, the LM head included; an untied
+    input embedding is only gathered (one row)."""
+    return cfg.num_params() - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
+
+
+def flops_per_token(cfg, attended_slots: float) -> float:
+    """2 * params touched + 4 * layers * heads * head_dim * attended slots (q k^T and p v)."""
+    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * attended_slots
+    return 2 * params_touched_per_token(cfg) + attention
+
+
+def bytes_per_step(cfg, batch: int, read_slots: float, cache_bytes: int) -> float:
+    """Weight bytes touched once per step + every row's K and V over ``read_slots`` slots."""
+    weights = params_touched_per_token(cfg) * jnp.dtype(cfg.param_dtype).itemsize
+    kv_per_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache_bytes * read_slots
+    return weights + batch * kv_per_row
+
+
+def roof_columns(prefix, cfg, batch, tok_s, attended, read_slots, cache_bytes, roofs):
+    """Achieved GFLOP/s and GB/s of an engine decoding ``tok_s`` tokens/s, with roof fractions."""
+    gflops = flops_per_token(cfg, attended) * tok_s / 1e9
+    gbs = bytes_per_step(cfg, batch, read_slots, cache_bytes) * tok_s / batch / 1e9
+    return {f"{prefix}_gflops": gflops, f"{prefix}_peak_frac": gflops / roofs["peak_gflops"],
+            f"{prefix}_shape_frac": gflops / roofs["shape_gflops"],
+            f"{prefix}_gbs": gbs, f"{prefix}_mem_frac": gbs / roofs["read_gbs"]}
 
 
 def main():
@@ -122,44 +220,66 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timed runs")
     parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--cache-dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--bandwidth-gbs", type=float, default=None,
-                        help="device memory bandwidth in GB/s, for the decode bound")
     parser.add_argument("--skip-hf", action="store_true", help="only the JAX sampler")
     parser.add_argument("--hf-device", default="cpu")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice); on a CPU shared "
                              "with other jobs, 1 avoids oversubscription stalls")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--session", action="store_true",
+                        help="instead: multi-turn sessions on a persistent cache (sampler only)")
+    parser.add_argument("--session-max-len", type=int, default=2048)
+    parser.add_argument("--session-turns", type=int, default=3)
+    parser.add_argument("--session-obs-len", type=int, default=16)
     args = parser.parse_args()
+    if args.session:
+        print(f"load average at start {os.getloadavg()}")
+        run_session_benchmark(args)
+        print(f"load average at end {os.getloadavg()}")
+        return
 
     n_long = args.new_tokens
     n_short = n_long // 2 + 1
     if length_bucket(n_short) != length_bucket(n_long):
         raise ValueError(f"--new-tokens {n_long} must be a power of two >= 32 (one step bucket)")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    if args.torch_threads and not args.skip_hf:
+    torch_threads = None
+    if not args.skip_hf:
         import torch
 
-        torch.set_num_threads(args.torch_threads)
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
+        torch_threads = torch.get_num_threads()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}; "
+          f"{os.cpu_count()} cores (XLA CPU uses all); torch threads {torch_threads}; "
           f"load average at start {os.getloadavg()}")
+    peak = matmul_gflops(1024, 1024, 1024)
+    read = read_gbs()
+    print(f"roofs: matmul {peak:.1f} GFLOP/s ([1024,1024]x[1024,1024] float32), "
+          f"read {read:.1f} GB/s (sum over 256 MiB)", flush=True)
+    cache_bytes = jnp.dtype(args.cache_dtype).itemsize
+    attended = args.prompt_len + (n_short + n_long) / 2  # mean filled context of the timed steps
     rows = []
     for name in args.models.split(","):
         cfg, graphdef, state = build_model(name, args.compute_dtype)
         max_len = args.prompt_len + n_long
         sampler = Sampler(graphdef, state, cfg, max_len=max_len, max_batch=max(batch_sizes),
                           cache_dtype=jnp.dtype(args.cache_dtype))
-        slots = min(max_len, length_bucket(args.prompt_len) + length_bucket(n_long))
+        slots = min(max_len, length_bucket(args.prompt_len) + length_bucket(n_long))  # sampler window
         hf_model = None if args.skip_hf else load_transformers(cfg, state, args.hf_device)
         rng = np.random.default_rng(0)
         for batch in batch_sizes:
             prompts = rng.integers(0, cfg.vocab_size, size=(batch, args.prompt_len)).tolist()
             first_call, t_short, t_long, jax_tokens = best_times(
                 jax_runner(sampler, prompts, n_short), jax_runner(sampler, prompts, n_long), args.repeats)
+            roofs = dict(peak_gflops=peak, read_gbs=read, shape_gflops=matmul_gflops(
+                batch, cfg.hidden_size, cfg.vocab_size))
             row = dict(model=name, batch=batch, prompt_len=args.prompt_len, new_tokens=n_long,
                        jax_decode_tok_s=batch * (n_long - n_short) / (t_long - t_short),
                        jax_e2e_tok_s=batch * n_long / t_long, jax_first_call_s=first_call,
-                       load_avg_1m=os.getloadavg()[0])
+                       load_avg_1m=os.getloadavg()[0], shape_roof_gflops=roofs["shape_gflops"])
+            row.update(roof_columns("jax", cfg, batch, row["jax_decode_tok_s"], attended, slots,
+                                    cache_bytes, roofs))
             if hf_model is not None:
                 _, h_short, h_long, hf_tokens = best_times(
                     hf_runner(hf_model, prompts, n_short, args.hf_device),
@@ -169,13 +289,13 @@ def main():
                            greedy_agreement=float(np.mean(jax_tokens == hf_tokens)))
                 row["decode_speedup"] = row["jax_decode_tok_s"] / row["hf_decode_tok_s"]
                 row["e2e_speedup"] = row["jax_e2e_tok_s"] / row["hf_e2e_tok_s"]
-            if args.bandwidth_gbs:
-                row["bound_tok_s"] = bandwidth_bound_tokens_per_s(
-                    cfg, batch, slots, jnp.dtype(args.cache_dtype).itemsize, args.bandwidth_gbs)
+                row.update(roof_columns("hf", cfg, batch, row["hf_decode_tok_s"], attended, attended,
+                                        4, roofs))
             rows.append(row)
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   flush=True)
     print(f"load average at end {os.getloadavg()}")
+    print(f"roofs at end: matmul {matmul_gflops(1024, 1024, 1024):.1f} GFLOP/s, read {read_gbs():.1f} GB/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

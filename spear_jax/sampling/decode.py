@@ -1,8 +1,8 @@
 """The device program: append tokens to a KV cache, then decode in one ``lax.while_loop``.
 
 ``extend_and_decode`` is jitted once per shape bucket (batch, appended length, cache length,
-step budget, stop-table size). The weights ``state`` are an argument, never a constant, so new
-weights reuse the compiled program; the cache is donated and updated in place.
+attention window, step budget, stop-table size). The weights ``state`` are an argument, never a
+constant, so new weights reuse the compiled program; the cache is donated and updated in place.
 
 Per row b, with budget[b] new tokens allowed:
 
@@ -15,6 +15,15 @@ Per row b, with budget[b] new tokens allowed:
                          continues after it)
 
 Rows without appended tokens (``valid[b]`` all False) are inactive: untouched, nothing generated.
+
+Attention window. The program works on the first ``window`` slots of the cache only (a static
+prefix): it slices them out, appends and decodes there, and writes them back into the donated
+full cache with one ``dynamic_update_slice``. Every active row must hold all its tokens, the
+appended ones and its whole budget within the window (the caller picks ``window`` >= max over
+active rows of held + appended + budget); slots beyond it are neither read nor written, so a
+session with ``max_len`` slots pays attention and KV reads for the filled prefix only. An
+inactive row may hold more than ``window`` tokens: it writes nothing (its slots are dropped)
+and its meaningless logits are never used.
 """
 from __future__ import annotations
 
@@ -39,19 +48,37 @@ def _constrain_cache(cache: KVCache, rules) -> KVCache:
                    lengths=cache.lengths)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "rules"), donate_argnames=("cache",))
+def _prefix(cache: KVCache, window: int) -> KVCache:
+    """The first ``window`` slots of every row (same lengths)."""
+    return KVCache(k=cache.k[:, :, :window], v=cache.v[:, :, :window], lengths=cache.lengths)
+
+
+def _write_prefix(full: KVCache, prefix: KVCache) -> KVCache:
+    """``full`` with its first ``prefix.max_len`` slots replaced by ``prefix`` (in place when
+    ``full`` is donated), lengths taken from ``prefix``."""
+    origin = (0,) * full.k.ndim
+    return KVCache(k=jax.lax.dynamic_update_slice(full.k, prefix.k, origin),
+                   v=jax.lax.dynamic_update_slice(full.v, prefix.v, origin), lengths=prefix.lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules"),
+                   donate_argnames=("cache",))
 def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, knobs: SamplingKnobs,
-                      table: stops.StopTable, key, *, max_steps: int, rules):
+                      table: stops.StopTable, key, *, max_steps: int, window: int, rules):
     """Append then decode.
 
     tokens, valid: [B, L] int32 / bool, the tokens appended to each row (any padding layout);
     budget: [B] int32, most tokens row b may generate (0 for inactive rows); key: PRNG key;
+    window: cache slots the program works on (<= cache.max_len; see the module docstring);
     rules: the model's sharding rules (for the cache layout under a mesh).
     Returns (out_tokens [B, max_steps] int32, out_logprobs [B, max_steps] float32,
     num_generated [B] int32, finish [B] int32 in {RUNNING (inactive), EOS, STOP, LENGTH}, cache).
     """
     batch = tokens.shape[0]
-    cache = _constrain_cache(cache, rules)
+    if not 0 < window <= cache.max_len:
+        raise ValueError(f"window must be in [1, cache.max_len={cache.max_len}], got {window}")
+    full = _constrain_cache(cache, rules)
+    cache = full if window == full.max_len else _constrain_cache(_prefix(full, window), rules)
     logits, cache = forward_last(graphdef, state, tokens, valid, cache)
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(batch))
     active = jnp.any(valid, axis=1)
@@ -89,5 +116,6 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
         )
 
     c = jax.lax.while_loop(keep_going, step, carry)
-    return c["out_tokens"], c["out_logprobs"], c["num"], c["finish"], c["cache"]
+    cache = c["cache"] if window == full.max_len else _constrain_cache(_write_prefix(full, c["cache"]), rules)
+    return c["out_tokens"], c["out_logprobs"], c["num"], c["finish"], cache
 

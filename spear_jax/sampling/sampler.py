@@ -4,6 +4,9 @@ Shapes are padded to powers of two so that XLA compiles a handful of programs: t
 ``batch_bucket(n)`` (at most ``max_batch``), appended tokens to ``length_bucket(L)`` (at least
 16), the decode-step buffer to ``length_bucket(max_new_tokens)``, a fresh cache to
 ``min(max_len, prompt bucket + step bucket)`` slots, the eos / stop tables to powers of two.
+A call works on the cache prefix of ``attention_window`` slots (the power-of-two bucket of the
+most any active row will hold after the call, at most the cache length), so a session's decode
+cost follows its filled context, not ``max_len``.
 Sampling values (temperature, top-k, top-p, greedy, ids of eos / stop tokens) and the weights
 are traced arguments: changing them never recompiles.
 
@@ -34,6 +37,14 @@ MIN_LENGTH_BUCKET = 16
 def length_bucket(n: int) -> int:
     """Smallest power of two >= max(n, MIN_LENGTH_BUCKET)."""
     return 1 << (max(n, MIN_LENGTH_BUCKET) - 1).bit_length()
+
+
+def attention_window(cache_len: int, held: np.ndarray, appended: np.ndarray, budget: np.ndarray,
+                     active: np.ndarray) -> int:
+    """Cache slots a call works on: min(cache_len, length_bucket(max over active rows of
+    held + appended + budget)). held, appended, budget: [B] int; active: [B] bool (some True)."""
+    need = int(np.max(np.where(active, held + appended + budget, 0)))
+    return min(cache_len, length_bucket(need))
 
 
 def _check_sampling(sampling, vocab_size: int) -> None:
@@ -149,17 +160,20 @@ class Sampler:
         tokens = np.zeros((batch, width), np.int32)
         valid = np.zeros((batch, width), bool)
         budget = np.zeros((batch,), np.int32)
+        appended = np.zeros((batch,), np.int64)
         for b, row in enumerate(rows):
             if row is not None:
                 tokens[b, : len(row)], valid[b, : len(row)] = row, True
+                appended[b] = len(row)
                 budget[b] = min(sampling.max_new_tokens, cache_len - held[b] - len(row))
+        window = attention_window(cache_len, held, appended, budget, appended > 0)
         knobs = SamplingKnobs.make(sampling.temperature, sampling.top_p, sampling.top_k, sampling.greedy)
         table = StopTable.make(sampling.eos_ids, sampling.stop_sequences)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             out_tokens, out_logprobs, num, finish, cache = decode.extend_and_decode(
                 self.graphdef, self._state, cache, jnp.asarray(tokens), jnp.asarray(valid),
                 jnp.asarray(budget), knobs, table, key,
-                max_steps=length_bucket(sampling.max_new_tokens), rules=self.config.sharding_rules,
+                max_steps=length_bucket(sampling.max_new_tokens), window=window, rules=self.config.sharding_rules,
             )
         out_tokens, out_logprobs, num, finish = jax.device_get((out_tokens, out_logprobs, num, finish))
         results: list[Generation | None] = []
