@@ -1,4 +1,6 @@
-"""Supervised warm start on gold trajectories, writing the checkpoint RL starts from: `--config=configs/sft.py:PRESET` (default PRESET: twx_tiny)."""
+"""Supervised warm start, writing the checkpoint RL starts from: `--config=configs/sft.py:PRESET`
+(default PRESET: twx_tiny). Examples from environment gold paths, a jsonl of conversations or a
+jsonl of worked math solutions (`config.sft.source`, see spear_jax/sft_data.py)."""
 from configs._compose import build_config
 
 
