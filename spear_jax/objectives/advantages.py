@@ -229,23 +229,43 @@ def _usable_rows(batch: GroupedRewards, config: AdvantageConfig, row_valid):
 # Estimators
 
 
-def grpo_advantages(batch: GroupedRewards, config: AdvantageConfig):
-    """GRPO outcome advantage ``A_i = (s_i - mean_g) / (std_g + eps)`` (or ``s_i - mean_g``).
+class _Outcomes(NamedTuple):
+    """A checked batch's outcome-level group statistics, shared by the estimators."""
 
-    Returns (advantages [N] float32, metrics). See the module docstring for the singleton rule and
-    the statistics scope.
-    """
+    batch: GroupedRewards  # replicated when the rows were sharded explicitly
+    row_valid: jax.Array  # [N] bool
+    usable: jax.Array  # [N] bool: valid with in-range ids
+    scores: jax.Array  # [N] float32
+    samples: _Samples
+    stats: _GroupStats  # over samples, per group
+    group: jax.Array  # [N] each row's group id, clipped into range
+
+
+def _outcomes(batch: GroupedRewards, config: AdvantageConfig) -> _Outcomes:
     row_valid = _check_batch(batch, config)
     batch, row_valid = replicate_if_explicit((batch, row_valid))  # rows are few: gather them
     usable = _usable_rows(batch, config, row_valid)
     scores = batch.scores.astype(jnp.float32)
     samples = _samples(batch._replace(scores=scores), config, usable)
     stats = _group_stats(samples.values, samples.group, samples.valid, config.num_groups)
-    g = jnp.clip(batch.group_ids, 0, config.num_groups - 1)
-    centred = scores - stats.mean[g]
-    adv = centred / (stats.std[g] + config.eps) if config.normalize_by_std else centred
-    metrics = _group_metrics(stats, config.expected_group_size, row_valid, usable)
-    return jnp.where(usable, adv, 0.0), metrics
+    group = jnp.clip(batch.group_ids, 0, config.num_groups - 1)
+    return _Outcomes(batch, row_valid, usable, scores, samples, stats, group)
+
+
+def _grpo(o: _Outcomes, config: AdvantageConfig):
+    centred = o.scores - o.stats.mean[o.group]
+    adv = centred / (o.stats.std[o.group] + config.eps) if config.normalize_by_std else centred
+    metrics = _group_metrics(o.stats, config.expected_group_size, o.row_valid, o.usable)
+    return jnp.where(o.usable, adv, 0.0), metrics
+
+
+def grpo_advantages(batch: GroupedRewards, config: AdvantageConfig):
+    """GRPO outcome advantage ``A_i = (s_i - mean_g) / (std_g + eps)`` (or ``s_i - mean_g``).
+
+    Returns (advantages [N] float32, metrics). See the module docstring for the singleton rule and
+    the statistics scope.
+    """
+    return _grpo(_outcomes(batch, config), config)
 
 
 def rloo_advantages(batch: GroupedRewards, config: AdvantageConfig):
@@ -253,18 +273,12 @@ def rloo_advantages(batch: GroupedRewards, config: AdvantageConfig):
 
     Returns (advantages [N] float32, metrics).
     """
-    row_valid = _check_batch(batch, config)
-    batch, row_valid = replicate_if_explicit((batch, row_valid))  # rows are few: gather them
-    usable = _usable_rows(batch, config, row_valid)
-    scores = batch.scores.astype(jnp.float32)
-    samples = _samples(batch._replace(scores=scores), config, usable)
-    stats = _group_stats(samples.values, samples.group, samples.valid, config.num_groups)
-    g = jnp.clip(batch.group_ids, 0, config.num_groups - 1)
-    count = stats.count[g]
-    own = samples.values[samples.of_row]
-    baseline = jnp.where(count > 1, (stats.total[g] - own) / jnp.maximum(count - 1.0, 1.0), 0.0)
-    metrics = _group_metrics(stats, config.expected_group_size, row_valid, usable)
-    return jnp.where(usable, scores - baseline, 0.0), metrics
+    o = _outcomes(batch, config)
+    count = o.stats.count[o.group]
+    own = o.samples.values[o.samples.of_row]
+    baseline = jnp.where(count > 1, (o.stats.total[o.group] - own) / jnp.maximum(count - 1.0, 1.0), 0.0)
+    metrics = _group_metrics(o.stats, config.expected_group_size, o.row_valid, o.usable)
+    return jnp.where(o.usable, o.scores - baseline, 0.0), metrics
 
 
 def discounted_step_returns(step_rewards, traj_ids, step_index, gamma: float, row_valid=None):
@@ -314,10 +328,9 @@ def gigpo_advantages(batch: GroupedRewards, config: AdvantageConfig):
 
     Returns (advantages [N] float32, metrics) with step-group metrics prefixed ``step_``.
     """
-    row_valid = _check_batch(batch, config)
-    batch, row_valid = replicate_if_explicit((batch, row_valid))
-    episode_adv, metrics = grpo_advantages(batch, config)
-    usable = _usable_rows(batch, config, row_valid)
+    outcomes = _outcomes(batch, config)
+    batch, usable = outcomes.batch, outcomes.usable
+    episode_adv, metrics = _grpo(outcomes, config)
     returns = discounted_step_returns(
         batch.step_rewards, batch.traj_ids, batch.step_index, config.gamma, usable
     )
