@@ -20,6 +20,7 @@ import numpy as np
 
 from environments.registry import make_env
 from spear_jax import run_config, sft_data, sharding, train_step
+from spear_jax.batching import bucket_length
 from spear_jax.checkpoint import RunCheckpointer, RunState
 from spear_jax.metrics import MetricsWriter, progress_bar, progress_summary
 from spear_jax.policy import CHECKPOINT_SUBDIR, load_policy
@@ -67,11 +68,6 @@ def build_examples(c: ml_collections.ConfigDict, chat: TemplateChatTokenizer,
     return examples, {"sft/gold_win_rate": gold_win_rate}
 
 
-def _bucket(length: int, buckets) -> int:
-    """The smallest length bucket holding ``length`` tokens (the largest if none does)."""
-    return next((b for b in buckets if b >= length), buckets[-1])
-
-
 def _minibatch(data: dict[str, np.ndarray], rows: np.ndarray, length: int, micro: int) -> dict[str, np.ndarray]:
     """``rows`` of the packed data cut to ``length`` columns (rows are left-aligned, so only
     padding is cut), as [num_micro, micro, ...] arrays of ``train_step.SFT_KEYS``."""
@@ -93,7 +89,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     examples, data_metrics = build_examples(c, chat, rng)
     buckets = c.trainer.length_buckets
     totals = np.array([example.length for example in examples])
-    data = pack_examples(examples, _bucket(totals.max(), buckets), pad_id=policy.chat.stop_id)
+    data = pack_examples(examples, bucket_length(totals.max(), buckets), pad_id=policy.chat.stop_id)
 
     optimizer = train_step.make_optimizer(train_step.OptimizerConfig(
         lr=s.lr, schedule="cosine", warmup_steps=min(10, s.steps // 10), total_steps=max(s.steps, 1),
@@ -108,7 +104,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     start = time.perf_counter()
     for step in range(1, s.steps + 1):
         rows = rng.choice(len(examples), size=batch_rows, replace=len(examples) < batch_rows)
-        minibatch = jax.device_put(_minibatch(data, rows, _bucket(totals[rows].max(), buckets), micro), spec)
+        minibatch = jax.device_put(_minibatch(data, rows, bucket_length(totals[rows].max(), buckets), micro), spec)
         with jax.set_mesh(mesh):
             params, opt_state, out = update(params, opt_state, minibatch, jax.random.key(0), np.float32(0))
         if step % 10 == 0 or step == s.steps:

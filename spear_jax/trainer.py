@@ -29,9 +29,9 @@ import numpy as np
 
 from environments.registry import make_env
 from spear_jax import curriculum, filters, rewards, run_config, sharding, train_step
+from spear_jax import metrics as run_metrics
 from spear_jax.batching import BatchingConfig, bucket_length, pack_rows
 from spear_jax.checkpoint import RunCheckpointer, RunState
-from spear_jax import metrics as run_metrics
 from spear_jax.objectives import (
     AdvantageConfig,
     GroupedRewards,

@@ -7,6 +7,7 @@ import pytest
 
 from environments.math_env import problem_text
 from spear_jax import sft, sft_data
+from spear_jax.batching import bucket_length
 from spear_jax.sft_data import Example, conversation_example, solution_text
 from spear_jax.model.chat_template import ChatTemplate
 from spear_jax.model.tokenizer import tiny_tokenizer
@@ -106,7 +107,7 @@ def test_pack_examples_and_minibatch_cut_only_padding():
     batch = sft._minibatch(data, np.array([1, 0, 1, 0]), length=5, micro=2)
     assert batch["tokens"].shape == (2, 2, 5) and batch["row_valid"].shape == (2, 2)
     np.testing.assert_array_equal(batch["tokens"][0, 1], [5, 6, 7, 8, 9])
-    assert sft._bucket(5, (4, 8, 16)) == 8 and sft._bucket(40, (4, 8, 16)) == 16
+    assert bucket_length(5, (4, 8, 16)) == 8 and bucket_length(40, (4, 8, 16)) == 16
     with pytest.raises(ValueError, match="does not fit"):
         sft.pack_examples(examples, 3, pad_id=0)
 
