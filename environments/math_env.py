@@ -146,7 +146,7 @@ class MathToolEnv:
 
     def reset(self, task_id: int | str | None = None, seed: int | None = None) -> Observation:
         """Starts an episode on problem ``task_id`` (index or id), else one drawn with ``seed``."""
-        index = choose_task_index(task_id, seed, len(self.problems), self._rng, "this env's problems", self._ids)
+        index = choose_task_index(task_id, seed, self.num_tasks, self._rng, "this env's problems", self._ids)
         self._problem = self.problems[index]
         self._turns = self._tool_calls = self._invalid_calls = 0
         self._done = False

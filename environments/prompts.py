@@ -164,7 +164,7 @@ def _render_compact(style: AgentPromptStyle, observation: Observation,
                     history: Sequence[tuple[str, str]], history_length: int) -> str:
     lines = [f"{style.intro} Your task is to: {observation.task}"]
     shown = [action for _, action in history[max(0, len(history) - history_length):]]
-    if history and shown:
+    if shown:
         actions = ", ".join(f"'{a}'" for a in shown)
         lines.append(f"Step {len(history) + 1}. Your last {len(shown)} action(s): {actions}.")
     lines.append(f"Observation: {observation.text}")
