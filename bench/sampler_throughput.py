@@ -1,7 +1,7 @@
 """Decode throughput of the KV-cache sampler, side by side with ``transformers`` ``generate``.
 
-For each model (``tiny`` random init, ``smollm2`` = SmolLM2-135M-Instruct from its GGUF) and
-batch size, both engines decode greedily from the same weights (exported with
+For each model (``smollm2`` = SmolLM2-135M-Instruct from its GGUF, or any model preset, e.g.
+``tiny`` or ``qwen2.5-1.5b``, with random weights) and batch size, both engines decode greedily from the same weights (exported with
 ``save_hf_checkpoint`` and read back by ``transformers``) and the same equal-length prompts,
 without eos, so every row generates exactly the requested tokens.
 
@@ -13,19 +13,25 @@ included) is B * n_long / t(n_long).
 Hardware roofs, measured at start on the JAX device:
     matmul roof    = GFLOP/s of a jitted float32 [1024, 1024] x [1024, 1024] matmul (peak), and
                      per (model, batch) of the LM-head-shaped [B, D] x [D, V] matmul;
-    memory roof    = GB/s of a jitted sum over a 256 MiB float32 array (a pure read).
+    memory roof    = GB/s of a jitted sum over a ``--read-mib`` MiB float32 array (a pure read;
+                     pick it well above the last-level cache: 256 MiB on CPU, 4096 on a GPU).
 Work of one decode step at batch B, with S attended slots per row (the mean filled context
 prompt + (n_short + n_long) / 2 for the FLOPs, the slots each engine reads for the bytes):
     FLOPs/token    = 2 * params touched per token (all weights incl. the LM head; an untied
                      input embedding is only gathered) + 4 * layers * heads * head_dim * S
-    bytes/step     = weight bytes touched + B * 2 * layers * kv_heads * head_dim * cache bytes * S
+    bytes/step     = weight bytes touched (in the sampler's ``--weight-dtype``)
+                     + B * 2 * layers * kv_heads * head_dim * cache bytes * S
 (the sampler reads its attention window, ``transformers`` its filled cache). Achieved GFLOP/s =
 FLOPs/token * decode tok/s; achieved GB/s = bytes/step * decode tok/s / B; each is printed with
-its fraction of the roof. Threads: XLA's CPU backend uses every core; torch uses
+its fraction of the roof; the memory fraction is decode tokens/s as a fraction of the
+memory-bandwidth bound B * read GB/s / bytes/step. Threads: XLA's CPU backend uses every core; torch uses
 ``--torch-threads`` (default: torch's choice), printed at start.
 
     python -m bench.sampler_throughput                       # CPU, tiny + smollm2, B = 1, 8, 32
     python -m bench.sampler_throughput --models tiny --torch-threads 2   # torch on both cores
+    # GPU: a 1.5B config in bfloat16 at batch 64, against the HBM bound
+    python -m bench.sampler_throughput --models qwen2.5-1.5b --batch-sizes 1,64 --compute-dtype bfloat16 \
+        --weight-dtype bfloat16 --cache-dtype bfloat16 --new-tokens 256 --read-mib 4096 --skip-hf
     # multi-turn sessions on a max_len 2048 cache (sampler only):
     python -m bench.sampler_throughput --session --models tiny --batch-sizes 8 --prompt-len 64 --new-tokens 32
 """
@@ -50,22 +56,22 @@ from spear_jax.sampling.sampler import length_bucket
 
 
 def build_model(name: str, compute_dtype: str):
-    if name == "tiny":
-        cfg = get_model_config("tiny", compute_dtype=compute_dtype)
-        graphdef, state = nnx.split(init_model(cfg, 0))
-        return cfg, graphdef, state
+    """``smollm2``: the real SmolLM2-135M-Instruct; any other name: that preset, random weights."""
     if name == "smollm2":
         return load_smollm2(compute_dtype=compute_dtype)
-    raise ValueError(f"unknown model {name!r}; choose from tiny, smollm2")
+    cfg = get_model_config(name, compute_dtype=compute_dtype)
+    graphdef, state = nnx.split(init_model(cfg, 0))
+    return cfg, graphdef, state
 
 
-def load_transformers(cfg, state, device: str):
+def load_transformers(cfg, state, device: str, dtype: str):
     import torch
     import transformers
 
     directory = tempfile.mkdtemp(prefix="sampler_bench_")
     save_hf_checkpoint(cfg, state, directory)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval().to(device)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=getattr(torch, dtype)).eval().to(device)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
@@ -176,7 +182,7 @@ def matmul_gflops(m: int, k: int, n: int) -> float:
     return 2 * m * k * n / _best_seconds(jax.jit(jnp.matmul), a, b) / 1e9
 
 
-def read_gbs(mib: int = 256) -> float:
+def read_gbs(mib: int) -> float:
     """Measured GB/s of a jitted sum over a float32 array of ``mib`` MiB (every byte read once)."""
     x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
     return x.nbytes / _best_seconds(jax.jit(jnp.sum), x) / 1e9
@@ -194,17 +200,17 @@ def flops_per_token(cfg, attended_slots: float) -> float:
     return 2 * params_touched_per_token(cfg) + attention
 
 
-def bytes_per_step(cfg, batch: int, read_slots: float, cache_bytes: int) -> float:
+def bytes_per_step(cfg, batch: int, read_slots: float, cache_bytes: int, weight_bytes: int) -> float:
     """Weight bytes touched once per step + every row's K and V over ``read_slots`` slots."""
-    weights = params_touched_per_token(cfg) * jnp.dtype(cfg.param_dtype).itemsize
+    weights = params_touched_per_token(cfg) * weight_bytes
     kv_per_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache_bytes * read_slots
     return weights + batch * kv_per_row
 
 
-def roof_columns(prefix, cfg, batch, tok_s, attended, read_slots, cache_bytes, roofs):
+def roof_columns(prefix, cfg, batch, tok_s, attended, read_slots, cache_bytes, weight_bytes, roofs):
     """Achieved GFLOP/s and GB/s of an engine decoding ``tok_s`` tokens/s, with roof fractions."""
     gflops = flops_per_token(cfg, attended) * tok_s / 1e9
-    gbs = bytes_per_step(cfg, batch, read_slots, cache_bytes) * tok_s / batch / 1e9
+    gbs = bytes_per_step(cfg, batch, read_slots, cache_bytes, weight_bytes) * tok_s / batch / 1e9
     return {f"{prefix}_gflops": gflops, f"{prefix}_peak_frac": gflops / roofs["peak_gflops"],
             f"{prefix}_shape_frac": gflops / roofs["shape_gflops"],
             f"{prefix}_gbs": gbs, f"{prefix}_mem_frac": gbs / roofs["read_gbs"]}
@@ -220,8 +226,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timed runs")
     parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--cache-dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--weight-dtype", default="param", choices=("param", "float32", "bfloat16"),
+                        help="the sampler's weight copy (param: the float32 master weights as they are)")
+    parser.add_argument("--read-mib", type=int, default=256, help="size of the memory-roof read")
     parser.add_argument("--skip-hf", action="store_true", help="only the JAX sampler")
     parser.add_argument("--hf-device", default="cpu")
+    parser.add_argument("--hf-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice); on a CPU shared "
                              "with other jobs, 1 avoids oversubscription stalls")
@@ -254,19 +264,22 @@ def main():
           f"{os.cpu_count()} cores (XLA CPU uses all); torch threads {torch_threads}; "
           f"load average at start {os.getloadavg()}")
     peak = matmul_gflops(1024, 1024, 1024)
-    read = read_gbs()
+    read = read_gbs(args.read_mib)
     print(f"roofs: matmul {peak:.1f} GFLOP/s ([1024,1024]x[1024,1024] float32), "
-          f"read {read:.1f} GB/s (sum over 256 MiB)", flush=True)
+          f"read {read:.1f} GB/s (sum over {args.read_mib} MiB)", flush=True)
     cache_bytes = jnp.dtype(args.cache_dtype).itemsize
+    weight_dtype = None if args.weight_dtype == "param" else jnp.dtype(args.weight_dtype)
+    hf_weight_bytes = jnp.dtype(args.hf_dtype).itemsize
     attended = args.prompt_len + (n_short + n_long) / 2  # mean filled context of the timed steps
     rows = []
     for name in args.models.split(","):
         cfg, graphdef, state = build_model(name, args.compute_dtype)
         max_len = args.prompt_len + n_long
         sampler = Sampler(graphdef, state, cfg, max_len=max_len, max_batch=max(batch_sizes),
-                          cache_dtype=jnp.dtype(args.cache_dtype))
+                          cache_dtype=jnp.dtype(args.cache_dtype), weight_dtype=weight_dtype)
+        weight_bytes = (cfg.param_jnp_dtype if weight_dtype is None else weight_dtype).itemsize
         slots = min(max_len, length_bucket(args.prompt_len) + length_bucket(n_long))  # sampler window
-        hf_model = None if args.skip_hf else load_transformers(cfg, state, args.hf_device)
+        hf_model = None if args.skip_hf else load_transformers(cfg, state, args.hf_device, args.hf_dtype)
         rng = np.random.default_rng(0)
         for batch in batch_sizes:
             prompts = rng.integers(0, cfg.vocab_size, size=(batch, args.prompt_len)).tolist()
@@ -279,7 +292,7 @@ def main():
                        jax_e2e_tok_s=batch * n_long / t_long, jax_first_call_s=first_call,
                        load_avg_1m=os.getloadavg()[0], shape_roof_gflops=roofs["shape_gflops"])
             row.update(roof_columns("jax", cfg, batch, row["jax_decode_tok_s"], attended, slots,
-                                    cache_bytes, roofs))
+                                    cache_bytes, weight_bytes, roofs))
             if hf_model is not None:
                 _, h_short, h_long, hf_tokens = best_times(
                     hf_runner(hf_model, prompts, n_short, args.hf_device),
@@ -290,12 +303,13 @@ def main():
                 row["decode_speedup"] = row["jax_decode_tok_s"] / row["hf_decode_tok_s"]
                 row["e2e_speedup"] = row["jax_e2e_tok_s"] / row["hf_e2e_tok_s"]
                 row.update(roof_columns("hf", cfg, batch, row["hf_decode_tok_s"], attended, attended,
-                                        4, roofs))
+                                        hf_weight_bytes, hf_weight_bytes, roofs))
             rows.append(row)
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   flush=True)
     print(f"load average at end {os.getloadavg()}")
-    print(f"roofs at end: matmul {matmul_gflops(1024, 1024, 1024):.1f} GFLOP/s, read {read_gbs():.1f} GB/s")
+    print(f"roofs at end: matmul {matmul_gflops(1024, 1024, 1024):.1f} GFLOP/s, "
+          f"read {read_gbs(args.read_mib):.1f} GB/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.eval_temperature = 0.4
     c.rollout.eval_top_p = 1.0
     c.rollout.kv_cache_dtype = "float32"  # float32 | bfloat16
+    # Weights the sampler decodes with: "param" (as stored) or a copy in float32 | bfloat16;
+    # bfloat16 halves the bytes every decode step reads and is exact under bfloat16 compute.
+    c.rollout.weight_dtype = "param"
 
     # --- algorithm: advantages, rewards, filters ----------------------------------------------
     c.algorithm = ml_collections.ConfigDict()

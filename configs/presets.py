@@ -91,6 +91,7 @@ def _agent_paper(c: ml_collections.ConfigDict, *, env_name: str) -> None:
     c.model.checkpoint_format = "hf"
     c.model.compute_dtype = "bfloat16"
     c.model.chat_format = "chatml"
+    c.rollout.weight_dtype = "bfloat16"
     c.data.train_tasks_per_step = 32
     c.data.group_size = 8
     c.data.eval_episodes = 128
@@ -138,6 +139,7 @@ def _math_paper(c: ml_collections.ConfigDict, *, qwen3: bool) -> None:
     c.rollout.eval_temperature = 1.0
     c.rollout.eval_top_p = 0.6
     c.rollout.kv_cache_dtype = "bfloat16"
+    c.rollout.weight_dtype = "bfloat16"
     c.actor.lr = 1e-6
     c.actor.entropy_coeff = 0.0
     c.actor.ppo_mini_batch_size = 1024

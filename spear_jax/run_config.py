@@ -209,6 +209,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _choice(c, "model.checkpoint_format", CHECKPOINT_FORMATS)
     _choice(c, "model.compute_dtype", DTYPES)
     _choice(c, "rollout.kv_cache_dtype", DTYPES)
+    _choice(c, "rollout.weight_dtype", ("param",) + DTYPES)
     _choice(c, "algorithm.adv_estimator", ADVANTAGE_ESTIMATORS)
     _choice(c, "algorithm.toolcall_reward_recipe", TOOLCALL_RECIPES)
     _choice(c, "algorithm.grouping", GROUPINGS)

@@ -86,7 +86,9 @@ class Trainer:
         self.sampler = Sampler(
             graphdef, self.policy.params, self.policy.model_config, max_len=max_len,
             max_batch=max(episodes, c.data.eval_episodes),
-            cache_dtype=jnp.dtype(c.rollout.kv_cache_dtype), mesh=self.mesh)
+            cache_dtype=jnp.dtype(c.rollout.kv_cache_dtype),
+            weight_dtype=None if c.rollout.weight_dtype == "param" else jnp.dtype(c.rollout.weight_dtype),
+            mesh=self.mesh)
         rollout = dict(layout=c.env.row_layout, domain=_domain(c), history_length=c.env.history_length,
                        prompt_template=c.env.prompt_template,
                        max_turns=c.env.max_tool_turns if c.env.row_layout == "trajectory" else None,

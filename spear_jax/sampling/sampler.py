@@ -68,13 +68,17 @@ class Sampler:
     """KV-cache sampler over a split NNX model (``graphdef``, ``state``).
 
     max_len: cache slots per row (prompt + all turns + generations); max_batch: most rows per
-    call; cache_dtype: KV storage dtype (bfloat16 halves cache memory); mesh: a
+    call; cache_dtype: KV storage dtype (bfloat16 halves cache memory); weight_dtype: None to
+    decode with the weights as given, or a float dtype to keep a copy of the floating-point
+    weights in it (every decode step reads all weights, so bfloat16 halves the bytes per step
+    of float32 master weights; with ``config.compute_dtype`` bfloat16 the results are
+    bit-identical, since the model casts every weight to the compute dtype before use); mesh: a
     ``spear_jax.sharding.make_mesh`` mesh to shard weights (by ``config.sharding_rules``), the
     batch and the cache over, or None for one device.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, config: ModelConfig, *,
-                 max_len: int, max_batch: int, cache_dtype=jnp.float32, mesh=None):
+                 max_len: int, max_batch: int, cache_dtype=jnp.float32, weight_dtype=None, mesh=None):
         if not 1 <= max_len <= config.max_position_embeddings:
             raise ValueError(
                 f"max_len must be in [1, config.max_position_embeddings={config.max_position_embeddings}], "
@@ -84,9 +88,12 @@ class Sampler:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if not jnp.issubdtype(jnp.dtype(cache_dtype), jnp.floating):
             raise ValueError(f"cache_dtype must be a float dtype, got {cache_dtype}")
+        if weight_dtype is not None and not jnp.issubdtype(jnp.dtype(weight_dtype), jnp.floating):
+            raise ValueError(f"weight_dtype must be None or a float dtype, got {weight_dtype}")
         self.graphdef, self.config = graphdef, config
         self.max_len, self.max_batch = max_len, max_batch
         self.cache_dtype = jnp.dtype(cache_dtype)
+        self.weight_dtype = None if weight_dtype is None else jnp.dtype(weight_dtype)
         self.mesh = mesh
         self._signature = _state_signature(state)
         self._state = None
@@ -95,7 +102,8 @@ class Sampler:
 
     # -- weights -----------------------------------------------------------------------------
     def set_params(self, state: nnx.State) -> None:
-        """Use new weights from now on (same structure, shapes and dtypes: no recompilation)."""
+        """Use new weights from now on (same structure, shapes and dtypes: no recompilation);
+        cast to ``weight_dtype`` if one was given."""
         signature = _state_signature(state)
         if signature != self._signature:
             diff = [f"{a} vs {b}" for a, b in zip(self._signature[1], signature[1]) if a != b][:3]
@@ -103,7 +111,14 @@ class Sampler:
                 "state does not match the sampler's weights (structure, shapes or dtypes differ); "
                 f"first differences (expected vs got): {diff or 'tree structure'}"
             )
-        self._state = shard_state(state, self.config.sharding_rules, self.mesh) if self.mesh else state
+        if self.mesh is not None:
+            state = shard_state(state, self.config.sharding_rules, self.mesh)
+        if self.weight_dtype is not None:
+            state = jax.tree.map(self._cast_weight, state)
+        self._state = state
+
+    def _cast_weight(self, x: jax.Array) -> jax.Array:
+        return x.astype(self.weight_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
     # -- shapes ------------------------------------------------------------------------------
     def batch_bucket(self, n: int) -> int:

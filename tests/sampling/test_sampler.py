@@ -138,14 +138,18 @@ def test_session_continuation_equals_full_reprefill(sampler, model, prompts, cfg
 def test_new_weights_do_not_recompile(cfg, model, prompts):
     graphdef, state = model
     sampler = Sampler(graphdef, state, cfg, max_len=MAX_LEN, max_batch=MAX_BATCH)
+    other = SamplingParams(temperature=0.5, top_k=3, top_p=0.5, max_new_tokens=9, eos_ids=(1, 2),
+                           stop_sequences=((3, 4),))
     before = sampler.generate(prompts, GREEDY, jax.random.key(0))
+    sampler.generate([p[:3] for p in prompts], other, jax.random.key(1))
     compiled = decode.extend_and_decode._cache_size()
     _, new_state = random_state(cfg, 5)
     sampler.set_params(new_state)
     after = sampler.generate(prompts, GREEDY, jax.random.key(0))
-    sampler.generate([p[:3] for p in prompts], SamplingParams(
-        temperature=0.5, top_k=3, top_p=0.5, max_new_tokens=9, eos_ids=(1, 2), stop_sequences=((3, 4),)),
-        jax.random.key(1))
+    sampler.generate([p[:3] for p in prompts], other, jax.random.key(1))
+    other_values = SamplingParams(temperature=0.9, top_k=5, top_p=0.9, max_new_tokens=10, eos_ids=(5, 6),
+                                  stop_sequences=((7, 8),))  # same shapes, other values
+    sampler.generate([p[:3] for p in prompts], other_values, jax.random.key(1))
     assert decode.extend_and_decode._cache_size() == compiled
     assert any(not np.array_equal(a.tokens, b.tokens) for a, b in zip(before, after))
     for prompt, gen in zip(prompts, after):
@@ -174,6 +178,25 @@ def test_bfloat16_cache(cfg, model, prompts):
     gens = sampler.generate(prompts, SamplingParams(temperature=0.8, max_new_tokens=12), jax.random.key(0))
     for prompt, gen in zip(prompts, gens):
         assert_matches_full_forward(model, prompt, gen, temperature=0.8, atol=0.1)
+
+
+def test_bfloat16_weight_copy_changes_nothing_under_bfloat16_compute(cfg, prompts):
+    bf16 = cfg.replace(compute_dtype="bfloat16")
+    graphdef, state = random_state(bf16, 3)
+    as_given = Sampler(graphdef, state, bf16, max_len=MAX_LEN, max_batch=MAX_BATCH)
+    copied = Sampler(graphdef, state, bf16, max_len=MAX_LEN, max_batch=MAX_BATCH, weight_dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(copied._state)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(state)} == {jnp.dtype(jnp.float32)}  # master untouched
+    params = SamplingParams(temperature=0.8, max_new_tokens=12)
+    for ref, got in zip(as_given.generate(prompts, params, jax.random.key(2)),
+                        copied.generate(prompts, params, jax.random.key(2))):
+        np.testing.assert_array_equal(ref.tokens, got.tokens)
+        np.testing.assert_array_equal(ref.logprobs, got.logprobs)
+    _, new_state = random_state(bf16, 4)
+    copied.set_params(new_state)  # the float32 signature is what new weights must match
+    assert {x.dtype for x in jax.tree.leaves(copied._state)} == {jnp.dtype(jnp.bfloat16)}
+    with pytest.raises(ValueError, match="weight_dtype"):
+        Sampler(graphdef, state, bf16, max_len=MAX_LEN, max_batch=MAX_BATCH, weight_dtype=jnp.int8)
 
 
 def test_bad_inputs_name_the_argument(sampler, cfg):

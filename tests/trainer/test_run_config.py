@@ -38,6 +38,7 @@ def test_paper_settings_carry_reference_values():
     assert (c.replay.max_loss_steps, c.algorithm.max_toolcall_steps) == (100, 200)
     assert c.data.train_tasks_per_step * c.data.group_size == 256 and c.env.max_steps == 50
     assert not c.actor.use_kl_loss and not c.algorithm.use_kl_in_reward
+    assert c.model.compute_dtype == c.rollout.weight_dtype == "bfloat16"
     math = _config("spear", "aime_qwen3_32b")
     assert math.actor.entropy_coeff == 0.0 and math.replay.clip_cov_ignores_replay_params
     assert math.algorithm.toolcall_reward_recipe == "qwen3" and math.env.row_layout == "trajectory"
@@ -84,6 +85,7 @@ def test_unknown_fields_are_rejected():
         (lambda c: setattr(c.model, "checkpoint_path", "/nonexistent"), "config.model.checkpoint_path"),
         (lambda c: setattr(c.trainer, "length_buckets", (16,)), "config.trainer.length_buckets"),
         (lambda c: setattr(c.env, "prompt_template", "short"), "config.env.prompt_template"),
+        (lambda c: setattr(c.rollout, "weight_dtype", "int8"), "config.rollout.weight_dtype"),
         (lambda c: setattr(c.sft, "source", "web"), "config.sft.source"),
         (lambda c: (setattr(c.sft, "enable", True), setattr(c.sft, "source", "conversations")),
          "config.sft.data_path"),
