@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench.kernel_profile import kernel_summary
 from spear_jax.model import get_model_config, init_model
 from spear_jax.model.gguf_checkpoint import load_smollm2
 from spear_jax.model.hf_checkpoint import save_hf_checkpoint
@@ -236,6 +237,8 @@ def main():
                         help="torch intra-op threads (default: torch's choice); on a CPU shared "
                              "with other jobs, 1 avoids oversubscription stalls")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the device kernels of one long run (bench.kernel_profile)")
     parser.add_argument("--session", action="store_true",
                         help="instead: multi-turn sessions on a persistent cache (sampler only)")
     parser.add_argument("--session-max-len", type=int, default=2048)
@@ -305,6 +308,9 @@ def main():
                 row.update(roof_columns("hf", cfg, batch, row["hf_decode_tok_s"], attended, attended,
                                         hf_weight_bytes, hf_weight_bytes, roofs))
             rows.append(row)
+            if args.profile:
+                print(kernel_summary(jax_runner(sampler, prompts, n_long), per=n_long,
+                                     label=f"profile model={name} batch={batch} steps={n_long}"), flush=True)
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   flush=True)
     print(f"load average at end {os.getloadavg()}")

@@ -40,25 +40,26 @@ from spear_jax.sharding import constrain
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 FINISH_CODES = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 
-CACHE_AXES = (None, "act_batch", "act_length", "act_kv_heads", None)
+CACHE_AXES = ("act_batch", "act_length", "act_kv_heads", None)  # one layer's k or v buffer
 
 
 def _constrain_cache(cache: KVCache, rules) -> KVCache:
-    return KVCache(k=constrain(cache.k, CACHE_AXES, rules), v=constrain(cache.v, CACHE_AXES, rules),
-                   lengths=cache.lengths)
+    return cache.map_buffers(lambda x: constrain(x, CACHE_AXES, rules))
 
 
 def _prefix(cache: KVCache, window: int) -> KVCache:
     """The first ``window`` slots of every row (same lengths)."""
-    return KVCache(k=cache.k[:, :, :window], v=cache.v[:, :, :window], lengths=cache.lengths)
+    return cache.map_buffers(lambda x: x[:, :window])
 
 
 def _write_prefix(full: KVCache, prefix: KVCache) -> KVCache:
     """``full`` with its first ``prefix.max_len`` slots replaced by ``prefix`` (in place when
     ``full`` is donated), lengths taken from ``prefix``."""
-    origin = (0,) * full.k.ndim
-    return KVCache(k=jax.lax.dynamic_update_slice(full.k, prefix.k, origin),
-                   v=jax.lax.dynamic_update_slice(full.v, prefix.v, origin), lengths=prefix.lengths)
+    def put(whole, part):
+        return jax.lax.dynamic_update_slice(whole, part, (0,) * whole.ndim)
+
+    return KVCache(k=tuple(map(put, full.k, prefix.k)), v=tuple(map(put, full.v, prefix.v)),
+                   lengths=prefix.lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules"),

@@ -71,10 +71,10 @@ class Sampler:
     call; cache_dtype: KV storage dtype (bfloat16 halves cache memory); weight_dtype: None to
     decode with the weights as given, or a float dtype to keep a copy of the floating-point
     weights in it (every decode step reads all weights, so bfloat16 halves the bytes per step
-    of float32 master weights; with ``config.compute_dtype`` bfloat16 the results are
-    bit-identical, since the model casts every weight to the compute dtype before use); mesh: a
-    ``spear_jax.sharding.make_mesh`` mesh to shard weights (by ``config.sharding_rules``), the
-    batch and the cache over, or None for one device.
+    of float32 master weights; under ``config.compute_dtype`` bfloat16 the model casts every
+    weight to bfloat16 anyway, so results agree up to XLA's fusion rounding, bit for bit on
+    CPU); mesh: a ``spear_jax.sharding.make_mesh`` mesh to shard weights (by
+    ``config.sharding_rules``), the batch and the cache over, or None for one device.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, config: ModelConfig, *,
@@ -130,17 +130,18 @@ class Sampler:
         return min(1 << (max(n, data_parallel) - 1).bit_length(), self.max_batch)
 
     def new_cache(self, batch: int, length: int) -> KVCache:
-        """Empty cache [layers, batch, length, kv_heads, head_dim], laid out on the mesh."""
+        """Empty cache (per layer [batch, length, kv_heads, head_dim]), laid out on the mesh."""
         if self.mesh is None:
             return init_cache(self.config, batch, length, self.cache_dtype)
-        shape = (self.config.num_layers, batch, length, self.config.num_kv_heads, self.config.head_dim)
+        shape = (batch, length, self.config.num_kv_heads, self.config.head_dim)
         if (batch, length) not in self._cache_makers:
             rules = self.config.sharding_rules
-            kv = NamedSharding(self.mesh, logical_to_pspec(decode.CACHE_AXES, shape, rules, self.mesh))
+            kv = (NamedSharding(self.mesh, logical_to_pspec(decode.CACHE_AXES, shape, rules, self.mesh)),)
             lengths = NamedSharding(self.mesh, logical_to_pspec(("act_batch",), (batch,), rules, self.mesh))
+            layers = self.config.num_layers
             self._cache_makers[batch, length] = jax.jit(
                 lambda: init_cache(self.config, batch, length, self.cache_dtype),
-                out_shardings=KVCache(k=kv, v=kv, lengths=lengths))
+                out_shardings=KVCache(k=kv * layers, v=kv * layers, lengths=lengths))
         return self._cache_makers[batch, length]()
 
     # -- generation --------------------------------------------------------------------------

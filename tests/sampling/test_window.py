@@ -27,10 +27,16 @@ def test_attention_window_is_the_bucket_of_the_most_an_active_row_will_hold():
 
 def _random_cache(cfg, batch, max_len, lengths, seed):
     """A cache with arbitrary finite contents in every slot (also beyond the lengths)."""
-    ks = jax.random.split(jax.random.key(seed), 2)
-    shape = init_cache(cfg, batch, max_len).k.shape
-    return KVCache(k=jax.random.normal(ks[0], shape), v=jax.random.normal(ks[1], shape),
+    ks = iter(jax.random.split(jax.random.key(seed), 2 * cfg.num_layers))
+    shape = init_cache(cfg, batch, max_len).k[0].shape
+    return KVCache(k=tuple(jax.random.normal(next(ks), shape) for _ in range(cfg.num_layers)),
+                   v=tuple(jax.random.normal(next(ks), shape) for _ in range(cfg.num_layers)),
                    lengths=jnp.asarray(lengths, jnp.int32))
+
+
+def _stacked(cache):
+    """k, v as [layers, B, S, KVH, hd] numpy arrays, and lengths."""
+    return dict(k=np.stack(cache.k), v=np.stack(cache.v), lengths=np.asarray(cache.lengths))
 
 
 def test_windowed_program_equals_whole_cache_program_and_leaves_the_rest_alone(cfg, model):
@@ -55,20 +61,21 @@ def test_windowed_program_equals_whole_cache_program_and_leaves_the_rest_alone(c
             table, jax.random.key(5), max_steps=16, window=w, rules=cfg.sharding_rules)
         results[w] = jax.device_get(out)
     (t_w, lp_w, n_w, f_w, c_w), (t_f, lp_f, n_f, f_f, c_f) = results[window], results[max_len]
+    before, c_w, c_f = map(_stacked, (before, c_w, c_f))
     np.testing.assert_array_equal(t_w, t_f)
     np.testing.assert_allclose(lp_w, lp_f, atol=1e-5)
     np.testing.assert_array_equal(n_w, budget)
     np.testing.assert_array_equal(n_w, n_f)
     np.testing.assert_array_equal(f_w, f_f)
-    np.testing.assert_array_equal(c_w.lengths, np.array(lengths) + valid.sum(1) + budget)
-    np.testing.assert_array_equal(c_w.lengths, c_f.lengths)
-    np.testing.assert_allclose(c_w.k[:, :, :window], c_f.k[:, :, :window], atol=1e-5)
-    np.testing.assert_allclose(c_w.v[:, :, :window], c_f.v[:, :, :window], atol=1e-5)
+    np.testing.assert_array_equal(c_w["lengths"], np.array(lengths) + valid.sum(1) + budget)
+    np.testing.assert_array_equal(c_w["lengths"], c_f["lengths"])
+    np.testing.assert_allclose(c_w["k"][:, :, :window], c_f["k"][:, :, :window], atol=1e-5)
+    np.testing.assert_allclose(c_w["v"][:, :, :window], c_f["v"][:, :, :window], atol=1e-5)
     # beyond the window nothing changed; the inactive row changed nowhere
-    np.testing.assert_array_equal(c_w.k[:, :, window:], before.k[:, :, window:])
-    np.testing.assert_array_equal(c_w.v[:, :, window:], before.v[:, :, window:])
-    np.testing.assert_array_equal(c_w.k[:, 1], before.k[:, 1])
-    np.testing.assert_array_equal(c_w.v[:, 1], before.v[:, 1])
+    np.testing.assert_array_equal(c_w["k"][:, :, window:], before["k"][:, :, window:])
+    np.testing.assert_array_equal(c_w["v"][:, :, window:], before["v"][:, :, window:])
+    np.testing.assert_array_equal(c_w["k"][:, 1], before["k"][:, 1])
+    np.testing.assert_array_equal(c_w["v"][:, 1], before["v"][:, 1])
     with pytest.raises(ValueError, match="window"):
         decode.extend_and_decode(
             graphdef, state, _random_cache(cfg, batch, max_len, lengths, 3), jnp.asarray(tokens),
