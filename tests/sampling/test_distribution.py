@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spear_jax.sampling.distribution import SamplingKnobs, sample_tokens, truncation_mask_sorted
+from spear_jax.sampling.distribution import SamplingKnobs, first_argmax, sample_tokens, truncation_mask_sorted
 
 N = 40_000
 LOGITS = np.array([2.0, 1.5, 0.3, -0.4, 1.0, -2.0, 0.0, 0.7], np.float32)
@@ -105,6 +105,23 @@ def test_greedy_like_settings_take_the_argmax(knobs):
     z = logits.astype(np.float64) / temperature
     expected = (z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)))
     np.testing.assert_allclose(np.asarray(logprobs), expected[np.arange(64), logits.argmax(-1)], rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=40), st.sampled_from([-np.inf, 0.0]))
+def test_first_argmax_is_numpy_argmax_with_ties_and_infinities(values, fill):
+    x = np.asarray(values, np.float32)  # few distinct values: ties are the rule
+    x[::5] = np.where(fill == 0.0, x[::5], fill)
+    batch = np.stack([x, x[::-1], np.full_like(x, -np.inf)])
+    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(batch)), batch.argmax(-1))
+
+
+def test_draws_equal_jax_random_categorical_for_the_same_keys():
+    rng = np.random.default_rng(4)
+    logits = jnp.asarray(rng.normal(size=(256, 300)).astype(np.float32) * 2)
+    keys = jax.random.split(jax.random.key(7), 256)
+    tokens, _ = _sample(keys, logits, SamplingKnobs.make(1.0, 1.0, 0, False))
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(jax.vmap(jax.random.categorical)(keys, logits)))
 
 
 def test_determinism_and_key_dependence():
