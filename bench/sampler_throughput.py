@@ -31,7 +31,7 @@ memory-bandwidth bound B * read GB/s / bytes/step. Threads: XLA's CPU backend us
     python -m bench.sampler_throughput --models tiny --torch-threads 2   # torch on both cores
     # GPU: a 1.5B config in bfloat16 at batch 64, against the HBM bound
     python -m bench.sampler_throughput --models qwen2.5-1.5b --batch-sizes 1,64 --compute-dtype bfloat16 \
-        --weight-dtype bfloat16 --cache-dtype bfloat16 --new-tokens 256 --read-mib 4096 --skip-hf
+        --weight-dtype bfloat16 --cache-dtype bfloat16 --new-tokens 256 --read-mib 4096 --skip-hf --profile
     # multi-turn sessions on a max_len 2048 cache (sampler only):
     python -m bench.sampler_throughput --session --models tiny --batch-sizes 8 --prompt-len 64 --new-tokens 32
 """
