@@ -1,0 +1,22 @@
+"""The sampler benchmark runs end to end on the tiny model and prints what its docs promise."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_sampler_bench_prints_throughput_roofs_and_profile(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users run it
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.sampler_throughput", "--models", "tiny", "--batch-sizes", "2",
+         "--new-tokens", "32", "--repeats", "1", "--skip-hf", "--read-mib", "16", "--weight-dtype", "float32",
+         "--profile", "--json", str(tmp_path / "rows.json")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+    assert re.search(r"roofs: matmul [\d.]+ GFLOP/s .* read [\d.]+ GB/s \(sum over 16 MiB\)", out)
+    row = re.search(r"model=tiny\s+batch=2 .*jax_decode_tok_s=([\d.e+]+) .*jax_mem_frac=([\d.e+-]+)", out)
+    assert row and float(row.group(1)) > 0 and float(row.group(2)) > 0
+    assert "profile model=tiny batch=2 steps=32: wall" in out and "no accelerator plane" in out
+    assert (tmp_path / "rows.json").read_text().count('"model": "tiny"') == 1
