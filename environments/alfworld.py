@@ -32,7 +32,7 @@ import numpy as np
 
 from environments import alfworld_data
 from environments.alfworld_data import TASK_TYPES
-from environments.base import Observation, StepResult, choose_task_index
+from environments.base import IndexedTasks, Observation, StepResult, choose_task_index
 from environments.prompts import AgentPromptStyle
 from environments.react import parse_react_action
 
@@ -90,7 +90,7 @@ def _start_engine(game_path: str):
     )
 
 
-class ALFWorldEnv:
+class ALFWorldEnv(IndexedTasks):
     """One ALFWorld split; implements ``environments.base.Env``.
 
     Args:
@@ -125,11 +125,6 @@ class ALFWorldEnv:
         self._engine = None
         self._episode: dict[str, Any] | None = None
         self._closed = False
-
-    @property
-    def task_ids(self) -> range:
-        """Task ids accepted by ``reset``: ``0 .. num_tasks - 1``."""
-        return range(self.num_tasks)
 
     @property
     def num_tasks(self) -> int:

@@ -8,6 +8,7 @@ Model text is untrusted: ``step`` never raises on malformed text; it returns
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -78,6 +79,20 @@ class Env(Protocol):
     def close(self) -> None:
         """Releases external resources (JVMs, subprocesses, sandboxes)."""
         ...
+
+
+class IndexedTasks(abc.ABC):
+    """Base of the envs whose tasks form a list: ``task_ids`` is ``0 .. num_tasks - 1``."""
+
+    @property
+    @abc.abstractmethod
+    def num_tasks(self) -> int:
+        """Number of tasks in this env's split."""
+
+    @property
+    def task_ids(self) -> range:
+        """Task ids accepted by ``reset``: ``0 .. num_tasks - 1``."""
+        return range(self.num_tasks)
 
 
 def choose_task_index(task_id: Any, seed: int | None, num_tasks: int, rng: np.random.Generator,

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from environments.base import Observation, StepResult, choose_task_index
+from environments.base import IndexedTasks, Observation, StepResult, choose_task_index
 from environments.math_data import ANSWER_FORMAT_INSTRUCTION, MathProblem
 from environments.math_grading import VERIFIERS, Grade, grade_response
 from environments.sandbox import Sandbox
@@ -107,7 +107,7 @@ def problem_text(problem: str, append_instruction: bool = True) -> str:
     return f"{problem}\n{ANSWER_FORMAT_INSTRUCTION}" if append_instruction else problem
 
 
-class MathToolEnv:
+class MathToolEnv(IndexedTasks):
     """One math problem per episode, solved with ``code_interpreter`` calls (module docstring).
 
     Args:
@@ -133,11 +133,6 @@ class MathToolEnv:
         self._rng = np.random.default_rng(seed)
         self._problem: MathProblem | None = None
         self._done = True
-
-    @property
-    def task_ids(self) -> range:
-        """Task ids accepted by ``reset``: ``0 .. num_tasks - 1``."""
-        return range(self.num_tasks)
 
     @property
     def num_tasks(self) -> int:

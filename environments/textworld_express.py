@@ -44,7 +44,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from environments.base import Observation, StepResult, choose_task_index
+from environments.base import IndexedTasks, Observation, StepResult, choose_task_index
 from environments.prompts import AgentPromptStyle
 from environments.react import parse_react_action
 
@@ -159,7 +159,7 @@ def shared_jvm() -> TextWorldExpressJVM:
         return _shared_jvm
 
 
-class TextWorldExpressEnv:
+class TextWorldExpressEnv(IndexedTasks):
     """One TWX game on one seed fold; implements ``environments.base.Env``.
 
     Args:
@@ -215,11 +215,6 @@ class TextWorldExpressEnv:
         self._episode: dict[str, Any] | None = None
 
     # -- task selection ---------------------------------------------------------------------
-
-    @property
-    def task_ids(self) -> range:
-        """Task ids accepted by ``reset``: ``0 .. num_tasks - 1``."""
-        return range(self.num_tasks)
 
     @property
     def num_tasks(self) -> int:
