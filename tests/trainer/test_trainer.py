@@ -122,6 +122,8 @@ def test_trajectory_rows_on_math(tmp_path):
     c = _config("spear", "math_tiny,grpo", steps=1)
     c.env.max_tool_turns = 2
     c.rollout.max_prompt_length = 256
+    # the paper presets' precision: bf16 compute, bf16 sampler weights and KV cache
+    c.model.compute_dtype = c.rollout.weight_dtype = c.rollout.kv_cache_dtype = "bfloat16"
     final = _run(c, tmp_path)
     (record,) = _train_records(tmp_path)
     assert record["actor/optimizer_steps"] >= 1 and math.isfinite(record["actor/loss"])
