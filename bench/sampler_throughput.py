@@ -1,9 +1,10 @@
 """Decode throughput of the KV-cache sampler, side by side with ``transformers`` ``generate``.
 
 For each model (``smollm2`` = SmolLM2-135M-Instruct from its GGUF, or any model preset, e.g.
-``tiny`` or ``qwen2.5-1.5b``, with random weights) and batch size, both engines decode greedily from the same weights (exported with
-``save_hf_checkpoint`` and read back by ``transformers``) and the same equal-length prompts,
-without eos, so every row generates exactly the requested tokens.
+``tiny`` or ``qwen2.5-1.5b``, with random weights) and batch size, both engines decode greedily
+from the same weights (exported with ``save_hf_checkpoint`` and read back by ``transformers``)
+and the same equal-length prompts, without eos, so every row generates exactly the requested
+tokens.
 
 Decode tokens/s is measured as  B * (n_long - n_short) / (t(n_long) - t(n_short)):  two runs
 that differ only in the number of new tokens, so prefill and dispatch cancel (n_short and
@@ -24,8 +25,8 @@ prompt + (n_short + n_long) / 2 for the FLOPs, the slots each engine reads for t
 (the sampler reads its attention window, ``transformers`` its filled cache). Achieved GFLOP/s =
 FLOPs/token * decode tok/s; achieved GB/s = bytes/step * decode tok/s / B; each is printed with
 its fraction of the roof; the memory fraction is decode tokens/s as a fraction of the
-memory-bandwidth bound B * read GB/s / bytes/step. Threads: XLA's CPU backend uses every core; torch uses
-``--torch-threads`` (default: torch's choice), printed at start.
+memory-bandwidth bound B * read GB/s / bytes/step. Threads: XLA's CPU backend uses every core;
+torch uses ``--torch-threads`` (default: torch's choice), printed at start.
 
     python -m bench.sampler_throughput                       # CPU, tiny + smollm2, B = 1, 8, 32
     python -m bench.sampler_throughput --models tiny --torch-threads 2   # torch on both cores

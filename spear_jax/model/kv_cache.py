@@ -29,10 +29,6 @@ class KVCache:
     lengths: jax.Array
 
     @property
-    def num_layers(self) -> int:
-        return len(self.k)
-
-    @property
     def max_len(self) -> int:
         return self.k[0].shape[1]
 
