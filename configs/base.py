@@ -85,8 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.algorithm.adv_estimator = "grpo"  # grpo | rloo | gigpo
     c.algorithm.norm_adv_by_std_in_grpo = True
     # compute_mean_std_cross_all_data: group statistics over all step rows (reference agent
-    # default, step-weighted) or over one value per trajectory (the paper's equation).
-    c.algorithm.grpo_statistics_over = "all_rows"  # all_rows | trajectories
+    # default, step-weighted) or over one value per trajectory (the paper's equation): the mean of
+    # its rows, or its first row (the reference's rule with compute_mean_std_cross_all_data=False).
+    c.algorithm.grpo_statistics_over = "all_rows"  # all_rows | trajectories | trajectories_first_row
     c.algorithm.check_group_size = True  # assert every group has data.group_size members
     c.algorithm.gigpo_gamma = 0.95
     c.algorithm.gigpo_step_advantage_w = 1.0
@@ -143,7 +144,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.actor.entropy_coeff = 0.001  # agent default; math 0
     c.actor.use_kl_loss = False
     c.actor.kl_loss_coef = 0.0
-    c.actor.kl_loss_type = "low_var_kl"  # k1 | abs | k2 | low_var_kl
+    c.actor.kl_loss_type = "low_var_kl"  # k1 (alias kl) | abs | k2 (mse) | low_var_kl (k3)
 
     # --- SPEAR: replay buffer, recalibration, SIL ----------------------------------------------
     c.replay = ml_collections.ConfigDict()

@@ -36,6 +36,7 @@ ROW_LAYOUTS = ("step", "trajectory")
 DTYPES = ("float32", "bfloat16")
 TOOLCALL_RECIPES = ("agent", "qwen2.5", "qwen3")
 GROUPINGS = ("uid", "positional")
+GRPO_STATISTICS = ("all_rows", "trajectories", "trajectories_first_row")
 
 # Component field -> config field, so component errors name what the user sets.
 _FIELD_NAMES = {
@@ -213,6 +214,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _choice(c, "algorithm.adv_estimator", ADVANTAGE_ESTIMATORS)
     _choice(c, "algorithm.toolcall_reward_recipe", TOOLCALL_RECIPES)
     _choice(c, "algorithm.grouping", GROUPINGS)
+    _choice(c, "algorithm.grpo_statistics_over", GRPO_STATISTICS)
     _choice(c, "algorithm.rollout_filter_type", ("std", "std_rev"))
     _choice(c, "actor.loss_agg_mode", AGGREGATION_MODES)
     _choice(c, "actor.loss_agg_scope", ("exact", "per_micro_batch"))

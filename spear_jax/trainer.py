@@ -319,7 +319,7 @@ class Trainer:
         normalize = a.gigpo_mode == "mean_std_norm" if a.adv_estimator == "gigpo" else a.norm_adv_by_std_in_grpo
         config = AdvantageConfig(
             estimator=a.adv_estimator, num_groups=c.data.train_tasks_per_step, normalize_by_std=normalize,
-            stats_over="rows" if a.grpo_statistics_over == "all_rows" else "trajectories",
+            stats_over="rows" if a.grpo_statistics_over == "all_rows" else a.grpo_statistics_over,
             num_trajectories=c.data.train_tasks_per_step * c.data.group_size,
             expected_group_size=c.data.group_size, **extra)
         inputs = GroupedRewards(**{k: jnp.asarray(v) for k, v in fields.items()})

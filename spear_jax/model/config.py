@@ -1,8 +1,7 @@
 """Model configuration: one frozen dataclass for the Llama / Qwen2 / Qwen3 decoder family.
 
-``get_model_config(name)`` returns a preset with the published dimensions;
-``from_hf_config(config_json_dict)`` reads a Hugging Face ``config.json`` and
-``to_hf_config(cfg)`` writes one back.
+``get_model_config(name)`` returns a preset with the published dimensions; Hugging Face
+``config.json`` files are read and written by :mod:`spear_jax.model.hf_config`.
 """
 from __future__ import annotations
 
@@ -205,85 +204,3 @@ def get_model_config(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)
-
-
-_HF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-_HF_ARCHITECTURE_NAMES = {
-    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-}
-
-
-def from_hf_config(hf: dict, **overrides) -> ModelConfig:
-    """ModelConfig from a Hugging Face ``config.json`` dictionary (Llama, Qwen2, Qwen3)."""
-    model_type = hf.get("model_type")
-    if model_type not in _HF_MODEL_TYPES:
-        raise ValueError(
-            f"unsupported architecture: config.json model_type={model_type!r} "
-            f"(architectures={hf.get('architectures')}); supported: {sorted(_HF_MODEL_TYPES)}"
-        )
-    architecture = _HF_MODEL_TYPES[model_type]
-    if architecture == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
-        raise ValueError("unsupported Llama variant: attention_bias / mlp_bias must be false")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported hidden_act {hf.get('hidden_act')!r}; only 'silu' is supported")
-    rope_params = hf.get("rope_parameters") or {}
-    rope_scaling_dict = hf.get("rope_scaling") or rope_params
-    rope_type = rope_scaling_dict.get("rope_type", rope_scaling_dict.get("type", "default"))
-    rope_scaling = None
-    if rope_type == "llama3":
-        rope_scaling = RopeScaling(
-            factor=float(rope_scaling_dict["factor"]),
-            low_freq_factor=float(rope_scaling_dict["low_freq_factor"]),
-            high_freq_factor=float(rope_scaling_dict["high_freq_factor"]),
-            original_max_position_embeddings=int(
-                rope_scaling_dict["original_max_position_embeddings"]
-            ),
-        )
-    elif rope_type != "default":
-        raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: default, llama3")
-    rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-    num_heads = hf["num_attention_heads"]
-    fields = dict(
-        architecture=architecture,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-        rope_theta=float(rope_theta),
-        rms_norm_eps=float(hf["rms_norm_eps"]),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_position_embeddings=hf["max_position_embeddings"],
-        rope_scaling=rope_scaling,
-    )
-    fields.update(overrides)
-    return ModelConfig(**fields)
-
-
-def to_hf_config(cfg: ModelConfig) -> dict:
-    """Hugging Face ``config.json`` dictionary describing ``cfg`` (float32 weights)."""
-    hf = {
-        "architectures": [_HF_ARCHITECTURE_NAMES[cfg.architecture]],
-        "model_type": _HF_MODEL_TYPES[cfg.architecture],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "torch_dtype": "float32",
-        "attention_dropout": 0.0,
-    }
-    if cfg.architecture == "llama":
-        hf.update(attention_bias=False, mlp_bias=False)
-    if cfg.rope_scaling is not None:
-        hf["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(cfg.rope_scaling)}
-    return hf

@@ -129,7 +129,8 @@ def load_gguf(path: str, mesh: Mesh | None = None, **config_overrides) -> tuple[
             if not key.startswith("tokenizer.ggml.") or key == "tokenizer.ggml.tokens"}
     tied = not any(t.name == "output.weight" for t in reader.tensors)
     cfg = config_from_gguf_metadata(meta, tie_embeddings=tied, **config_overrides)
-    graphdef, state = place_tensors(cfg, iter_gguf_tensors(reader, cfg), mesh, source=path)
+    tensors = ((name, array, path) for name, array in iter_gguf_tensors(reader, cfg))
+    graphdef, state = place_tensors(cfg, tensors, mesh, source=path)
     return cfg, graphdef, state
 
 

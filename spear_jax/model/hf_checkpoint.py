@@ -17,7 +17,8 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from spear_jax.model.config import ModelConfig, from_hf_config, to_hf_config
+from spear_jax.model.config import ModelConfig
+from spear_jax.model.hf_config import from_hf_config, to_hf_config
 from spear_jax.model.transformer import init_model
 from spear_jax.model.weight_layout import tensor_specs
 from spear_jax.sharding import state_shardings
@@ -29,11 +30,12 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def read_hf_config(directory: str, **overrides) -> ModelConfig:
+    """The ModelConfig of ``directory/config.json``; errors name that file."""
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in checkpoint directory {directory!r}")
     with open(path) as f:
-        return from_hf_config(json.load(f), **overrides)
+        return from_hf_config(json.load(f), source=path, **overrides)
 
 
 def _safetensors_files(directory: str) -> list[str]:
@@ -54,20 +56,33 @@ def _safetensors_files(directory: str) -> list[str]:
     return files
 
 
-def iter_safetensors(directory: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) for every tensor of the checkpoint, one at a time."""
+def iter_safetensors(directory: str) -> Iterator[tuple[str, np.ndarray, str]]:
+    """(name, array, file) for every tensor of the checkpoint, one at a time."""
     for path in _safetensors_files(directory):
         with safe_open(path, framework="numpy") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_tensor(name), path
+
+
+def _shape_error(cfg: ModelConfig, name: str, shape, expected, file: str) -> ValueError:
+    dims = (f"hidden_size={cfg.hidden_size}, num_attention_heads={cfg.num_heads}, "
+            f"num_key_value_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim}, "
+            f"intermediate_size={cfg.intermediate_size}, vocab_size={cfg.vocab_size}")
+    return ValueError(
+        f"shape mismatch for tensor {name!r} in {file}: got {tuple(shape)}, the config ({dims}) "
+        f"implies {tuple(expected)}; the config and the weights disagree: fix the config or use "
+        f"the weights it describes"
+    )
 
 
 def place_tensors(
-    cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], mesh: Mesh | None = None,
+    cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray, str]], mesh: Mesh | None = None,
     source: str = "checkpoint",
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """Build (graphdef, state) of ``cfg``'s model from HF-named tensors, each converted and
-    placed on ``mesh`` (or the default device) as it arrives."""
+    """Build (graphdef, state) of ``cfg``'s model from HF-named tensors in HF layout, given as
+    (name, array, file they came from), each checked against the shape ``cfg`` implies, converted
+    and placed on ``mesh`` (or the default device) as it arrives. ``source`` names the checkpoint
+    in the missing-tensor error."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: init_model(cfg)))
     if mesh is None:
         device = jax.devices()[0]
@@ -78,20 +93,16 @@ def place_tensors(
     flat_shardings = dict(nnx.to_flat_state(shardings))
     specs = {spec.hf_name: spec for spec in tensor_specs(cfg)}
     placed = {}
-    for name, array in tensors:
+    for name, array, file in tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_embeddings):
             continue
         if name not in specs:
-            raise ValueError(f"unexpected tensor {name!r} in {source} for a {cfg.architecture} model")
+            raise ValueError(f"unexpected tensor {name!r} in {file} for a {cfg.architecture} model")
         spec = specs[name]
+        if array.shape != spec.hf_shape:
+            raise _shape_error(cfg, name, array.shape, spec.hf_shape, file)
         variable = flat_abstract[spec.path]
-        value = spec.to_model(array) if array.ndim else array
-        if value.shape != variable.shape:
-            raise ValueError(
-                f"shape mismatch for tensor {name!r} in {source}: got {array.shape} (model layout "
-                f"{value.shape}), the config expects model layout {variable.shape}"
-            )
-        value = np.asarray(value, dtype=variable.dtype)
+        value = np.asarray(spec.to_model(array), dtype=variable.dtype)
         placed[spec.path] = variable.replace(jax.device_put(value, flat_shardings[spec.path].get_value()))
         del array, value
     missing = [name for name, spec in specs.items() if spec.path not in placed]

@@ -19,6 +19,7 @@ class TensorSpec(NamedTuple):
     path: ParamPath
     to_model: Callable[[np.ndarray], np.ndarray]  # HF layout -> model layout
     to_hf: Callable[[np.ndarray], np.ndarray]  # model layout -> HF layout
+    hf_shape: tuple[int, ...]  # the tensor's shape in HF layout, as the config implies it
 
 
 def _identity(x):
@@ -48,39 +49,40 @@ def _bias(heads: int, head_dim: int):
 
 
 def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
-    """Every parameter of ``cfg``'s model with its HF name and layout conversions."""
+    """Every parameter of ``cfg``'s model with its HF name, layout conversions and HF shape."""
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     specs = [
-        TensorSpec("model.embed_tokens.weight", ("embed",), _identity, _identity),
-        TensorSpec("model.norm.weight", ("final_norm", "weight"), _identity, _identity),
+        TensorSpec("model.embed_tokens.weight", ("embed",), _identity, _identity, (v, d)),
+        TensorSpec("model.norm.weight", ("final_norm", "weight"), _identity, _identity, (d,)),
     ]
     if not cfg.tie_embeddings:
-        specs.append(TensorSpec("lm_head.weight", ("lm_head",), _transpose, _transpose))
+        specs.append(TensorSpec("lm_head.weight", ("lm_head",), _transpose, _transpose, (v, d)))
     for i in range(cfg.num_layers):
         hf = f"model.layers.{i}."
         attn = ("blocks", i, "attention")
         layer = [
-            (hf + "input_layernorm.weight", ("blocks", i, "input_norm", "weight"), _identity, _identity),
+            (hf + "input_layernorm.weight", ("blocks", i, "input_norm", "weight"), _identity, _identity, (d,)),
             (hf + "post_attention_layernorm.weight", ("blocks", i, "post_attention_norm", "weight"),
-             _identity, _identity),
-            (hf + "self_attn.q_proj.weight", attn + ("q_proj",), *_in_heads(h, hd)),
-            (hf + "self_attn.k_proj.weight", attn + ("k_proj",), *_in_heads(kv, hd)),
-            (hf + "self_attn.v_proj.weight", attn + ("v_proj",), *_in_heads(kv, hd)),
-            (hf + "self_attn.o_proj.weight", attn + ("o_proj",), *_out_heads(h, hd)),
-            (hf + "mlp.gate_proj.weight", ("blocks", i, "mlp", "gate_proj"), _transpose, _transpose),
-            (hf + "mlp.up_proj.weight", ("blocks", i, "mlp", "up_proj"), _transpose, _transpose),
-            (hf + "mlp.down_proj.weight", ("blocks", i, "mlp", "down_proj"), _transpose, _transpose),
+             _identity, _identity, (d,)),
+            (hf + "self_attn.q_proj.weight", attn + ("q_proj",), *_in_heads(h, hd), (h * hd, d)),
+            (hf + "self_attn.k_proj.weight", attn + ("k_proj",), *_in_heads(kv, hd), (kv * hd, d)),
+            (hf + "self_attn.v_proj.weight", attn + ("v_proj",), *_in_heads(kv, hd), (kv * hd, d)),
+            (hf + "self_attn.o_proj.weight", attn + ("o_proj",), *_out_heads(h, hd), (d, h * hd)),
+            (hf + "mlp.gate_proj.weight", ("blocks", i, "mlp", "gate_proj"), _transpose, _transpose, (f, d)),
+            (hf + "mlp.up_proj.weight", ("blocks", i, "mlp", "up_proj"), _transpose, _transpose, (f, d)),
+            (hf + "mlp.down_proj.weight", ("blocks", i, "mlp", "down_proj"), _transpose, _transpose, (d, f)),
         ]
         if cfg.qkv_bias:
             layer += [
-                (hf + "self_attn.q_proj.bias", attn + ("q_bias",), *_bias(h, hd)),
-                (hf + "self_attn.k_proj.bias", attn + ("k_bias",), *_bias(kv, hd)),
-                (hf + "self_attn.v_proj.bias", attn + ("v_bias",), *_bias(kv, hd)),
+                (hf + "self_attn.q_proj.bias", attn + ("q_bias",), *_bias(h, hd), (h * hd,)),
+                (hf + "self_attn.k_proj.bias", attn + ("k_bias",), *_bias(kv, hd), (kv * hd,)),
+                (hf + "self_attn.v_proj.bias", attn + ("v_bias",), *_bias(kv, hd), (kv * hd,)),
             ]
         if cfg.qk_norm:
             layer += [
-                (hf + "self_attn.q_norm.weight", attn + ("q_norm", "weight"), _identity, _identity),
-                (hf + "self_attn.k_norm.weight", attn + ("k_norm", "weight"), _identity, _identity),
+                (hf + "self_attn.q_norm.weight", attn + ("q_norm", "weight"), _identity, _identity, (hd,)),
+                (hf + "self_attn.k_norm.weight", attn + ("k_norm", "weight"), _identity, _identity, (hd,)),
             ]
         specs += [TensorSpec(*entry) for entry in layer]
     return specs

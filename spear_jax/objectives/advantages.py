@@ -10,9 +10,15 @@ Statistics scope (``AdvantageConfig.stats_over``):
 
 * ``"rows"`` (reference agent default, ``compute_mean_std_cross_all_data=True``): every valid row
   is one sample of its group, so a trajectory with 40 step rows counts 40 times.
-* ``"trajectories"``: one sample per trajectory, the mean of its rows' scores (the reference takes
-  the first row's score instead; rows of one trajectory differ only by the per-step invalid-action
-  penalty). Requires ``traj_ids``.
+* ``"trajectories"``: one sample per trajectory, the mean of its rows' scores. Requires
+  ``traj_ids``.
+* ``"trajectories_first_row"`` (reference, ``compute_mean_std_cross_all_data=False``): one sample
+  per trajectory, the score of its first valid row in batch order. Requires ``traj_ids``.
+
+Rows of one trajectory differ only by the per-step invalid-action penalty, so the two trajectory
+rules differ only when a trajectory has an invalid action: the mean counts every step's penalty
+once per trajectory, the first row only the first step's (and which step comes first depends on
+the row order: the reference reorders rows for sequence-length balancing before this step).
 
 Estimators (``s_i`` = row score, ``g`` = its group, ``n_g`` = number of samples in ``g``):
 
@@ -20,7 +26,7 @@ Estimators (``s_i`` = row score, ``g`` = its group, ``n_g`` = number of samples 
   ``A_i = s_i - mean_g`` when ``normalize_by_std=False`` (Dr.BoT). A singleton group
   (``n_g == 1``) uses mean 0 and std 1, so its advantage is the raw score (reference rule).
 * ``rloo``: ``A_i = s_i - (sum_g - v_i) / (n_g - 1)``, the mean of the *other* samples of the group
-  (``v_i`` = the sample the row belongs to: its own score, or its trajectory's mean). A singleton
+  (``v_i`` = the sample the row belongs to: its own score, or its trajectory's value under ``stats_over``). A singleton
   group has baseline 0 (advantage = raw score), mirroring the GRPO rule. No std normalisation.
 * ``gigpo``: ``A_i = A_episode_i + w * A_step_i``; the episode part is ``grpo`` above and the step
   part compares discounted step returns ``G_t = r_t + gamma * G_{t+1}`` (within a trajectory) among
@@ -86,8 +92,8 @@ class AdvantageConfig:
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         _checks.check_choice("stats_over", self.stats_over, STATS_SCOPES)
-        if self.stats_over == "trajectories" and self.num_trajectories is None:
-            raise ValueError("num_trajectories must be set when stats_over='trajectories'")
+        if self.stats_over != "rows" and self.num_trajectories is None:
+            raise ValueError(f"num_trajectories must be set when stats_over={self.stats_over!r}")
         if self.num_trajectories is not None:
             _checks.check_positive_int("num_trajectories", self.num_trajectories)
         if self.expected_group_size is not None:
@@ -100,7 +106,7 @@ class AdvantageConfig:
             _checks.check_positive_int("num_step_groups", self.num_step_groups)
 
 
-STATS_SCOPES = ("rows", "trajectories")
+STATS_SCOPES = ("rows", "trajectories", "trajectories_first_row")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,12 +157,16 @@ def _samples(batch: GroupedRewards, config: AdvantageConfig, row_valid) -> _Samp
     if config.stats_over == "rows":
         return _Samples(batch.scores, batch.group_ids, row_valid, jnp.arange(n))
     num_traj = config.num_trajectories
-    traj = jnp.where(row_valid, batch.traj_ids, num_traj)
+    traj = jnp.where(row_valid, batch.traj_ids, num_traj)  # invalid rows fall out of range
     w = row_valid.astype(jnp.float32)
     rows_per_traj = jax.ops.segment_sum(w, traj, num_traj)
-    traj_mean = jax.ops.segment_sum(batch.scores * w, traj, num_traj) / jnp.maximum(rows_per_traj, 1.0)
+    if config.stats_over == "trajectories":
+        traj_value = jax.ops.segment_sum(batch.scores * w, traj, num_traj) / jnp.maximum(rows_per_traj, 1.0)
+    else:
+        first_row = jax.ops.segment_min(jnp.arange(n), traj, num_traj)  # int max if no valid row
+        traj_value = batch.scores[jnp.clip(first_row, 0, n - 1)]
     traj_group = jax.ops.segment_max(jnp.where(row_valid, batch.group_ids, -1), traj, num_traj)
-    return _Samples(traj_mean, traj_group, rows_per_traj > 0, jnp.clip(batch.traj_ids, 0, num_traj - 1))
+    return _Samples(traj_value, traj_group, rows_per_traj > 0, jnp.clip(batch.traj_ids, 0, num_traj - 1))
 
 
 def _group_metrics(stats: _GroupStats, expected_group_size: int | None, row_valid, usable):
@@ -192,7 +202,7 @@ def _check_batch(batch: GroupedRewards, config: AdvantageConfig) -> jax.Array:
     _checks.check_int("group_ids", batch.group_ids, n)
     if batch.row_valid is not None:
         _checks.check_mask("row_valid", batch.row_valid, n)
-    needs_traj = config.stats_over == "trajectories" or config.estimator == "gigpo"
+    needs_traj = config.stats_over != "rows" or config.estimator == "gigpo"
     if needs_traj and batch.traj_ids is None:
         raise ValueError(
             f"traj_ids is required (estimator={config.estimator!r}, stats_over={config.stats_over!r})"
@@ -220,7 +230,7 @@ def _in_range(ids, bound):
 def _usable_rows(batch: GroupedRewards, config: AdvantageConfig, row_valid):
     """Valid rows whose group (and, for trajectory statistics, trajectory) id is in range."""
     usable = row_valid & _in_range(batch.group_ids, config.num_groups)
-    if config.stats_over == "trajectories":
+    if config.stats_over != "rows":
         usable = usable & _in_range(batch.traj_ids, config.num_trajectories)
     return usable
 

@@ -20,6 +20,14 @@ Log-ratio clamp: the reference clamps ``lr`` to +-20 in ``vanilla`` only; its Cl
 do not, so a stale replay token overflows ``r`` to inf and ``A = 0`` then gives NaN. Here the clamp
 applies to every mode by default; ``clamp_cov_log_ratio=False`` is the faithful reference option.
 
+Gradients at kinks follow the reference's torch semantics (:mod:`._elementwise`): the log-ratio
+and ratio clamps pass the full gradient at their bounds (``torch.clamp``), ``|lr|`` has derivative
+0 at ``lr = 0`` (``torch.abs``; so KL-Cov's penalty is inert on the first on-policy minibatch,
+where ``logp == old_logp``), and the dual clip's ``min(lc, -A c)`` passes half of ``lc``'s
+gradient at an exact tie (``torch.min``). ``max(l1, l2)`` is a select of ``l2`` where ``l2 > l1``;
+at a tie torch splits the gradient between ``l1`` and the clamp's ``l2``, whose derivatives are
+equal there, so the select gives the same gradient.
+
 Selection scope (``cov_selection_scope``): ``"global"`` takes the covariance means and the token
 pool over the whole arrays passed in (one device's micro-batch, as in the reference, or -- when
 the arrays are sharded over a mesh under ``jit`` -- the global batch); ``"per_device"`` runs the
@@ -37,6 +45,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from spear_jax.objectives import _checks
+from spear_jax.objectives._elementwise import abs_, clamp, tie_split_min
 from spear_jax.objectives._sharding import replicate_if_explicit
 
 COV_SELECTION_SCOPES = ("global", "per_device")
@@ -105,13 +114,13 @@ def _masked_mean(x, m):
     return jnp.sum(jnp.where(m > 0, x, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def _clean_inputs(logp, old_logp, advantages, mask, clamp: float | None):
+def _clean_inputs(logp, old_logp, advantages, mask, clamp_bound: float | None):
     """float32 copies with masked positions zeroed (so no NaN/inf leaks into values or gradients)."""
     m = mask.astype(jnp.float32)
     valid = m > 0
     log_ratio = jnp.where(valid, logp.astype(jnp.float32) - old_logp.astype(jnp.float32), 0.0)
-    if clamp is not None:
-        log_ratio = jnp.clip(log_ratio, -clamp, clamp)
+    if clamp_bound is not None:
+        log_ratio = clamp(log_ratio, -clamp_bound, clamp_bound)
     adv = jnp.where(valid, advantages.astype(jnp.float32), 0.0)
     return log_ratio, adv, m, valid
 
@@ -120,7 +129,7 @@ def _ppo_surrogate(log_ratio, adv, config: PolicyLossConfig):
     """``max(l1, l2)`` written as a select, so a clipped token's loss is the constant ``l2``."""
     ratio = jnp.exp(log_ratio)
     l1 = -adv * ratio
-    l2 = -adv * jnp.clip(ratio, 1.0 - config.eps_low, 1.0 + config.eps_high)
+    l2 = -adv * clamp(ratio, 1.0 - config.eps_low, 1.0 + config.eps_high)
     clipped = l2 > l1
     return jnp.where(clipped, l2, l1), clipped
 
@@ -260,7 +269,7 @@ def vanilla_policy_loss(logp, old_logp, advantages, mask, config: PolicyLossConf
     if config.dual_clip_c is not None:
         l3 = -adv * config.dual_clip_c
         dual = (adv < 0) & (surrogate > l3)
-        loss = jnp.where(dual, l3, surrogate)
+        loss = jnp.where(adv < 0, tie_split_min(surrogate, l3), surrogate)
     metrics = {
         "pg_clipfrac": _masked_mean(clipped.astype(jnp.float32), m),
         "pg_clipfrac_lower": _masked_mean(dual.astype(jnp.float32), m),
@@ -284,8 +293,8 @@ def clip_cov_policy_loss(logp, old_logp, advantages, mask, config: PolicyLossCon
     if key is None:
         raise ValueError("key (a PRNG key) is required for loss_mode='clip_cov'")
     check_token_inputs(logp, old_logp, advantages, mask)
-    clamp = config.log_ratio_clamp if config.clamp_cov_log_ratio else None
-    log_ratio, adv, m, valid = _clean_inputs(logp, old_logp, advantages, mask, clamp)
+    bound = config.log_ratio_clamp if config.clamp_cov_log_ratio else None
+    log_ratio, adv, m, valid = _clean_inputs(logp, old_logp, advantages, mask, bound)
     surrogate, clipped = _ppo_surrogate(log_ratio, adv, config)
     sg_logp = jax.lax.stop_gradient(jnp.where(valid, logp.astype(jnp.float32), 0.0))
 
@@ -316,8 +325,8 @@ def kl_cov_policy_loss(logp, old_logp, advantages, mask, config: PolicyLossConfi
     """
     del key
     check_token_inputs(logp, old_logp, advantages, mask)
-    clamp = config.log_ratio_clamp if config.clamp_cov_log_ratio else None
-    log_ratio, adv, m, valid = _clean_inputs(logp, old_logp, advantages, mask, clamp)
+    bound = config.log_ratio_clamp if config.clamp_cov_log_ratio else None
+    log_ratio, adv, m, valid = _clean_inputs(logp, old_logp, advantages, mask, bound)
     sg_logp = jax.lax.stop_gradient(jnp.where(valid, logp.astype(jnp.float32), 0.0))
 
     def select(a, lp, v, unused_key):
@@ -325,7 +334,7 @@ def kl_cov_policy_loss(logp, old_logp, advantages, mask, config: PolicyLossConfi
         return _local_kl_cov(a, lp, v, config.kl_cov_ratio)
 
     selected, cov = _scoped(select, config, mesh, (adv, sg_logp, valid), jax.random.key(0))
-    abs_kl = jnp.abs(log_ratio)
+    abs_kl = abs_(log_ratio)
     loss = -adv * jnp.exp(log_ratio) + jnp.where(selected, config.kl_cov_coef * abs_kl, 0.0)
     metrics = {
         "pg_clipfrac": jnp.float32(0.0),

@@ -2,11 +2,12 @@
 
 With ``d = logp - ref_logp`` per token:
 
-* ``k1``:          ``d``
-* ``abs``:         ``|d|``
+* ``k1`` (``kl``, the reference's name): ``d``
+* ``abs``:         ``|d|`` (derivative ``sign(d)``: 0 at ``d = 0``, as ``torch.abs``)
 * ``k2`` (``mse``): ``0.5 d^2``
 * ``low_var_kl`` (``k3``): ``exp(-d) - (-d) - 1 = exp(ref - logp) - (ref - logp) - 1``, clamped to
-  ``[-10, 10]`` (the clamp, as in the reference, also cuts the gradient outside that range).
+  ``[-10, 10]`` (as ``torch.clamp`` in the reference: gradient passed on ``[-10, 10]``, bounds
+  included, and cut outside).
 
 Entropy bonus per token: ``-coef * H_t``, with ``H_t`` from
 :func:`spear_jax.objectives.token_stats.token_entropy` (or ``token_logprobs_and_entropy``).
@@ -16,8 +17,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from spear_jax.objectives import _checks
+from spear_jax.objectives._elementwise import abs_, clamp
 
-KL_PENALTIES = ("k1", "abs", "k2", "mse", "low_var_kl", "k3")
+KL_PENALTIES = ("k1", "kl", "abs", "k2", "mse", "low_var_kl", "k3")
 
 
 def kl_penalty(logp, ref_logp, kind: str = "low_var_kl"):
@@ -34,13 +36,13 @@ def kl_penalty(logp, ref_logp, kind: str = "low_var_kl"):
     _checks.check_float("logp", logp)
     _checks.check_float("ref_logp", ref_logp, jnp.shape(logp))
     d = logp.astype(jnp.float32) - ref_logp.astype(jnp.float32)
-    if kind == "k1":
+    if kind in ("k1", "kl"):
         return d
     if kind == "abs":
-        return jnp.abs(d)
+        return abs_(d)
     if kind in ("k2", "mse"):
         return 0.5 * d * d
-    return jnp.clip(jnp.exp(-d) + d - 1.0, -10.0, 10.0)
+    return clamp(jnp.exp(-d) + d - 1.0, -10.0, 10.0)
 
 
 def entropy_bonus(entropy, coef: float):

@@ -119,3 +119,37 @@ def test_loader_errors_name_the_problem(tmp_path):
 
     with pytest.raises(ValueError, match=r"shape mismatch for tensor 'model.layers.0.mlp.(down|gate|up)_proj.weight'"):
         load_hf_checkpoint(str(tmp_path / "ok"), intermediate_size=128)
+
+
+@pytest.mark.parametrize("key, value", [("num_key_value_heads", 1), ("num_attention_heads", 8), ("head_dim", 8)])
+def test_config_disagreeing_with_attention_weights_names_tensor_and_file(tmp_path, key, value):
+    make_hf_model("qwen3").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+    file = str(tmp_path / "model.safetensors")
+    tensor = r"model\.layers\.\d+\.self_attn\.\w+\.weight"
+    with pytest.raises(ValueError, match=rf"shape mismatch for tensor '{tensor}' in {file}: got .*{key}={value}"):
+        load_hf_checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("window", [
+    dict(use_sliding_window=False, sliding_window=8, max_window_layers=0),  # Qwen2.5 style: off
+    dict(use_sliding_window=True, sliding_window=256, max_window_layers=0),  # >= max_position_embeddings
+])
+def test_inert_sliding_window_configs_give_transformers_logits(tmp_path, window):
+    # The token rows are 40 long, beyond the window of 8: transformers ignores a window that
+    # use_sliding_window does not switch on, and one of >= max_position_embeddings masks nothing.
+    torch.manual_seed(3)
+    config = transformers.Qwen2Config(**COMMON, rope_theta=1e6, **window)
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path)
+    _, graphdef, state = load_hf_checkpoint(str(tmp_path))
+    got, _ = forward(graphdef, state, jnp.asarray(TOKENS), jnp.asarray(MASK))
+    np.testing.assert_allclose(np.asarray(got)[MASK], hf_logits(model, TOKENS, MASK)[MASK], atol=1e-4)
+
+
+def test_active_sliding_window_checkpoint_is_rejected(tmp_path):
+    config = transformers.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'config.json'}: sliding_window = 8.*layers \[1\]"):
+        load_hf_checkpoint(str(tmp_path))

@@ -14,11 +14,18 @@ from spear_jax.objectives.advantages import AdvantageConfig, GroupedRewards
 # numpy references (float64, explicit loops over groups)
 
 
+def np_traj_value(scores, rows, traj, t, stats_over):
+    """The sample of trajectory t among ``rows``: its rows' mean, or its first row in batch order
+    (reference: the first row of each (uid, traj_index) pair enters the group's scores)."""
+    own = rows & (traj == t)
+    return scores[own].mean() if stats_over == "trajectories" else scores[np.flatnonzero(own)[0]]
+
+
 def np_group_samples(scores, gids, valid, traj, g, stats_over):
     rows = valid & (gids == g)
     if stats_over == "rows":
         return scores[rows]
-    return np.array([scores[rows & (traj == t)].mean() for t in np.unique(traj[rows])])
+    return np.array([np_traj_value(scores, rows, traj, t, stats_over) for t in np.unique(traj[rows])])
 
 
 def np_grpo(scores, gids, valid, traj, normalize, stats_over, eps=1e-6):
@@ -36,7 +43,7 @@ def np_rloo(scores, gids, valid, traj, stats_over):
     for i in np.flatnonzero(valid):
         rows = valid & (gids == gids[i])
         s = np_group_samples(scores, gids, valid, traj, gids[i], stats_over)
-        own = scores[i] if stats_over == "rows" else scores[rows & (traj == traj[i])].mean()
+        own = scores[i] if stats_over == "rows" else np_traj_value(scores, rows, traj, traj[i], stats_over)
         baseline = 0.0 if len(s) == 1 else (s.sum() - own) / (len(s) - 1)
         out[i] = scores[i] - baseline
     return out
@@ -72,6 +79,7 @@ def np_gigpo(scores, gids, valid, traj, step, rewards, sgids, offsets, normalize
 # random batches with a fixed shape (one compilation per config)
 
 N, NUM_GROUPS, NUM_TRAJ = 24, 5, 12
+STATS_SCOPES = ["rows", "trajectories", "trajectories_first_row"]
 
 
 def random_batch(seed, valid_frac=0.85):
@@ -117,7 +125,7 @@ def compute(batch, config):
 @hypothesis.given(
     seed=st.integers(0, 2**31 - 1),
     normalize=st.booleans(),
-    stats_over=st.sampled_from(["rows", "trajectories"]),
+    stats_over=st.sampled_from(STATS_SCOPES),
 )
 def test_grpo_matches_numpy(seed, normalize, stats_over):
     b = random_batch(seed)
@@ -128,7 +136,7 @@ def test_grpo_matches_numpy(seed, normalize, stats_over):
 
 
 @hypothesis.settings(max_examples=25, deadline=None)
-@hypothesis.given(seed=st.integers(0, 2**31 - 1), stats_over=st.sampled_from(["rows", "trajectories"]))
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), stats_over=st.sampled_from(STATS_SCOPES))
 def test_rloo_matches_numpy(seed, stats_over):
     b = random_batch(seed)
     cfg = AdvantageConfig("rloo", NUM_GROUPS, stats_over=stats_over, num_trajectories=NUM_TRAJ)
@@ -138,14 +146,15 @@ def test_rloo_matches_numpy(seed, stats_over):
 
 
 @hypothesis.settings(max_examples=30, deadline=None)
-@hypothesis.given(seed=st.integers(0, 2**31 - 1), normalize=st.booleans())
-def test_gigpo_matches_numpy(seed, normalize):
+@hypothesis.given(seed=st.integers(0, 2**31 - 1), normalize=st.booleans(),
+                  stats_over=st.sampled_from(STATS_SCOPES))
+def test_gigpo_matches_numpy(seed, normalize, stats_over):
     b = random_batch(seed)
-    cfg = AdvantageConfig("gigpo", NUM_GROUPS, normalize, num_trajectories=NUM_TRAJ, gamma=0.95,
-                          step_advantage_weight=0.7, num_step_groups=N)
+    cfg = AdvantageConfig("gigpo", NUM_GROUPS, normalize, stats_over=stats_over, num_trajectories=NUM_TRAJ,
+                          gamma=0.95, step_advantage_weight=0.7, num_step_groups=N)
     got, _ = jitted(cfg)(to_grouped(b))
     want = np_gigpo(b["scores"], b["gids"], b["valid"], b["traj"], b["step"], b["rewards"], b["sgids"],
-                    b["offsets"], normalize, "rows", 0.95, 0.7)
+                    b["offsets"], normalize, stats_over, 0.95, 0.7)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -202,6 +211,47 @@ def test_agent_step_weighting_counts_every_row():
     a, _ = grpo(scores, [0] * 8, 1, normalize_by_std=False, traj_ids=traj, stats_over="trajectories",
                 num_trajectories=2)
     np.testing.assert_allclose(a, [5.0] * 3 + [-5.0] * 5, rtol=1e-6)
+
+
+def first_row_case():
+    """Group 0: trajectory 0 (success, its first step invalid: 9.9 then 10.0) and trajectory 1
+    (failure: 0.0, then two invalid steps -0.1), rows interleaved, plus a padding row of
+    trajectory 1 at position 0 that must not count as its first row."""
+    scores = [99.0, 9.9, 0.0, 10.0, -0.1, -0.1]
+    traj = [1, 0, 1, 0, 1, 1]
+    valid = [False, True, True, True, True, True]
+    return GroupedRewards(jnp.asarray(scores, jnp.float32), jnp.zeros(6, jnp.int32),
+                          row_valid=jnp.asarray(valid), traj_ids=jnp.asarray(traj, jnp.int32))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_first_row_statistics_take_each_trajectorys_first_valid_row(normalize):
+    # Samples 9.9 (trajectory 0) and 0.0 (trajectory 1): mean 4.95, std 9.9 / sqrt(2).
+    cfg = AdvantageConfig("grpo", 1, normalize, stats_over="trajectories_first_row", num_trajectories=2)
+    a, _ = compute(first_row_case(), cfg)
+    centred = np.array([0.0, 4.95, -4.95, 5.05, -5.05, -5.05])
+    want = centred / (9.9 / np.sqrt(2) + 1e-6) if normalize else centred
+    np.testing.assert_allclose(a, want, rtol=1e-5, atol=1e-6)
+    # The mean rule differs: samples 9.95 and -0.2 / 3 (mean 4.941667).
+    mean_rule, _ = compute(first_row_case(), AdvantageConfig("grpo", 1, False, stats_over="trajectories",
+                                                             num_trajectories=2))
+    np.testing.assert_allclose(mean_rule[1], 9.9 - (9.95 - 0.2 / 3) / 2, rtol=1e-5)
+
+
+def test_first_row_rloo_baseline_is_the_other_trajectorys_first_row():
+    cfg = AdvantageConfig("rloo", 1, stats_over="trajectories_first_row", num_trajectories=2)
+    a, _ = compute(first_row_case(), cfg)
+    np.testing.assert_allclose(a, [0.0, 9.9, -9.9, 10.0, -10.0, -10.0], rtol=1e-6, atol=1e-6)
+
+
+def test_gigpo_episode_part_uses_the_first_row_rule():
+    batch = first_row_case()._replace(
+        step_index=jnp.asarray([9, 0, 0, 1, 1, 2], jnp.int32), step_rewards=jnp.zeros(6, jnp.float32),
+        step_group_ids=jnp.arange(6, dtype=jnp.int32))  # singleton step groups: step part 0
+    cfg = AdvantageConfig("gigpo", 1, False, stats_over="trajectories_first_row", num_trajectories=2,
+                          num_step_groups=6)
+    a, _ = compute(batch, cfg)
+    np.testing.assert_allclose(a, [0.0, 4.95, -4.95, 5.05, -5.05, -5.05], rtol=1e-5, atol=1e-6)
 
 
 def test_broadcast_masks_tokens():

@@ -87,6 +87,9 @@ def test_unknown_fields_are_rejected():
         (lambda c: setattr(c.env, "prompt_template", "short"), "config.env.prompt_template"),
         (lambda c: setattr(c.rollout, "weight_dtype", "int8"), "config.rollout.weight_dtype"),
         (lambda c: setattr(c.sft, "source", "web"), "config.sft.source"),
+        (lambda c: setattr(c.algorithm, "grpo_statistics_over", "first_row"),
+         "config.algorithm.grpo_statistics_over"),
+        (lambda c: setattr(c.actor, "kl_loss_type", "k4"), "config.actor.kl_loss_type"),
         (lambda c: (setattr(c.sft, "enable", True), setattr(c.sft, "source", "conversations")),
          "config.sft.data_path"),
     ],
@@ -97,6 +100,16 @@ def test_bad_configs_name_the_field(edit, message):
     edit(c)
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         run_config.validate(c, num_devices=8)
+
+
+@pytest.mark.parametrize("field, value", [("algorithm.grpo_statistics_over", "trajectories_first_row"),
+                                          ("algorithm.grpo_statistics_over", "trajectories"),
+                                          ("actor.kl_loss_type", "kl")])
+def test_reference_option_names_validate(field, value):
+    c = _config()
+    section, name = field.split(".")
+    setattr(c[section], name, value)
+    run_config.validate(c, num_devices=8)
 
 
 def test_gigpo_needs_step_rows():
