@@ -5,14 +5,25 @@ is discarded afterwards, so no snippet ever sees state left by another one. Cont
 (each degrades loudly, never silently, when the host cannot provide it):
 
 * **Namespaces** (root, ``unshare(2)``): a new network namespace (only a downed loopback:
-  no network at all, not even the host's localhost services), a new PID namespace (its PID 1 is
-  a small trusted reaper that runs the snippet as its child and reports its exit status; when it
-  exits or is killed, the kernel kills every process left in the namespace, including ones that
-  escaped with ``setsid``) and a new mount namespace in which fresh size-limited tmpfs
-  are mounted over the world-writable directories (``/tmp``, ``/var/tmp``, ``/dev/shm``,
-  ``/run/lock``) and over any directory the unprivileged user could not traverse to reach the
-  interpreter (e.g. ``/root`` 0700), with the interpreter re-exposed read-only inside it. The
-  scratch directory lives in that private ``/tmp``; the kernel frees it with the namespace.
+  no network at all, not even the host's localhost services), a new IPC namespace (SysV shared
+  memory, semaphores and message queues are private to the call and die with it), a new PID
+  namespace (its PID 1 is a small trusted reaper that mounts a fresh ``/proc``, runs the snippet
+  as its child and reports its exit status; when it exits or is killed, the kernel kills every
+  process left in the namespace, including ones that escaped with ``setsid``) and a new mount
+  namespace.
+* **A minimal root** (``pivot_root``): a fresh tmpfs holding only read-only binds of the system
+  programs and libraries (``SYSTEM_PATHS``) and of the interpreter's own directories (prefixes,
+  executable directory, ``sys.path``), wherever they live (venv, conda, pyenv, under ``/tmp``
+  or a home directory); a ``/dev`` with ``null``, ``zero``, ``random``, ``urandom`` and a
+  private ``/dev/shm``; a private size-limited ``/tmp`` holding the scratch directory; a
+  ``/proc`` that shows only the snippet's own processes (``hidepid``, ``subset=pid``). Nothing
+  else of the host exists inside: not this project's checkout or data, not ``/home``,
+  ``/root``, ``/run`` (host sockets), ``/sys``, ``/var``, ``/etc/passwd``. A checkout that lies
+  inside a bound directory (system Python with the checkout under ``/usr``) is covered by an
+  empty tmpfs.
+* **seccomp** (x86_64, aarch64; fails closed elsewhere): the snippet may not create namespaces
+  (user namespaces above all), mount, use keyrings (not namespaced: a key would outlive the
+  call), ptrace, eBPF, perf, io_uring, kernel modules or other administration syscalls.
 * **Privilege drop** (root): the snippet runs under a dedicated unprivileged uid/gid per worker
   slot (``uid_base + slot``, allocated across processes with lock files), no supplementary
   groups, ``no_new_privs``. It cannot write the repository or anything root owns, cannot read
@@ -20,16 +31,23 @@ is discarded afterwards, so no snippet ever sees state left by another one. Cont
   process count. Every process of that uid is SIGKILLed after each call (``/proc`` scan), which
   catches escapees even without a PID namespace.
 * **rlimits**: CPU seconds, address space, process count, file size, open files, no core dumps.
-* **Memory cgroup** (root, cgroup v1 or delegated v2): each slot has a child memory cgroup of
-  this process's own, limited to ``memory_bytes`` for the snippet *and all its children*
-  (RLIMIT_AS alone would allow ``max_processes`` x ``memory_bytes``); the snippet's processes
-  carry ``oom_score_adj`` 1000 so the kernel's OOM killer takes them first. Without it (warned
-  once) memory is limited per process only.
+* **Slot cgroups** (root, cgroup v1 or delegated v2): each slot has child memory and CPU cgroups
+  of this process's own. Memory is limited to ``memory_bytes`` for the snippet *and all its
+  children* (RLIMIT_AS alone would allow ``max_processes`` x ``memory_bytes``); the snippet's
+  processes carry ``oom_score_adj`` 1000 so the kernel's OOM killer takes them first. CPU is
+  capped at ``cpu_cores`` cores and the host ends a call once all its processes together used
+  ``cpu_time_s`` CPU-seconds (RLIMIT_CPU alone counts per process). Without them (warned)
+  memory and CPU are limited per process only.
 * ``python -I`` (no user site, no ``PYTHON*`` variables, script dir not on ``sys.path``), a
   scrubbed environment (only ``PATH``, locale, ``HOME``/``TMPDIR`` = scratch and single-thread
   BLAS settings; nothing from the host), stdin closed after the code.
 * Wall-clock timeout and an output cap: the worker's process group is SIGKILLed (plus the uid
   sweep), and the output read so far is returned with a clear error line.
+
+A failure of the sandbox's own set-up is reported to the host on a private pipe (logged, status
+``sandbox_error``), never on the snippet's output; the constructor runs one snippet through the
+full isolation and raises with that error if it cannot run. A snippet whose error cannot be
+formatted (no memory, ``traceback`` or stderr tampered with) still ends with a clear error text.
 
 A warm pool keeps ``pool_size`` workers pre-started (namespaces set up, privileges dropped, the
 fixed preamble imported) and blocked reading their code from stdin; a call hands its code to one,
