@@ -1121,11 +1121,12 @@ def _run_snippet(cfg: dict) -> int:
     """The sandboxed child: drop privileges, filter syscalls, run the preamble (a failure of
     any of these is the sandbox's, reported on the status pipe), then read and run the code."""
     import linecache
+    import platform
     import traceback
     status_fd = cfg["status_fd"]
     try:
         _drop_privileges(cfg)
-        if cfg["isolated"]:
+        if cfg["isolated"] or platform.machine() in _SYSCALL_TABLES:  # best effort when not isolated
             _install_seccomp()
         namespace = {"__name__": "__main__", "__builtins__": __builtins__}
         exec(compile(cfg["preamble"], "<preamble>", "exec"), namespace)

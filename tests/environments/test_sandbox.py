@@ -433,6 +433,15 @@ def _host_shm_keys() -> set[int]:
         return {int(line.split()[0]) for line in f.read().splitlines()[1:]}
 
 
+def _cgroup_memory_bytes(sb: Sandbox) -> int:
+    directory = sb._cgroups[0].dirs["memory"]
+    for name in ("memory.usage_in_bytes", "memory.current"):
+        if os.path.exists(os.path.join(directory, name)):
+            with open(os.path.join(directory, name)) as f:
+                return int(f.read())
+    raise FileNotFoundError(f"no memory usage file in {directory}")
+
+
 @isolated_only
 def test_sysv_shared_memory_is_private_to_a_call(single):
     import ctypes
@@ -443,11 +452,21 @@ def test_sysv_shared_memory_is_private_to_a_call(single):
         assert key not in _host_shm_keys()
         later = single.run(_SHMGET + f"print(libc.shmget({key}, 0, 0o666))")
         assert later.stdout == "-1\n", later.text()
+        if single.limits_total_memory:  # a touched segment must not stay charged to the slot
+            touched = single.run(_SHMGET + "libc.shmat.restype = ctypes.c_void_p\n"
+                                 f"segment = libc.shmget({key + 1}, 96 << 20, 0o1600)\n"
+                                 "ctypes.memset(libc.shmat(segment, None, 0), 1, 96 << 20)\nprint('touched')")
+            assert touched.stdout == "touched\n", touched.text()
+            deadline = time.monotonic() + 3  # the kernel frees a dead IPC namespace asynchronously
+            while _cgroup_memory_bytes(single) >= 48 << 20 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _cgroup_memory_bytes(single) < 48 << 20
     finally:
         libc = ctypes.CDLL(None, use_errno=True)
-        segment = libc.shmget(key, 0, 0)
-        if segment >= 0:
-            libc.shmctl(segment, 0, None)  # IPC_RMID: clean up what the old layout leaked
+        for leaked in (key, key + 1):
+            segment = libc.shmget(leaked, 0, 0)
+            if segment >= 0:
+                libc.shmctl(segment, 0, None)  # IPC_RMID: clean up what a shared IPC namespace kept
 
 
 _KEYCTL = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
