@@ -738,13 +738,12 @@ class Sandbox:
         if self.config.warm:
             for slot in self._free_slots:
                 self._warm[slot] = self._start(slot)
-        if self.isolated:
-            self._self_test()
+        self._self_test()
 
     def _self_test(self) -> None:
-        """Runs one snippet through the full isolation (once per interpreter, preamble and worker
-        kind in this process) and raises, with the worker's set-up error, if it cannot run."""
-        key = (sys.executable, self.config.preamble, self.uses_fork_server)
+        """Runs one snippet through the worker's full set-up (once per interpreter, preamble and
+        worker kind in this process) and raises, with the worker's set-up error, if it cannot run."""
+        key = (sys.executable, self.config.preamble, self.isolated, self.uses_fork_server)
         if key in _SELF_TESTED:
             return
         result = self.run("print('sandbox self-test')")
@@ -752,10 +751,9 @@ class Sandbox:
             detail = self._last_failure or f"status {result.status}: {result.text()}"
             self.close()
             raise RuntimeError(
-                f"sandbox: an isolated worker cannot run code with the interpreter {sys.executable} "
+                f"sandbox: a worker cannot run code with the interpreter {sys.executable} "
                 f"(prefix {sys.prefix}): {detail}\nEvery call would fail; fix the set-up error above "
-                "(SandboxConfig(require_isolation=False) does not bypass this: the host supports "
-                "isolation but the worker could not be set up).")
+                "(the sandbox's own set-up failed, not the snippet).")
         _SELF_TESTED.add(key)
 
     def _server(self) -> _ForkServer | None:
@@ -1218,11 +1216,13 @@ def _reseed_random_modules() -> None:
 def _fork_server_main(cfg: dict) -> None:
     """The template: import the preamble's modules, then fork one worker per request."""
     sock = socket.socket(fileno=cfg["sock_fd"])
-    exec(compile(cfg["preamble"], "<preamble>", "exec"), {"__name__": "__preamble__"})
-    for prepare in (_root_plan, _seccomp_program):  # computed once, inherited by every worker
+    def preamble():
+        exec(compile(cfg["preamble"], "<preamble>", "exec"), {"__name__": "__preamble__"})
+
+    for prepare in (preamble, _root_plan, _seccomp_program):  # done once, inherited by every worker
         try:
             prepare()
-        except OSError:  # each worker reports it to the host as a set-up failure
+        except Exception:  # each worker tries again and reports the failure to the host
             pass
 
     def reap(*_):

@@ -500,7 +500,8 @@ def test_only_the_interpreter_is_visible_of_the_host_filesystem(cold):
     try:
         r = cold.run(
             "import glob, os, socket, sys\n"
-            f"print(os.path.exists('{data_file}'), os.path.exists('{REPO}'), glob.glob('/*/*/data/math/*') + glob.glob('/*/data/math/*') + glob.glob('/*/*/*/data/math/*'))\n"
+            f"print(os.path.exists('{data_file}'), os.path.exists('{REPO}'),\n"
+            "      [p for depth in range(1, 4) for p in glob.glob('/*' * depth + '/data/math/*')])\n"
             "print(sorted(os.listdir('/')))\n"
             "print([d for d in ('/run', '/var', '/etc/passwd', '/sys', '/mnt', '/opt') if os.path.exists(d)],\n"
             "      [os.path.join(d, e) for d in ('/home', '/root') if os.path.isdir(d) for e in os.listdir(d)\n"
@@ -561,3 +562,18 @@ def test_total_cpu_of_a_call_and_its_children_is_capped():
     assert r.status == "cpu_limit" and "CPU time limit exceeded" in r.text(), r.text()
     assert used <= 1.0 + 0.4, used
     assert used <= 0.5 * wall + 0.3, (used, wall)
+
+
+def test_broken_worker_setup_is_noticed_at_construction():
+    with pytest.raises(RuntimeError, match="(?s)a worker cannot run code.*No module named 'no_such_module_xyz'"):
+        Sandbox(SandboxConfig(pool_size=1, warm=False, preamble="import no_such_module_xyz\n"))
+
+
+def test_setup_failure_later_gives_the_model_one_line_without_host_paths(cold):
+    import dataclasses
+    with Sandbox(SandboxConfig(pool_size=1, warm=False, **{k: v for k, v in FAST.items() if k != "pool_size"})) as sb:
+        object.__setattr__(sb, "config", dataclasses.replace(sb.config, preamble="import no_such_module_xyz\n"))
+        r = sb.run("print('never')")
+    assert r.status == "sandbox_error" and r.stdout == r.stderr == ""
+    assert r.text() == "Error: the sandbox failed to start the program (an internal error, not the code's fault)."
+    assert "no_such_module_xyz" in sb._last_failure
