@@ -577,3 +577,31 @@ def test_setup_failure_later_gives_the_model_one_line_without_host_paths(cold):
     assert r.status == "sandbox_error" and r.stdout == r.stderr == ""
     assert r.text() == "Error: the sandbox failed to start the program (an internal error, not the code's fault)."
     assert "no_such_module_xyz" in sb._last_failure
+
+
+@isolated_only
+def test_a_checkout_inside_a_bound_system_directory_stays_hidden():
+    """A checkout under /usr (system Python images often use /usr/src/app) is inside a directory
+    the sandbox binds whole: its data must still be invisible to snippets."""
+    import shutil
+    import subprocess
+    import sys
+    checkout = f"/usr/local/src/spear-checkout-{uuid.uuid4().hex[:12]}"
+    try:
+        os.makedirs(f"{checkout}/environments")
+        os.makedirs(f"{checkout}/data/math")
+    except OSError as err:
+        pytest.skip(f"/usr/local/src is not writable here: {err}")
+    try:
+        shutil.copy(sandbox_module.__file__, f"{checkout}/environments/sandbox.py")
+        with open(f"{checkout}/data/math/answers.jsonl", "w") as f:
+            f.write('{"answer": "42"}\n')
+        script = ("import sys\nsys.path.insert(0, sys.argv[1] + '/environments')\nimport sandbox\n"
+                  "with sandbox.Sandbox(sandbox.SandboxConfig(pool_size=1, warm=False, timeout_s=10)) as sb:\n"
+                  "    print(sb.run(f'import os\\nprint(os.path.exists({sys.argv[1]!r}), os.listdir({sys.argv[1]!r}), "
+                  "os.path.exists(\"/usr/bin\"))').text())\n")
+        done = subprocess.run([sys.executable, "-c", script, checkout], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "True [] True\n\n", done.stdout
+    finally:
+        shutil.rmtree(checkout)
