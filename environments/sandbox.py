@@ -1095,11 +1095,6 @@ def _report_error(err: BaseException, format_exception) -> None:
     """Writes the snippet's uncaught exception to fd 2 like a script would (frames of the snippet
     only); degrades to the exception's type and message when formatting fails (no memory, the
     snippet tampered with ``traceback``); nothing at all only if fd 2 itself is gone."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:  # noqa: B036 (replaced or closed by the snippet)
-            pass
     try:  # tb_next skips _run_snippet's frame: the model sees only its own code's frames
         text = "".join(format_exception(type(err), err, err.__traceback__.tb_next))
     except BaseException:  # noqa: B036
@@ -1107,6 +1102,17 @@ def _report_error(err: BaseException, format_exception) -> None:
             text = f"{type(err).__name__}: {err}\n"
         except BaseException:  # noqa: B036
             text = f"{type(err).__name__}\n"
+    _write_stderr(text)
+
+
+def _write_stderr(text: str) -> None:
+    """Flushes the snippet's streams (whatever it replaced them with), then writes ``text``
+    straight to fd 2."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: B036 (replaced or closed by the snippet)
+            pass
     data = text.encode("utf-8", "replace")
     try:
         while data:
@@ -1155,8 +1161,10 @@ def _run_and_report(cfg: dict) -> None:
         code = 1
         try:
             code = _run_snippet(cfg)
-        except SystemExit as stop:
+        except SystemExit as stop:  # sys.exit("message") prints the message, as Python does
             code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            if not isinstance(stop.code, (int, type(None))):
+                _write_stderr(f"{stop.code}\n")
         finally:
             for stream in (sys.stdout, sys.stderr):
                 try:

@@ -547,6 +547,10 @@ def test_unformattable_errors_still_give_a_clear_error(cold):
     r = cold.run("import os\nprint('partial', flush=True)\nos.close(2)\nraise ValueError('x')")
     assert r.status == "error"
     assert r.text().startswith("partial\n") and "exited with status 1" in r.text(), r.text()
+    r = cold.run("import sys\nsys.exit('bad input')")
+    assert r.status == "error" and r.exit_code == 1 and r.text() == "bad input\n", r.text()
+    r = cold.run("import sys\nsys.exit(2)")
+    assert r.text() == "Error: the program exited with status 2 and no error message."
 
 
 @isolated_only
