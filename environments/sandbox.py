@@ -5,14 +5,25 @@ is discarded afterwards, so no snippet ever sees state left by another one. Cont
 (each degrades loudly, never silently, when the host cannot provide it):
 
 * **Namespaces** (root, ``unshare(2)``): a new network namespace (only a downed loopback:
-  no network at all, not even the host's localhost services), a new PID namespace (its PID 1 is
-  a small trusted reaper that runs the snippet as its child and reports its exit status; when it
-  exits or is killed, the kernel kills every process left in the namespace, including ones that
-  escaped with ``setsid``) and a new mount namespace in which fresh size-limited tmpfs
-  are mounted over the world-writable directories (``/tmp``, ``/var/tmp``, ``/dev/shm``,
-  ``/run/lock``) and over any directory the unprivileged user could not traverse to reach the
-  interpreter (e.g. ``/root`` 0700), with the interpreter re-exposed read-only inside it. The
-  scratch directory lives in that private ``/tmp``; the kernel frees it with the namespace.
+  no network at all, not even the host's localhost services), a new IPC namespace (SysV shared
+  memory, semaphores and message queues are private to the call and die with it), a new PID
+  namespace (its PID 1 is a small trusted reaper that mounts a fresh ``/proc``, runs the snippet
+  as its child and reports its exit status; when it exits or is killed, the kernel kills every
+  process left in the namespace, including ones that escaped with ``setsid``) and a new mount
+  namespace.
+* **A minimal root** (``pivot_root``): a fresh tmpfs holding only read-only binds of the system
+  programs and libraries (``SYSTEM_PATHS``) and of the interpreter's own directories (prefixes,
+  executable directory, ``sys.path``), wherever they live (venv, conda, pyenv, under ``/tmp``
+  or a home directory); a ``/dev`` with ``null``, ``zero``, ``random``, ``urandom`` and a
+  private ``/dev/shm``; a private size-limited ``/tmp`` holding the scratch directory; a
+  ``/proc`` that shows only the snippet's own processes (``hidepid``, ``subset=pid``). Nothing
+  else of the host exists inside: not this project's checkout or data, not ``/home``,
+  ``/root``, ``/run`` (host sockets), ``/sys``, ``/var``, ``/etc/passwd``. A checkout that lies
+  inside a bound directory (system Python with the checkout under ``/usr``) is covered by an
+  empty tmpfs.
+* **seccomp** (x86_64, aarch64; fails closed elsewhere): the snippet may not create namespaces
+  (user namespaces above all), mount, use keyrings (not namespaced: a key would outlive the
+  call), ptrace, eBPF, perf, io_uring, kernel modules or other administration syscalls.
 * **Privilege drop** (root): the snippet runs under a dedicated unprivileged uid/gid per worker
   slot (``uid_base + slot``, allocated across processes with lock files), no supplementary
   groups, ``no_new_privs``. It cannot write the repository or anything root owns, cannot read
@@ -20,16 +31,23 @@ is discarded afterwards, so no snippet ever sees state left by another one. Cont
   process count. Every process of that uid is SIGKILLed after each call (``/proc`` scan), which
   catches escapees even without a PID namespace.
 * **rlimits**: CPU seconds, address space, process count, file size, open files, no core dumps.
-* **Memory cgroup** (root, cgroup v1 or delegated v2): each slot has a child memory cgroup of
-  this process's own, limited to ``memory_bytes`` for the snippet *and all its children*
-  (RLIMIT_AS alone would allow ``max_processes`` x ``memory_bytes``); the snippet's processes
-  carry ``oom_score_adj`` 1000 so the kernel's OOM killer takes them first. Without it (warned
-  once) memory is limited per process only.
+* **Slot cgroups** (root, cgroup v1 or delegated v2): each slot has child memory and CPU cgroups
+  of this process's own. Memory is limited to ``memory_bytes`` for the snippet *and all its
+  children* (RLIMIT_AS alone would allow ``max_processes`` x ``memory_bytes``); the snippet's
+  processes carry ``oom_score_adj`` 1000 so the kernel's OOM killer takes them first. CPU is
+  capped at ``cpu_cores`` cores and the host ends a call once all its processes together used
+  ``cpu_time_s`` CPU-seconds (RLIMIT_CPU alone counts per process). Without them (warned)
+  memory and CPU are limited per process only.
 * ``python -I`` (no user site, no ``PYTHON*`` variables, script dir not on ``sys.path``), a
   scrubbed environment (only ``PATH``, locale, ``HOME``/``TMPDIR`` = scratch and single-thread
   BLAS settings; nothing from the host), stdin closed after the code.
 * Wall-clock timeout and an output cap: the worker's process group is SIGKILLed (plus the uid
   sweep), and the output read so far is returned with a clear error line.
+
+A failure of the sandbox's own set-up is reported to the host on a private pipe (logged, status
+``sandbox_error``), never on the snippet's output; the constructor runs one snippet through the
+full isolation and raises with that error if it cannot run. A snippet whose error cannot be
+formatted (no memory, ``traceback`` or stderr tampered with) still ends with a clear error text.
 
 A warm pool keeps ``pool_size`` workers pre-started (namespaces set up, privileges dropped, the
 fixed preamble imported) and blocked reading their code from stdin; a call hands its code to one,
@@ -58,6 +76,7 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -80,15 +99,52 @@ DEFAULT_PREAMBLE = (
     "from functools import lru_cache, reduce\n"
     "import numpy as np\nimport numpy\n"
 )
-WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 MARKER_VAR = "SPEAR_SANDBOX_ID"
 _SCRATCH_IN_NAMESPACE = "/tmp/scratch"
+# The worker's private root holds read-only binds of these host paths (where they exist; a
+# symlink is recreated as a symlink) plus the interpreter's own directories: system programs
+# and shared libraries, and the dynamic linker's configuration. Nothing else of the host.
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache",
+                "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives")
+DEVICES = ("null", "zero", "random", "urandom")
+# Exit status of a snippet process whose set-up (privilege drop, seccomp, preamble) failed.
+_SETUP_FAILED = 125
+_CPU_POLL_S = 0.05  # how often the host checks a call's total CPU time
 
-# Linux constants (mount(2), prctl(2)).
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT = 1, 2, 4, 32
+# Linux constants (mount(2), umount2(2), prctl(2), seccomp(2), clone(2)).
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 1, 2, 4, 8, 32
 _MS_BIND, _MS_REC, _MS_PRIVATE = 4096, 16384, 1 << 18
-_CLONE_NEWNS, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
+_MNT_DETACH = 2
+_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
+_CLONE_NEWUTS, _CLONE_NEWUSER, _CLONE_NEWCGROUP = 0x04000000, 0x10000000, 0x02000000
 _PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
+_SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_TSYNC = 1, 1
+_SECCOMP_RET_KILL_PROCESS, _SECCOMP_RET_ERRNO, _SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
+_EPERM, _ENOSYS = 1, 38
+
+# Syscalls the snippet may not make (EPERM): new namespaces (user namespaces above all) and
+# mounts, keyrings (not namespaced: a key would outlive the call), tracing, eBPF, perf,
+# io_uring, kernel modules, and other administration calls it has no use for. ``clone`` is
+# allowed without namespace flags; ``clone3`` (whose flags live in memory, out of the filter's
+# reach) fails with ENOSYS so the C library falls back to ``clone``.
+_DENIED_SYSCALLS = (
+    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "open_tree", "move_mount", "fsopen",
+    "fsconfig", "fsmount", "fspick", "mount_setattr", "keyctl", "add_key", "request_key", "ptrace",
+    "process_vm_readv", "process_vm_writev", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup",
+    "io_uring_enter", "io_uring_register", "kexec_load", "kexec_file_load", "init_module",
+    "finit_module", "delete_module", "open_by_handle_at", "name_to_handle_at", "swapon", "swapoff",
+    "reboot", "acct", "quotactl", "syslog", "lookup_dcookie", "vhangup", "sethostname", "setdomainname")
+_SYSCALL_NAMES = ("clone", "clone3", "seccomp") + _DENIED_SYSCALLS
+# platform.machine() -> (AUDIT_ARCH_*, the numbers of _SYSCALL_NAMES in order).
+_SYSCALL_TABLES = {
+    "x86_64": (0xC000003E, (56, 435, 317, 272, 308, 165, 166, 155, 161, 428, 429, 430, 431, 432, 433, 442,
+                            250, 248, 249, 101, 310, 311, 321, 298, 323, 425, 426, 427, 246, 320, 175, 313,
+                            176, 304, 303, 167, 168, 169, 163, 179, 103, 212, 153, 170, 171)),
+    "aarch64": (0xC00000B7, (220, 435, 277, 97, 268, 40, 39, 41, 51, 428, 429, 430, 431, 432, 433, 442,
+                             219, 217, 218, 117, 270, 271, 280, 241, 282, 425, 426, 427, 104, 294, 105, 273,
+                             106, 265, 264, 224, 225, 142, 89, 60, 116, 18, 58, 161, 162)),
+}
+_X32_SYSCALL_BIT = 0x40000000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +153,12 @@ class SandboxConfig:
 
     Attributes:
       timeout_s: wall-clock limit of one call (reference: 30 s).
-      cpu_time_s: RLIMIT_CPU of the worker (SIGXCPU at the limit, SIGKILL one second later).
+      cpu_time_s: CPU-seconds one call may use: RLIMIT_CPU of each process (SIGXCPU at the
+        limit, SIGKILL one second later) and, where the slot has a CPU cgroup, the total of the
+        snippet and all its children (the call is killed as ``cpu_limit`` when it is reached).
+      cpu_cores: CPU bandwidth of one call, in cores, for the snippet and all its children
+        together (the slot's CPU cgroup quota); without a CPU cgroup only ``cpu_time_s`` per
+        process applies.
       memory_bytes: RLIMIT_AS of each process, and (where a memory cgroup can be created) the
         total of the snippet and its children (reference: 1 GB).
       max_processes: RLIMIT_NPROC for the worker's uid (processes and threads).
@@ -119,6 +180,7 @@ class SandboxConfig:
 
     timeout_s: float = 30.0
     cpu_time_s: int = 30
+    cpu_cores: float = 1.0
     memory_bytes: int = 1 << 30
     max_processes: int = 32
     max_file_bytes: int = 16 << 20
@@ -134,7 +196,7 @@ class SandboxConfig:
     require_isolation: bool = False
 
     def __post_init__(self):
-        for name in ("timeout_s", "cpu_time_s", "memory_bytes", "max_processes", "max_file_bytes",
+        for name in ("timeout_s", "cpu_time_s", "cpu_cores", "memory_bytes", "max_processes", "max_file_bytes",
                      "max_open_files", "max_output_bytes", "max_code_bytes", "tmpfs_bytes",
                      "pool_size"):
             if getattr(self, name) <= 0:
@@ -150,7 +212,8 @@ class SandboxResult:
     Attributes:
       status: "ok" (exit 0), "error" (uncaught exception / non-zero exit), "timeout" (wall
         clock), "cpu_limit", "killed" (by a signal, e.g. memory or process limits),
-        "output_limit", or "rejected" (code not run).
+        "output_limit", "rejected" (code not run) or "sandbox_error" (the sandbox itself failed
+        to set the worker up; the details go to the host's log, never to the model).
       stdout, stderr: decoded output (invalid UTF-8 replaced), at most ``max_output_bytes``.
       exit_code: the worker's exit code (negative: killed by that signal), None if not run.
       duration_s: wall time from handing over the code to the end of the worker.
@@ -172,6 +235,8 @@ class SandboxResult:
         note = _STATUS_NOTES.get(self.status)
         if self.status == "killed" and self.exit_code is None:
             note = "Error: the sandbox worker ended without reporting a result."
+        if self.status == "error" and not self.stderr.strip():  # e.g. stderr closed, or no memory
+            note = f"Error: the program exited with status {self.exit_code} and no error message."
         if note is not None:
             parts.append(note.format(signal=_signal_name(self.exit_code)))
         return "\n".join(parts) if parts else "(no output)"
@@ -182,6 +247,7 @@ _STATUS_NOTES = {
     "cpu_limit": "Error: CPU time limit exceeded; the process was killed.",
     "killed": "Error: the process was killed by {signal} (a resource limit was exceeded).",
     "output_limit": "Error: output limit exceeded; the process was killed and output truncated.",
+    "sandbox_error": "Error: the sandbox failed to start the program (an internal error, not the code's fault).",
 }
 
 
@@ -276,62 +342,122 @@ class _UidLease:
             self._fd = None
 
 
-class _MemoryCgroup:
-    """A child memory cgroup (v1 or v2) of this process's own, capping a slot's total memory.
+def _cgroup_parents() -> dict[str, tuple[str, int]]:
+    """controller ("memory", "cpu", "cpuacct") -> (this process's own cgroup directory in that
+    controller's hierarchy, cgroup version). v1 hierarchies win; the v2 one serves the rest."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    parents, unified = {}, None
+    for line in lines:
+        _, controllers, own = line.split(":", 2)
+        if controllers == "":
+            unified = own
+        for controller in controllers.split(","):
+            for mount in (controllers, controller):
+                if controller in ("memory", "cpu", "cpuacct") and os.path.isdir(f"/sys/fs/cgroup/{mount}"):
+                    parents.setdefault(controller, (os.path.join("/sys/fs/cgroup", mount, own.lstrip("/")), 1))
+    v2_root = "/sys/fs/cgroup"
+    if unified is not None and os.path.exists(os.path.join(v2_root, "cgroup.controllers")):
+        for controller in ("memory", "cpu"):
+            parents.setdefault(controller, (os.path.join(v2_root, unified.lstrip("/")), 2))
+    return parents
 
-    RLIMIT_AS bounds each process; this bounds the snippet and all its children together (and
-    the tmpfs pages they write), so ``max_processes`` processes cannot each take the limit.
-    ``create`` returns None when the host does not let us create one (no root, read-only
-    cgroupfs, v2 without the memory controller delegated).
+
+def _cgroup_limits(controller: str, version: int, memory_bytes: int, cpu_cores: float) -> tuple:
+    """(file, value, required) to write into a slot's cgroup of ``controller``."""
+    period = 100_000
+    quota = max(1000, int(cpu_cores * period))
+    return {("memory", 1): (("memory.limit_in_bytes", memory_bytes, True),
+                            ("memory.memsw.limit_in_bytes", memory_bytes, False)),
+            ("memory", 2): (("memory.max", memory_bytes, True), ("memory.swap.max", 0, False)),
+            ("cpu", 1): (("cpu.cfs_period_us", period, True), ("cpu.cfs_quota_us", quota, True)),
+            ("cpu", 2): (("cpu.max", f"{quota} {period}", True),),
+            ("cpuacct", 1): ()}[(controller, version)]
+
+
+class _SlotCgroups:
+    """The cgroups of one worker slot (children of this process's own, v1 or v2): memory caps
+    the snippet and all its children together (and the tmpfs pages they write), so
+    ``max_processes`` processes cannot each take the limit; cpu caps their bandwidth at
+    ``cpu_cores``; the CPU usage counter lets the host end a call at ``cpu_time_s`` CPU-seconds
+    summed over all its processes. A controller that cannot be set up here (no root, read-only
+    cgroupfs, v2 without delegation) is left out; ``limits_memory`` / ``limits_cpu`` say which
+    layers are active.
     """
 
-    def __init__(self, path: str, procs_file: str):
-        self.path, self.procs_file = path, procs_file
+    def __init__(self, dirs: dict[str, str], usage_file: str | None):
+        self.dirs, self.usage_file = dirs, usage_file
+        self.procs_files = sorted({os.path.join(d, "cgroup.procs") for d in dirs.values()})
+        self.limits_memory = "memory" in dirs
+        self.limits_cpu = "cpu" in dirs and usage_file is not None
 
     @classmethod
-    def create(cls, name: str, limit_bytes: int) -> "_MemoryCgroup | None":
+    def create(cls, name: str, memory_bytes: int, cpu_cores: float) -> "_SlotCgroups":
+        dirs = {}
+        for controller, (parent, version) in _cgroup_parents().items():
+            path = os.path.join(parent, name)
+            try:
+                if version == 2:
+                    cls._delegate(parent, controller)
+                os.makedirs(path, exist_ok=True)
+                for filename, value, required in _cgroup_limits(controller, version, memory_bytes, cpu_cores):
+                    if required or os.path.exists(os.path.join(path, filename)):
+                        with open(os.path.join(path, filename), "w") as f:
+                            f.write(str(value))
+                dirs[controller] = path
+            except OSError as err:
+                _LOG.warning("sandbox: no %s cgroup (%s); %s is limited per process only", controller, err,
+                             "memory" if controller == "memory" else "CPU")
+                if path not in dirs.values():
+                    _remove_cgroup(path, rounds=1)
+        usage = None
+        if "cpuacct" in dirs:
+            usage = os.path.join(dirs["cpuacct"], "cpuacct.usage")
+        elif "cpu" in dirs and os.path.exists(os.path.join(dirs["cpu"], "cpu.stat")):
+            usage = os.path.join(dirs["cpu"], "cpu.stat")
+        return cls(dirs, usage)
+
+    @staticmethod
+    def _delegate(parent: str, controller: str) -> None:
+        """cgroup v2: enables ``controller`` for the children of ``parent`` (if not yet)."""
+        with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+            if controller in f.read().split():
+                return
+        with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+            f.write(f"+{controller}")
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time used by every process that has been in the slot's cgroup (None: unknown)."""
+        if self.usage_file is None:
+            return None
         try:
-            with open("/proc/self/cgroup") as f:
-                lines = f.read().splitlines()
+            with open(self.usage_file) as f:
+                text = f.read()
         except OSError:
             return None
-        for line in lines:
-            _, controllers, own = line.split(":", 2)
-            if "memory" in controllers.split(","):  # cgroup v1
-                path = os.path.join("/sys/fs/cgroup/memory", own.lstrip("/"), name)
-                limits = (("memory.limit_in_bytes", limit_bytes), ("memory.memsw.limit_in_bytes", limit_bytes))
-                break
-            if controllers == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):  # v2
-                path = os.path.join("/sys/fs/cgroup", own.lstrip("/"), name)
-                limits = (("memory.max", limit_bytes), ("memory.swap.max", 0))
-                break
-        else:
-            return None
-        try:
-            os.makedirs(path, exist_ok=True)
-            for filename, value in limits:
-                if filename == limits[0][0] or os.path.exists(os.path.join(path, filename)):
-                    with open(os.path.join(path, filename), "w") as f:
-                        f.write(str(value))
-        except OSError as err:
-            _LOG.warning("sandbox: no memory cgroup (%s); memory is limited per process only", err)
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
-            return None
-        return cls(path, os.path.join(path, "cgroup.procs"))
+        if self.usage_file.endswith("cpuacct.usage"):
+            return int(text) / 1e9
+        return int(text.split("usage_usec", 1)[1].split()[0]) / 1e6
 
     def remove(self) -> None:
-        for _ in range(50):  # processes leave a cgroup shortly after they are reaped
-            try:
-                os.rmdir(self.path)
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.01)
-        _LOG.error("sandbox: could not remove cgroup %s", self.path)
+        for path in set(self.dirs.values()):
+            _remove_cgroup(path)
+
+
+def _remove_cgroup(path: str, rounds: int = 50) -> None:
+    for _ in range(rounds):  # processes leave a cgroup shortly after they are reaped
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
+    if rounds > 1:
+        _LOG.error("sandbox: could not remove cgroup %s", path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,9 +527,10 @@ class _Worker:
     """
 
     def __init__(self, cfg: SandboxConfig, uid: int | None, isolated: bool,
-                 fork_server: _ForkServer | None, cgroup_procs: str | None):
-        self.uid = uid
+                 fork_server: _ForkServer | None, cgroups: _SlotCgroups | None):
+        self.uid, self.cgroups = uid, cgroups
         self._killed = False
+        self.failure = None  # the sandbox's own set-up error, if the worker reported one
         self.marker = None if uid is not None else uuid.uuid4().hex
         self.host_scratch = None if isolated else tempfile.mkdtemp(prefix="spear-sandbox-")
         scratch = _SCRATCH_IN_NAMESPACE if isolated else self.host_scratch
@@ -413,7 +540,9 @@ class _Worker:
         self.status_fd, status_w = os.pipe()
         worker_cfg = {
             "uid": uid, "isolated": isolated, "scratch": scratch, "preamble": cfg.preamble,
-            "status_fd": status_w, "cgroup_procs": cgroup_procs, "cpu_time_s": cfg.cpu_time_s, "memory_bytes": cfg.memory_bytes,
+            "status_fd": status_w, "cgroup_procs": cgroups.procs_files if cgroups is not None else [],
+            "oom_first": cgroups is not None and cgroups.limits_memory,
+            "cpu_time_s": cfg.cpu_time_s, "memory_bytes": cfg.memory_bytes,
             "max_processes": cfg.max_processes, "max_file_bytes": cfg.max_file_bytes,
             "max_open_files": cfg.max_open_files, "tmpfs_bytes": cfg.tmpfs_bytes,
         }
@@ -433,26 +562,41 @@ class _Worker:
                 os.close(fd)
 
     def run(self, code: bytes, cfg: SandboxConfig) -> SandboxResult:
-        """Sends ``code``, collects output until the child ends, the wall timeout or the output
-        cap; then kills everything the worker started."""
+        """Sends ``code``, collects output until the child ends, the wall timeout, the call's
+        CPU budget or the output cap; then kills everything the worker started."""
         start = time.monotonic()
-        deadline = start + cfg.timeout_s
-        stdin_fd, stdout_fd, stderr_fd = self.stdin_fd, self.stdout_fd, self.stderr_fd
+        stdout_fd, stderr_fd = self.stdout_fd, self.stderr_fd
         out = {stdout_fd: bytearray(), stderr_fd: bytearray()}
-        status, wait_status = None, b""
-        pending = memoryview(code)
+        status, report = self._exchange(memoryview(code), out, cfg, start + cfg.timeout_s)
+        duration = time.monotonic() - start
+        self.kill()
+        exit_code, self.failure = _decode_report(report)
+        if self.failure is not None:
+            _LOG.error("sandbox: a worker failed to set up:\n%s", self.failure)
+            status = status or "sandbox_error"
+        status = status or _status_from_exit(exit_code)
+        stdout, stderr = (bytes(out[fd]).decode("utf-8", "replace") for fd in (stdout_fd, stderr_fd))
+        return SandboxResult(status, stdout, stderr, exit_code, duration)
+
+    def _exchange(self, pending: memoryview, out: dict, cfg: SandboxConfig, deadline: float):
+        """Writes the code and reads output and the status report until the report ends; returns
+        (status if the call was cut short, else None; the report's bytes)."""
+        stdin_fd, status_fd, status, report = self.stdin_fd, self.status_fd, None, b""
+        cgroups = self.cgroups if self.cgroups is not None and self.cgroups.limits_cpu else None
+        cpu_start = cgroups.cpu_seconds() if cgroups is not None else None
         os.set_blocking(stdin_fd, False)
         with selectors.DefaultSelector() as sel:
             sel.register(stdin_fd, selectors.EVENT_WRITE)
-            for fd in (stdout_fd, stderr_fd, self.status_fd):
+            for fd in (*out, status_fd):
                 sel.register(fd, selectors.EVENT_READ)
-            child_done = False
-            while status is None and not child_done:
+            while status is None and status_fd in sel.get_map():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     status = "timeout"
-                    break
-                for key, _ in sel.select(remaining):
+                elif cpu_start is not None and cgroups.cpu_seconds() - cpu_start > cfg.cpu_time_s:
+                    status = "cpu_limit"
+                wait = remaining if cpu_start is None else min(remaining, _CPU_POLL_S)
+                for key, _ in sel.select(wait) if status is None else ():
                     if key.fd == stdin_fd:
                         try:
                             pending = pending[os.write(stdin_fd, pending):]
@@ -462,29 +606,29 @@ class _Worker:
                             sel.unregister(stdin_fd)
                             os.close(stdin_fd)
                             self.stdin_fd = None
-                    elif key.fd == self.status_fd:
-                        chunk = os.read(self.status_fd, 4096)
-                        wait_status += chunk
-                        child_done = child_done or not chunk
+                    elif key.fd == status_fd:
+                        chunk = os.read(status_fd, 65536)
+                        report += chunk
+                        if not chunk:
+                            sel.unregister(status_fd)
                     elif not self._read_into(key.fd, out, sel, cfg):
                         status = "output_limit"
                         break
             if status is None:  # the child ended: take what is still buffered in the pipes
-                for fd in (stdout_fd, stderr_fd):
-                    os.set_blocking(fd, False)
-                    while status is None and fd in sel.get_map():
-                        try:
-                            if not self._read_into(fd, out, sel, cfg):
-                                status = "output_limit"
-                        except BlockingIOError:
-                            break
-        duration = time.monotonic() - start
-        self.kill()
-        exit_code = _decode_wait_status(wait_status)
-        if status is None:
-            status = _status_from_exit(exit_code)
-        stdout, stderr = (bytes(out[fd]).decode("utf-8", "replace") for fd in (stdout_fd, stderr_fd))
-        return SandboxResult(status, stdout, stderr, exit_code, duration)
+                status = self._drain(out, sel, cfg)
+        return status, report
+
+    def _drain(self, out: dict, sel: selectors.BaseSelector, cfg: SandboxConfig) -> str | None:
+        """Reads what is left in the output pipes without blocking; "output_limit" or None."""
+        for fd in out:
+            os.set_blocking(fd, False)
+            while fd in sel.get_map():
+                try:
+                    if not self._read_into(fd, out, sel, cfg):
+                        return "output_limit"
+                except BlockingIOError:
+                    break
+        return None
 
     @staticmethod
     def _read_into(fd: int, out: dict, sel: selectors.BaseSelector, cfg: SandboxConfig) -> bool:
@@ -528,12 +672,17 @@ class _Worker:
             self.host_scratch = None
 
 
-def _decode_wait_status(raw: bytes) -> int | None:
-    """The child's exit code (negative: killed by that signal) from the supervisor's report."""
+def _decode_report(raw: bytes) -> tuple[int | None, str | None]:
+    """(the child's exit code, negative: killed by that signal; the sandbox's own set-up error)
+    from the status pipe: ``E:`` + the error + a NUL byte if set-up failed, then the exit code."""
+    failure = None
+    if raw.startswith(b"E:"):
+        failure, _, raw = raw[2:].partition(b"\0")
+        failure = failure.decode("utf-8", "replace")
     try:
-        return int(raw.decode().strip())
+        return int(raw.decode().strip()), failure
     except ValueError:
-        return None
+        return None, failure
 
 
 def _status_from_exit(exit_code: int | None) -> str:
@@ -546,6 +695,9 @@ def _status_from_exit(exit_code: int | None) -> str:
     return "ok" if exit_code == 0 else "error"
 
 
+_SELF_TESTED: set = set()
+
+
 class Sandbox:
     """Executes Python snippets in isolated, throw-away workers (see module docstring).
 
@@ -554,6 +706,7 @@ class Sandbox:
     """
 
     _closed = True  # until __init__ has started the pool
+    _last_failure = None  # the latest set-up error a worker reported (also logged)
 
     def __init__(self, config: SandboxConfig | None = None):
         self.config = config or SandboxConfig()
@@ -571,9 +724,10 @@ class Sandbox:
             print(f"WARNING: {message}", file=sys.stderr)
         self._leases = ([_UidLease(self.config.uid_base) for _ in range(self.config.pool_size)]
                         if self.drops_privileges else [])
-        self._cgroups = ([_MemoryCgroup.create(f"spear-sandbox-{lease.uid}", self.config.memory_bytes)
-                          for lease in self._leases] if self.drops_privileges else [])
-        self.limits_total_memory = bool(self._cgroups) and all(self._cgroups)
+        self._cgroups = [_SlotCgroups.create(f"spear-sandbox-{lease.uid}", self.config.memory_bytes,
+                                             self.config.cpu_cores) for lease in self._leases]
+        self.limits_total_memory = bool(self._cgroups) and all(c.limits_memory for c in self._cgroups)
+        self.limits_total_cpu = bool(self._cgroups) and all(c.limits_cpu for c in self._cgroups)
         self._free_slots = collections.deque(range(self.config.pool_size))  # round robin
         self._warm: dict[int, _Worker] = {}
         self._cond = threading.Condition()
@@ -584,6 +738,23 @@ class Sandbox:
         if self.config.warm:
             for slot in self._free_slots:
                 self._warm[slot] = self._start(slot)
+        self._self_test()
+
+    def _self_test(self) -> None:
+        """Runs one snippet through the worker's full set-up (once per interpreter, preamble and
+        worker kind in this process) and raises, with the worker's set-up error, if it cannot run."""
+        key = (sys.executable, self.config.preamble, self.isolated, self.uses_fork_server)
+        if key in _SELF_TESTED:
+            return
+        result = self.run("print('sandbox self-test')")
+        if result.stdout != "sandbox self-test\n":
+            detail = self._last_failure or f"status {result.status}: {result.text()}"
+            self.close()
+            raise RuntimeError(
+                f"sandbox: a worker cannot run code with the interpreter {sys.executable} "
+                f"(prefix {sys.prefix}): {detail}\nEvery call would fail; fix the set-up error above "
+                "(the sandbox's own set-up failed, not the snippet).")
+        _SELF_TESTED.add(key)
 
     def _server(self) -> _ForkServer | None:
         """The fork server, (re)started when needed; None when workers boot their own
@@ -600,10 +771,9 @@ class Sandbox:
 
     def _start(self, slot: int) -> _Worker:
         uid = self._leases[slot].uid if self._leases else None
-        cgroup = self._cgroups[slot] if self._cgroups else None
-        procs_file = cgroup.procs_file if cgroup is not None else None
+        cgroups = self._cgroups[slot] if self._cgroups else None
         try:
-            return _Worker(self.config, uid, self.isolated, self._server(), procs_file)
+            return _Worker(self.config, uid, self.isolated, self._server(), cgroups)
         except (OSError, RuntimeError) as err:
             if not self.uses_fork_server:
                 raise
@@ -612,7 +782,7 @@ class Sandbox:
                 if self._fork_server is not None:
                     self._fork_server.close()
                     self._fork_server = None
-            return _Worker(self.config, uid, self.isolated, self._server(), procs_file)
+            return _Worker(self.config, uid, self.isolated, self._server(), cgroups)
 
     def run(self, code: str) -> SandboxResult:
         """Runs ``code`` in a fresh worker and returns its result. Never raises on bad code."""
@@ -634,7 +804,10 @@ class Sandbox:
         try:
             if worker is None:
                 worker = self._start(slot)
-            return worker.run(encoded, self.config)
+            result = worker.run(encoded, self.config)
+            if worker.failure is not None:
+                self._last_failure = worker.failure
+            return result
         finally:
             if worker is not None:
                 worker.kill()
@@ -659,9 +832,8 @@ class Sandbox:
             if self._fork_server is not None:
                 self._fork_server.close()
                 self._fork_server = None
-        for cgroup in self._cgroups:
-            if cgroup is not None:
-                cgroup.remove()
+        for cgroups in self._cgroups:
+            cgroups.remove()
         for lease in self._leases:
             lease.release()
 
@@ -693,42 +865,189 @@ def _mount(libc, source: str | None, target: str, fstype: str | None, flags: int
         raise OSError(err, f"mount {source!r} on {target!r}: {os.strerror(err)}")
 
 
-def _untraversable_ancestors(paths: Sequence[str]) -> dict[str, list[str]]:
-    """Topmost directory above each path that others cannot traverse (mode o-x) -> the paths."""
-    hidden: dict[str, list[str]] = {}
-    for path in paths:
-        parts = path.strip("/").split("/")
-        for depth in range(1, len(parts) + 1):
-            ancestor = "/" + "/".join(parts[:depth])
-            if not os.stat(ancestor).st_mode & 0o001:
-                hidden.setdefault(ancestor, []).append(path)
-                break
-    return hidden
+def _within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-def _isolate_filesystem(cfg: dict) -> None:
-    """In the private mount namespace: tmpfs over world-writable and non-traversable dirs."""
+def _mirror(path: str, links: dict, binds: set, depth: int = 0) -> None:
+    """Records how host ``path`` becomes reachable under the same name in the new root: each
+    symlink on the way is recreated (``links``: link -> target, then resolution continues at the
+    target) and the fully resolved directory or file is bound (``binds``)."""
+    if depth > 40:
+        raise OSError(f"too many levels of symbolic links resolving {path}")
+    resolved, parts = "/", [p for p in os.path.normpath(path).split("/") if p]
+    for i, part in enumerate(parts):
+        here = os.path.join(resolved, part)
+        if os.path.islink(here):
+            links[here] = os.readlink(here)
+            target = os.path.normpath(os.path.join(resolved, links[here]))
+            _mirror(os.path.join(target, *parts[i + 1:]), links, binds, depth + 1)
+            return
+        resolved = here
+    if os.path.exists(resolved):
+        binds.add(resolved)
+
+
+@functools.lru_cache(maxsize=None)
+def _root_plan() -> tuple[tuple, tuple, tuple]:
+    """What a worker's new root holds: (symlinks as (path, target), host paths bound read-only,
+    directories hidden under an empty tmpfs). Computed once per interpreter (the fork server's
+    workers inherit it). Bound: ``SYSTEM_PATHS`` and the interpreter's own directories (its
+    prefixes, executable directory and ``sys.path``, minus entries of this project's checkout).
+    The checkout (data, answers, code) is hidden if a bound directory contains it."""
+    project = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                os.path.dirname(sys.executable)}
+    real_prefixes = [os.path.realpath(p) for p in prefixes]
+    on_path = {p for p in sys.path if p and os.path.exists(p)
+               and (any(_within(os.path.realpath(p), r) for r in real_prefixes)
+                    or not (_within(os.path.realpath(p), project) or _within(project, os.path.realpath(p))))}
+    links, binds = {}, set()
+    for path in (*SYSTEM_PATHS, *sorted(prefixes | on_path)):
+        _mirror(path, links, binds)
+    kept = []
+    for path in sorted(binds):  # a bind inside another one on the same filesystem is redundant
+        outer = next((k for k in kept if _within(path, k)), None)
+        if outer is None or os.stat(path).st_dev != os.stat(outer).st_dev:
+            kept.append(path)
+    hidden = tuple(p for p in (project,) if any(_within(p, k) and p != k for k in kept))
+    return tuple(sorted(links.items())), tuple(kept), hidden
+
+
+def _syscall_table() -> tuple[int, dict[str, int]]:
+    """(AUDIT_ARCH of this machine, syscall name -> number); fails closed elsewhere."""
+    import platform
+    machine = platform.machine()
+    if machine not in _SYSCALL_TABLES:
+        raise OSError(f"no syscall table for the {machine!r} architecture (known: "
+                      f"{', '.join(_SYSCALL_TABLES)}): the sandbox cannot filter syscalls here")
+    arch, numbers = _SYSCALL_TABLES[machine]
+    return arch, dict(zip(_SYSCALL_NAMES, numbers))
+
+
+def _bind_read_only(libc, source: str, target: str, is_dir: bool) -> None:
+    if is_dir:
+        os.makedirs(target, mode=0o755, exist_ok=True)
+    elif not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+    _mount(libc, source, target, None, _MS_BIND, None)
+    _mount(libc, None, target, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, None)
+
+
+def _build_root(cfg: dict) -> None:
+    """In the private mount namespace: a new root (tmpfs) with read-only binds of the system
+    libraries and the interpreter only (``_root_plan``), a minimal ``/dev``, a private
+    size-limited ``/tmp`` holding the scratch directory and an empty ``/proc`` (mounted by the
+    PID namespace's init); then ``pivot_root`` into it and detach the host's tree."""
     libc = _libc()
-    size = f"size={cfg['tmpfs_bytes']}"
-    for directory in WORLD_WRITABLE_DIRS:
-        if os.path.isdir(directory) and not os.path.islink(directory):
-            _mount(libc, "tmpfs", directory, "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,{size}")
-    needed = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                                   os.path.dirname(os.path.realpath(sys.executable)))})
-    for ancestor, paths in _untraversable_ancestors(needed).items():
-        fds = {p: os.open(p, os.O_PATH) for p in paths}
-        _mount(libc, "tmpfs", ancestor, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=1m")
-        for path, fd in fds.items():
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            _mount(libc, f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC, None)
-            _mount(libc, None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY, None)
-            os.close(fd)
-    os.mkdir(cfg["scratch"], 0o700)
+    links, binds, hidden = _root_plan()
+    sources = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in (*binds, *(f"/dev/{d}" for d in DEVICES))}
+    root = "/tmp"  # any directory: the host's files are reached through ``sources``
+    _mount(libc, "tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=1m")
+    targets = dict(links)
+    entries = [(p, "link") for p in targets] + [(p, "bind") for p in binds] + [(p, "hide") for p in hidden]
+    for path, kind in sorted(entries + [("/dev", "dev"), ("/tmp", "tmp")]):  # /tmp before a venv in it
+        if kind == "dev":
+            _make_dev(libc, root + path, sources, cfg["tmpfs_bytes"])
+        elif kind == "tmp":
+            os.makedirs(root + path, mode=0o755, exist_ok=True)
+            _mount(libc, "tmpfs", root + path, "tmpfs", _MS_NOSUID | _MS_NODEV,
+                   f"mode=1777,size={cfg['tmpfs_bytes']}")
+            os.mkdir(root + cfg["scratch"], 0o700)
+        elif kind == "bind":
+            is_dir = stat.S_ISDIR(os.fstat(sources[path]).st_mode)
+            _bind_read_only(libc, f"/proc/self/fd/{sources[path]}", root + path, is_dir)
+        elif kind == "hide":
+            _mount(libc, "tmpfs", root + path, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "mode=0755,size=4k")
+        elif not os.path.lexists(root + path):
+            os.makedirs(os.path.dirname(root + path), mode=0o755, exist_ok=True)
+            os.symlink(targets[path], root + path)
+    os.mkdir(root + "/proc", 0o555)
+    for fd in sources.values():
+        os.close(fd)
+    os.chdir(root)
+    if libc.syscall(_syscall_table()[1]["pivot_root"], b".", b".") != 0 or libc.umount2(b".", _MNT_DETACH) != 0:
+        err = _ctypes_errno()
+        raise OSError(err, f"pivot_root into the new root: {os.strerror(err)}")
+    os.chdir("/")
+
+
+def _make_dev(libc, dev: str, sources: dict, tmpfs_bytes: int) -> None:
+    """A minimal /dev: ``DEVICES`` (bound from the host), a private /dev/shm and the fd links."""
+    os.makedirs(dev, mode=0o755, exist_ok=True)
+    _mount(libc, "tmpfs", dev, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "mode=0755,size=64k")
+    for name in DEVICES:
+        os.close(os.open(f"{dev}/{name}", os.O_CREAT | os.O_WRONLY, 0o666))
+        _mount(libc, f"/proc/self/fd/{sources[f'/dev/{name}']}", f"{dev}/{name}", None, _MS_BIND, None)
+    os.mkdir(f"{dev}/shm", 0o755)
+    _mount(libc, "tmpfs", f"{dev}/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={tmpfs_bytes}")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dev}/{name}")
+
+
+def _mount_proc() -> None:
+    """A fresh /proc for the new PID namespace (run by its init): only the processes of the
+    caller's own uid are visible (``hidepid``) and none of the host-wide files (``subset=pid``)."""
+    libc = _libc()
+    try:
+        _mount(libc, "proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=invisible,subset=pid")
+    except OSError:  # kernels before 5.8: per-process directories of other users hidden only
+        _mount(libc, "proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=2")
+
+
+def _ctypes_errno() -> int:
+    import ctypes
+    return ctypes.get_errno()
+
+
+@functools.lru_cache(maxsize=None)
+def _seccomp_program() -> bytes:
+    """The classic-BPF filter (``struct sock_filter[]``): another architecture or an x32 syscall
+    kills the process; ``_DENIED_SYSCALLS`` and ``clone`` with any namespace flag fail with
+    EPERM; ``clone3`` fails with ENOSYS (its flags are out of the filter's reach); the rest is
+    allowed. Jumps are forward offsets resolved from labels."""
+    import struct
+    arch, numbers = _syscall_table()
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|{JEQ,JGE,JSET}|K, BPF_RET|K
+    namespaces = (_CLONE_NEWNS | _CLONE_NEWUTS | _CLONE_NEWIPC | _CLONE_NEWUSER | _CLONE_NEWPID
+                  | _CLONE_NEWNET | _CLONE_NEWCGROUP)
+    program = [(ld, 4, None, None), (jeq, arch, None, "kill"), (ld, 0, None, None),  # arch, nr
+               (jge, _X32_SYSCALL_BIT, "kill", None), (jeq, numbers["clone3"], "enosys", None),
+               (jeq, numbers["clone"], "clone", None)]
+    program += [(jeq, numbers[name], "eperm", None) for name in _DENIED_SYSCALLS]
+    program.append((ret, _SECCOMP_RET_ALLOW, None, None))
+    labels = {"clone": len(program)}
+    program += [(ld, 16, None, None), (jset, namespaces, "eperm", None), (ret, _SECCOMP_RET_ALLOW, None, None)]
+    for label, value in (("eperm", _SECCOMP_RET_ERRNO | _EPERM), ("enosys", _SECCOMP_RET_ERRNO | _ENOSYS),
+                         ("kill", _SECCOMP_RET_KILL_PROCESS)):
+        labels[label] = len(program)
+        program.append((ret, value, None, None))
+    offset = lambda i, label: 0 if label is None else labels[label] - i - 1  # noqa: E731
+    return b"".join(struct.pack("<HBBI", code, offset(i, jt), offset(i, jf), k)
+                    for i, (code, k, jt, jf) in enumerate(program))
+
+
+def _install_seccomp() -> None:
+    """Applies ``_seccomp_program`` to every thread of this process (needs ``no_new_privs``)."""
+    import ctypes
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    program = _seccomp_program()
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = SockFprog(len(program) // 8, ctypes.addressof(buffer))
+    if _libc().syscall(_syscall_table()[1]["seccomp"], _SECCOMP_SET_MODE_FILTER,
+                       _SECCOMP_FILTER_FLAG_TSYNC, ctypes.byref(fprog)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"installing the seccomp filter: {os.strerror(err)}")
 
 
 def _drop_privileges(cfg: dict) -> None:
     import resource
-    if cfg["cgroup_procs"] is not None:  # at the cgroup's limit the snippet's processes die first
+    if cfg["oom_first"]:  # at the cgroup's limit the snippet's processes die first
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")
     uid = cfg["uid"]
@@ -753,22 +1072,73 @@ def _drop_privileges(cfg: dict) -> None:
 
 
 def _enter_namespaces() -> None:
-    """New mount, network and PID namespaces (the next fork becomes PID 1 of the latter)."""
+    """New mount, network, IPC and PID namespaces (the next fork becomes PID 1 of the latter)."""
     import ctypes
     libc = _libc()
-    if libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWPID) != 0:
+    if libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWPID) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare: {os.strerror(err)}")
     _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE, None)  # no mount leaks to the host
 
 
-def _run_snippet(cfg: dict) -> int:
-    """The sandboxed child: drop privileges, run the preamble, read and run the code."""
-    import linecache
+def _report_setup_failure(status_fd: int) -> None:
+    """Sends the current exception to the host over the status pipe (never to the snippet's
+    output, which the model reads)."""
     import traceback
-    _drop_privileges(cfg)
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
-    exec(compile(cfg["preamble"], "<preamble>", "exec"), namespace)
+    try:
+        os.write(status_fd, b"E:" + traceback.format_exc().encode("utf-8", "replace")[-60000:] + b"\0")
+    except OSError:
+        pass
+
+
+def _report_error(err: BaseException, format_exception) -> None:
+    """Writes the snippet's uncaught exception to fd 2 like a script would (frames of the snippet
+    only); degrades to the exception's type and message when formatting fails (no memory, the
+    snippet tampered with ``traceback``); nothing at all only if fd 2 itself is gone."""
+    try:  # tb_next skips _run_snippet's frame: the model sees only its own code's frames
+        text = "".join(format_exception(type(err), err, err.__traceback__.tb_next))
+    except BaseException:  # noqa: B036
+        try:
+            text = f"{type(err).__name__}: {err}\n"
+        except BaseException:  # noqa: B036
+            text = f"{type(err).__name__}\n"
+    _write_stderr(text)
+
+
+def _write_stderr(text: str) -> None:
+    """Flushes the snippet's streams (whatever it replaced them with), then writes ``text``
+    straight to fd 2."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: B036 (replaced or closed by the snippet)
+            pass
+    data = text.encode("utf-8", "replace")
+    try:
+        while data:
+            data = data[os.write(2, data):]
+    except OSError:
+        pass
+
+
+def _run_snippet(cfg: dict) -> int:
+    """The sandboxed child: drop privileges, filter syscalls, run the preamble (a failure of
+    any of these is the sandbox's, reported on the status pipe), then read and run the code."""
+    import linecache
+    import platform
+    import traceback
+    status_fd = cfg["status_fd"]
+    try:
+        _drop_privileges(cfg)
+        if cfg["isolated"] or platform.machine() in _SYSCALL_TABLES:  # best effort when not isolated
+            _install_seccomp()
+        namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+        exec(compile(cfg["preamble"], "<preamble>", "exec"), namespace)
+    except BaseException:  # noqa: B036
+        _report_setup_failure(status_fd)
+        return _SETUP_FAILED
+    os.close(status_fd)
+    format_exception = traceback.format_exception  # taken before the snippet can replace it
     code = sys.stdin.buffer.read().decode("utf-8", "replace")
     sys.stdin.close()
     try:
@@ -776,10 +1146,8 @@ def _run_snippet(cfg: dict) -> int:
     except SystemExit:
         raise
     except BaseException as err:  # the snippet's own error: report it like a script would
-        sys.stdout.flush()
         linecache.cache["<code>"] = (len(code), None, code.splitlines(True), "<code>")
-        # tb_next skips this function's frame: the model sees only its own code's frames.
-        sys.stderr.write("".join(traceback.format_exception(type(err), err, err.__traceback__.tb_next)))
+        _report_error(err, format_exception)
         return 1
     return 0
 
@@ -790,18 +1158,20 @@ def _run_and_report(cfg: dict) -> None:
     status_fd = cfg["status_fd"]
     pid = os.fork()
     if pid == 0:
-        os.close(status_fd)
         code = 1
         try:
             code = _run_snippet(cfg)
-        except SystemExit as stop:
+        except SystemExit as stop:  # sys.exit("message") prints the message, as Python does
             code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            if not isinstance(stop.code, (int, type(None))):
+                _write_stderr(f"{stop.code}\n")
         finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code & 0xFF)
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except BaseException:  # noqa: B036 (replaced or closed by the snippet)
+                    pass
+            os._exit(code & 0xFF)
     _, wait_status = os.waitpid(pid, 0)
     code = (-os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status)
             else os.WEXITSTATUS(wait_status))
@@ -809,26 +1179,37 @@ def _run_and_report(cfg: dict) -> None:
 
 
 def _supervise(cfg: dict) -> None:
-    """The worker's main process. Isolated: enter the namespaces and fork the PID namespace's
-    init, which runs and reports the snippet (the snippet is not PID 1, so kernel signals such
-    as SIGXCPU keep their default action; when the init exits, the kernel kills whatever the
-    snippet left in the namespace). Otherwise: run and report the snippet directly."""
-    if cfg["cgroup_procs"] is not None:
-        with open(cfg["cgroup_procs"], "w") as f:
-            f.write(str(os.getpid()))
+    """The worker's main process: join the slot's cgroups; isolated, enter the namespaces, build
+    and enter the new root, and fork the PID namespace's init, which mounts its /proc and runs
+    and reports the snippet (the snippet is not PID 1, so kernel signals such as SIGXCPU keep
+    their default action; when the init exits, the kernel kills whatever the snippet left in
+    the namespace). Otherwise run and report the snippet directly. A set-up failure is
+    reported to the host on the status pipe."""
+    status_fd = cfg["status_fd"]
+    try:
+        for procs_file in cfg["cgroup_procs"]:
+            with open(procs_file, "w") as f:
+                f.write(str(os.getpid()))
+        if cfg["isolated"]:
+            _enter_namespaces()
+            _build_root(cfg)
+    except BaseException:  # noqa: B036
+        _report_setup_failure(status_fd)
+        return
     if not cfg["isolated"]:
         _run_and_report(cfg)
         return
-    _enter_namespaces()
-    _isolate_filesystem(cfg)
     init_pid = os.fork()
     if init_pid == 0:
-        _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         try:
+            _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            _mount_proc()
             _run_and_report(cfg)
+        except BaseException:  # noqa: B036
+            _report_setup_failure(status_fd)
         finally:
             os._exit(0)
-    os.close(cfg["status_fd"])
+    os.close(status_fd)
     os.waitpid(init_pid, 0)
 
 
@@ -843,7 +1224,14 @@ def _reseed_random_modules() -> None:
 def _fork_server_main(cfg: dict) -> None:
     """The template: import the preamble's modules, then fork one worker per request."""
     sock = socket.socket(fileno=cfg["sock_fd"])
-    exec(compile(cfg["preamble"], "<preamble>", "exec"), {"__name__": "__preamble__"})
+    def preamble():
+        exec(compile(cfg["preamble"], "<preamble>", "exec"), {"__name__": "__preamble__"})
+
+    for prepare in (preamble, _root_plan, _seccomp_program):  # done once, inherited by every worker
+        try:
+            prepare()
+        except Exception:  # each worker tries again and reports the failure to the host
+            pass
 
     def reap(*_):
         try:
@@ -882,10 +1270,8 @@ def _fork_server_main(cfg: dict) -> None:
                 os.closerange(fds[3] + 1, 65536)
                 _reseed_random_modules()
                 _supervise(worker_cfg)
-            except BaseException:  # a failure of the sandbox itself: say so on stderr
-                import traceback
-                traceback.print_exc()
-                sys.stderr.flush()
+            except BaseException:  # noqa: B036 (a failure of the sandbox itself: tell the host)
+                _report_setup_failure(fds[3])
             finally:
                 os._exit(0)
         pidfd = os.pidfd_open(pid)

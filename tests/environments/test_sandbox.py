@@ -209,8 +209,9 @@ def test_writes_outside_scratch_fail_or_vanish(cold):
         "        print('WROTE', path)\n"
         "    except OSError as err:\n"
         "        print('denied', type(err).__name__)\n"
-        f"for d in ['/tmp', '/var/tmp', '/dev/shm']:\n"
+        f"for d in ['/tmp', '/dev/shm']:\n"
         f"    open(os.path.join(d, '{name}'), 'w').write('x')\n"
+        "print('var', os.path.exists('/var'))\n"
         "open('in_scratch.txt', 'w').write('ok')\nprint(os.getcwd(), os.listdir('.'))")
     assert r.status == "ok", r.text()
     # A checkout under a directory the sandbox hides (its private /tmp, root's home) is not even
@@ -218,7 +219,7 @@ def test_writes_outside_scratch_fail_or_vanish(cold):
     denied = r.stdout.splitlines()[:3]
     assert "WROTE" not in r.stdout and denied[1:] == ["denied PermissionError"] * 2, r.stdout
     assert denied[0] in ("denied PermissionError", "denied FileNotFoundError"), r.stdout
-    assert "in_scratch.txt" in r.stdout
+    assert "in_scratch.txt" in r.stdout and "var False" in r.stdout
     for directory in (REPO, "/", "/etc", "/tmp", "/var/tmp", "/dev/shm"):
         assert not os.path.exists(os.path.join(directory, name)), directory
 
@@ -348,7 +349,7 @@ def test_memory_cgroup_caps_a_snippet_and_its_children_together():
     with Sandbox(SandboxConfig(pool_size=1, timeout_s=20, memory_bytes=512 << 20, warm=False)) as sb:
         if not sb.limits_total_memory:
             pytest.skip("no writable memory cgroup here: memory is limited per process only")
-        cgroup_dir = sb._cgroups[0].path
+        cgroup_dir = sb._cgroups[0].dirs["memory"]
         r = sb.run("import os, time\npids = []\nfor _ in range(3):\n    pid = os.fork()\n"
                    "    if pid == 0:\n        block = bytearray(200 << 20)\n        time.sleep(0.5)\n"
                    "        os._exit(0)\n    pids.append(pid)\n"
@@ -357,3 +358,256 @@ def test_memory_cgroup_caps_a_snippet_and_its_children_together():
         assert "9" in r.stdout.strip("[]\n").replace(" ", "").split(","), r.stdout  # SIGKILL
         assert sb.run("print(np.ones(3).sum())").stdout == "3.0\n"
     assert not os.path.exists(cgroup_dir)
+
+
+# ---------------------------------------------------------------------------- containment of the host
+
+@pytest.fixture(scope="module")
+def single():
+    """One slot, warm: consecutive calls run under the same slot uid."""
+    with Sandbox(SandboxConfig(pool_size=1, timeout_s=6.0, cpu_time_s=3)) as sb:
+        yield sb
+
+
+def test_interpreter_in_a_fresh_venv_under_tmp(tmp_path):
+    """A virtual environment under a world-writable directory (here pytest's tmp dir in /tmp),
+    the way a fresh clone is often set up: sandbox calls made with that interpreter must work."""
+    import json
+    import subprocess
+    import sys
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+                   check=True, timeout=120)
+    script = ("import json, sys\nfrom environments.sandbox import Sandbox, SandboxConfig\n"
+              "with Sandbox(SandboxConfig(pool_size=1, warm=False, timeout_s=10)) as sb:\n"
+              "    r = sb.run('import sys\\nprint(np.arange(4).sum(), sys.prefix)')\n"
+              "    print(json.dumps([sb.isolated, sys.prefix, r.status, r.text()]))\n")
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={"PATH": os.environ["PATH"], "PYTHONPATH": REPO})
+    assert done.returncode == 0, done.stderr
+    isolated, prefix, status, text = json.loads(done.stdout.strip().splitlines()[-1])
+    assert prefix == str(venv)
+    assert status == "ok" and text == f"6 {venv}\n", text
+    assert isolated == sandbox_module._namespaces_work()
+
+
+@isolated_only
+def test_host_processes_and_sockets_are_invisible(cold):
+    import subprocess
+    import sys
+    token = "spear-secret-arg-" + uuid.uuid4().hex
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", token])
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port_hex = f":{server.getsockname()[1]:04X}"
+    unix_path = f"/run/spear-test-{uuid.uuid4().hex[:12]}.sock"
+    unix_server = socket.socket(socket.AF_UNIX)
+    unix_server.bind(unix_path)
+    unix_server.listen(1)
+    try:
+        r = cold.run(
+            "import glob, os\nseen = ''\n"
+            "for path in glob.glob('/proc/*/cmdline') + ['/proc/1/net/tcp', '/proc/1/net/unix',\n"
+            "                                            '/proc/net/tcp', '/proc/net/unix']:\n"
+            "    try:\n        seen += open(path, 'rb').read().decode('latin-1')\n"
+            "    except OSError:\n        pass\n"
+            f"print('{token}' in seen, '{port_hex}' in seen, '{unix_path}' in seen)\n"
+            "print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()) == [os.getpid()])")
+        assert r.status == "ok", r.text()
+        assert r.stdout == "False False False\nTrue\n", r.stdout
+    finally:
+        victim.kill()
+        victim.wait()
+        server.close()
+        unix_server.close()
+        os.unlink(unix_path)
+
+
+_SHMGET = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+           "libc.shmget.argtypes = (ctypes.c_int, ctypes.c_size_t, ctypes.c_int)\n")
+
+
+def _host_shm_keys() -> set[int]:
+    with open("/proc/sysvipc/shm") as f:
+        return {int(line.split()[0]) for line in f.read().splitlines()[1:]}
+
+
+def _cgroup_memory_bytes(sb: Sandbox) -> int:
+    directory = sb._cgroups[0].dirs["memory"]
+    for name in ("memory.usage_in_bytes", "memory.current"):
+        if os.path.exists(os.path.join(directory, name)):
+            with open(os.path.join(directory, name)) as f:
+                return int(f.read())
+    raise FileNotFoundError(f"no memory usage file in {directory}")
+
+
+@isolated_only
+def test_sysv_shared_memory_is_private_to_a_call(single):
+    import ctypes
+    key = 0x5EA0000 + int(uuid.uuid4().int % 0xFFFF)
+    made = single.run(_SHMGET + f"print(libc.shmget({key}, 1 << 20, 0o1666) >= 0)")
+    try:
+        assert made.stdout == "True\n", made.text()
+        assert key not in _host_shm_keys()
+        later = single.run(_SHMGET + f"print(libc.shmget({key}, 0, 0o666))")
+        assert later.stdout == "-1\n", later.text()
+        if single.limits_total_memory:  # a touched segment must not stay charged to the slot
+            touched = single.run(_SHMGET + "libc.shmat.restype = ctypes.c_void_p\n"
+                                 f"segment = libc.shmget({key + 1}, 96 << 20, 0o1600)\n"
+                                 "ctypes.memset(libc.shmat(segment, None, 0), 1, 96 << 20)\nprint('touched')")
+            assert touched.stdout == "touched\n", touched.text()
+            deadline = time.monotonic() + 3  # the kernel frees a dead IPC namespace asynchronously
+            while _cgroup_memory_bytes(single) >= 48 << 20 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _cgroup_memory_bytes(single) < 48 << 20
+    finally:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for leaked in (key, key + 1):
+            segment = libc.shmget(leaked, 0, 0)
+            if segment >= 0:
+                libc.shmctl(segment, 0, None)  # IPC_RMID: clean up what a shared IPC namespace kept
+
+
+_KEYCTL = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+           "libc.syscall.restype = ctypes.c_long\n"
+           "nr = {'x86_64': (248, 250), 'aarch64': (217, 219)}[__import__('platform').machine()]\n")
+
+
+@isolated_only
+def test_keyrings_are_not_shared_between_calls(single):
+    secret = uuid.uuid4().hex
+    stored = single.run(_KEYCTL + "print(libc.syscall(nr[0], b'user', b'spear-test', "
+                        f"b'{secret}', ctypes.c_size_t(32), ctypes.c_int(-4)) > 0)")
+    assert stored.stdout == "False\n", stored.text()
+    # KEYCTL_SEARCH (10) in the user keyring (-4), then KEYCTL_READ (11)
+    read = single.run(_KEYCTL + "key = libc.syscall(nr[1], 10, ctypes.c_int(-4), b'user', b'spear-test', 0)\n"
+                      "buf = ctypes.create_string_buffer(64)\n"
+                      "n = libc.syscall(nr[1], 11, ctypes.c_int(key), buf, ctypes.c_size_t(64)) if key > 0 else -1\n"
+                      "print(buf.raw[:max(n, 0)].decode())")
+    assert secret not in read.stdout, read.text()
+
+
+@isolated_only
+def test_only_the_interpreter_is_visible_of_the_host_filesystem(cold):
+    data_file = os.path.join(REPO, "data", "math", "aime2024.jsonl")
+    assert os.path.exists(data_file)
+    unix_path = f"/run/spear-test-{uuid.uuid4().hex[:12]}.sock"
+    unix_server = socket.socket(socket.AF_UNIX)
+    unix_server.bind(unix_path)
+    unix_server.listen(1)
+    os.chmod(unix_path, 0o777)
+    try:
+        r = cold.run(
+            "import glob, os, socket, sys\n"
+            f"print(os.path.exists('{data_file}'), os.path.exists('{REPO}'),\n"
+            "      [p for depth in range(1, 4) for p in glob.glob('/*' * depth + '/data/math/*')])\n"
+            "print(sorted(os.listdir('/')))\n"
+            "print([d for d in ('/run', '/var', '/etc/passwd', '/sys', '/mnt', '/opt') if os.path.exists(d)],\n"
+            "      [os.path.join(d, e) for d in ('/home', '/root') if os.path.isdir(d) for e in os.listdir(d)\n"
+            "       if not any(p.startswith(os.path.join(d, e) + '/') for p in (sys.prefix, sys.base_prefix))])\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            f"try:\n    s.connect('{unix_path}')\n    print('connected')\nexcept OSError as err:\n"
+            "    print(type(err).__name__)\n"
+            "print(os.path.exists(sys.executable), sorted(os.listdir('/dev')))")
+        assert r.status == "ok", r.text()
+        lines = r.stdout.splitlines()
+        assert lines[0] == "False False []", r.stdout
+        assert set(eval(lines[1])) <= {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "sbin",
+                                       "tmp", "usr"} | {p.split("/")[1] for p in (REPO, "/root", "/opt", "/home")}
+        assert lines[2] == "[] []", r.stdout  # /root holds only the way to the interpreter (pyenv)
+        assert lines[3] == "FileNotFoundError", r.stdout
+        assert lines[4] == "True ['fd', 'null', 'random', 'shm', 'stderr', 'stdin', 'stdout', 'urandom', 'zero']"
+    finally:
+        unix_server.close()
+        os.unlink(unix_path)
+
+
+@isolated_only
+def test_user_namespaces_and_mounts_are_denied(cold):
+    r = cold.run("import ctypes, errno\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                 "for flags in (0x10000000, 0x10000000 | 0x00020000):\n"
+                 "    print(libc.unshare(flags), errno.errorcode[ctypes.get_errno()])\n"
+                 "print(libc.mount(b'none', b'/tmp', b'tmpfs', 0, None), errno.errorcode[ctypes.get_errno()])\n"
+                 "print(libc.setns(0, 0x10000000), errno.errorcode[ctypes.get_errno()])\n"
+                 "import os, platform\nlibc.syscall.restype = ctypes.c_long\n"
+                 "clone = {'x86_64': 56, 'aarch64': 220}[platform.machine()]\n"
+                 "child = libc.syscall(clone, ctypes.c_ulong(0x10000000 | 17), 0, 0, 0, 0)  # CLONE_NEWUSER | SIGCHLD\n"
+                 "if child == 0:\n    os._exit(0)\n"
+                 "print(child, errno.errorcode.get(ctypes.get_errno()))")
+    assert r.status == "ok", r.text()
+    assert r.stdout == "-1 EPERM\n" * 5, r.stdout
+    r = cold.run("import subprocess, os\nprint(subprocess.run(['true']).returncode, os.cpu_count() > 0)")
+    assert r.stdout == "0 True\n", r.text()
+
+
+def test_unformattable_errors_still_give_a_clear_error(cold):
+    r = cold.run("import sys, traceback\ntraceback.format_exception = None\nsys.stderr = None\n1 / 0")
+    assert r.status == "error" and "ZeroDivisionError" in r.text(), r.text()
+    r = cold.run("import os\nprint('partial', flush=True)\nos.close(2)\nraise ValueError('x')")
+    assert r.status == "error"
+    assert r.text().startswith("partial\n") and "exited with status 1" in r.text(), r.text()
+    r = cold.run("import sys\nsys.exit('bad input')")
+    assert r.status == "error" and r.exit_code == 1 and r.text() == "bad input\n", r.text()
+    r = cold.run("import sys\nsys.exit(2)")
+    assert r.text() == "Error: the program exited with status 2 and no error message."
+
+
+@isolated_only
+def test_total_cpu_of_a_call_and_its_children_is_capped():
+    """30 spinning children: the slot's CPU cgroup holds them to ``cpu_cores`` and the parent
+    ends the call once they have used ``cpu_time_s`` CPU-seconds together."""
+    with Sandbox(SandboxConfig(pool_size=1, timeout_s=20, cpu_time_s=1, cpu_cores=0.5, warm=False)) as sb:
+        if not sb.limits_total_cpu:
+            pytest.skip("no writable CPU cgroup here: CPU time is limited per process only")
+        before, start = sb._cgroups[0].cpu_seconds(), time.monotonic()
+        r = sb.run("import os\nfor _ in range(30):\n    if os.fork() == 0:\n        while True:\n            pass\n"
+                   "os.wait()")
+        wall = time.monotonic() - start
+        used = sb._cgroups[0].cpu_seconds() - before
+    assert r.status == "cpu_limit" and "CPU time limit exceeded" in r.text(), r.text()
+    assert used <= 1.0 + 0.4, used
+    assert used <= 0.5 * wall + 0.3, (used, wall)
+
+
+def test_broken_worker_setup_is_noticed_at_construction():
+    with pytest.raises(RuntimeError, match="(?s)a worker cannot run code.*No module named 'no_such_module_xyz'"):
+        Sandbox(SandboxConfig(pool_size=1, warm=False, preamble="import no_such_module_xyz\n"))
+
+
+def test_setup_failure_later_gives_the_model_one_line_without_host_paths(cold):
+    import dataclasses
+    with Sandbox(SandboxConfig(pool_size=1, warm=False, **{k: v for k, v in FAST.items() if k != "pool_size"})) as sb:
+        object.__setattr__(sb, "config", dataclasses.replace(sb.config, preamble="import no_such_module_xyz\n"))
+        r = sb.run("print('never')")
+    assert r.status == "sandbox_error" and r.stdout == r.stderr == ""
+    assert r.text() == "Error: the sandbox failed to start the program (an internal error, not the code's fault)."
+    assert "no_such_module_xyz" in sb._last_failure
+
+
+@isolated_only
+def test_a_checkout_inside_a_bound_system_directory_stays_hidden():
+    """A checkout under /usr (system Python images often use /usr/src/app) is inside a directory
+    the sandbox binds whole: its data must still be invisible to snippets."""
+    import shutil
+    import subprocess
+    import sys
+    checkout = f"/usr/local/src/spear-checkout-{uuid.uuid4().hex[:12]}"
+    try:
+        os.makedirs(f"{checkout}/environments")
+        os.makedirs(f"{checkout}/data/math")
+    except OSError as err:
+        pytest.skip(f"/usr/local/src is not writable here: {err}")
+    try:
+        shutil.copy(sandbox_module.__file__, f"{checkout}/environments/sandbox.py")
+        with open(f"{checkout}/data/math/answers.jsonl", "w") as f:
+            f.write('{"answer": "42"}\n')
+        script = ("import sys\nsys.path.insert(0, sys.argv[1] + '/environments')\nimport sandbox\n"
+                  "with sandbox.Sandbox(sandbox.SandboxConfig(pool_size=1, warm=False, timeout_s=10)) as sb:\n"
+                  "    print(sb.run(f'import os\\nprint(os.path.exists({sys.argv[1]!r}), os.listdir({sys.argv[1]!r}), "
+                  "os.path.exists(\"/usr/bin\"))').text())\n")
+        done = subprocess.run([sys.executable, "-c", script, checkout], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "True [] True\n\n", done.stdout
+    finally:
+        shutil.rmtree(checkout)
