@@ -116,7 +116,7 @@ def set_learning_rate(opt_state, lr: float):
     updates set to ``lr`` (placed like the rate it replaces, so the jitted update sees one
     device set)."""
     clip_state, adamw_state = opt_state
-    if not isinstance(adamw_state, optax.InjectHyperparamsState):
+    if "learning_rate" not in getattr(adamw_state, "hyperparams", {}):
         raise TypeError("set_learning_rate needs the state of an optimizer made with "
                         "OptimizerConfig(schedule_clock='external')")
     current = adamw_state.hyperparams["learning_rate"]

@@ -68,7 +68,7 @@ class Trainer:
                            if run_config.uses_reference_policy(c) else None)
 
         self.update_config = run_config.update_config(c)
-        self.optimizer_config = run_config.optimizer_config(c, c.trainer.total_steps)
+        self.optimizer_config = run_config.optimizer_config(c)
         self.optimizer = train_step.make_optimizer(self.optimizer_config)
         graphdef = self.policy.graphdef
         self.opt_state = _on_mesh(jax.jit(self.optimizer.init)(self.policy.params), self.mesh)
