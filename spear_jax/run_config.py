@@ -280,7 +280,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _check_weights(c)
     _check_env_data(c)
     _check_kl(c)
-    _check_flags(c)
+    if c.trainer.log_every < 1:
+        raise ConfigError(f"config.trainer.log_every must be >= 1, got {c.trainer.log_every}")
     update_config(c)
     replay_config(c)
     optimizer_config(c)
@@ -306,14 +307,6 @@ def _check_kl(c: ml_collections.ConfigDict) -> None:
         if on and value == 0.0:
             raise ConfigError(f"config.{switch} = True with config.{coef} = 0 adds nothing but the "
                               f"cost of the reference policy; set config.{coef} > 0 (e.g. 0.001)")
-
-
-def _check_flags(c: ml_collections.ConfigDict) -> None:
-    for path in ("model.remat", "actor.shuffle"):
-        if not isinstance(_field(c, path), bool):
-            raise ConfigError(f"config.{path} must be True or False, got {_field(c, path)!r}")
-    if c.trainer.log_every < 1:
-        raise ConfigError(f"config.trainer.log_every must be >= 1, got {c.trainer.log_every}")
 
 
 def _check_env_data(c: ml_collections.ConfigDict) -> None:
