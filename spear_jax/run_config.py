@@ -275,13 +275,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         raise ConfigError(f"config.trainer.length_buckets {buckets} must be strictly increasing and "
                           f"hold at least one prompt token plus max_response_length "
                           f"({c.rollout.max_response_length})")
-    if c.trainer.total_steps < 0 or c.trainer.eval_every < 1 or c.trainer.checkpoint_every < 1:
-        raise ConfigError("config.trainer.total_steps must be >= 0 and eval_every, checkpoint_every >= 1")
+    if c.trainer.total_steps < 0 or min(c.trainer.eval_every, c.trainer.checkpoint_every, c.trainer.log_every) < 1:
+        raise ConfigError("config.trainer.total_steps must be >= 0 and eval_every, checkpoint_every, log_every >= 1")
     _check_weights(c)
     _check_env_data(c)
     _check_kl(c)
-    if c.trainer.log_every < 1:
-        raise ConfigError(f"config.trainer.log_every must be >= 1, got {c.trainer.log_every}")
     update_config(c)
     replay_config(c)
     optimizer_config(c)

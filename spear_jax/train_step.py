@@ -19,8 +19,12 @@ which equal the full-minibatch values exactly (the normalisers do not depend on 
 Then ``global-norm clip -> AdamW``. A non-finite loss or gradient leaves params and optimizer
 state unchanged and reports ``skipped = 1``.
 
-On-policy minibatches use ``policy_objective``; replay (SIL) minibatches use ``sil_objective``
+On-policy minibatches use ``policy_objective`` (with ``ref_logprobs``, the KL term, whose
+aggregated value is reported as ``kl_loss``); replay (SIL) minibatches use ``sil_objective``
 with the SIL weight lambda(t) as a traced argument (no recompilation as it changes).
+
+The learning rate follows ``OptimizerConfig.schedule_clock``: optax's update count, or a rate
+the caller sets in the optimizer state (``set_learning_rate``; the RL trainer, once per RL step).
 """
 from __future__ import annotations
 

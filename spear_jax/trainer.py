@@ -6,16 +6,19 @@ One training step t (spec 3.0), in order:
     2. rewards       shaped R = env outcome + tool-call bonus kappa(t); quality flags
     3. filters       flagged rows' loss masks zeroed (their R still counts); low-variance groups
                      dropped
-    4. old logprobs  recomputed with the pre-update policy (and the entropy metric)
-    5. advantages    invalid-action penalty (agent), then GRPO / RLOO / GiGPO on device
+    4. old logprobs  recomputed with the pre-update policy (and the entropy metric); with a KL
+                     loss or KL in the reward, the frozen reference policy's log-probs too
+    5. advantages    invalid-action penalty (agent), KL in the reward (optional), then GRPO /
+                     RLOO / GiGPO on device
     6. replay check  buffer.replay_if_ready(t) -- before this step's rows are added
     7. update        on-policy minibatches, then replay (SIL) minibatches weighted by lambda(t),
-                     each one optimizer step
+                     each one optimizer step at the step's learning rate lr(t - 1)
     8. buffer        remove_old(), then add_step(rows of step t)
 
 Every source of randomness is derived from ``config.seed`` and the step (rollout keys, task
 choice, Clip-Cov selection, replay subsampling), and the replay buffer is part of the
-checkpoint, so a run resumed from a checkpoint continues exactly as the uninterrupted run.
+checkpoint, so a run resumed from a checkpoint continues exactly as the uninterrupted run (the
+KL reference, the policy as RL starts, is rebuilt from the same starting weights).
 """
 from __future__ import annotations
 
