@@ -42,6 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.chat_format = "chatml"  # chatml | llama3
     c.model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
     c.model.logprob_chunk_size = 512  # tokens per chunk of the chunked logprob pass
+    c.model.remat = False  # rematerialise each transformer block in the backward of training
 
     # --- device mesh (jit over a Mesh with NamedSharding) -------------------------------------
     c.mesh = ml_collections.ConfigDict()
@@ -53,11 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.env = ml_collections.ConfigDict()
     c.env.name = "textworld_express"
     c.env.kwargs = ml_collections.ConfigDict()  # domain-specific constructor arguments
-    c.env.max_steps = 50  # env.max_steps (ALFWorld 50, WebShop 15)
+    c.env.max_steps = 50  # env.max_steps (ALFWorld 50, WebShop 15; math: assistant turns)
     c.env.history_length = 2  # (observation, action) pairs in step-row prompts
     c.env.prompt_template = "verl_agent"  # step-row prompt: verl_agent (reference) | compact
     c.env.row_layout = "step"  # step (one row per env step) | trajectory (one row per episode)
-    c.env.max_tool_turns = 8  # trajectory rows: assistant turns per episode (math)
 
     # --- data: tasks x group ----------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
@@ -92,8 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.algorithm.gigpo_gamma = 0.95
     c.algorithm.gigpo_step_advantage_w = 1.0
     c.algorithm.gigpo_mode = "mean_std_norm"  # mean_std_norm | mean_norm
+    # KL in the reward (fixed coefficient): R_i <- R_i - kl_coef * sum_t KL_t(old || ref)
     c.algorithm.use_kl_in_reward = False
     c.algorithm.kl_coef = 0.0
+    c.algorithm.kl_penalty = "k1"  # estimator of the reward KL: k1 (alias kl) | abs | k2 | low_var_kl
     c.algorithm.use_invalid_action_penalty = True
     c.algorithm.invalid_action_penalty_coef = 0.1
     c.algorithm.rollout_filter_ratio = 1.0  # 1.0: keep every group
@@ -121,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.actor.ppo_epochs = 1
     c.actor.ppo_mini_batch_size = 256  # rows per optimizer step
     c.actor.ppo_micro_batch_size = 8  # rows per forward/backward (gradient accumulation)
-    c.actor.shuffle = False
+    c.actor.shuffle = False  # shuffle the minibatch order of each epoch (keyed by seed and step)
     c.actor.clip_ratio_low = 0.2
     c.actor.clip_ratio_high = 0.2
     c.actor.clip_ratio_c = 10.0  # dual clip
@@ -144,7 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.actor.entropy_coeff = 0.001  # agent default; math 0
     c.actor.use_kl_loss = False
     c.actor.kl_loss_coef = 0.0
-    c.actor.kl_loss_type = "low_var_kl"  # k1 (alias kl) | abs | k2 (mse) | low_var_kl (k3)
+    c.actor.kl_loss_type = "low_var_kl"  # k1 (alias kl) | abs | k2 (alias mse) | low_var_kl
 
     # --- SPEAR: replay buffer, recalibration, SIL ----------------------------------------------
     c.replay = ml_collections.ConfigDict()
@@ -186,6 +188,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainer.eval_before_train = True
     c.trainer.checkpoint_every = 10
     c.trainer.max_checkpoints_to_keep = 2
-    c.trainer.log_every = 1
+    c.trainer.log_every = 1  # write train metrics every N steps (and at the last step)
     c.trainer.length_buckets = (256, 512, 1024, 2048)
     return c

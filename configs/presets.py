@@ -73,7 +73,7 @@ def _math_small(c: ml_collections.ConfigDict) -> None:
     c.env.name = "math"
     c.env.kwargs = ml_collections.ConfigDict({"source": "reasoning_gym:basic_arithmetic", "size": 2000})
     c.env.row_layout = "trajectory"
-    c.env.max_tool_turns = 2
+    c.env.max_steps = 2  # assistant turns per episode
     c.actor.entropy_coeff = 0.0
     c.algorithm.use_invalid_action_penalty = False
     c.algorithm.toolcall_reward_recipe = "qwen2.5"
@@ -130,7 +130,7 @@ def _math_paper(c: ml_collections.ConfigDict, *, qwen3: bool) -> None:
     c.env.name = "math"
     c.env.kwargs = ml_collections.ConfigDict({"source": "jsonl", "path": "", "eval_source": "aime2024"})
     c.env.row_layout = "trajectory"
-    c.env.max_tool_turns = 8
+    c.env.max_steps = 8  # assistant turns per episode (8 assistant and 8 tool turns)
     c.data.train_tasks_per_step = 128
     c.data.group_size = 16
     c.data.eval_episodes = 30 * 32

@@ -44,7 +44,8 @@ class Policy:
 
 
 def _model_overrides(c: ml_collections.ConfigDict) -> dict:
-    return {"compute_dtype": c.model.compute_dtype}
+    """Run-config fields that adjust the architecture read from a preset or checkpoint."""
+    return {"compute_dtype": c.model.compute_dtype, "remat": c.model.remat}
 
 
 def _tokenizer(c: ml_collections.ConfigDict) -> Tokenizer:

@@ -10,15 +10,25 @@ with kappa(t) the tool-call factor of ``spear_jax.curriculum``. The shaped R is 
 group filter, advantages, the baseline history and the replay buffer. The invalid-action penalty
 (agent: -0.1 on each row whose action was malformed) is applied after the group filter, by the
 trainer, through ``spear_jax.filters.apply_invalid_action_penalty``.
+
+KL in the reward (``algorithm.use_kl_in_reward``, fixed coefficient beta = ``algorithm.kl_coef``),
+applied by the trainer after that penalty and before the advantages, as the reference's
+``apply_kl_penalty`` does to the token-level rewards whose sum is the row's score:
+
+    R_i <- R_i - beta * sum_t m_{i,t} KL_t(old_i || ref_i)
+
+with KL_t the chosen estimator of the recomputed old log-probs against the reference's.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from spear_jax import curriculum
 from spear_jax.filters import QualityFlags, response_quality_flags
+from spear_jax.objectives import kl_penalty
 from spear_jax.rollout import Row
 
 
@@ -48,3 +58,27 @@ def quality_flags(rows: Sequence[Row], max_response_length: int, domain: str) ->
     return response_quality_flags(
         ids, lengths, [row.response_text for row in rows], max_response_length, incomplete=incomplete
     )
+
+
+def kl_penalised_scores(scores: np.ndarray, old_logprobs: np.ndarray, ref_logprobs: np.ndarray,
+                        loss_mask: np.ndarray, coef: float, kind: str) -> tuple[np.ndarray, dict[str, float]]:
+    """Scores minus the fixed-coefficient KL penalty (module docstring).
+
+    Args:
+      scores: [N] float row scores.
+      old_logprobs, ref_logprobs: [N, L] float log-probs of the trained tokens (0 off the mask).
+      loss_mask: [N, L] 0/1, the tokens that count.
+      coef: beta >= 0.
+      kind: a ``spear_jax.objectives.kl_penalty`` estimator.
+
+    Returns (penalised [N] float32, metrics): ``actor/reward_kl_penalty`` is the mean over rows
+    of each row's token-mean KL, ``actor/reward_kl_penalty_coeff`` is beta (the reference's names).
+    """
+    mask = np.asarray(loss_mask, np.float32)
+    kl = np.asarray(kl_penalty(jnp.asarray(old_logprobs), jnp.asarray(ref_logprobs), kind)) * mask
+    penalised = np.asarray(scores, np.float32) - np.float32(coef) * kl.sum(axis=1)
+    tokens = mask.sum(axis=1)
+    row_kl = np.where(tokens > 0, kl.sum(axis=1) / np.maximum(tokens, 1.0), 0.0)
+    metrics = {"actor/reward_kl_penalty": float(row_kl.mean()) if row_kl.size else 0.0,
+               "actor/reward_kl_penalty_coeff": float(coef)}
+    return penalised.astype(np.float32), metrics

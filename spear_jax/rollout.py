@@ -24,8 +24,10 @@ Two row layouts (``RolloutConfig.layout``):
   assistant's end token, the message, the generation prompt). The row's response is every token
   after the prompt: generated tokens (loss mask 1, behaviour logprobs) interleaved with
   observation tokens (loss mask 0, logprob 0). When a turn ends without the assistant end
-  sequence (cut at ``max_new_tokens``, or ended by another eos id / stop sequence) the end
-  sequence is appended with mask 0 so the conversation stays well-formed.
+  sequence (cut at its token cap, or ended by another eos id / stop sequence) the end sequence
+  is appended with mask 0 so the conversation stays well-formed (at the end of a row, only if the
+  response budget has room for it). The whole response, model and tool tokens, takes at most
+  ``max_response_length`` tokens: each turn gets what remains.
 
 Token level throughout: generated ids are stored as produced and never re-tokenised; the text
 handed to the environment is ``decode`` of the ids without the trailing end-of-turn sequence
@@ -140,6 +142,8 @@ class TurnSampler(Protocol):
         ...
 
     def start_session(self, batch_size: int) -> Any:
+        """A session whose ``extend_and_generate(new_tokens, sampling, key, max_new_tokens)``
+        appends and decodes, row b generating at most ``max_new_tokens[b]`` tokens."""
         ...
 
 
@@ -162,10 +166,13 @@ class RolloutConfig:
         still running then is ended by the engine (``EpisodeSummary.truncated``).
       max_response_length: the overlong threshold in tokens (per generated turn for step rows,
         per whole response for trajectory rows); None = the sampling's ``max_new_tokens``
-        (step rows) or ``max_sequence_length`` minus the prompt (trajectory rows).
+        (step rows) or ``max_sequence_length`` minus the prompt (trajectory rows). Trajectory
+        rows: also the response's budget, model and tool tokens together (the reference's
+        ``response_length``): each turn generates at most what remains of it (and at most
+        ``max_new_tokens``), and an episode whose next observation would leave no token to
+        generate ends (truncated) before it.
       max_sequence_length: trajectory rows: prompt + response tokens at most (the session's KV
-        cache size). An episode whose next observation plus a full turn would not fit is ended
-        (truncated) before that turn.
+        cache size), a second bound on each turn.
       system_prompt: trajectory rows: an optional system message before the first observation.
       observation_role: trajectory rows: the chat role of observations after the first.
     """
@@ -348,6 +355,7 @@ class _Live:
     texts: list[str] = dataclasses.field(default_factory=list)
     invalid_turns: int = 0
     length: int = 0
+    response_budget: int = 0
 
 
 class RolloutEngine:
@@ -509,68 +517,90 @@ class RolloutEngine:
 
     # -- trajectory rows ------------------------------------------------------------------------
 
-    def _run_trajectory_rows(self, envs, live, episodes, sampling, key) -> list[_Live]:
+    def _start_trajectory(self, state: _Live, episode: EpisodeSummary, sampling: Any) -> None:
+        """Renders the first prompt of a trajectory row and fixes its response budget."""
         config = self.config
+        messages = [("user", state.observation.text)]
+        if config.system_prompt is not None:
+            messages.insert(0, ("system", config.system_prompt))
+        state.prompt_ids = list(self.tokenizer.render_prompt(messages))
+        state.pending = state.prompt_ids
+        state.length = len(state.prompt_ids)
+        first_turn = min(sampling.max_new_tokens, config.max_response_length or sampling.max_new_tokens)
+        if state.length + first_turn > config.max_sequence_length:
+            raise ValueError(
+                f"the prompt of task {episode.task_id!r} has {state.length} tokens; with "
+                f"max_new_tokens={first_turn} it exceeds "
+                f"RolloutConfig.max_sequence_length={config.max_sequence_length}"
+            )
+        state.response_budget = config.max_response_length or (config.max_sequence_length - state.length)
+
+    def _response_room(self, state: _Live) -> int:
+        """Response tokens the row may still take: what remains of its response budget (model
+        and tool tokens together), and of the session's sequence length."""
+        response = state.length - len(state.prompt_ids)
+        return min(state.response_budget - response, self.config.max_sequence_length - state.length)
+
+    def _run_trajectory_rows(self, envs, live, episodes, sampling, key) -> list[_Live]:
         session = self.sampler.start_session(len(envs))
         for state in live:
-            messages = [("user", state.observation.text)]
-            if config.system_prompt is not None:
-                messages.insert(0, ("system", config.system_prompt))
-            state.prompt_ids = list(self.tokenizer.render_prompt(messages))
-            state.pending = state.prompt_ids
-            state.length = len(state.prompt_ids)
-            if state.length + sampling.max_new_tokens > config.max_sequence_length:
-                raise ValueError(
-                    f"the prompt of task {episodes[state.index].task_id!r} has {state.length} tokens; "
-                    f"with max_new_tokens={sampling.max_new_tokens} it exceeds "
-                    f"RolloutConfig.max_sequence_length={config.max_sequence_length}"
-                )
+            self._start_trajectory(state, episodes[state.index], sampling)
         finished: list[_Live] = []
         turn = 0
         while live:
             new_tokens: list[list[int] | None] = [None] * len(envs)
+            turn_limits = [1] * len(envs)
             for state in live:
                 new_tokens[state.index] = state.pending
+                turn_limits[state.index] = min(sampling.max_new_tokens, self._response_room(state))
             start = self.clock()
-            generations = session.extend_and_generate(new_tokens, sampling, jax.random.fold_in(key, turn))
+            generations = session.extend_and_generate(new_tokens, sampling, jax.random.fold_in(key, turn),
+                                                      max_new_tokens=turn_limits)
             self._timers["sampler"] += self.clock() - start
             still_live = []
             for state in live:
-                env, episode = envs[state.index], episodes[state.index]
-                generation = generations[state.index]
-                if generation is None:
-                    raise RuntimeError(f"session returned no generation for live row {state.index}")
-                if state.texts:  # after the first turn, what was appended is an observation
-                    self._add_piece(state, state.pending, model=False)
-                tokens = np.asarray(generation.tokens, dtype=np.int32)
-                self._add_piece(state, tokens, model=True, logprobs=generation.logprobs)
-                text = self._decode_response(generation)
-                state.texts.append(text)
-                result: StepResult | None = self._env_call(episode, lambda: env.step(text))
-                if result is None:
-                    continue
-                self._env_steps += 1
-                state.rewards.append(float(result.reward))
-                state.invalid_turns += int(not result.action_valid)
-                state.won = bool(result.won)
-                closed = strip_suffix(tokens, self._end_ids).shape[0] < tokens.shape[0]
-                closing = [] if closed else list(self._end_ids)
-                if not result.done and len(state.rewards) < self._turn_limit(env):
-                    followup = closing + list(self.tokenizer.render_followup(
-                        config.observation_role, result.observation.text))
-                    if state.length + len(followup) + sampling.max_new_tokens <= config.max_sequence_length:
-                        state.pending = followup
-                        state.length += len(followup)
-                        still_live.append(state)
-                        continue
-                if closing:
-                    self._add_piece(state, np.asarray(closing, dtype=np.int32), model=False)
-                state.rows.append(self._trajectory_row(env, state, episode, result, generation.finish_reason))
-                self._finish(state, episode, truncated=not result.done)
-                finished.append(state)
+                if self._trajectory_turn(envs, episodes, state, generations[state.index]):
+                    still_live.append(state)
+                else:
+                    finished.append(state)
             live = still_live
             turn += 1
-        return finished
+        return [s for s in finished if s.rows]  # an env that raised leaves no row
+
+    def _trajectory_turn(self, envs, episodes, state: _Live, generation) -> bool:
+        """Records one generated turn of a trajectory row and steps its env; True while the
+        episode goes on. It ends when the env is done, after ``max_turns`` turns, or when the
+        next observation would leave no response token to generate (verl's agent loop)."""
+        env, episode = envs[state.index], episodes[state.index]
+        if generation is None:
+            raise RuntimeError(f"session returned no generation for live row {state.index}")
+        if state.texts:  # after the first turn, what was appended is an observation
+            self._add_piece(state, state.pending, model=False)
+        tokens = np.asarray(generation.tokens, dtype=np.int32)
+        self._add_piece(state, tokens, model=True, logprobs=generation.logprobs)
+        text = self._decode_response(generation)
+        state.texts.append(text)
+        result: StepResult | None = self._env_call(episode, lambda: env.step(text))
+        if result is None:
+            return False
+        self._env_steps += 1
+        state.rewards.append(float(result.reward))
+        state.invalid_turns += int(not result.action_valid)
+        state.won = bool(result.won)
+        closed = strip_suffix(tokens, self._end_ids).shape[0] < tokens.shape[0]
+        closing = [] if closed else list(self._end_ids)
+        if not result.done and len(state.rewards) < self._turn_limit(env):
+            followup = closing + list(self.tokenizer.render_followup(
+                self.config.observation_role, result.observation.text))
+            if len(followup) < self._response_room(state):
+                state.pending = followup
+                state.length += len(followup)
+                return True
+        if closing and len(closing) <= self._response_room(state):
+            self._add_piece(state, np.asarray(closing, dtype=np.int32), model=False)
+        state.rows.append(self._trajectory_row(env, state, episode, result, generation.finish_reason))
+        self._finish(state, episode, truncated=not result.done)
+        return False
 
     def _add_piece(self, state: _Live, tokens, model: bool, logprobs=None) -> None:
         tokens = np.asarray(tokens, dtype=np.int32)

@@ -28,6 +28,7 @@ from spear_jax.objectives import (
     SILConfig,
 )
 from spear_jax.objectives.aggregation import AGGREGATION_MODES
+from spear_jax.objectives.regularizers import KL_PENALTIES
 from spear_jax.replay import ReplayConfig
 from spear_jax.train_step import OptimizerConfig, UpdateConfig
 
@@ -37,6 +38,10 @@ DTYPES = ("float32", "bfloat16")
 TOOLCALL_RECIPES = ("agent", "qwen2.5", "qwen3")
 GROUPINGS = ("uid", "positional")
 GRPO_STATISTICS = ("all_rows", "trajectories", "trajectories_first_row")
+# Fields that no longer exist, with what replaced them.
+_REMOVED_FIELDS = {
+    "env.max_tool_turns": "config.env.max_steps limits the assistant turns of math episodes",
+}
 
 # Component field -> config field, so component errors name what the user sets.
 _FIELD_NAMES = {
@@ -76,10 +81,15 @@ def _naming(section: str):
         raise ConfigError(f"invalid {section}: {message}") from error
 
 
-def _choice(config: ml_collections.ConfigDict, path: str, choices) -> None:
+def _field(config: ml_collections.ConfigDict, path: str):
     value = config
     for part in path.split("."):
         value = value[part]
+    return value
+
+
+def _choice(config: ml_collections.ConfigDict, path: str, choices) -> None:
+    value = _field(config, path)
     if value not in choices:
         raise ConfigError(f"config.{path} = {value!r} is not one of {sorted(choices)}")
 
@@ -127,6 +137,11 @@ def objective_config(c: ml_collections.ConfigDict) -> ObjectiveConfig:
         )
 
 
+def uses_reference_policy(c: ml_collections.ConfigDict) -> bool:
+    """Whether the run needs the frozen reference policy (KL loss or KL in the reward)."""
+    return bool(c.actor.use_kl_loss or c.algorithm.use_kl_in_reward)
+
+
 def sil_config(c: ml_collections.ConfigDict) -> SILConfig:
     r = c.replay
     with _naming("config.replay (SIL loss)"):
@@ -164,16 +179,20 @@ def replay_config(c: ml_collections.ConfigDict) -> ReplayConfig:
         )
 
 
-def optimizer_config(c: ml_collections.ConfigDict, total_updates: int) -> OptimizerConfig:
+def optimizer_config(c: ml_collections.ConfigDict) -> OptimizerConfig:
+    """The RL optimizer. Its schedule advances once per RL step, over ``trainer.total_steps``
+    steps (warmup ``actor.lr_warmup_steps`` RL steps), as the reference's LR scheduler steps once
+    per actor update: every minibatch of a step (on-policy and replay) uses the step's rate."""
     a = c.actor
     with _naming("config.actor (optimizer)"):
         return OptimizerConfig(
             lr=a.lr,
             schedule=a.lr_schedule,
             warmup_steps=a.lr_warmup_steps,
-            total_steps=max(total_updates, 1),
+            total_steps=max(c.trainer.total_steps, 1),
             weight_decay=a.weight_decay,
             grad_clip=a.grad_clip,
+            schedule_clock="external",
         )
 
 
@@ -203,6 +222,7 @@ def mesh_shape(c: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ConfigError on the first problem found (see the module docstring)."""
     num_devices = num_devices or jax.device_count()
+    _check_removed_fields(c)
     _choice(c, "env.name", env_names())
     _choice(c, "env.row_layout", ROW_LAYOUTS)
     _choice(c, "env.prompt_template", PROMPT_TEMPLATES)
@@ -250,13 +270,35 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
         raise ConfigError(f"config.trainer.length_buckets {buckets} must be strictly increasing and "
                           f"hold at least one prompt token plus max_response_length "
                           f"({c.rollout.max_response_length})")
-    if c.trainer.total_steps < 0 or c.trainer.eval_every < 1 or c.trainer.checkpoint_every < 1:
-        raise ConfigError("config.trainer.total_steps must be >= 0 and eval_every, checkpoint_every >= 1")
+    if c.trainer.total_steps < 0 or min(c.trainer.eval_every, c.trainer.checkpoint_every, c.trainer.log_every) < 1:
+        raise ConfigError("config.trainer.total_steps must be >= 0 and eval_every, checkpoint_every, log_every >= 1")
     _check_weights(c)
     _check_env_data(c)
+    _check_kl(c)
     update_config(c)
     replay_config(c)
-    optimizer_config(c, c.trainer.total_steps)
+    optimizer_config(c)
+
+
+def _check_removed_fields(c: ml_collections.ConfigDict) -> None:
+    for path, replacement in _REMOVED_FIELDS.items():
+        section, name = path.split(".")
+        if section in c and name in c[section]:
+            raise ConfigError(f"config.{path} no longer exists: {replacement}; delete it from the config")
+
+
+def _check_kl(c: ml_collections.ConfigDict) -> None:
+    """KL estimators by name (reference aliases included) and coefficients that take effect."""
+    _choice(c, "actor.kl_loss_type", KL_PENALTIES)
+    _choice(c, "algorithm.kl_penalty", KL_PENALTIES)
+    for switch, coef in (("actor.use_kl_loss", "actor.kl_loss_coef"),
+                         ("algorithm.use_kl_in_reward", "algorithm.kl_coef")):
+        on, value = _field(c, switch), _field(c, coef)
+        if not value >= 0.0:
+            raise ConfigError(f"config.{coef} must be >= 0, got {value}")
+        if on and value == 0.0:
+            raise ConfigError(f"config.{switch} = True with config.{coef} = 0 adds nothing but the "
+                              f"cost of the reference policy; set config.{coef} > 0 (e.g. 0.001)")
 
 
 def _check_env_data(c: ml_collections.ConfigDict) -> None:

@@ -19,8 +19,12 @@ which equal the full-minibatch values exactly (the normalisers do not depend on 
 Then ``global-norm clip -> AdamW``. A non-finite loss or gradient leaves params and optimizer
 state unchanged and reports ``skipped = 1``.
 
-On-policy minibatches use ``policy_objective``; replay (SIL) minibatches use ``sil_objective``
+On-policy minibatches use ``policy_objective`` (with ``ref_logprobs``, the KL term, whose
+aggregated value is reported as ``kl_loss``); replay (SIL) minibatches use ``sil_objective``
 with the SIL weight lambda(t) as a traced argument (no recompilation as it changes).
+
+The learning rate follows ``OptimizerConfig.schedule_clock``: optax's update count, or a rate
+the caller sets in the optimizer state (``set_learning_rate``; the RL trainer, once per RL step).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -37,6 +42,7 @@ from spear_jax.objectives import ObjectiveConfig, SILConfig, policy_objective, s
 from spear_jax.objectives.aggregation import finalize
 
 MINIBATCH_KEYS = ("tokens", "valid", "loss_mask", "old_logprobs", "advantages", "row_valid")
+REFERENCE_KEY = "ref_logprobs"  # present only when the KL loss is on
 SFT_KEYS = ("tokens", "valid", "loss_mask", "row_valid")
 
 
@@ -50,18 +56,33 @@ class UpdateConfig:
     logprob_chunk_size: int = 512
 
 
+SCHEDULE_CLOCKS = ("update", "external")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+    """AdamW with global-norm clipping and a (warmup +) constant / cosine learning rate.
+
+    ``schedule_clock`` says what advances the schedule: ``"update"``, optax's own count (one
+    tick per optimizer update: the supervised warm start); ``"external"``, the caller, which sets
+    the rate of the coming updates with :func:`set_learning_rate` (the RL trainer, once per RL
+    step as the reference's scheduler). ``total_steps`` and ``warmup_steps`` count ticks of that
+    clock.
+    """
+
     lr: float = 1e-6
     schedule: str = "constant"  # constant | cosine
     warmup_steps: int = 0
     total_steps: int = 1
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    schedule_clock: str = "update"  # update | external
 
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.schedule_clock not in SCHEDULE_CLOCKS:
+            raise ValueError(f"schedule_clock must be one of {SCHEDULE_CLOCKS}, got {self.schedule_clock!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.grad_clip > 0:
@@ -70,8 +91,9 @@ class OptimizerConfig:
             raise ValueError("warmup_steps must be >= 0 and total_steps >= 1")
 
 
-def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
-    """Global-norm gradient clipping followed by AdamW with a (warmup +) constant/cosine LR."""
+def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
+    """lr(s) for tick s = 0, 1, ...: linear warmup 0 -> lr over ``warmup_steps`` ticks, then
+    constant, or cosine ``lr (1 + cos(pi (s - W) / (T - W))) / 2`` reaching 0 at s = T."""
     if config.schedule == "constant":
         schedule = optax.constant_schedule(config.lr)
     else:
@@ -79,10 +101,31 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     if config.warmup_steps:
         warmup = optax.linear_schedule(0.0, config.lr, config.warmup_steps)
         schedule = optax.join_schedules([warmup, schedule], [config.warmup_steps])
-    return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip),
-        optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay),
-    )
+    return schedule
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """Global-norm gradient clipping followed by AdamW at the rate of ``config``'s clock."""
+    if config.schedule_clock == "update":
+        adamw = optax.adamw(learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8,
+                            weight_decay=config.weight_decay)
+    else:
+        adamw = optax.inject_hyperparams(optax.adamw)(
+            learning_rate=config.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+
+
+def set_learning_rate(opt_state, lr: float):
+    """The state of a ``schedule_clock="external"`` optimizer with the rate of the coming
+    updates set to ``lr`` (placed like the rate it replaces, so the jitted update sees one
+    device set)."""
+    clip_state, adamw_state = opt_state
+    if "learning_rate" not in getattr(adamw_state, "hyperparams", {}):
+        raise TypeError("set_learning_rate needs the state of an optimizer made with "
+                        "OptimizerConfig(schedule_clock='external')")
+    current = adamw_state.hyperparams["learning_rate"]
+    rate = jax.device_put(np.asarray(lr, current.dtype), current.sharding)
+    return clip_state, adamw_state._replace(hyperparams={**adamw_state.hyperparams, "learning_rate": rate})
 
 
 def check_minibatch(minibatch: dict[str, jax.Array]) -> tuple[int, int, int]:
@@ -91,7 +134,7 @@ def check_minibatch(minibatch: dict[str, jax.Array]) -> tuple[int, int, int]:
     if missing:
         raise KeyError(f"minibatch is missing {missing}; required keys: {list(MINIBATCH_KEYS)}")
     n, b, length = minibatch["tokens"].shape
-    for key in MINIBATCH_KEYS + (("ref_logprobs",) if "ref_logprobs" in minibatch else ()):
+    for key in MINIBATCH_KEYS + ((REFERENCE_KEY,) if REFERENCE_KEY in minibatch else ()):
         want = (n, b) if key == "row_valid" else (n, b, length)
         if tuple(minibatch[key].shape) != want:
             raise ValueError(f"minibatch[{key!r}] has shape {tuple(minibatch[key].shape)}, expected {want}")
@@ -109,10 +152,13 @@ def _micro_batch_objective(graphdef, params, micro, key, sil_weight, config: Upd
             logp, micro["old_logprobs"], micro["advantages"], micro["loss_mask"],
             config.objective, config.sil, sil_weight, key, **common,
         )
-    return policy_objective(
+    loss_sum, normaliser, metrics = policy_objective(
         logp, micro["old_logprobs"], micro["advantages"], micro["loss_mask"], config.objective, key,
-        ref_logp=micro.get("ref_logprobs"), **common,
+        ref_logp=micro.get(REFERENCE_KEY), **common,
     )
+    if "kl" in metrics:  # agg(KL(pi || pi_ref)), logged under the reference's name
+        metrics["kl_loss"] = metrics.pop("kl")
+    return loss_sum, normaliser, metrics
 
 
 def _make_update(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,

@@ -6,16 +6,19 @@ One training step t (spec 3.0), in order:
     2. rewards       shaped R = env outcome + tool-call bonus kappa(t); quality flags
     3. filters       flagged rows' loss masks zeroed (their R still counts); low-variance groups
                      dropped
-    4. old logprobs  recomputed with the pre-update policy (and the entropy metric)
-    5. advantages    invalid-action penalty (agent), then GRPO / RLOO / GiGPO on device
+    4. old logprobs  recomputed with the pre-update policy (and the entropy metric); with a KL
+                     loss or KL in the reward, the frozen reference policy's log-probs too
+    5. advantages    invalid-action penalty (agent), KL in the reward (optional), then GRPO /
+                     RLOO / GiGPO on device
     6. replay check  buffer.replay_if_ready(t) -- before this step's rows are added
     7. update        on-policy minibatches, then replay (SIL) minibatches weighted by lambda(t),
-                     each one optimizer step
+                     each one optimizer step at the step's learning rate lr(t - 1)
     8. buffer        remove_old(), then add_step(rows of step t)
 
 Every source of randomness is derived from ``config.seed`` and the step (rollout keys, task
 choice, Clip-Cov selection, replay subsampling), and the replay buffer is part of the
-checkpoint, so a run resumed from a checkpoint continues exactly as the uninterrupted run.
+checkpoint, so a run resumed from a checkpoint continues exactly as the uninterrupted run (the
+KL reference, the policy as RL starts, is rebuilt from the same starting weights).
 """
 from __future__ import annotations
 
@@ -63,11 +66,13 @@ class Trainer:
         self.mesh = sharding.make_mesh(**run_config.mesh_shape(c, jax.device_count()))
         self.policy: Policy = load_policy(c, self.mesh)
         self.num_batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        # The KL reference is the policy as RL starts (re-derived from the same weights on resume).
+        self.ref_params = (reference_params(self.policy.params, self.policy.model_config.compute_dtype)
+                           if run_config.uses_reference_policy(c) else None)
 
         self.update_config = run_config.update_config(c)
-        steps_per_update = max(1, c.actor.ppo_epochs)
-        self.optimizer = train_step.make_optimizer(
-            run_config.optimizer_config(c, c.trainer.total_steps * steps_per_update))
+        self.optimizer_config = run_config.optimizer_config(c)
+        self.optimizer = train_step.make_optimizer(self.optimizer_config)
         graphdef = self.policy.graphdef
         self.opt_state = _on_mesh(jax.jit(self.optimizer.init)(self.policy.params), self.mesh)
         self._update = train_step.make_update_fn(graphdef, self.optimizer, self.update_config,
@@ -77,30 +82,10 @@ class Trainer:
         self._token_stats = train_step.make_token_stats_fn(
             graphdef, c.rollout.temperature, c.model.logprob_chunk_size)
         self.buffer = ReplayBuffer(run_config.replay_config(c)) if c.replay.enable else None
-
-        chat = TemplateChatTokenizer(self.policy.chat)
-        episodes = c.data.train_tasks_per_step * c.data.group_size
-        max_len = c.rollout.max_prompt_length + c.rollout.max_response_length
-        if c.env.row_layout == "trajectory":
-            max_len = c.rollout.max_prompt_length + c.rollout.max_response_length * c.env.max_tool_turns
-        self.sampler = Sampler(
-            graphdef, self.policy.params, self.policy.model_config, max_len=max_len,
-            max_batch=max(episodes, c.data.eval_episodes),
-            cache_dtype=jnp.dtype(c.rollout.kv_cache_dtype),
-            weight_dtype=None if c.rollout.weight_dtype == "param" else jnp.dtype(c.rollout.weight_dtype),
-            mesh=self.mesh)
-        rollout = dict(layout=c.env.row_layout, domain=_domain(c), history_length=c.env.history_length,
-                       prompt_template=c.env.prompt_template,
-                       max_turns=c.env.max_tool_turns if c.env.row_layout == "trajectory" else None,
-                       max_response_length=c.rollout.max_response_length,
-                       max_prompt_length=c.rollout.max_prompt_length if c.env.row_layout == "step" else None,
-                       max_sequence_length=max_len if c.env.row_layout == "trajectory" else None)
-        self.engine = RolloutEngine(self.sampler, chat, RolloutConfig(group_size=c.data.group_size, **rollout))
-        self.eval_engine = RolloutEngine(self.sampler, chat, RolloutConfig(group_size=1, **rollout))
-        self.sampling = self._sampling(c.rollout.temperature, c.rollout.top_p, chat)
-        self.eval_sampling = self._sampling(c.rollout.eval_temperature, c.rollout.eval_top_p, chat)
+        self._build_rollout(c)
 
         env_kwargs = dict(c.env.kwargs.to_dict(), max_steps=c.env.max_steps)
+        episodes = c.data.train_tasks_per_step * c.data.group_size
         self.train_envs = [make_env(c.env.name, split="train", seed=c.seed + i, **env_kwargs)
                            for i in range(episodes)]
         self.eval_envs = [make_env(c.env.name, split=c.data.eval_split, seed=c.seed + i, **env_kwargs)
@@ -109,6 +94,29 @@ class Trainer:
                                             max_to_keep=c.trainer.max_checkpoints_to_keep)
         self.writer = run_metrics.MetricsWriter(workdir)
         self.step = 0
+
+    def _build_rollout(self, c: ml_collections.ConfigDict) -> None:
+        """The sampler and the train / eval rollout engines. Trajectory rows hold the prompt and
+        at most ``max_response_length`` response tokens (model and tool tokens together)."""
+        chat = TemplateChatTokenizer(self.policy.chat)
+        episodes = c.data.train_tasks_per_step * c.data.group_size
+        max_len = c.rollout.max_prompt_length + c.rollout.max_response_length
+        self.sampler = Sampler(
+            self.policy.graphdef, self.policy.params, self.policy.model_config, max_len=max_len,
+            max_batch=max(episodes, c.data.eval_episodes),
+            cache_dtype=jnp.dtype(c.rollout.kv_cache_dtype),
+            weight_dtype=None if c.rollout.weight_dtype == "param" else jnp.dtype(c.rollout.weight_dtype),
+            mesh=self.mesh)
+        trajectory = c.env.row_layout == "trajectory"
+        rollout = dict(layout=c.env.row_layout, domain=_domain(c), history_length=c.env.history_length,
+                       prompt_template=c.env.prompt_template,
+                       max_response_length=c.rollout.max_response_length,
+                       max_prompt_length=None if trajectory else c.rollout.max_prompt_length,
+                       max_sequence_length=max_len if trajectory else None)
+        self.engine = RolloutEngine(self.sampler, chat, RolloutConfig(group_size=c.data.group_size, **rollout))
+        self.eval_engine = RolloutEngine(self.sampler, chat, RolloutConfig(group_size=1, **rollout))
+        self.sampling = self._sampling(c.rollout.temperature, c.rollout.top_p, chat)
+        self.eval_sampling = self._sampling(c.rollout.eval_temperature, c.rollout.eval_top_p, chat)
 
     # -- construction helpers --------------------------------------------------------------------
 
@@ -168,7 +176,8 @@ class Trainer:
                 start = time.perf_counter()
                 self.save()
                 metrics["time/checkpoint"] = time.perf_counter() - start
-            self.writer.write(self.step, metrics)
+            if self.step % c.trainer.log_every == 0 or self.step == c.trainer.total_steps:
+                self.writer.write(self.step, metrics)
             bar.set_postfix(run_metrics.progress_summary(metrics), refresh=False)
             bar.update()
             if self.step % c.trainer.eval_every == 0 and self.step != c.trainer.total_steps:
@@ -183,6 +192,8 @@ class Trainer:
         c = self.config
         timer = time.perf_counter
         t0 = timer()
+        learning_rate = float(train_step.learning_rate_schedule(self.optimizer_config)(step - 1))
+        self.opt_state = train_step.set_learning_rate(self.opt_state, learning_rate)
         result = self.engine.run(self.train_envs, self._task_ids(step), self.sampling, self._key(0, step))
         t_rollout = timer()
         metrics = dict(result.metrics)
@@ -209,6 +220,7 @@ class Trainer:
         self.sampler.set_params(self.policy.params)
         metrics["replay/sil_weight"] = float(
             curriculum.sil_loss_weight(step, c.replay.loss_coef, c.replay.max_loss_steps)) if c.replay.enable else 0.0
+        metrics["actor/lr"] = learning_rate
         metrics.update({
             "time/rollout": t_rollout - t0, "time/prepare": t_prep - t_rollout,
             "time/update": t_update - t_prep, "time/replay": t_replay - t_update,
@@ -253,18 +265,10 @@ class Trainer:
         batch["loss_mask"][:n], quality_metrics = filters.mask_low_quality_rows(
             batch["loss_mask"][:n], filters.QualityFlags(**flag_mask), enabled)
         metrics.update(quality_metrics)
-        batch["old_logprobs"], entropy = self._old_logprobs(batch)
-        valid_tokens = batch["loss_mask"] > 0
-        metrics["actor/entropy"] = float(entropy[valid_tokens].mean()) if valid_tokens.any() else 0.0
-        metrics["actor/behaviour_logprob_gap"] = float(
-            np.abs(batch["old_logprobs"] - batch["logprobs"])[valid_tokens].mean()) if valid_tokens.any() else 0.0
+        metrics.update(self._recompute_logprobs(batch))
 
-        action_valid = batch["action_valid"][:n]
-        penalised = scores
-        step_offsets = np.zeros(n, np.float32)
-        if a.use_invalid_action_penalty:
-            penalised, _ = filters.apply_invalid_action_penalty(scores, action_valid, a.invalid_action_penalty_coef)
-            step_offsets = (penalised - scores).astype(np.float32)
+        penalised, step_offsets, penalty_metrics = self._penalised_scores(batch, scores)
+        metrics.update(penalty_metrics)
         batch["scores"] = _pad_to(penalised.astype(np.float32), len(batch["row_valid"]))
         all_episodes_ran = all(e.error is None for e in result.episodes)
         advantages, adv_metrics = self._advantages(batch, rows, step_offsets, all_episodes_ran)
@@ -272,6 +276,23 @@ class Trainer:
         metrics.update(adv_metrics)
         metrics.update(_outcome_metrics(result))
         return batch, metrics
+
+    def _penalised_scores(self, batch: dict[str, np.ndarray], scores: np.ndarray):
+        """The row scores [n] the advantages see: minus the invalid-action penalty (agent; also
+        returned as GiGPO's step-return offsets [n]) and, with ``use_kl_in_reward``, minus
+        ``kl_coef * sum_t KL_t(old || ref)`` (the episode score only, not GiGPO's step returns)."""
+        a, n = self.config.algorithm, scores.shape[0]
+        penalised, metrics = scores, {}
+        step_offsets = np.zeros(n, np.float32)
+        if a.use_invalid_action_penalty:
+            penalised, _ = filters.apply_invalid_action_penalty(
+                scores, batch["action_valid"][:n], a.invalid_action_penalty_coef)
+            step_offsets = (penalised - scores).astype(np.float32)
+        if a.use_kl_in_reward:
+            penalised, metrics = rewards.kl_penalised_scores(
+                penalised, batch["old_logprobs"][:n], batch[train_step.REFERENCE_KEY][:n],
+                batch["loss_mask"][:n], a.kl_coef, a.kl_penalty)
+        return penalised, step_offsets, metrics
 
     def _pack(self, rows) -> dict[str, np.ndarray]:
         c = self.config
@@ -282,8 +303,22 @@ class Trainer:
                                                    row_multiple=c.actor.ppo_mini_batch_size))
         return dict(packed.arrays)
 
-    def _old_logprobs(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Pre-update log-probs and entropies, one micro-batch of rows at a time."""
+    def _recompute_logprobs(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        """Adds the pre-update log-probs (``old_logprobs``) and, with a reference policy, the
+        reference log-probs (``ref_logprobs``) [B, L] to ``batch``, both 0 off the loss mask;
+        returns the entropy and behaviour-gap metrics."""
+        batch["old_logprobs"], entropy = self._logprobs(self.policy.params, batch)
+        if self.ref_params is not None:
+            batch[train_step.REFERENCE_KEY], _ = self._logprobs(self.ref_params, batch)
+        valid_tokens = batch["loss_mask"] > 0
+        if not valid_tokens.any():
+            return {"actor/entropy": 0.0, "actor/behaviour_logprob_gap": 0.0}
+        gap = np.abs(batch["old_logprobs"] - batch["logprobs"])[valid_tokens].mean()
+        return {"actor/entropy": float(entropy[valid_tokens].mean()), "actor/behaviour_logprob_gap": float(gap)}
+
+    def _logprobs(self, params, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Log-probs (0 off the loss mask) and entropies [B, L] of ``batch`` under ``params``,
+        one micro-batch of rows at a time."""
         micro = self.config.actor.ppo_micro_batch_size
         rows = batch["tokens"].shape[0]
         logps, ents = [], []
@@ -291,7 +326,7 @@ class Trainer:
         for start in range(0, rows, micro):
             tokens = jax.device_put(batch["tokens"][start:start + micro], batch_sharding)
             valid = jax.device_put(batch["valid"][start:start + micro], batch_sharding)
-            logp, ent = self._token_stats(self.policy.params, tokens, valid)
+            logp, ent = self._token_stats(params, tokens, valid)
             logps.append(np.asarray(logp))
             ents.append(np.asarray(ent))
         mask = batch["loss_mask"] > 0
@@ -333,25 +368,27 @@ class Trainer:
     # -- updates (step 7) ------------------------------------------------------------------------
 
     def _optimize(self, batch: dict[str, np.ndarray], step: int, replay_rows: float | None) -> dict[str, float]:
-        """One optimizer step per minibatch; ``replay_rows`` is the SIL weight for replay batches."""
+        """One optimizer step per minibatch; ``replay_rows`` is the SIL weight for replay batches.
+        With ``actor.shuffle`` the real rows are permuted before each epoch is cut into
+        minibatches (padding rows stay last), by ``default_rng([seed, 6 + replay, step])``."""
         c = self.config
-        mini, micro = c.actor.ppo_mini_batch_size, c.actor.ppo_micro_batch_size
+        mini = c.actor.ppo_mini_batch_size
         replay = replay_rows is not None
         update = self._update_replay if replay else self._update
         prefix = "sil/" if replay else "actor/"
+        keys = train_step.MINIBATCH_KEYS
+        if not replay and train_step.REFERENCE_KEY in batch and self.update_config.objective.kl_coef:
+            keys += (train_step.REFERENCE_KEY,)
+        shuffle_rng = self._rng(6 + replay, step)
         sums: dict[str, float] = {}
         count = 0
-        batch_sharding = _batch_sharding(self.mesh, leading=1)
         for epoch in range(c.actor.ppo_epochs):
-            for start in range(0, len(batch["row_valid"]), mini):
-                if not batch["row_valid"][start:start + mini].any():
+            order = _epoch_order(batch["row_valid"], shuffle_rng if c.actor.shuffle else None)
+            for start in range(0, len(order), mini):
+                rows = order[start:start + mini]
+                if not batch["row_valid"][rows].any():
                     continue
-                minibatch = {
-                    key: jax.device_put(
-                        batch[key][start:start + mini].reshape((mini // micro, micro) + batch[key].shape[1:]),
-                        batch_sharding)
-                    for key in train_step.MINIBATCH_KEYS
-                }
+                minibatch = self._minibatch(batch, rows, keys)
                 key = jax.random.fold_in(self._key(4 + replay, step), epoch * 100_003 + start)
                 self.policy.params, self.opt_state, out = update(
                     self.policy.params, self.opt_state, minibatch, key, jnp.float32(replay_rows or 0.0))
@@ -361,6 +398,14 @@ class Trainer:
         metrics = {f"{prefix}{k}": v / count for k, v in sums.items()} if count else {}
         metrics[f"{prefix}optimizer_steps"] = float(count)
         return metrics
+
+    def _minibatch(self, batch: dict[str, np.ndarray], rows: np.ndarray, keys) -> dict[str, jax.Array]:
+        """Rows ``rows`` of ``batch`` as ``[mini / micro, micro, ...]`` arrays on the mesh."""
+        micro = self.config.actor.ppo_micro_batch_size
+        batch_sharding = _batch_sharding(self.mesh, leading=1)
+        return {key: jax.device_put(batch[key][rows].reshape((len(rows) // micro, micro) + batch[key].shape[1:]),
+                                    batch_sharding)
+                for key in keys}
 
     # -- replay plumbing -------------------------------------------------------------------------
 
@@ -415,6 +460,29 @@ def _on_mesh(tree, mesh):
         return jax.device_put(leaf, replicated)
 
     return jax.tree.map(place, tree)
+
+
+def reference_params(params, compute_dtype: str):
+    """A frozen copy of ``params`` for the KL reference: floating leaves in the compute dtype
+    (the model casts every weight to it, so the reference's log-probs are those of ``params``),
+    on their own buffers (the policy's are donated to every update) with the same sharding."""
+    dtype = jnp.dtype(compute_dtype)
+
+    def copy(leaf):
+        return jnp.copy(leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf)
+
+    shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
+    return jax.jit(lambda tree: jax.tree.map(copy, tree), out_shardings=shardings)(params)
+
+
+def _epoch_order(row_valid: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    """Row order of one epoch [B]: the real rows (first ``row_valid.sum()``), permuted by
+    ``rng`` when given, then the padding rows."""
+    real = int(row_valid.sum())
+    order = np.arange(row_valid.shape[0])
+    if rng is not None:
+        order[:real] = rng.permutation(real)
+    return order
 
 
 def _batch_sharding(mesh, leading: int) -> jax.sharding.NamedSharding:

@@ -10,8 +10,9 @@ cost follows its filled context, not ``max_len``.
 Sampling values (temperature, top-k, top-p, greedy, ids of eos / stop tokens) and the weights
 are traced arguments: changing them never recompiles.
 
-A row may generate at most ``min(max_new_tokens, max_len - tokens already held)`` tokens; a
-row that reaches the cache capacity finishes with "length".
+A row may generate at most ``min(max_new_tokens, max_len - tokens already held)`` tokens (and,
+in a session, at most its own ``row_limits`` entry when one is given); a row that reaches its
+limit finishes with "length".
 """
 from __future__ import annotations
 
@@ -167,9 +168,11 @@ class Sampler:
         return Session(self, batch_size)
 
     def run(self, cache: KVCache, rows: list[np.ndarray | None], held: np.ndarray,
-            sampling: SamplingParams, key: jax.Array) -> tuple[list[Generation | None], KVCache]:
+            sampling: SamplingParams, key: jax.Array,
+            row_limits: np.ndarray | None = None) -> tuple[list[Generation | None], KVCache]:
         """Append rows[b] (None = inactive) to a cache whose row b holds held[b] tokens, decode,
-        return the generations and the new cache (the input cache is donated)."""
+        return the generations and the new cache (the input cache is donated). ``row_limits``
+        [batch] int (optional) caps each row's new tokens below ``sampling.max_new_tokens``."""
         _check_sampling(sampling, self.config.vocab_size)
         batch, cache_len = cache.batch_size, cache.max_len
         width = length_bucket(max(len(r) for r in rows if r is not None))
@@ -182,6 +185,8 @@ class Sampler:
                 tokens[b, : len(row)], valid[b, : len(row)] = row, True
                 appended[b] = len(row)
                 budget[b] = min(sampling.max_new_tokens, cache_len - held[b] - len(row))
+                if row_limits is not None:
+                    budget[b] = min(budget[b], row_limits[b])
         window = attention_window(cache_len, held, appended, budget, appended > 0)
         knobs = SamplingKnobs.make(sampling.temperature, sampling.top_p, sampling.top_k, sampling.greedy)
         table = StopTable.make(sampling.eos_ids, sampling.stop_sequences)
@@ -217,11 +222,18 @@ class Session:
         self._held = np.zeros((self._cache.batch_size,), np.int64)
 
     def extend_and_generate(self, new_tokens: Sequence[Sequence[int] | None], sampling: SamplingParams,
-                            key: jax.Array) -> list[Generation | None]:
-        """Row b: append new_tokens[b] (prompt first, observations later), then decode.
-        None = inactive this turn (nothing appended or generated, result None)."""
+                            key: jax.Array, max_new_tokens: Sequence[int] | None = None) -> list[Generation | None]:
+        """Row b: append new_tokens[b] (prompt first, observations later), then decode at most
+        ``min(sampling.max_new_tokens, max_new_tokens[b])`` tokens (``max_new_tokens`` optional,
+        each entry >= 1). None = inactive this turn (nothing appended or generated, result None)."""
         if len(new_tokens) != self.batch_size:
             raise ValueError(f"new_tokens has {len(new_tokens)} rows, the session has {self.batch_size}")
+        limits = None
+        if max_new_tokens is not None:
+            limits = np.asarray(max_new_tokens, np.int64)
+            if limits.shape != (self.batch_size,) or (limits < 1).any():
+                raise ValueError(f"max_new_tokens must hold {self.batch_size} entries >= 1, got {limits.tolist()}")
+            limits = np.concatenate([limits, np.ones(self._cache.batch_size - self.batch_size, np.int64)])
         vocab, max_len = self._sampler.config.vocab_size, self._sampler.max_len
         _check_sampling(sampling, vocab)
         rows = [None if t is None else _as_token_row(t, f"new_tokens[{b}]", vocab)
@@ -235,7 +247,7 @@ class Session:
         if all(row is None for row in rows):
             return [None] * self.batch_size
         padded = rows + [None] * (self._cache.batch_size - self.batch_size)
-        results, self._cache = self._sampler.run(self._cache, padded, self._held, sampling, key)
+        results, self._cache = self._sampler.run(self._cache, padded, self._held, sampling, key, limits)
         for b, (row, gen) in enumerate(zip(rows, results)):
             if row is not None:
                 self._held[b] += len(row) + len(gen.tokens)

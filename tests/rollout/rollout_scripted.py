@@ -4,8 +4,9 @@
   small corpus (``small_bpe``); ``chatml_text`` writes a whole conversation as ChatML text, so
   tests can tokenise the full text and compare with the engine's stream.
 * ``ScriptedSampler``: ``policy(context_text) -> response text``; emits ``encode(text)`` plus the
-  end token, with fixed logprobs, cut at ``max_new_tokens`` (finish ``"length"``). Its sessions
-  keep each row's token history and give the policy the decoded history.
+  end token, with fixed logprobs, cut at ``max_new_tokens`` (or a session row's own cap; finish
+  ``"length"``). Its sessions keep each row's token history and give the policy the decoded
+  history.
 * ``SayNumberEnv``: "say the number shown"; deterministic; can be told to raise.
 """
 from __future__ import annotations
@@ -74,13 +75,15 @@ class ScriptedSampler:
     def __init__(self, tokenizer: TemplateChatTokenizer, policy: Callable[[str], str]):
         self.tokenizer, self.policy = tokenizer, policy
         self.calls: list[int] = []  # batch size of each call
+        self.turn_limits: list[list[int] | None] = []  # sessions: live rows' token caps per call
 
-    def emit(self, context: Sequence[int], sampling) -> Generation:
+    def emit(self, context: Sequence[int], sampling, limit: int | None = None) -> Generation:
         text = self.policy(self.tokenizer.tokenizer.decode(list(context), skip_special=False))
         tokens = self.tokenizer.encode(text) + list(self.tokenizer.assistant_end_ids)
         finish = "stop"
-        if len(tokens) > sampling.max_new_tokens:
-            tokens, finish = tokens[:sampling.max_new_tokens], "length"
+        cap = sampling.max_new_tokens if limit is None else min(sampling.max_new_tokens, limit)
+        if len(tokens) > cap:
+            tokens, finish = tokens[:cap], "length"
         tokens = np.asarray(tokens, dtype=np.int32)
         return Generation(tokens=tokens, logprobs=fixed_logprobs(len(tokens)), finish_reason=finish)
 
@@ -99,17 +102,20 @@ class ScriptedSession:
         self.sampler = sampler
         self.history: list[list[int]] = [[] for _ in range(batch_size)]
 
-    def extend_and_generate(self, new_tokens, sampling, key):
+    def extend_and_generate(self, new_tokens, sampling, key, max_new_tokens=None):
         if len(new_tokens) != len(self.history):
             raise ValueError("new_tokens must have one entry per session row")
         self.sampler.calls.append(sum(t is not None for t in new_tokens))
+        self.sampler.turn_limits.append(None if max_new_tokens is None else [
+            int(m) for t, m in zip(new_tokens, max_new_tokens) if t is not None])
         out = []
         for b, tokens in enumerate(new_tokens):
             if tokens is None:
                 out.append(None)
                 continue
             self.history[b].extend(int(t) for t in tokens)
-            generation = self.sampler.emit(self.history[b], sampling)
+            generation = self.sampler.emit(self.history[b], sampling,
+                                           None if max_new_tokens is None else int(max_new_tokens[b]))
             self.history[b].extend(int(t) for t in generation.tokens)
             out.append(generation)
         return out

@@ -248,6 +248,26 @@ def test_trajectory_rows_stop_at_sequence_budget(tok):
     assert row.prompt_ids.shape[0] + row.response_length <= 120
 
 
+@pytest.mark.parametrize("budget", [45, 60, 97])
+def test_trajectory_response_budget_spans_all_turns(tok, budget):
+    """max_response_length caps the whole response (model + tool tokens), not each turn: turn k
+    may generate min(max_new_tokens, budget - response tokens before it), and the episode ends
+    once the next observation would leave nothing to generate."""
+    sampling = SamplingParams(max_new_tokens=30, stop_sequences=(END,))
+    result, sampler = run(tok, [SayNumberEnv(episode_length=8)], [1], sampling=sampling, group_size=1,
+                          layout="trajectory", max_response_length=budget, max_sequence_length=1000)
+    (row,) = result.rows
+    assert row.response_length <= budget
+    assert result.episodes[0].truncated and 1 <= row.num_turns < 8
+    mask = row.loss_mask.astype(int)
+    turn_starts = np.flatnonzero(np.diff(np.concatenate([[0], mask])) == 1)  # first token of each turn
+    assert len(turn_starts) == row.num_turns
+    limits = [call[0] for call in sampler.turn_limits]
+    assert limits == [min(30, budget - int(start)) for start in turn_starts]
+    if row.finish_reason == "length":  # cut by the budget: no room left for the closing end token
+        assert row.response_length == budget and row.overlong
+
+
 def test_trajectory_length_finish_is_closed_with_masked_end_token(tok):
     sampling = SamplingParams(max_new_tokens=6, eos_ids=END)
     envs = [SayNumberEnv(episode_length=2)]
@@ -332,8 +352,8 @@ def test_trajectory_turn_ended_by_eos_is_closed(tok):
     pad = tok.tokenizer.token_to_id("<pad>")
 
     class EosSampler(ScriptedSampler):
-        def emit(self, context, sampling):
-            g = super().emit(context, sampling)
+        def emit(self, context, sampling, limit=None):
+            g = super().emit(context, sampling, limit)
             g.tokens = np.concatenate([g.tokens[:-1], [pad]]).astype(np.int32)
             g.finish_reason = "eos"
             return g

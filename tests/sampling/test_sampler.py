@@ -248,3 +248,17 @@ def test_sharded_session_equals_unsharded_session(cfg, model, sampler, prompts):
                 np.testing.assert_array_equal(r.tokens, g.tokens)
                 np.testing.assert_allclose(r.logprobs, g.logprobs, atol=1e-4)
     np.testing.assert_array_equal(sessions[0].lengths(), sessions[1].device_lengths())
+
+
+def test_session_rows_stop_at_their_own_token_caps(sampler, prompts):
+    """Per-row caps bound each row's new tokens below max_new_tokens; the tokens produced are
+    the prefix of what the uncapped session decodes (greedy)."""
+    capped = sampler.start_session(4).extend_and_generate(
+        [list(p) for p in prompts], GREEDY, jax.random.key(0), max_new_tokens=[3, 12, 1, 20])
+    free = sampler.start_session(4).extend_and_generate([list(p) for p in prompts], GREEDY, jax.random.key(0))
+    for gen, whole, cap in zip(capped, free, [3, 12, 1, 12]):
+        assert len(gen.tokens) == cap and gen.finish_reason == "length"
+        np.testing.assert_array_equal(gen.tokens, whole.tokens[:cap])
+    with pytest.raises(ValueError, match="max_new_tokens must hold 4 entries >= 1"):
+        sampler.start_session(4).extend_and_generate([list(p) for p in prompts], GREEDY, jax.random.key(0),
+                                                     max_new_tokens=[3, 0, 1, 2])

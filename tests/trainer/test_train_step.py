@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,3 +138,61 @@ def test_bad_minibatch_is_rejected():
         train_step.check_minibatch(rows)
     with pytest.raises(ValueError, match="schedule"):
         train_step.OptimizerConfig(schedule="linear")
+
+
+def _kl_reference(kind, logp, ref):
+    d = logp - ref
+    return {"k1": d, "abs": np.abs(d), "k2": 0.5 * d * d,
+            "low_var_kl": np.clip(np.exp(-d) + d - 1.0, -10.0, 10.0)}[kind]
+
+
+@pytest.mark.parametrize("kind", ["k1", "abs", "k2", "low_var_kl"])
+def test_kl_loss_adds_coef_times_aggregated_kl(kind):
+    """With reference log-probs in the minibatch, the loss is the policy loss plus
+    kl_coef * token-mean(KL_kind(logp || ref)), logged as ``kl_loss``."""
+    rows = _rows()
+    rng = np.random.default_rng(3)
+    graphdef, params = _model()
+    stats = train_step.make_token_stats_fn(graphdef, 1.0, 8)
+    logp = np.asarray(stats(params, jnp.asarray(rows["tokens"]), jnp.asarray(rows["valid"]))[0])
+    rows["ref_logprobs"] = np.where(rows["loss_mask"] > 0, logp + rng.normal(0, 0.5, logp.shape), 0).astype(np.float32)
+    plain = _config()
+    with_kl = train_step.UpdateConfig(
+        objective=dataclasses.replace(plain.objective, kl_coef=0.3, kl_penalty=kind),
+        sil=plain.sil, logprob_chunk_size=8)
+    _, _, base = _run(plain, {k: v for k, v in rows.items() if k != "ref_logprobs"}, n_micro=1)
+    _, _, out = _run(with_kl, rows, n_micro=1)  # one micro-batch: the metric is the exact mean
+    mask = rows["loss_mask"] > 0
+    expected_kl = _kl_reference(kind, logp, rows["ref_logprobs"])[mask].mean()
+    np.testing.assert_allclose(float(out["kl_loss"]), expected_kl, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(float(out["loss"]), float(base["loss"]) + 0.3 * expected_kl, rtol=2e-4, atol=1e-6)
+    assert "kl" not in out and "kl_loss" not in base
+
+
+def test_external_schedule_clock_uses_the_rate_it_is_given():
+    """schedule_clock='external': every update applies the rate last set with
+    set_learning_rate, however many updates ran (Adam's first step moves each coordinate by
+    about lr * sign(g))."""
+    rows = _rows()
+    graphdef, params = _model()
+    config = train_step.OptimizerConfig(lr=1e-2, weight_decay=0.0, schedule="cosine", total_steps=2,
+                                        schedule_clock="external")
+    opt = train_step.make_optimizer(config)
+    update = train_step.make_update_fn(graphdef, opt, _config(), replay=False)
+    schedule = train_step.learning_rate_schedule(config)
+    assert float(schedule(0)) == pytest.approx(1e-2) and float(schedule(1)) == pytest.approx(5e-3)
+    assert float(schedule(2)) == pytest.approx(0.0, abs=1e-9)
+    state = train_step.set_learning_rate(opt.init(params), 0.0)
+    for _ in range(3):  # a zero rate leaves the params where they are
+        before = [np.asarray(x) for x in jax.tree.leaves(params)]
+        params, state, _ = update(params, state, _split(rows, 2), jax.random.key(0), jnp.float32(0))
+        for a, b in zip(before, jax.tree.leaves(params)):
+            np.testing.assert_array_equal(a, np.asarray(b))
+    _, fresh = _model()
+    state = train_step.set_learning_rate(opt.init(fresh), 4e-3)
+    before = [np.asarray(x) for x in jax.tree.leaves(fresh)]
+    moved, _, _ = update(fresh, state, _split(rows, 2), jax.random.key(0), jnp.float32(0))
+    steps = np.concatenate([np.abs(np.asarray(b) - a).ravel() for a, b in zip(before, jax.tree.leaves(moved))])
+    assert steps.max() == pytest.approx(4e-3, rel=1e-3)
+    with pytest.raises(TypeError, match="schedule_clock='external'"):
+        train_step.set_learning_rate(train_step.make_optimizer(train_step.OptimizerConfig()).init(fresh), 1e-3)

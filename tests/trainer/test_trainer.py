@@ -120,7 +120,7 @@ def test_spear_replay_triggers_and_trains(tmp_path):
 @pytest.mark.slow
 def test_trajectory_rows_on_math(tmp_path):
     c = _config("spear", "math_tiny,grpo", steps=1)
-    c.env.max_tool_turns = 2
+    c.env.max_steps = 2
     c.rollout.max_prompt_length = 256
     # the paper presets' precision: bf16 compute, bf16 sampler weights and KV cache
     c.model.compute_dtype = c.rollout.weight_dtype = c.rollout.kv_cache_dtype = "bfloat16"
@@ -152,6 +152,58 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == b[key], (step, key, a[key], b[key])
+
+
+@pytest.mark.slow
+def test_kl_loss_to_the_reference_policy_trains(tmp_path):
+    """GRPO with --config.actor.use_kl_loss=True --config.actor.kl_loss_coef=0.01: the reference
+    is the starting policy, so the KL is exactly 0 at the first update and positive after it."""
+    c = _coin(_config("grpo", steps=2))
+    c.actor.use_kl_loss, c.actor.kl_loss_coef = True, 0.01
+    c.trainer.eval_before_train = False
+    _run(c, tmp_path, random_admissible=True)
+    first, second = _train_records(tmp_path)
+    assert first["actor/kl_loss"] == 0.0 and second["actor/kl_loss"] > 0.0
+    for record in (first, second):
+        assert record["actor/skipped"] == 0.0 and math.isfinite(record["actor/loss"])
+
+
+@pytest.mark.slow
+def test_resume_with_a_reference_policy_is_exact(tmp_path):
+    """The reference (KL loss and KL in the reward) is re-derived from the starting weights on
+    resume, not from the checkpoint's params: the resumed step equals the uninterrupted one."""
+    def config(steps):
+        c = _coin(_config("grpo", steps=steps))
+        c.actor.use_kl_loss, c.actor.kl_loss_coef, c.actor.kl_loss_type = True, 0.01, "k2"
+        c.algorithm.use_kl_in_reward, c.algorithm.kl_coef, c.algorithm.kl_penalty = True, 0.05, "low_var_kl"
+        c.trainer.eval_before_train = False
+        return c
+
+    _run(config(2), tmp_path / "full", random_admissible=True)
+    _run(config(1), tmp_path / "resumed", random_admissible=True)
+    _run(config(2), tmp_path / "resumed", random_admissible=True)
+    full = _train_records(tmp_path / "full")[1]
+    resumed = _train_records(tmp_path / "resumed")[1]
+    assert full["actor/kl_loss"] > 0 and full["actor/reward_kl_penalty"] > 0
+    for key in [k for k in full if "time" not in k]:
+        assert full[key] == resumed[key], (key, full[key], resumed[key])
+
+
+@pytest.mark.slow
+def test_cosine_schedule_spans_the_run_and_log_every(tmp_path):
+    """The LR schedule advances once per RL step (every minibatch of step t, here several, uses
+    lr(t - 1)), so a cosine over 3 steps is still positive at the last; metrics every 2 steps."""
+    c = _coin(_config("grpo", steps=3))
+    c.actor.lr_schedule, c.trainer.log_every = "cosine", 2
+    c.actor.ppo_mini_batch_size = 8  # several optimizer steps per RL step
+    c.trainer.eval_before_train = False
+    _run(c, tmp_path, random_admissible=True)
+    records = _train_records(tmp_path)
+    assert [r["step"] for r in records] == [2, 3]  # every log_every steps, and the last
+    for record in records:
+        expected = c.actor.lr * 0.5 * (1 + math.cos(math.pi * (record["step"] - 1) / 3))
+        assert record["actor/lr"] == pytest.approx(expected, rel=1e-6) and expected > 0
+        assert record["actor/optimizer_steps"] > 1
 
 
 @pytest.mark.slow
