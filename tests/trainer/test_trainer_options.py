@@ -99,7 +99,7 @@ def test_kl_fields_are_checked():
         run_config.validate(c, num_devices=8)
     c.actor.kl_loss_coef = 0.01
     run_config.validate(c, num_devices=8)
-    assert run_config.objective_config(c).kl_penalty == "k1"  # the reference's name of k1
+    assert run_config.objective_config(c).kl_penalty == "kl"  # the reference's name of k1
     c.actor.kl_loss_type = "k4"
     with pytest.raises(ConfigError, match="config.actor.kl_loss_type"):
         run_config.validate(c, num_devices=8)
