@@ -118,12 +118,14 @@ class RunCheckpointer:
         )
         self._manager.wait_until_finished()
 
-    def restore(self, abstract_device: Any, step: int | None = None) -> RunState:
+    def restore(self, abstract_device: Any, step: int | None = None, partial: bool = False) -> RunState:
         """Restores checkpoint ``step`` (default: the latest).
 
         Args:
           abstract_device: a pytree like the saved ``device`` part whose leaves are arrays or
             ``jax.ShapeDtypeStruct`` with the target sharding; restored arrays take it.
+          partial: restore only the entries ``abstract_device`` names (e.g. ``{"params": ...}``
+            of a checkpoint that also holds ``opt_state``); the others are not read.
         """
         step = self.latest_step() if step is None else step
         if step is None:
@@ -135,7 +137,7 @@ class RunCheckpointer:
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                device=ocp.args.StandardRestore(target),
+                device=_device_restore_args(target, partial),
                 host=ocp.args.ArrayRestore(),
                 meta=ocp.args.JsonRestore(),
             ),
@@ -148,6 +150,15 @@ class RunCheckpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _device_restore_args(target: Any, partial: bool):
+    """Orbax restore arguments of the ``device`` part: all of it into ``target``, or (``partial``)
+    only the entries ``target`` names."""
+    if not partial:
+        return ocp.args.StandardRestore(target)
+    return ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
 
 
 def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:

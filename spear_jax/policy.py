@@ -24,8 +24,8 @@ from jax.sharding import Mesh
 from spear_jax.checkpoint import RunCheckpointer
 from spear_jax.model import ModelConfig, get_model_config, init_sharded
 from spear_jax.model.chat_template import ChatTemplate
-from spear_jax.model.gguf_checkpoint import load_gguf, load_smollm2
-from spear_jax.model.hf_checkpoint import load_hf_checkpoint
+from spear_jax.model.gguf_checkpoint import load_gguf, load_smollm2, read_gguf_config, smollm2_gguf_path
+from spear_jax.model.hf_checkpoint import load_hf_checkpoint, read_hf_config
 from spear_jax.model.tokenizer import Tokenizer, load_tokenizer, smollm2_tokenizer, tiny_tokenizer
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -48,7 +48,18 @@ def _model_overrides(c: ml_collections.ConfigDict) -> dict:
     return {"compute_dtype": c.model.compute_dtype, "remat": c.model.remat}
 
 
-def _tokenizer(c: ml_collections.ConfigDict) -> Tokenizer:
+def model_config_of(c: ml_collections.ConfigDict) -> ModelConfig:
+    """The architecture run config ``c`` trains, read without loading any weights: the HF
+    directory's config.json, the GGUF file's metadata, or the preset."""
+    overrides = _model_overrides(c)
+    if c.model.checkpoint_format == "hf":
+        return read_hf_config(c.model.checkpoint_path, **overrides)
+    if c.model.checkpoint_format == "gguf":
+        return read_gguf_config(c.model.checkpoint_path or smollm2_gguf_path(), **overrides)
+    return get_model_config(c.model.preset, **overrides)
+
+
+def load_tokenizer_of(c: ml_collections.ConfigDict) -> Tokenizer:
     fmt = c.model.chat_format
     if c.model.tokenizer_path:
         return load_tokenizer(c.model.tokenizer_path, eos_token=_EOS_BY_FORMAT[fmt])
@@ -65,13 +76,14 @@ def _tokenizer(c: ml_collections.ConfigDict) -> Tokenizer:
 
 
 def restore_params(directory: str, graphdef_and_abstract: tuple[nnx.GraphDef, nnx.State]) -> nnx.State:
-    """The ``params`` saved by a run (``RunCheckpointer`` under ``directory/checkpoints``)."""
+    """The ``params`` saved by a run (``RunCheckpointer`` under ``directory/checkpoints``), newest
+    step; the optimizer state and host parts of an RL checkpoint are not read."""
     _, abstract = graphdef_and_abstract
     path = os.path.join(directory, CHECKPOINT_SUBDIR) if os.path.isdir(
         os.path.join(directory, CHECKPOINT_SUBDIR)) else directory
     checkpointer = RunCheckpointer(path)
     try:
-        state = checkpointer.restore({"params": abstract})
+        state = checkpointer.restore({"params": abstract}, partial=True)
     finally:
         checkpointer.close()
     return state.device["params"]
@@ -96,7 +108,7 @@ def load_policy(c: ml_collections.ConfigDict, mesh: Mesh) -> Policy:
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
             )
             params = restore_params(c.model.checkpoint_path, (graphdef, abstract))
-    tokenizer = _tokenizer(c)
+    tokenizer = load_tokenizer_of(c)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
