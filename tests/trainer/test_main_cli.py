@@ -52,6 +52,7 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     """SIGINT to the process group (what Ctrl-C in a terminal sends) while the trainer runs its
     first evaluation: the TextWorldExpress JVM dies with it, and the run must neither print the
