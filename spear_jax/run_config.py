@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import numbers
 import os
 import re
 import typing
@@ -70,7 +71,7 @@ class Interval:
     high_open: bool = True
 
     def __contains__(self, value: Any) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             return False
         above = value > self.low if self.low_open else value >= self.low
         below = value < self.high if self.high_open else value <= self.high
@@ -220,8 +221,8 @@ RULES: tuple[Rule, ...] = (
     Rule("trainer.eval_every", _at_least(1), "set it above trainer.total_steps to evaluate only before "
          "and after training"),
     Rule("trainer.checkpoint_every", _at_least(1), "a checkpoint is also written at the end"),
-    Rule("trainer.max_checkpoints_to_keep", _at_least(1), "the newest checkpoint is the one a rerun "
-         "resumes from; keep 2 to survive a corrupt one"),
+    Rule("trainer.max_checkpoints_to_keep", _at_least(1), "a rerun resumes from the newest; the default "
+         "keeps 2"),
     Rule("trainer.log_every", _at_least(1)),
 )
 
@@ -432,14 +433,11 @@ def _check_batch_sizes(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if mini < micro or mini % micro:
         raise ConfigError(f"config.actor.ppo_mini_batch_size={mini}: must be a multiple of "
                           f"config.actor.ppo_micro_batch_size={micro}")
-    batch_ways = _batch_ways(mesh_shape(c, num_devices))
+    sizes = mesh_shape(c, num_devices)
+    batch_ways = sizes["data"] * sizes["fsdp"]
     if micro % batch_ways:
         raise ConfigError(f"config.actor.ppo_micro_batch_size={micro}: must be divisible by the "
                           f"batch-parallel devices (mesh data x fsdp = {batch_ways})")
-
-
-def _batch_ways(sizes: dict[str, int]) -> int:
-    return sizes["data"] * sizes["fsdp"]
 
 
 def sequence_length(c: ml_collections.ConfigDict) -> int:
@@ -505,10 +503,11 @@ def _check_environment(c: ml_collections.ConfigDict) -> None:
     if c.data.eval_split not in splits:
         _fail("data.eval_split", c.data.eval_split, f"a split of {name!r}, {OneOf(splits).describe()}")
     options = dict(c.env.kwargs.to_dict(), split="train", seed=c.seed, max_steps=c.env.max_steps)
+    signature = inspect.signature(env_class(name))
     try:
-        inspect.signature(env_class(name)).bind(**options)
+        signature.bind(**options)
     except TypeError as error:
-        allowed = [p for p in inspect.signature(env_class(name)).parameters if p not in ("split", "seed", "max_steps")]
+        allowed = [p for p in signature.parameters if p not in ("split", "seed", "max_steps")]
         raise ConfigError(f"config.env.kwargs={c.env.kwargs.to_dict()!r}: not options of {name!r} ({error}); "
                           f"its options are {allowed}") from error
     uses_gold = (c.sft.enable or c.name == "sft") and c.sft.source == "gold"
