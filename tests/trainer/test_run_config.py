@@ -190,7 +190,8 @@ BAD_VALUES = [
     ("actor.ppo_kl_coef", -1.0, ">= 0"),
     ("actor.entropy_coeff", -0.001, ">= 0"),
     ("actor.kl_loss_coef", -0.1, ">= 0"),
-    ("actor.kl_loss_type", "kl", "'low_var_kl'"),
+    ("actor.kl_loss_type", "k4", "'low_var_kl'"),
+    ("algorithm.kl_penalty", "k4", "'low_var_kl'"),
     ("replay.buffer_size", 0, ">= 1"),
     ("replay.baseline_buffer_size", 0, ">= 1"),
     ("replay.tolerate_steps", -1, ">= 0"),
@@ -247,6 +248,7 @@ def test_trajectory_rows_hold_one_response_budget_for_all_turns():
     run_config.validate(c, num_devices=8)
     assert run_config.sequence_length(c) == c.rollout.max_prompt_length + c.rollout.max_response_length
     c.rollout.max_response_length = 4096 - c.rollout.max_prompt_length + 1
+    c.trainer.length_buckets = (4097,)
     with pytest.raises(ConfigError, match=r"= 4097 tokens: must be <= the model's 4096"):
         run_config.validate(c, num_devices=8)
 
