@@ -26,7 +26,6 @@ import json
 import os
 import re
 
-import jax
 import ml_collections
 from absl import app, flags
 from flax import nnx
@@ -37,8 +36,7 @@ from spear_jax.model.chat_template import ChatTemplate
 from spear_jax.model.hf_checkpoint import EXPORT_DTYPES, save_hf_checkpoint
 from spear_jax.model.hf_tokenizer_files import write_tokenizer_files
 from spear_jax.model.tokenizer import Tokenizer
-from spear_jax.model.transformer import init_model
-from spear_jax.policy import CHECKPOINT_SUBDIR, load_tokenizer_of, model_config_of
+from spear_jax.policy import CHECKPOINT_SUBDIR, abstract_params, load_tokenizer_of, model_config_of
 
 RUN_CONFIG_FILE = "config.json"
 WARM_START_DIR = "warm_start"
@@ -82,9 +80,7 @@ def merged_params(device_state: dict) -> nnx.State:
 def restore_run_params(checkpoint_dir: str, cfg: ModelConfig, step: int | None) -> tuple[int, dict]:
     """(step, restored ``device`` part holding ``params``) of the run checkpoint in
     ``checkpoint_dir``, step ``step`` or the newest, on the host CPU; other parts are not read."""
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    _, abstract = nnx.split(nnx.eval_shape(lambda: init_model(cfg)))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
+    _, target = abstract_params(cfg, mesh=None)
     checkpointer = RunCheckpointer(checkpoint_dir)
     try:
         steps = checkpointer.all_steps()

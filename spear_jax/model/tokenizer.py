@@ -131,13 +131,16 @@ class HFTokenizer(Tokenizer):
 
 
 def load_tokenizer(path: str, eos_token: str | None = None, bos_token: str | None = None) -> Tokenizer:
-    """``.model`` -> SentencePiece; ``tokenizer.json`` (or a directory holding one) -> HF.
+    """``.model`` -> SentencePiece; ``tokenizer.json`` -> HF. A directory gives its
+    ``tokenizer.json``, else its ``tokenizer.model`` (as a Hugging Face model directory holds them).
 
     HF files need ``eos_token`` (e.g. ``"<|im_end|>"`` for Qwen/SmolLM2 chat models,
     ``"<|eot_id|>"`` for Llama-3 instruct models).
     """
     if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
+        sentencepiece = os.path.join(path, "tokenizer.model")
+        json_path = os.path.join(path, "tokenizer.json")
+        path = sentencepiece if os.path.isfile(sentencepiece) and not os.path.isfile(json_path) else json_path
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
     if path.endswith(".model"):
