@@ -132,21 +132,25 @@ def export_run(workdir: str, out: str, step: int | None = None, dtype: str = "fl
     return {"step": step, "out": out, "dtype": dtype, "files": sorted(files)}
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory whose checkpoint is exported.")
-_OUT = flags.DEFINE_string("out", None, "Directory the Hugging Face model is written to.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(EXPORT_DTYPES), "Dtype of the saved weights.")
-_MAX_SHARD = flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file before sharding.")
-_CONFIG = flags.DEFINE_string("config", "", "Run config JSON (default: <workdir>/config.json).")
+def _define_flags() -> None:
+    """The command line's flags (defined only when this module runs as the program, so importing
+    it next to ``spear_jax.main`` defines no flag twice)."""
+    flags.DEFINE_string("workdir", None, "Run directory whose checkpoint is exported.")
+    flags.DEFINE_string("out", None, "Directory the Hugging Face model is written to.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
+    flags.DEFINE_enum("dtype", "float32", sorted(EXPORT_DTYPES), "Dtype of the saved weights.")
+    flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors file before sharding.")
+    flags.DEFINE_string("config", "", "Run config JSON (default: <workdir>/config.json).")
+    flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv) -> None:
     del argv
-    summary = export_run(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value,
-                         parse_size(_MAX_SHARD.value), _CONFIG.value)
+    f = flags.FLAGS
+    summary = export_run(f.workdir, f.out, f.step, f.dtype, parse_size(f.max_shard_size), f.config)
     print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["workdir", "out"])
+    _define_flags()
     app.run(main)

@@ -1,0 +1,112 @@
+"""config.trainer.init_from: RL starts from another run's warm start (or an HF export of it) with
+a fresh optimizer, an empty buffer and no warm start of its own; errors name the field."""
+import importlib
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from spear_jax import main, run_config, sft
+from spear_jax.export import export_run
+from spear_jax.init_from import InitSource, resolve_init_from
+from spear_jax.policy import abstract_params, model_config_of, restore_params
+from spear_jax.trainer import Trainer
+
+
+def _config(steps=1):
+    c = importlib.import_module("configs.spear").get_config("twx_tiny")
+    c.unlock()
+    c.data.train_tasks_per_step, c.data.group_size, c.data.eval_episodes = 2, 2, 2
+    c.env.history_length, c.env.max_steps = 0, 2
+    c.rollout.max_response_length = c.actor.loss_agg_max_response_length = 16
+    c.actor.ppo_mini_batch_size, c.actor.ppo_micro_batch_size = 16, 8
+    c.trainer.total_steps, c.trainer.eval_every, c.trainer.checkpoint_every = steps, 100, 1
+    c.trainer.eval_before_train = False
+    c.sft.steps, c.sft.episodes, c.sft.batch_size, c.sft.lr = 3, 4, 8, 1e-2
+    return c
+
+
+@pytest.fixture(scope="module")
+def warm_start(tmp_path_factory):
+    """The warm start of another run: ``<source>/warm_start``, and its params."""
+    source = tmp_path_factory.mktemp("source")
+    c = _config()
+    sft.run_sft(c, str(source / "warm_start"))
+    _, abstract = abstract_params(model_config_of(c), None)
+    return str(source / "warm_start"), restore_params(str(source / "warm_start"), abstract)
+
+
+def _assert_same(params, want):
+    got, expected = jax.tree.leaves(params), jax.tree.leaves(want)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_rl_starts_from_another_runs_warm_start_without_its_own(warm_start, tmp_path, monkeypatch):
+    source, want = warm_start
+    c = _config(steps=1)
+    c.trainer.init_from = source
+    started = {}
+    original = Trainer.train
+
+    def train(self):
+        started.update(params=jax.device_get(self.policy.params), step=self.step, buffer=self.buffer.num_rows,
+                       history=self.buffer.history.num_values,
+                       count=[int(x) for x in jax.tree.leaves(self.opt_state) if np.ndim(x) == 0
+                              and np.asarray(x).dtype.kind in "iu"])
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train", train)
+    main.run(c, str(tmp_path / "run"))
+    _assert_same(started["params"], want)
+    assert started["step"] == 0 and started["buffer"] == 0 and started["history"] == 0
+    assert started["count"] and all(v == 0 for v in started["count"])  # a fresh optimizer: every step counter at 0
+    assert not os.path.exists(tmp_path / "run" / "warm_start")  # the warm start was skipped
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "1")
+
+
+def test_init_from_an_hf_export_and_from_a_step_directory(warm_start, tmp_path):
+    source, want = warm_start
+    export_run(source, str(tmp_path / "hf"), config_path=_write_config(tmp_path))
+    assert resolve_init_from(str(tmp_path / "hf")).kind == "hf"
+    steps = sorted(int(n) for n in os.listdir(os.path.join(source, "checkpoints")) if n.isdigit())
+    step_dir = os.path.join(source, "checkpoints", str(steps[-1]))
+    assert resolve_init_from(step_dir) == InitSource("run", os.path.join(source, "checkpoints"), steps[-1])
+    for init_from in (str(tmp_path / "hf"), step_dir):
+        c = _config()
+        c.sft.enable = False
+        c.trainer.init_from = init_from
+        trainer = Trainer(c, str(tmp_path / f"run{len(init_from)}"))
+        try:
+            _assert_same(trainer.policy.params, want)
+            if init_from.endswith("hf"):  # the export's own tokenizer.model
+                assert trainer.policy.tokenizer.path == str(tmp_path / "hf" / "tokenizer.model")
+        finally:
+            trainer.close()
+
+
+def _write_config(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(_config().to_json_best_effort())
+    return str(path)
+
+
+def test_init_from_errors_name_the_field(tmp_path):
+    c = _config()
+    c.trainer.init_from = str(tmp_path / "missing")
+    with pytest.raises(run_config.ConfigError, match=r"config.trainer.init_from=.*missing.*no such directory"):
+        run_config.validate(c, num_devices=8)
+    (tmp_path / "empty").mkdir()
+    c.trainer.init_from = str(tmp_path / "empty")
+    with pytest.raises(run_config.ConfigError, match="config.trainer.init_from=.*neither a run checkpoint"):
+        run_config.validate(c, num_devices=8)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    c.trainer.init_from = str(tmp_path / "run")
+    with pytest.raises(run_config.ConfigError, match=r"config.trainer.init_from=.*no complete checkpoint"):
+        run_config.validate(c, num_devices=8)
+    c.trainer.init_from = ""
+    c.trainer.resume_step = -2
+    with pytest.raises(run_config.ConfigError, match=r"config.trainer.resume_step=-2: must be >= -1"):
+        run_config.validate(c, num_devices=8)
