@@ -1,11 +1,17 @@
 """BM25 stand-in: the formula on a hand-computed corpus, and ranking sanity on the real goals."""
+import json
 import math
+import os
 
 import pytest
 
+from environments.webshop.adapter import load_webshop_shop
 from environments.webshop.env import load_offline_shop
 from environments.webshop.goals import split_goal_indices
 from environments.webshop.search import BM25Index, analyze, stem
+
+STANDIN_TOP1_AGREEMENT = 1.0
+STANDIN_TOP10_OVERLAP = 1.0
 
 
 def test_analyzer():
@@ -64,3 +70,43 @@ def test_type_words_alone_find_mostly_that_type(product_type):
     shop = load_offline_shop()
     top10 = shop.search(product_type)[:10]
     assert sum(shop.products[a].query == product_type for a in top10) >= 7
+
+
+# Rankings of the former pure-Python BM25 (light plural stemmer), frozen before the search moved
+# to bm25s: on the fixture files (exact) and on the generated catalogue (seed 0, top 10).
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "webshop")
+FROZEN_FIXTURE_RANKINGS = {
+    "tea tree body scrub": ["B000000001", "B000000002"],
+    "coffee scrub": ["B000000002", "B000000001"],
+    "shampoo for dry hair": ["B000000003"],
+    "lipstick": ["B000000004"],
+    "ruby red": ["B000000004"],
+    "natural ingredients 16 ounce": ["B000000001"],
+    "sulfate free": ["B000000003"],
+    "the of with": [],
+    "body": ["B000000001", "B000000002"],
+}
+
+
+def test_fixture_rankings_equal_the_frozen_reference():
+    shop = load_webshop_shop(os.path.join(FIXTURES, "items_shuffle_fixture.json"),
+                             os.path.join(FIXTURES, "items_ins_fixture.json"))
+    assert {query: shop.search(query) for query in FROZEN_FIXTURE_RANKINGS} == \
+        FROZEN_FIXTURE_RANKINGS
+
+
+def test_catalogue_rankings_agree_with_the_frozen_reference():
+    with open(os.path.join(FIXTURES, "standin_bm25_rankings.json")) as f:
+        frozen = json.load(f)
+    shop = load_offline_shop(seed=frozen["catalogue_seed"])
+    k = frozen["k"]
+    same_first, overlaps = 0, []
+    for entry in frozen["rankings"]:
+        top = shop.search(entry["query"])[:k]
+        same_first += top[:1] == entry["top"][:1]
+        overlaps.append(len(set(top) & set(entry["top"])) / max(len(entry["top"]), 1))
+    first_rate = same_first / len(frozen["rankings"])
+    mean_overlap = sum(overlaps) / len(overlaps)
+    print(f"top-1 agreement {first_rate:.3f}, mean top-{k} overlap {mean_overlap:.3f}")
+    assert first_rate >= STANDIN_TOP1_AGREEMENT
+    assert mean_overlap >= STANDIN_TOP10_OVERLAP
