@@ -1,4 +1,5 @@
-"""BM25 stand-in: the formula on a hand-computed corpus, and ranking sanity on the real goals."""
+"""WebShop search: the analyzer, BM25 on a hand-computed corpus, ranking sanity on the real goals,
+and agreement with the rankings of the former pure-Python BM25."""
 import json
 import math
 import os
@@ -8,30 +9,44 @@ import pytest
 from environments.webshop.adapter import load_webshop_shop
 from environments.webshop.env import load_offline_shop
 from environments.webshop.goals import split_goal_indices
-from environments.webshop.search import BM25Index, analyze, stem
+from environments.webshop.search import BM25Index, analyze
 
-STANDIN_TOP1_AGREEMENT = 1.0
-STANDIN_TOP10_OVERLAP = 1.0
+# The BM25 formula is the former one (with its analyzer, bm25s returned the same top 50 for all
+# 3,175 goal-instruction and product-type queries of the catalogue); the Porter stemmer in place
+# of the light plural stemmer moves some near-ties: on these 38 queries one top hit changes
+# ("deodorants & antiperspirants": the first two swap) and 98.7% of the top 10 stay.
+STANDIN_TOP1_AGREEMENT = 0.95
+STANDIN_TOP10_OVERLAP = 0.95
 
 
-def test_analyzer():
+def test_analyzer_follows_lucene_english_analyzer():
     assert analyze("Scrubs & Body Treatments with Tea-Tree for dry hair") == [
-        "scrub", "body", "treatment", "tea", "tree", "dry", "hair"]
-    assert [stem(w) for w in ("accessories", "glasses", "dress", "gas", "boxes")] == [
-        "accessory", "glass", "dress", "gas", "box"]
+        "scrub", "bodi", "treatment", "tea", "tree", "dry", "hair"]
+    # Possessives dropped, numbers kept whole, Porter stems, stop words out, one-letter tokens in.
+    assert analyze("Women's 8.5 oz, 1,000 pcs of a B07ABC running-shoes") == [
+        "women", "8.5", "oz", "1,000", "pc", "b07abc", "run", "shoe"]
+    assert analyze("size: x large, the e.g. 2 pack") == ["size", "x", "larg", "e.g", "2", "pack"]
+    assert analyze("the of with") == []
 
 
 def test_bm25_scores_match_hand_computation():
     index = BM25Index([("d0", "red apple"), ("d1", "green apple pie"), ("d2", "banana")])
-    # N=3, df(apple)=2: idf = ln(1 + 1.5/2.5); lengths 2, 3, 1 -> avgdl 2; k1 0.9, b 0.4.
+    # N=3, df(apple)=2: idf = ln(1 + 1.5/2.5); lengths 2, 3, 1 -> avgdl 2; k1 0.9, b 0.4;
+    # Lucene's tf part tf / (tf + k1 (1 - b + b |d| / avgdl)).
     idf = math.log(1.6)
-    d0 = idf * 1 * 1.9 / (1 + 0.9 * (0.6 + 0.4 * 2 / 2))
-    d1 = idf * 1 * 1.9 / (1 + 0.9 * (0.6 + 0.4 * 3 / 2))
-    scores = index.scores("apple")
-    assert scores == pytest.approx({0: d0, 1: d1})
+    d0 = idf * 1 / (1 + 0.9 * (0.6 + 0.4 * 2 / 2))
+    d1 = idf * 1 / (1 + 0.9 * (0.6 + 0.4 * 3 / 2))
+    assert index.scores("apple") == pytest.approx([d0, d1, 0.0], rel=1e-12)
+    assert index.scores("apples") == pytest.approx([d0, d1, 0.0], rel=1e-12)  # stemmed
     assert index.search("apple") == ["d0", "d1"]             # banana shares no term
     assert index.search("apple", k=1) == ["d0"]
     assert index.search("the of with") == []                 # stop words only
+    assert index.search("kiwi") == []                        # no term in the index
+
+
+def test_bm25_ties_keep_index_order():
+    index = BM25Index([("z", "blue mug"), ("y", "red cup"), ("x", "blue mug")])
+    assert index.search("blue mug") == ["z", "x"]
 
 
 def test_bm25_repeated_query_terms_count_twice():
