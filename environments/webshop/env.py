@@ -38,6 +38,7 @@ from environments.webshop.catalog import generate_catalog
 from environments.webshop.engine import Shop, ShopSession
 from environments.webshop.goals import (draw_purchase_prices, load_attribute_file,
                                         shuffle_goals, split_goal_indices, synthetic_goals)
+from environments.webshop.prompts import PROMPT_STYLE
 
 MAX_STEPS = 15
 SUCCESS_REWARD = 10.0
@@ -58,6 +59,7 @@ class WebShopEnv:
     """WebShop on a ``Shop`` (see module docstring)."""
 
     name = "webshop"
+    prompt_style = PROMPT_STYLE
 
     def __init__(self, shop: Shop, split: str = "train", max_steps: int = MAX_STEPS,
                  seed: int = 0):
