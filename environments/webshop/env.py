@@ -22,7 +22,8 @@ admissible actions are ``search[<your query>]`` when the page has a search bar p
 
 Two catalogues serve it: ``make_offline_webshop_env`` (real goals and attributes of the
 1000-product setting, GENERATED pages, see ``catalog``), and ``adapter.make_webshop_env_from_files``
-(WebShop's own data files). Splits follow verl-agent: ``test`` = goals 0-499 of WebShop's
+(WebShop's own data files); ``adapter.make_webshop_env`` picks one from config options. Step
+prompts: ``prompts.PROMPT_STYLE`` (verl-agent's WebShop layout). Splits follow verl-agent: ``test`` = goals 0-499 of WebShop's
 shuffled goal list, ``train`` = the rest.
 """
 from __future__ import annotations
