@@ -23,8 +23,10 @@ catalogue order (Lucene breaks ties by document number, i.e. indexing order).
 2. a trailing possessive ``'s`` removed (``EnglishPossessiveFilter``), lower case;
 3. Lucene's 33 English stop words removed (the same list as ``bm25s.stopwords.STOPWORDS_EN``);
 4. Porter stemming (``PyStemmer``'s ``porter``: Snowball's edition of the original Porter
-   algorithm; Lucene's ``PorterStemFilter`` ports Porter's reference C code, which departs from
-   the published algorithm on a few step-2 suffixes such as ``-bli`` and ``-logi``).
+   algorithm) of tokens longer than two characters: Lucene's ``PorterStemFilter`` ports Porter's
+   reference C code, which leaves one- and two-letter words alone (``s`` stays ``s``, ``us``
+   stays ``us``) and departs from the published algorithm on a few step-2 suffixes such as
+   ``-bli`` and ``-logi``.
 
 Remaining differences from pyserini: the tokenizer is a regular expression, not the full UAX #29
 rules (scripts without spaces, emoji, URLs), and Lucene stores each document length in one byte
@@ -55,8 +57,8 @@ _STEMMER = Stemmer.Stemmer("porter")
 def analyze(text: str) -> list[str]:
     """Tokens of ``text`` as indexed and queried (Lucene English analyzer chain, see above)."""
     tokens = [_POSSESSIVE.sub("", token) for token in _TOKEN.findall(text.lower())]
-    return _STEMMER.stemWords([token for token in tokens
-                               if token and token not in LUCENE_ENGLISH_STOP_WORDS])
+    return [_STEMMER.stemWord(token) if len(token) > 2 else token for token in tokens
+            if token and token not in LUCENE_ENGLISH_STOP_WORDS]
 
 
 class BM25Index:
@@ -68,7 +70,8 @@ class BM25Index:
             raise ValueError("documents must be non-empty")
         self.doc_ids = [doc_id for doc_id, _ in documents]
         self._bm25 = bm25s.BM25(k1=k1, b=b, method="lucene", dtype="float64")
-        self._bm25.index([analyze(text) for _, text in documents], show_progress=False)
+        self._bm25.index([analyze(text) for _, text in documents], create_empty_token=False,
+                         show_progress=False)
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every document for ``query``; 0 where no query term occurs.

@@ -27,6 +27,14 @@ def test_analyzer_follows_lucene_english_analyzer():
         "women", "8.5", "oz", "1,000", "pc", "b07abc", "run", "shoe"]
     assert analyze("size: x large, the e.g. 2 pack") == ["size", "x", "larg", "e.g", "2", "pack"]
     assert analyze("the of with") == []
+    assert analyze("s us is as bus") == ["s", "us", "bu"]    # <= 2 letters are not stemmed
+
+
+def test_short_and_unknown_query_words_never_raise():
+    index = BM25Index([("a", "bus pass"), ("b", "the s model"), ("c", "the of")])
+    assert index.search("s") == ["b"]
+    assert index.search("S bus zzz") == ["a", "b"]
+    assert index.search("of") == []
 
 
 def test_bm25_scores_match_hand_computation():
