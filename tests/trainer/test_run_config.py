@@ -155,7 +155,7 @@ def test_webshop_preset_takes_the_data_dir_from_the_command_line(tmp_path):
     c = _config("drbot", "webshop_qwen2.5_1.5b")
     c.env.kwargs.data_dir = data_dir                   # --config.env.kwargs.data_dir=...
     assert c.env.kwargs.to_dict() == {"data_dir": data_dir, "product_set": "1000",
-                                      "human_goals": False}
+                                      "human_goals": False, "shop_seed": 0}
     env = make_env(c.env.name, split="train", seed=c.seed, max_steps=c.env.max_steps,
                    **c.env.kwargs.to_dict())
     assert env.shop.products["B000000000"].title == "Lumina model0 Tea Tree Body Scrub"
