@@ -376,7 +376,7 @@ def test_every_default_value_satisfies_its_rule():
 def _webshop(data_dir, **kwargs):
     c = _config("drbot")
     c.unlock()
-    c.env.name = "webshop"
+    c.env.name, c.sft.enable = "webshop", False
     c.env.kwargs = {"data_dir": str(data_dir), **kwargs}
     return c
 
