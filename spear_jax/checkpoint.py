@@ -209,6 +209,7 @@ class RunCheckpointer:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
         self.directory = os.path.abspath(directory)
         self.max_to_keep = max_to_keep
+        self._verified: set[int] = set()  # steps whose files this checkpointer has hashed
         # Retention is ours (after the manifest), so a save that never completes cannot push the
         # previous complete step out. Synchronous saves raise a write error in this thread at
         # once; the asynchronous path waits on a signal that never comes.
@@ -233,6 +234,7 @@ class RunCheckpointer:
     def save(self, step: int, state: RunState) -> None:
         """Writes ``state`` as checkpoint ``step``, blocks until it is complete on disk (manifest
         included), then removes complete steps beyond ``max_to_keep`` and unfinished ones."""
+        self._verified.discard(step)
         try:
             _probe_writable(self.directory)
             if step in self._manager.all_steps():  # an unfinished or superseded save of this step
@@ -256,50 +258,69 @@ class RunCheckpointer:
                 self._manager.delete(old)
 
     def restore(self, abstract_device: Any, step: int | None = None) -> RunState:
-        """Restores checkpoint ``step`` (default: the newest intact one) after verifying it.
-
-        Without ``step``, a damaged newest checkpoint (file missing, truncated or changed) is
-        logged as a warning naming the step and the files, moved to ``rejected/``, and the next
-        older complete one is tried; ``CheckpointError`` when none is intact.
+        """Restores checkpoint ``step`` (default: ``newest_intact_step()``) after verifying it.
 
         Args:
           abstract_device: a pytree like the saved ``device`` part whose leaves are arrays or
             ``jax.ShapeDtypeStruct`` with the target sharding; restored arrays take it.
         """
-        if step is not None:
-            if step not in self.all_steps():
-                raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
-                                        f"available: {self.all_steps()}")
-            problems = verify_step(self.step_directory(step))
-            if problems:
-                raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: "
-                                      f"{'; '.join(problems)}. Restore another step "
-                                      f"(available: {self.all_steps()}) or the files from a backup.")
-            return self._restore_step(abstract_device, step)
-        return self._restore_newest_intact(abstract_device)
+        if step is None:
+            step = self.newest_intact_step()
+            if step is None:
+                unfinished = sorted(self._manager.all_steps())
+                note = (f" (steps {unfinished} have no {MANIFEST_FILE}: their save did not finish)"
+                        if unfinished else "")
+                raise FileNotFoundError(f"no checkpoint in {self.directory}{note}")
+        elif step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
+                                    f"available: {self.all_steps()}")
+        self._verify(step)
+        return self._restore_step(abstract_device, step)
 
-    def _restore_newest_intact(self, abstract_device: Any) -> RunState:
-        candidates = self.all_steps()[::-1]
-        if not candidates:
-            unfinished = sorted(self._manager.all_steps())
-            note = f" (steps {unfinished} have no {MANIFEST_FILE}: their save did not finish)" if unfinished else ""
-            raise FileNotFoundError(f"no checkpoint in {self.directory}{note}")
+    def newest_intact_step(self) -> int | None:
+        """The newest complete step whose files match its manifest; None when there is no
+        complete step.
+
+        A damaged step (a file missing, truncated or changed) is logged as a warning naming the
+        step and the files, moved to ``rejected/``, and the next older one is tried;
+        ``CheckpointError`` when every complete step is damaged.
+        """
         damaged = []
-        for step in candidates:
+        for step in self.all_steps()[::-1]:
             problems = verify_step(self.step_directory(step))
             if not problems:
+                self._verified.add(step)
                 if damaged:
                     _log.warning("restoring checkpoint step %d of %s instead (the newer %s %s damaged)",
                                  step, self.directory, damaged, "is" if len(damaged) == 1 else "are")
-                return self._restore_step(abstract_device, step)
+                return step
             where = self._reject(step)
             _log.warning("checkpoint step %d in %s is damaged and is not restored: %s; %s",
                          step, self.directory, "; ".join(problems), where)
             damaged.append(step)
-        raise CheckpointError(
-            f"no intact checkpoint in {self.directory}: steps {damaged} are damaged (moved to "
-            f"{os.path.join(self.directory, REJECTED_SUBDIR)}; see the warnings above). Restore them "
-            f"from a backup, or start over in a new workdir.")
+        if damaged:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory}: steps {damaged} are damaged (moved to "
+                f"{os.path.join(self.directory, REJECTED_SUBDIR)}; see the warnings above). Restore "
+                f"them from a backup, or start over in a new workdir.")
+        return None
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The ``meta`` part of complete step ``step`` alone (verified first)."""
+        self._verify(step)
+        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+    def _verify(self, step: int) -> None:
+        """Raises ``CheckpointError`` unless ``step`` matches its manifest (each step is hashed
+        once per checkpointer)."""
+        if step in self._verified:
+            return
+        problems = verify_step(self.step_directory(step))
+        if problems:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: "
+                                  f"{'; '.join(problems)}. Restore another step "
+                                  f"(available: {self.all_steps()}) or the files from a backup.")
+        self._verified.add(step)
 
     def _restore_step(self, abstract_device: Any, step: int) -> RunState:
         target = jax.tree.map(_abstract, abstract_device)
