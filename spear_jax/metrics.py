@@ -23,6 +23,7 @@ METRICS_FILE = "metrics.jsonl"
 # Metric -> the short name shown after the console progress bar.
 PROGRESS_KEYS = {"success_rate": "success", "episode_return": "return", "actor/entropy": "entropy",
                  "replay/buffer_rows": "buffer", "sft/nll": "nll", "time/step": "s/step"}
+_TB_FILE_NUMBERS = itertools.count()  # event files this process has opened
 
 
 def _as_float(value) -> float | None:
@@ -54,7 +55,6 @@ class MetricsWriter:
         self._tensorboard = tensorboard
         self._tb = None  # opened at the first write, after any discard_from
         self._purge_step: int | None = None
-        self._tb_files = itertools.count()
 
     def _tb_writer(self):
         if self._tb is None and self._tensorboard:
@@ -63,7 +63,7 @@ class MetricsWriter:
             # A unique file name per writer: tensorboardX names event files by the second and
             # would truncate an earlier file of the same second.
             self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"), purge_step=self._purge_step,
-                                     filename_suffix=f".{os.getpid()}-{next(self._tb_files)}")
+                                     filename_suffix=f".{os.getpid()}-{next(_TB_FILE_NUMBERS)}")
         return self._tb
 
     def discard_from(self, step: int) -> int:
