@@ -73,8 +73,8 @@ def check_resumable(saved: dict[str, Any] | None, config: ml_collections.ConfigD
     refused = [(field, old, new) for field, old, new in changes if field not in RESUMABLE_FIELDS]
     if refused:
         lines = "\n".join(f"  config.{field}: {old!r} -> {new!r}" for field, old, new in refused)
-        example = next(((field, old) for field, old, _ in refused if old != _ABSENT), None)
-        hint = f" (e.g. --config.{example[0]}={json.dumps(example[1])})" if example else ""
+        flags = " ".join(f"--config.{field}={json.dumps(old)}" for field, old, _ in refused if old != _ABSENT)
+        hint = f" ({flags})" if flags else ""
         raise ConfigError(
             f"cannot resume {where}: the config differs from the one it was saved with in fields a "
             f"resumed run must keep:\n{lines}\nUse a new --workdir to start a run with these "

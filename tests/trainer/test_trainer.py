@@ -8,12 +8,14 @@ import subprocess
 import sys
 
 import re
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
 from spear_jax import metrics as run_metrics
+from spear_jax import run_config
 from spear_jax.sampling import Generation
 from spear_jax.trainer import Trainer
 
@@ -170,3 +172,29 @@ def test_readme_main_command_on_a_short_schedule(tmp_path):
     assert summary["eval_steps"] == [0, 1]
     assert os.path.isfile(workdir / "warm_start" / "metrics.jsonl")
     assert any(p.endswith("curve_success_rate.png") for p in summary["plots"])
+
+
+@pytest.mark.slow
+def test_resume_refuses_changed_fields_and_writes_each_step_once(tmp_path):
+    def config(steps):
+        c = _config("grpo", steps=steps)
+        c.trainer.max_checkpoints_to_keep = 2
+        return c
+
+    _run(config(2), tmp_path)  # eval 0, steps 1-2, final eval 2; checkpoints 1 and 2
+    # killed before step 2's checkpoint completed: its metrics are on disk, its checkpoint is not
+    shutil.rmtree(tmp_path / "checkpoints" / "2")
+    changed = config(2)
+    lr = changed.actor.lr
+    changed.seed, changed.actor.lr, changed.name = 1, lr / 2, "drbot"
+    with pytest.raises(run_config.ConfigError) as refused:
+        _run(changed, tmp_path)
+    message = str(refused.value)
+    for line in ("config.seed: 0 -> 1", f"config.actor.lr: {lr!r} -> {lr / 2!r}", "config.name: 'grpo' -> 'drbot'"):
+        assert line in message, message
+    assert "new --workdir" in message and f"--config.actor.lr={lr!r}" in message and "--config.seed=0" in message
+    assert "trainer.total_steps" not in message.split("Fields that may change")[0]
+    _run(config(3), tmp_path)  # a longer schedule is an allowed change: resumes from step 1
+    records = run_metrics.read_metrics(tmp_path)
+    assert [(r["step"], r["split"]) for r in records] == [
+        (0, "eval"), (1, "train"), (2, "train"), (3, "train"), (3, "eval")]
