@@ -60,7 +60,7 @@ class Trainer:
         run_config.validate(config)
         self.config = c = config
         self.workdir = workdir
-        workdir_lock.acquire(workdir)  # released by close()
+        os.makedirs(workdir, exist_ok=True)
         self.mesh = sharding.make_mesh(**run_config.mesh_shape(c, jax.device_count()))
         self.policy: Policy = load_policy(c, self.mesh)
         self.num_batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -110,6 +110,7 @@ class Trainer:
                                             max_to_keep=c.trainer.max_checkpoints_to_keep)
         self.writer = run_metrics.MetricsWriter(workdir)
         self.step = 0
+        workdir_lock.acquire(workdir)  # one run per workdir; released by close()
 
     # -- construction helpers --------------------------------------------------------------------
 

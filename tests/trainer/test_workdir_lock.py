@@ -35,13 +35,17 @@ def _holder(workdir, mode="wait"):
                             env=dict(os.environ, PYTHONPATH=_REPO))
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_workdir_fails_naming_the_first(tmp_path):
     workdir = tmp_path / "run"
     holder = _holder(workdir)
     try:
         assert holder.stdout.readline().strip() == "locked"
         cmd = [sys.executable, "-m", "spear_jax.main", "--config=configs/spear.py:twx_tiny",
-               f"--workdir={workdir}"]
+               f"--workdir={workdir}", "--config.trainer.total_steps=1", "--config.sft.steps=2",
+               "--config.sft.episodes=4", "--config.data.train_tasks_per_step=2",
+               "--config.data.group_size=2", "--config.data.eval_episodes=2", "--config.env.max_steps=2",
+               "--config.actor.ppo_mini_batch_size=16", "--config.actor.ppo_micro_batch_size=8"]
         out = subprocess.run(cmd, cwd=_REPO, capture_output=True, text=True, timeout=300,
                              env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
         assert out.returncode != 0
@@ -56,8 +60,14 @@ def test_a_second_run_on_the_workdir_fails_naming_the_first(tmp_path):
     workdir_lock.release(str(workdir))
 
 
-def test_main_run_refuses_a_locked_workdir(tmp_path):
+def test_main_run_refuses_a_locked_workdir(tmp_path, monkeypatch):
     config = importlib.import_module("configs.spear").get_config("twx_tiny")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a run started on a locked workdir")
+
+    monkeypatch.setattr("spear_jax.sft.run_sft", must_not_run)
+    monkeypatch.setattr("spear_jax.trainer.Trainer", must_not_run)
     holder = _holder(tmp_path)
     try:
         assert holder.stdout.readline().strip() == "locked"
