@@ -235,23 +235,25 @@ class RunCheckpointer:
         """Writes ``state`` as checkpoint ``step``, blocks until it is complete on disk (manifest
         included), then removes complete steps beyond ``max_to_keep`` and unfinished ones."""
         self._verified.discard(step)
+        parts = ocp.args.Composite(
+            device=ocp.args.StandardSave(state.device),
+            host=ocp.args.ArraySave(pack_host_arrays(state.host)),
+            meta=ocp.args.JsonSave(state.meta),
+        )
         try:
             _probe_writable(self.directory)
             if step in self._manager.all_steps():  # an unfinished or superseded save of this step
                 self._manager.delete(step)
-            self._manager.save(step, args=ocp.args.Composite(
-                device=ocp.args.StandardSave(state.device),
-                host=ocp.args.ArraySave(pack_host_arrays(state.host)),
-                meta=ocp.args.JsonSave(state.meta),
-            ), force=True)
+            self._manager.save(step, args=parts, force=True)
             self._manager.wait_until_finished()
             write_manifest(self.step_directory(step))
         except Exception as error:
             self._discard_unfinished(step)
             raise CheckpointError(
                 f"saving checkpoint step {step} to {self.step_directory(step)} failed: "
-                f"{type(error).__name__}: {error}. {self._newest_note()} Free disk space or make "
-                f"{self.directory} writable, then rerun the same command to resume.") from error
+                f"{type(error).__name__}: {error}. {self._newest_note()} If the disk is full or "
+                f"read-only, free space or make {self.directory} writable, then rerun the same "
+                f"command to resume.") from error
         keep = set(self.all_steps()[-self.max_to_keep:])
         for old in self._manager.all_steps():
             if old not in keep:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import re
-import shutil
 
 import jax
 import numpy as np
@@ -182,8 +181,13 @@ def test_resume_refuses_changed_fields_and_writes_each_step_once(tmp_path):
         return c
 
     _run(config(2), tmp_path)  # eval 0, steps 1-2, final eval 2; checkpoints 1 and 2
-    # killed before step 2's checkpoint completed: its metrics are on disk, its checkpoint is not
-    shutil.rmtree(tmp_path / "checkpoints" / "2")
+    # bytes flipped in step 2's largest file (its params and optimizer state), size unchanged:
+    # the resumed run falls back to step 1 and writes step 2 again
+    step_dir = tmp_path / "checkpoints" / "2"
+    data = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(b ^ 0xFF for b in raw[len(raw) // 2:len(raw) // 2 + 64])
+    data.write_bytes(bytes(raw))
     changed = config(2)
     lr = changed.actor.lr
     changed.seed, changed.actor.lr, changed.name = 1, lr / 2, "drbot"
@@ -194,6 +198,7 @@ def test_resume_refuses_changed_fields_and_writes_each_step_once(tmp_path):
         assert line in message, message
     assert "new --workdir" in message and f"--config.actor.lr={lr!r}" in message and "--config.seed=0" in message
     assert "trainer.total_steps" not in message.split("Fields that may change")[0]
+    assert os.listdir(tmp_path / "checkpoints" / "rejected")  # step 2, moved aside
     _run(config(3), tmp_path)  # a longer schedule is an allowed change: resumes from step 1
     records = run_metrics.read_metrics(tmp_path)
     assert [(r["step"], r["split"]) for r in records] == [
