@@ -269,10 +269,7 @@ class RunCheckpointer:
         if step is None:
             step = self.newest_intact_step()
             if step is None:
-                unfinished = sorted(self._manager.all_steps())
-                note = (f" (steps {unfinished} have no {MANIFEST_FILE}: their save did not finish)"
-                        if unfinished else "")
-                raise FileNotFoundError(f"no checkpoint in {self.directory}{note}")
+                raise FileNotFoundError(f"no checkpoint in {self.directory}")
         elif step not in self.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
                                     f"available: {self.all_steps()}")
@@ -280,12 +277,14 @@ class RunCheckpointer:
         return self._restore_step(abstract_device, step)
 
     def newest_intact_step(self) -> int | None:
-        """The newest complete step whose files match its manifest; None when there is no
-        complete step.
+        """The newest complete step whose files match its manifest; None when the directory
+        holds no step at all.
 
         A damaged step (a file missing, truncated or changed) is logged as a warning naming the
         step and the files, moved to ``rejected/``, and the next older one is tried;
-        ``CheckpointError`` when every complete step is damaged.
+        ``CheckpointError`` when every complete step is damaged, or when the only steps are ones
+        orbax finished but that have no manifest (killed while it was written, or saved without
+        one): starting over would delete them, so that is left to the user.
         """
         damaged = []
         for step in self.all_steps()[::-1]:
@@ -305,6 +304,13 @@ class RunCheckpointer:
                 f"no intact checkpoint in {self.directory}: steps {damaged} are damaged (moved to "
                 f"{os.path.join(self.directory, REJECTED_SUBDIR)}; see the warnings above). Restore "
                 f"them from a backup, or start over in a new workdir.")
+        unfinished = sorted(self._manager.all_steps())
+        if unfinished:
+            raise CheckpointError(
+                f"{self.directory} holds steps {unfinished} but none with {MANIFEST_FILE}, so none "
+                f"can be verified (killed while its manifest was written, or saved without one). "
+                f"To start over, delete them (rm -r {self.step_directory(unfinished[-1])} ...) or "
+                f"use a new workdir.")
         return None
 
     def read_meta(self, step: int) -> dict[str, Any]:

@@ -189,6 +189,21 @@ def test_a_step_without_its_manifest_is_not_complete(tmp_path):
     assert checkpoint.complete_steps(str(tmp_path)) == [1, 2]
 
 
+def test_steps_without_any_manifest_are_not_silently_discarded(tmp_path):
+    """Only steps that orbax finished but that have no manifest: a run must not start over (its
+    retention would delete them); the error names the steps and the fix."""
+    _save_steps(tmp_path, (1, 2))
+    for step in (1, 2):
+        os.remove(tmp_path / str(step) / checkpoint.MANIFEST_FILE)
+    ckpt = checkpoint.RunCheckpointer(str(tmp_path))
+    with pytest.raises(checkpoint.CheckpointError, match=r"steps \[1, 2\] but none with integrity.json.*rm -r"):
+        ckpt.newest_intact_step()
+    with pytest.raises(checkpoint.CheckpointError, match="none with integrity.json"):
+        ckpt.restore(_device_state())
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+
+
 _WRITE_FAILURE_SCRIPT = """
 import os, subprocess, sys, time
 import jax.numpy as jnp, numpy as np
