@@ -48,9 +48,10 @@ def test_a_second_run_on_the_workdir_fails_naming_the_first(tmp_path):
                "--config.actor.ppo_mini_batch_size=16", "--config.actor.ppo_micro_batch_size=8"]
         out = subprocess.run(cmd, cwd=_REPO, capture_output=True, text=True, timeout=300,
                              env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
-        assert out.returncode != 0
+        assert out.returncode == 1
         message = out.stderr
-        assert "WorkdirLockedError" in message and f"pid {holder.pid}" in message, message[-3000:]
+        assert message.startswith("error: ") and "Traceback" not in message, message[-3000:]
+        assert "in use by another run" in message and f"pid {holder.pid}" in message, message[-3000:]
         assert "-c" in message and os.uname().nodename in message and "another --workdir" in message
         assert not os.path.exists(workdir / "config.json")  # the second run wrote nothing
     finally:
