@@ -17,8 +17,8 @@ Writes into ``--out``:
 The checkpoint is ``<workdir>/checkpoints`` (an RL run or a warm start written by
 ``configs/sft.py``; a run's ``<workdir>/warm_start`` is a workdir too), step ``--step`` or the
 newest. The architecture and tokenizer come from the run config: ``--config`` when given, else
-``<workdir>/config.json`` (written by ``spear_jax.main``), else the parent run's ``config.json``
-for a ``warm_start`` directory.
+the config the checkpoint records (RL checkpoints do), else ``<workdir>/config.json`` (written by
+``spear_jax.main``), else the parent run's ``config.json`` for a ``warm_start`` directory.
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ from absl import app, flags
 from flax import nnx
 
 from spear_jax.checkpoint import RunCheckpointer
-from spear_jax.model import ModelConfig
 from spear_jax.model.chat_template import ChatTemplate
 from spear_jax.model.hf_checkpoint import EXPORT_DTYPES, save_hf_checkpoint
 from spear_jax.model.hf_tokenizer_files import write_tokenizer_files
@@ -56,9 +55,12 @@ def parse_size(text: str) -> int:
     return size
 
 
-def read_run_config(workdir: str, config_path: str = "") -> ml_collections.ConfigDict:
-    """The run config of ``workdir``: ``config_path``, else ``workdir/config.json``, else (for a
-    ``warm_start`` directory) its parent run's ``config.json``."""
+def read_run_config(workdir: str, config_path: str = "", saved: dict | None = None) -> ml_collections.ConfigDict:
+    """The run config of ``workdir``: ``config_path`` when given, else ``saved`` (the config a
+    checkpoint records), else ``workdir/config.json``, else (for a ``warm_start`` directory) its
+    parent run's ``config.json``."""
+    if not config_path and isinstance(saved, dict):
+        return ml_collections.ConfigDict(saved)
     candidates = [config_path] if config_path else [os.path.join(workdir, RUN_CONFIG_FILE)]
     if not config_path and os.path.basename(os.path.normpath(workdir)) == WARM_START_DIR:
         candidates.append(os.path.join(os.path.dirname(os.path.normpath(workdir)), RUN_CONFIG_FILE))
@@ -67,7 +69,8 @@ def read_run_config(workdir: str, config_path: str = "") -> ml_collections.Confi
             with open(path) as handle:
                 return ml_collections.ConfigDict(json.load(handle))
     raise FileNotFoundError(
-        f"no run config for {workdir!r}: looked for {candidates}; pass --config=<the run's config.json>")
+        f"no run config for {workdir!r}: the checkpoint records none and there is no {candidates}; "
+        f"pass --config=<the run's config.json>")
 
 
 def merged_params(device_state: dict) -> nnx.State:
@@ -77,20 +80,31 @@ def merged_params(device_state: dict) -> nnx.State:
     return device_state["params"]
 
 
-def restore_run_params(checkpoint_dir: str, cfg: ModelConfig, step: int | None) -> tuple[int, dict]:
-    """(step, restored ``device`` part holding ``params``) of the run checkpoint in
-    ``checkpoint_dir``, step ``step`` or the newest, on the host CPU; other parts are not read."""
-    _, target = abstract_params(cfg, mesh=None)
+def _chosen_step(checkpointer: RunCheckpointer, step: int | None) -> int:
+    """``step``, or the newest complete step; errors name ``--step`` and the available steps."""
+    steps = checkpointer.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint in {checkpointer.directory}: export needs a "
+                                f"run that saved one")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"--step={step}: no complete checkpoint for that step in "
+                                f"{checkpointer.directory}; available: {steps}")
+    return steps[-1] if step is None else step
+
+
+def restore_run(workdir: str, step: int | None, config_path: str = "") -> tuple[int, ml_collections.ConfigDict, dict]:
+    """(step, run config, restored ``device`` part holding ``params`` on the host CPU) of the
+    checkpoint of ``workdir`` at ``step`` (default: the newest); the optimizer state and host
+    parts are not read."""
+    checkpoint_dir = os.path.join(workdir, CHECKPOINT_SUBDIR)
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"--workdir={workdir!r} has no {CHECKPOINT_SUBDIR}/ directory: not a run workdir")
     checkpointer = RunCheckpointer(checkpoint_dir)
     try:
-        steps = checkpointer.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}: export needs a run that saved one")
-        if step is not None and step not in steps:
-            raise FileNotFoundError(f"--step={step}: no checkpoint for that step in {checkpoint_dir}; "
-                                    f"available: {steps}")
-        step = steps[-1] if step is None else step
-        return step, checkpointer.restore({"params": target}, step=step, partial=True).device
+        step = _chosen_step(checkpointer, step)
+        c = read_run_config(workdir, config_path, checkpointer.read_meta(step).get("config"))
+        _, target = abstract_params(model_config_of(c), mesh=None)
+        return step, c, checkpointer.restore({"params": target}, step=step, partial=True).device
     finally:
         checkpointer.close()
 
@@ -114,14 +128,10 @@ def export_run(workdir: str, out: str, step: int | None = None, dtype: str = "fl
     docstring); returns a summary (step, files)."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype={dtype!r} is not supported; choose one of {sorted(EXPORT_DTYPES)}")
-    checkpoint_dir = os.path.join(workdir, CHECKPOINT_SUBDIR)
-    if not os.path.isdir(checkpoint_dir):
-        raise FileNotFoundError(f"--workdir={workdir!r} has no {CHECKPOINT_SUBDIR}/ directory: not a run workdir")
-    c = read_run_config(workdir, config_path)
+    step, c, device_state = restore_run(workdir, step, config_path)
     model_config = model_config_of(c)
     tokenizer = load_tokenizer_of(c)
     chat = ChatTemplate(tokenizer, c.model.chat_format)
-    step, device_state = restore_run_params(checkpoint_dir, model_config, step)
     files = save_hf_checkpoint(model_config, merged_params(device_state), out, max_shard_bytes, dtype)
     eos_ids = list(dict.fromkeys([chat.stop_id, tokenizer.eos_id]))
     with open(os.path.join(out, "generation_config.json"), "w") as handle:

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 
-from spear_jax.checkpoint import RunCheckpointer
+from spear_jax.checkpoint import complete_steps
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -39,14 +39,6 @@ class InitSource:
     kind: str
     directory: str
     step: int | None = None
-
-
-def _complete_steps(directory: str) -> list[int]:
-    checkpointer = RunCheckpointer(directory)
-    try:
-        return checkpointer.all_steps()
-    finally:
-        checkpointer.close()
 
 
 def _is_hf_directory(path: str) -> bool:
@@ -70,7 +62,7 @@ def _run_source(path: str) -> InitSource:
         directory, step = parent, int(name)
     else:
         directory, step = path, None
-    steps = _complete_steps(directory)
+    steps = complete_steps(directory)
     if not steps or (step is not None and step not in steps):
         wanted = "no complete checkpoint" if step is None else f"step {step} is not a complete checkpoint"
         raise InitFromError(f"config.trainer.init_from={path!r}: {wanted} in {directory} (complete "

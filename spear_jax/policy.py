@@ -54,10 +54,20 @@ def _model_overrides(c: ml_collections.ConfigDict) -> dict:
     return {"compute_dtype": c.model.compute_dtype, "remat": c.model.remat}
 
 
+def _init_from_hf(c: ml_collections.ConfigDict) -> bool:
+    """True when ``config.trainer.init_from`` names a Hugging Face directory (a config saved
+    before the field existed has none)."""
+    init_from = c.trainer.get("init_from", "")
+    return bool(init_from) and resolve_init_from(init_from).kind == "hf"
+
+
 def model_config_of(c: ml_collections.ConfigDict) -> ModelConfig:
     """The architecture run config ``c`` trains, read without loading any weights: the HF
-    directory's config.json, the GGUF file's metadata, or the preset."""
+    directory's config.json (``trainer.init_from``'s when that is one), the GGUF file's metadata,
+    or the preset."""
     overrides = _model_overrides(c)
+    if _init_from_hf(c):
+        return read_hf_config(c.trainer.init_from, **overrides)
     if c.model.checkpoint_format == "hf":
         return read_hf_config(c.model.checkpoint_path, **overrides)
     if c.model.checkpoint_format == "gguf":
@@ -70,7 +80,7 @@ def load_tokenizer_of(c: ml_collections.ConfigDict) -> Tokenizer:
     fmt = c.model.chat_format
     if c.model.tokenizer_path:
         return load_tokenizer(c.model.tokenizer_path, eos_token=_EOS_BY_FORMAT[fmt])
-    if c.trainer.init_from and resolve_init_from(c.trainer.init_from).kind == "hf":
+    if _init_from_hf(c):
         return load_tokenizer(c.trainer.init_from, eos_token=_EOS_BY_FORMAT[fmt])
     if c.model.checkpoint_format == "hf":
         return load_tokenizer(c.model.checkpoint_path, eos_token=_EOS_BY_FORMAT[fmt])
@@ -99,8 +109,9 @@ def abstract_params(cfg: ModelConfig, mesh: Mesh | None) -> tuple[nnx.GraphDef, 
 def restore_params(directory: str, abstract: nnx.State, step: int | None = None,
                    field: str = "config.model.checkpoint_path") -> nnx.State:
     """The ``params`` a run saved (``RunCheckpointer`` in ``directory/checkpoints``, or in
-    ``directory`` itself), step ``step`` or the newest, into the layout of ``abstract``; the
-    optimizer state and host parts of an RL checkpoint are not read. Errors name ``field``."""
+    ``directory`` itself), step ``step`` or the newest complete one, into the layout of
+    ``abstract``; the optimizer state and host parts of an RL checkpoint are not read. A damaged
+    step raises ``CheckpointError`` (no other step is substituted). Errors name ``field``."""
     path = os.path.join(directory, CHECKPOINT_SUBDIR) if os.path.isdir(
         os.path.join(directory, CHECKPOINT_SUBDIR)) else directory
     checkpointer = RunCheckpointer(path)
@@ -109,8 +120,9 @@ def restore_params(directory: str, abstract: nnx.State, step: int | None = None,
         if not steps or (step is not None and step not in steps):
             wanted = "a checkpoint" if step is None else f"checkpoint step {step}"
             raise FileNotFoundError(f"{field}={directory!r}: no {wanted} in {path} (complete steps: {steps})")
-        try:
-            state = checkpointer.restore({"params": abstract}, step=step, partial=True)
+        try:  # the newest step by number: verified, without moving another run's damaged steps
+            state = checkpointer.restore({"params": abstract}, step=steps[-1] if step is None else step,
+                                         partial=True)
         except ValueError as error:
             raise ValueError(f"{field}={directory!r}: its params do not fit this config's model "
                              f"(config.model.preset / checkpoint): {error}") from error

@@ -22,6 +22,7 @@ KL reference, the policy as RL starts, is rebuilt from the same starting weights
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -31,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from environments.registry import make_env
-from spear_jax import curriculum, filters, rewards, run_config, sharding, train_step
+from spear_jax import curriculum, filters, resume, rewards, run_config, sharding, train_step, workdir_lock
 from spear_jax import metrics as run_metrics
 from spear_jax.batching import BatchingConfig, bucket_length, pack_rows
 from spear_jax.checkpoint import RunCheckpointer, RunState
@@ -60,6 +61,7 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         run_config.validate(config)
+        resume.check_resume_step(config, os.path.join(workdir, CHECKPOINT_SUBDIR))
         self.config = c = config
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
@@ -94,6 +96,7 @@ class Trainer:
                                             max_to_keep=c.trainer.max_checkpoints_to_keep)
         self.writer = run_metrics.MetricsWriter(workdir)
         self.step = 0
+        workdir_lock.acquire(workdir)  # one run per workdir; released by close()
 
     def _build_rollout(self, c: ml_collections.ConfigDict) -> None:
         """The sampler and the train / eval rollout engines. Trajectory rows hold the prompt and
@@ -139,19 +142,30 @@ class Trainer:
         host = {"replay": self.buffer.state_dict()} if self.buffer is not None else {}
         self.checkpointer.save(self.step, RunState(
             device={"params": self.policy.params, "opt_state": self.opt_state},
-            host=host, meta={"step": self.step, "config_name": self.config.name}))
+            host=host, meta={"step": self.step, "config": resume.config_record(self.config)}))
 
     def restore_if_any(self) -> bool:
-        """Resumes from the newest checkpoint in the workdir, if there is one."""
-        if self.checkpointer.latest_step() is None:
+        """Resumes from the newest intact checkpoint in the workdir, if there is one, or from
+        ``trainer.resume_step``, after checking that the config may resume it
+        (``spear_jax.resume``). Steps after a chosen ``resume_step`` are moved to
+        ``checkpoints/superseded/`` (the resumed run writes its own)."""
+        step = resume.resume_step(self.config, self.checkpointer)
+        if step is None:
             return False
-        state = self.checkpointer.restore({"params": self.policy.params, "opt_state": self.opt_state})
+        where = self.checkpointer.step_directory(step)
+        for change in resume.check_resumable(self.checkpointer.read_meta(step).get("config"), self.config, where):
+            logging.warning("resuming %s with %s", where, change)
+        state = self.checkpointer.restore({"params": self.policy.params, "opt_state": self.opt_state}, step=step)
         device = _on_mesh(state.device, self.mesh)
         self.policy.params, self.opt_state = device["params"], device["opt_state"]
         if self.buffer is not None:
             self.buffer = ReplayBuffer.from_state_dict(self.buffer.config, state.host["replay"])
         self.step = int(state.meta["step"])
         self.sampler.set_params(self.policy.params)
+        moved = self.checkpointer.set_aside_after(step)
+        if moved:
+            logging.warning("resumed from config.trainer.resume_step=%d: the newer checkpoints are "
+                            "moved to %s", step, moved)
         return True
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -160,6 +174,7 @@ class Trainer:
         """Runs (or resumes) to ``trainer.total_steps``; returns the final evaluation metrics."""
         c = self.config
         resumed = self.restore_if_any()
+        self.writer.discard_from(self.step + 1 if resumed else 0)  # records the run writes again
         bar = run_metrics.progress_bar(c.trainer.total_steps, initial=self.step, desc=c.name)
 
         def evaluate() -> dict[str, float]:
@@ -447,6 +462,7 @@ class Trainer:
         for env in self.train_envs + self.eval_envs:
             env.close()
         self.checkpointer.close()
+        workdir_lock.release(self.workdir)
 
 
 def _on_mesh(tree, mesh):

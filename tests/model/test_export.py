@@ -15,6 +15,7 @@ from flax import nnx
 
 from spear_jax.checkpoint import RunCheckpointer, RunState
 from spear_jax.export import export_run, parse_size
+from spear_jax.resume import config_record
 from spear_jax.model import forward, get_model_config, init_model
 from spear_jax.model.chat_template import ChatTemplate
 from spear_jax.model.tokenizer import HFTokenizer, tiny_tokenizer
@@ -38,8 +39,9 @@ def tiny_params(seed):
     return jax.tree.map(lambda x: x + 0.1 * jax.random.normal(key, x.shape) if x.ndim == 1 else x, state)
 
 
-def make_run(workdir, steps=(1, 2), **overrides):
-    """A run workdir with config.json and RL checkpoints (params + opt_state) at ``steps``."""
+def make_run(workdir, steps=(1, 2), record_config=True, **overrides):
+    """A run workdir with config.json and RL checkpoints (params + opt_state) at ``steps``,
+    recording the run config as the trainer does when ``record_config``."""
     c = importlib.import_module("configs.spear").get_config("twx_tiny")
     for dotted, value in overrides.items():
         section, name = dotted.split(".")
@@ -53,7 +55,7 @@ def make_run(workdir, steps=(1, 2), **overrides):
         params = tiny_params(step)
         opt_state = {"mu": jax.tree.map(jnp.zeros_like, params), "count": jnp.asarray(step)}
         checkpointer.save(step, RunState(device={"params": params, "opt_state": opt_state}, host={},
-                                         meta={"step": step}))
+                                         meta={"step": step, **({"config": config_record(c)} if record_config else {})}))
         saved[step] = params
     checkpointer.close()
     return c, saved
@@ -74,6 +76,7 @@ def hf_logits(directory, dtype=None):
 
 def test_float32_export_of_a_chosen_step_gives_the_projects_logits(tmp_path):
     _, saved = make_run(tmp_path / "run")
+    os.remove(tmp_path / "run" / "config.json")  # the checkpoint's own config record suffices
     summary = export_run(str(tmp_path / "run"), str(tmp_path / "out"), step=1)
     assert summary["step"] == 1
     assert os.path.isfile(tmp_path / "out" / "model.safetensors")
@@ -164,7 +167,7 @@ def test_tokenizer_json_and_llama3_template_with_greedy_generation(tmp_path):
 
 
 def test_export_errors_name_the_flag(tmp_path):
-    make_run(tmp_path / "run", steps=(1,))
+    make_run(tmp_path / "run", steps=(1,), record_config=False)
     with pytest.raises(FileNotFoundError, match=r"--step=7: .*available: \[1\]"):
         export_run(str(tmp_path / "run"), str(tmp_path / "out"), step=7)
     with pytest.raises(FileNotFoundError, match="--workdir=.*no checkpoints/"):

@@ -1,5 +1,6 @@
 """config.trainer.init_from: RL starts from another run's warm start (or an HF export of it) with
-a fresh optimizer, an empty buffer and no warm start of its own; errors name the field."""
+a fresh optimizer, an empty buffer and no warm start of its own. config.trainer.resume_step:
+a run resumes from a chosen step of its workdir. Errors name the field."""
 import importlib
 import os
 
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 
 from spear_jax import main, run_config, sft
+from spear_jax import metrics as run_metrics
+from spear_jax.checkpoint import complete_steps
 from spear_jax.export import export_run
 from spear_jax.init_from import InitSource, resolve_init_from
 from spear_jax.policy import abstract_params, model_config_of, restore_params
@@ -110,3 +113,56 @@ def test_init_from_errors_name_the_field(tmp_path):
     c.trainer.resume_step = -2
     with pytest.raises(run_config.ConfigError, match=r"config.trainer.resume_step=-2: must be >= -1"):
         run_config.validate(c, num_devices=8)
+
+
+def test_resume_step_resumes_the_chosen_step_and_sets_newer_ones_aside(tmp_path, monkeypatch):
+    def config(resume_step=-1):
+        c = _config(steps=2)
+        c.sft.enable = False
+        c.trainer.max_checkpoints_to_keep = 3
+        c.trainer.resume_step = resume_step
+        return c
+
+    workdir = tmp_path / "run"
+    trainer = Trainer(config(), str(workdir))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    checkpoints = workdir / "checkpoints"
+    assert complete_steps(str(checkpoints)) == [1, 2]
+    _, abstract = abstract_params(model_config_of(config()), None)
+    want = restore_params(str(workdir), abstract, step=1)
+
+    restored = {}
+    original = Trainer.restore_if_any
+
+    def restore_if_any(self):
+        resumed = original(self)
+        restored.update(resumed=resumed, step=self.step, params=jax.device_get(self.policy.params))
+        return resumed
+
+    monkeypatch.setattr(Trainer, "restore_if_any", restore_if_any)
+    trainer = Trainer(config(resume_step=1), str(workdir))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    assert restored["resumed"] and restored["step"] == 1
+    _assert_same(restored["params"], want)
+    (aside,) = os.listdir(checkpoints / "superseded")
+    assert os.listdir(checkpoints / "superseded" / aside) == ["2"]
+    assert complete_steps(str(checkpoints)) == [1, 2]  # step 2 written again by the resumed run
+    train_steps = [r["step"] for r in run_metrics.read_metrics(str(workdir)) if r["split"] == "train"]
+    assert train_steps == [1, 2]
+
+
+def test_resume_step_that_does_not_exist_fails_at_start_up(tmp_path):
+    c = _config()
+    c.trainer.resume_step = 5
+    with pytest.raises(run_config.ConfigError, match=r"config.trainer.resume_step=5: no complete "
+                                                     r"checkpoint .*complete steps: \[\]"):
+        main.run(c, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "warm_start")  # refused before the warm start
+    with pytest.raises(run_config.ConfigError, match=r"config.trainer.resume_step=5"):
+        Trainer(c, str(tmp_path / "run"))
