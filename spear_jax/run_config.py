@@ -20,6 +20,7 @@ from environments.registry import env_names
 from spear_jax.sft_data import SOURCES as SFT_SOURCES
 from spear_jax import curriculum
 from spear_jax.model import PRESETS as MODEL_PRESETS
+from spear_jax.model.config import LORA_TARGETS
 from spear_jax.objectives import (
     ADVANTAGE_ESTIMATORS,
     AggregationConfig,
@@ -273,6 +274,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     if c.trainer.total_steps < 0 or min(c.trainer.eval_every, c.trainer.checkpoint_every, c.trainer.log_every) < 1:
         raise ConfigError("config.trainer.total_steps must be >= 0 and eval_every, checkpoint_every, log_every >= 1")
     _check_weights(c)
+    _check_lora(c)
     _check_env_data(c)
     _check_kl(c)
     update_config(c)
@@ -312,6 +314,26 @@ def _check_env_data(c: ml_collections.ConfigDict) -> None:
         if not path or not os.path.isfile(path):
             raise ConfigError(f"config.env.kwargs.path = {path!r} must be the training problems' jsonl file "
                               f"(fields 'problem' and 'answer'), e.g. DAPO-Math-17k converted to jsonl")
+
+
+def _check_lora(c: ml_collections.ConfigDict) -> None:
+    """config.model.lora: rank >= 0 (0 = off), alpha > 0, known and at least one target."""
+    spec = c.model.lora
+    if not isinstance(spec.rank, int) or spec.rank < 0:
+        raise ConfigError(f"config.model.lora.rank must be an integer >= 0 (0 = no adapters), got {spec.rank!r}")
+    if not spec.alpha > 0:
+        raise ConfigError(f"config.model.lora.alpha must be > 0 (the adapters are scaled by alpha / rank), "
+                          f"got {spec.alpha}")
+    targets = tuple(spec.targets)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown:
+        raise ConfigError(f"config.model.lora.targets holds {unknown}, which are not projections; "
+                          f"choose from {LORA_TARGETS}")
+    if spec.rank > 0 and not targets:
+        raise ConfigError(f"config.model.lora.rank = {spec.rank} with no config.model.lora.targets; "
+                          f"name at least one of {LORA_TARGETS}")
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"config.model.lora.targets {targets} names a projection twice")
 
 
 def _check_weights(c: ml_collections.ConfigDict) -> None:
