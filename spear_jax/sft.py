@@ -80,7 +80,10 @@ def _minibatch(data: dict[str, np.ndarray], rows: np.ndarray, length: int, micro
 
 
 def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Trains the warm start of ``config`` into ``workdir``; returns the directory to load from."""
+    """Trains the warm start of ``config`` into ``workdir``; returns the directory to load from.
+    With LoRA (``config.model.lora.rank > 0``) only the adapters train and the saved params are
+    merged (``lora.merge_lora``): the warm start is a plain set of weights, the frozen base of
+    the RL run that loads it."""
     c, s = config, config.sft
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(**run_config.mesh_shape(c, jax.device_count()))
@@ -118,6 +121,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     bar.close()
     writer.close()
     checkpointer = RunCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR), max_to_keep=1)
+    params = jax.jit(lambda p: lora.merge_lora(p, policy.model_config))(params)
     checkpointer.save(s.steps, RunState(device={"params": params}, host={}, meta={"step": s.steps, "kind": "sft"}))
     checkpointer.close()
     return workdir

@@ -82,3 +82,29 @@ def test_lora_resume_is_exact(tmp_path):
     assert first["actor/grad_norm"] > 0  # step 2's log-probs see the adapters step 1 trained
     for key in [k for k in full if "time" not in k]:
         assert full[key] == resumed[key], (key, full[key], resumed[key])
+
+
+@pytest.mark.slow
+def test_lora_warm_start_is_saved_merged_and_seeds_a_lora_run(tmp_path):
+    from spear_jax import sft
+    from spear_jax.model import forward
+    from tests.trainer.test_sft_data import MESSAGES, write_jsonl
+
+    c = importlib.import_module("configs.sft").get_config("math_tiny")
+    c.unlock()
+    record = {"messages": [{"role": r, "content": text} for r, text in MESSAGES]}
+    c.sft.source, c.sft.data_path = "conversations", write_jsonl(tmp_path / "conv.jsonl", [record] * 3)
+    c.sft.steps, c.sft.batch_size, c.sft.lr = 10, 8, 1e-2
+    c.actor.ppo_micro_batch_size = 8
+    c.model.lora.rank = 4
+    run_config.validate(c, num_devices=8)
+    sft.run_sft(c, str(tmp_path / "warm"))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(8, 1, 1), ("data", "fsdp", "tensor"))
+    start = load_policy(c, mesh)  # random base + fresh adapters (B = 0)
+    c.model.checkpoint_format, c.model.checkpoint_path = "orbax", str(tmp_path / "warm")
+    warm = load_policy(c, mesh)  # the merged warm start as base + fresh adapters
+    assert lora.has_adapters(warm.params)
+    tokens = jax.numpy.arange(12, dtype=np.int32).reshape(1, 12)
+    valid = jax.numpy.ones_like(tokens, bool)
+    moved = forward(warm.graphdef, warm.params, tokens, valid)[0] - forward(start.graphdef, start.params, tokens, valid)[0]
+    assert float(np.abs(moved).max()) > 1e-3  # the trained adapters live on in the merged base
