@@ -49,10 +49,12 @@ def trainable_params(params: nnx.State) -> nnx.State:
 
 
 def combine(trainable: nnx.State, frozen: nnx.State) -> nnx.State:
-    """Inverse of ``split_trainable``."""
+    """Inverse of ``split_trainable``. The result's variables are new objects of the current
+    trace (``nnx.remat`` refuses variables created under an outer trace, e.g. the frozen part
+    of a state differentiated w.r.t. its adapters only)."""
     if not jax.tree.leaves(frozen):
         return trainable
-    return nnx.merge_state(trainable, frozen)
+    return jax.tree.map(lambda leaf: leaf, nnx.merge_state(trainable, frozen))
 
 
 def base_graphdef(cfg: ModelConfig) -> nnx.GraphDef:

@@ -144,3 +144,20 @@ def test_sharded_adapters_follow_their_weights_and_update_like_unsharded():
 def test_model_config_rejects_bad_lora_fields(field, value, message):
     with pytest.raises(ValueError, match=message):
         CFG.replace(lora_rank=4, lora_targets=("q",)).replace(**{field: value})
+
+
+def test_remat_keeps_the_adapters_gradient():
+    _, _, cfg, lora_graphdef, params = _lora_model()
+    tokens, valid = _batch()
+
+    def loss(adapters, frozen, graphdef):
+        logits = forward(graphdef, lora.combine(adapters, frozen), tokens, valid)[0]
+        return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+    adapters, frozen = lora.split_trainable(params)
+    remat_graphdef = nnx.split(nnx.eval_shape(lambda: init_model(cfg.replace(remat=True))))[0]
+    grad_fn = jax.jit(jax.grad(loss), static_argnums=2)
+    plain, remat = grad_fn(adapters, frozen, lora_graphdef), grad_fn(adapters, frozen, remat_graphdef)
+    assert float(optax.tree.norm(plain)) > 0
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
