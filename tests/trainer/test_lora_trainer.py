@@ -11,6 +11,7 @@ from spear_jax import run_config
 from spear_jax.model import lora
 from spear_jax.policy import load_policy
 from spear_jax.run_config import ConfigError
+from spear_jax.sharding import make_mesh
 from spear_jax.trainer import Trainer
 from tests.trainer.test_trainer import RandomAdmissibleSampler, _coin, _config, _run, _train_records
 
@@ -99,12 +100,12 @@ def test_lora_warm_start_is_saved_merged_and_seeds_a_lora_run(tmp_path):
     c.model.lora.rank = 4
     run_config.validate(c, num_devices=8)
     sft.run_sft(c, str(tmp_path / "warm"))
-    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(8, 1, 1), ("data", "fsdp", "tensor"))
+    mesh = make_mesh(data=8)
     start = load_policy(c, mesh)  # random base + fresh adapters (B = 0)
     c.model.checkpoint_format, c.model.checkpoint_path = "orbax", str(tmp_path / "warm")
     warm = load_policy(c, mesh)  # the merged warm start as base + fresh adapters
     assert lora.has_adapters(warm.params)
     tokens = jax.numpy.arange(12, dtype=np.int32).reshape(1, 12)
     valid = jax.numpy.ones_like(tokens, bool)
-    moved = forward(warm.graphdef, warm.params, tokens, valid)[0] - forward(start.graphdef, start.params, tokens, valid)[0]
-    assert float(np.abs(moved).max()) > 1e-3  # the trained adapters live on in the merged base
+    logits = [forward(p.graphdef, p.params, tokens, valid)[0] for p in (warm, start)]
+    assert float(np.abs(logits[0] - logits[1]).max()) > 1e-3  # the trained adapters live on in the merged base
