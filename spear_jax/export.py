@@ -35,7 +35,9 @@ from spear_jax.model.chat_template import ChatTemplate
 from spear_jax.model.hf_checkpoint import EXPORT_DTYPES, save_hf_checkpoint
 from spear_jax.model.hf_tokenizer_files import write_tokenizer_files
 from spear_jax.model.tokenizer import Tokenizer
-from spear_jax.policy import CHECKPOINT_SUBDIR, abstract_params, load_tokenizer_of, model_config_of
+from spear_jax.model import ModelConfig, lora
+from spear_jax.policy import (CHECKPOINT_SUBDIR, abstract_params, load_tokenizer_of, model_config_of,
+                              with_run_adapters)
 
 RUN_CONFIG_FILE = "config.json"
 WARM_START_DIR = "warm_start"
@@ -73,11 +75,11 @@ def read_run_config(workdir: str, config_path: str = "", saved: dict | None = No
         f"pass --config=<the run's config.json>")
 
 
-def merged_params(device_state: dict) -> nnx.State:
-    """The full model weights of a restored checkpoint's ``device`` part: its ``params`` (the
-    model's every parameter; a run that trains adapters on top of frozen weights merges them
-    into these here, so the export holds the adapted model)."""
-    return device_state["params"]
+def merged_params(device_state: dict, trained: ModelConfig) -> nnx.State:
+    """The full model weights of a restored checkpoint's ``device`` part: its ``params``, with the
+    LoRA adapters of a ``trained`` config that has them folded in (W + alpha / rank A.B), so the
+    export holds the adapted model in the base architecture."""
+    return lora.merge_lora(device_state["params"], trained)
 
 
 def _chosen_step(checkpointer: RunCheckpointer, step: int | None) -> int:
@@ -95,7 +97,7 @@ def _chosen_step(checkpointer: RunCheckpointer, step: int | None) -> int:
 def restore_run(workdir: str, step: int | None, config_path: str = "") -> tuple[int, ml_collections.ConfigDict, dict]:
     """(step, run config, restored ``device`` part holding ``params`` on the host CPU) of the
     checkpoint of ``workdir`` at ``step`` (default: the newest); the optimizer state and host
-    parts are not read."""
+    parts are not read. The params are those of the run's model, LoRA adapters included."""
     checkpoint_dir = os.path.join(workdir, CHECKPOINT_SUBDIR)
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"--workdir={workdir!r} has no {CHECKPOINT_SUBDIR}/ directory: not a run workdir")
@@ -103,7 +105,7 @@ def restore_run(workdir: str, step: int | None, config_path: str = "") -> tuple[
     try:
         step = _chosen_step(checkpointer, step)
         c = read_run_config(workdir, config_path, checkpointer.read_meta(step).get("config"))
-        _, target = abstract_params(model_config_of(c), mesh=None)
+        _, target = abstract_params(with_run_adapters(model_config_of(c), c), mesh=None)
         return step, c, checkpointer.restore({"params": target}, step=step, partial=True).device
     finally:
         checkpointer.close()
@@ -132,7 +134,8 @@ def export_run(workdir: str, out: str, step: int | None = None, dtype: str = "fl
     model_config = model_config_of(c)
     tokenizer = load_tokenizer_of(c)
     chat = ChatTemplate(tokenizer, c.model.chat_format)
-    files = save_hf_checkpoint(model_config, merged_params(device_state), out, max_shard_bytes, dtype)
+    params = merged_params(device_state, with_run_adapters(model_config, c))
+    files = save_hf_checkpoint(model_config, params, out, max_shard_bytes, dtype)
     eos_ids = list(dict.fromkeys([chat.stop_id, tokenizer.eos_id]))
     with open(os.path.join(out, "generation_config.json"), "w") as handle:
         json.dump(generation_config(c, tokenizer, eos_ids), handle, indent=2)

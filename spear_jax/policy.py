@@ -11,6 +11,8 @@
 ``config.trainer.init_from`` (``spear_jax.init_from``), when set, replaces those weights: a
 Hugging Face directory's (with its own architecture), or the ``params`` of another run's
 checkpoint in the architecture ``config.model`` describes (its base weights are not read).
+With ``config.model.lora.rank > 0`` fresh LoRA adapters (``spear_jax.model.lora``) are added to
+the loaded weights, which stay frozen: only the adapters train.
 
 The tokenizer is ``config.model.tokenizer_path`` when set, else the preset's own (the project's
 SentencePiece model for ``tiny``, SmolLM2's from its GGUF, the ``tokenizer.json`` or
@@ -28,7 +30,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from spear_jax.checkpoint import RunCheckpointer
 from spear_jax.init_from import CHECKPOINT_SUBDIR, resolve_init_from
-from spear_jax.model import ModelConfig, get_model_config, init_model, init_sharded
+from spear_jax.model import ModelConfig, get_model_config, init_model, init_sharded, lora
 from spear_jax.model.chat_template import ChatTemplate
 from spear_jax.model.gguf_checkpoint import load_gguf, load_smollm2, read_gguf_config, smollm2_gguf_path
 from spear_jax.model.hf_checkpoint import load_hf_checkpoint, read_hf_config
@@ -106,11 +108,21 @@ def abstract_params(cfg: ModelConfig, mesh: Mesh | None) -> tuple[nnx.GraphDef, 
                                   abstract, shardings)
 
 
-def restore_params(directory: str, abstract: nnx.State, step: int | None = None,
+def with_run_adapters(cfg: ModelConfig, c: ml_collections.ConfigDict) -> ModelConfig:
+    """``cfg`` with the LoRA adapters run config ``c`` trains (``cfg`` itself when it trains
+    none, or when ``c`` was saved before LoRA existed)."""
+    spec = c.model.get("lora")
+    if not spec or spec.rank <= 0:
+        return cfg
+    return cfg.replace(lora_rank=spec.rank, lora_alpha=spec.alpha, lora_targets=tuple(spec.targets))
+
+
+def restore_params(directory: str, model_config: ModelConfig, mesh: Mesh | None, step: int | None = None,
                    field: str = "config.model.checkpoint_path") -> nnx.State:
-    """The ``params`` a run saved (``RunCheckpointer`` in ``directory/checkpoints``, or in
-    ``directory`` itself), step ``step`` or the newest complete one, into the layout of
-    ``abstract``; the optimizer state and host parts of an RL checkpoint are not read. A damaged
+    """The weights of ``model_config``'s model that a run saved (``RunCheckpointer`` in
+    ``directory/checkpoints``, or in ``directory`` itself), step ``step`` or the newest complete
+    one, laid out on ``mesh`` (host CPU when None). Only ``params`` are read. When the run's
+    recorded config trained LoRA adapters they are merged in (W + alpha / rank A.B). A damaged
     step raises ``CheckpointError`` (no other step is substituted). Errors name ``field``."""
     path = os.path.join(directory, CHECKPOINT_SUBDIR) if os.path.isdir(
         os.path.join(directory, CHECKPOINT_SUBDIR)) else directory
@@ -120,15 +132,19 @@ def restore_params(directory: str, abstract: nnx.State, step: int | None = None,
         if not steps or (step is not None and step not in steps):
             wanted = "a checkpoint" if step is None else f"checkpoint step {step}"
             raise FileNotFoundError(f"{field}={directory!r}: no {wanted} in {path} (complete steps: {steps})")
-        try:  # the newest step by number: verified, without moving another run's damaged steps
-            state = checkpointer.restore({"params": abstract}, step=steps[-1] if step is None else step,
-                                         partial=True)
+        step = steps[-1] if step is None else step  # verified; another run's steps are not moved
+        saved = checkpointer.read_meta(step).get("config")
+        trained = with_run_adapters(model_config, ml_collections.ConfigDict(saved)) if isinstance(
+            saved, dict) else model_config
+        _, abstract = abstract_params(trained, mesh)
+        try:
+            state = checkpointer.restore({"params": abstract}, step=step, partial=True)
         except ValueError as error:
             raise ValueError(f"{field}={directory!r}: its params do not fit this config's model "
                              f"(config.model.preset / checkpoint): {error}") from error
     finally:
         checkpointer.close()
-    return state.device["params"]
+    return lora.merge_lora(state.device["params"], trained)
 
 
 def _load_weights(c: ml_collections.ConfigDict, mesh: Mesh) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
@@ -143,21 +159,21 @@ def _load_weights(c: ml_collections.ConfigDict, mesh: Mesh) -> tuple[ModelConfig
         return load_smollm2(mesh, **overrides)
     model_config = get_model_config(c.model.preset, **overrides)
     if fmt == "orbax":
-        graphdef, abstract = abstract_params(model_config, mesh)
-        return model_config, graphdef, restore_params(c.model.checkpoint_path, abstract)
+        graphdef, _ = abstract_params(model_config, mesh)
+        return model_config, graphdef, restore_params(c.model.checkpoint_path, model_config, mesh)
     return model_config, *init_sharded(model_config, mesh, seed=c.seed)
 
 
 def _load_init_from(c: ml_collections.ConfigDict, mesh: Mesh) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
     """(model config, graphdef, params) of ``config.trainer.init_from``: a Hugging Face directory's
-    own architecture and weights, or the params of a run checkpoint into the architecture
-    ``config.model`` describes (no base weights are read)."""
+    own architecture and weights, or the params of a run checkpoint (its LoRA adapters merged) in
+    the architecture ``config.model`` describes (no base weights are read)."""
     source = resolve_init_from(c.trainer.init_from)
     if source.kind == "hf":
         return load_hf_checkpoint(source.directory, mesh, **_model_overrides(c))
     model_config = model_config_of(c)
-    graphdef, abstract = abstract_params(model_config, mesh)
-    params = restore_params(source.directory, abstract, source.step, field="config.trainer.init_from")
+    graphdef, _ = abstract_params(model_config, mesh)
+    params = restore_params(source.directory, model_config, mesh, source.step, field="config.trainer.init_from")
     return model_config, graphdef, params
 
 
@@ -168,6 +184,10 @@ def load_policy(c: ml_collections.ConfigDict, mesh: Mesh) -> Policy:
         model_config, graphdef, params = _load_init_from(c, mesh)
     else:
         model_config, graphdef, params = _load_weights(c, mesh)
+    if c.model.lora.rank > 0:
+        model_config, graphdef, params = lora.add_adapters(
+            model_config, params, rank=c.model.lora.rank, alpha=c.model.lora.alpha,
+            targets=tuple(c.model.lora.targets), mesh=mesh, seed=c.seed)
     tokenizer = load_tokenizer_of(c)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(

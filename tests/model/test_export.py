@@ -16,7 +16,7 @@ from flax import nnx
 from spear_jax.checkpoint import RunCheckpointer, RunState
 from spear_jax.export import export_run, parse_size
 from spear_jax.resume import config_record
-from spear_jax.model import forward, get_model_config, init_model
+from spear_jax.model import forward, get_model_config, init_model, lora
 from spear_jax.model.chat_template import ChatTemplate
 from spear_jax.model.tokenizer import HFTokenizer, tiny_tokenizer
 
@@ -61,8 +61,9 @@ def make_run(workdir, steps=(1, 2), record_config=True, **overrides):
     return c, saved
 
 
-def project_logits(params):
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: init_model(get_model_config("tiny"))))
+def project_logits(params, cfg=None):
+    cfg = cfg or get_model_config("tiny")
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: init_model(cfg)))
     logits, _ = forward(graphdef, params, jnp.asarray(TOKENS), jnp.asarray(MASK))
     return np.asarray(logits)
 
@@ -86,6 +87,23 @@ def test_float32_export_of_a_chosen_step_gives_the_projects_logits(tmp_path):
     export_run(str(tmp_path / "run"), str(tmp_path / "newest"))
     np.testing.assert_allclose(hf_logits(tmp_path / "newest")[MASK], project_logits(saved[2])[MASK], atol=1e-4)
     assert np.abs(want - project_logits(saved[2]))[MASK].max() > 1e-2
+
+
+def test_lora_run_exports_the_merged_weights(tmp_path):
+    c = importlib.import_module("configs.spear").get_config("twx_tiny")
+    c.model.lora.rank, c.model.lora.alpha, c.model.lora.targets = 4, 8.0, ("q", "v", "down")
+    lora_cfg, _, params = lora.add_adapters(get_model_config("tiny"), tiny_params(1), rank=4, alpha=8.0,
+                                            targets=("q", "v", "down"))
+    adapters, rest = nnx.split_state(params, nnx.LoRAParam, ...)
+    params = nnx.merge_state(rest, jax.tree.map(lambda x: x + 0.05, adapters))  # B != 0: adapters act
+    checkpointer = RunCheckpointer(str(tmp_path / "run" / "checkpoints"))
+    checkpointer.save(1, RunState(device={"params": params, "opt_state": {"mu": adapters}}, host={},
+                                  meta={"step": 1, "config": config_record(c)}))
+    checkpointer.close()
+    export_run(str(tmp_path / "run"), str(tmp_path / "out"))
+    want = project_logits(params, lora_cfg)
+    np.testing.assert_allclose(hf_logits(tmp_path / "out")[MASK], want[MASK], atol=1e-4, rtol=1e-4)
+    assert np.abs(want - project_logits(rest))[MASK].max() > 1e-2  # the adapters change the logits
 
 
 def test_bfloat16_export_is_rounded_weights_and_within_bf16_tolerance(tmp_path):

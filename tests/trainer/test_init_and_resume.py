@@ -13,7 +13,7 @@ from spear_jax import metrics as run_metrics
 from spear_jax.checkpoint import complete_steps
 from spear_jax.export import export_run
 from spear_jax.init_from import InitSource, resolve_init_from
-from spear_jax.policy import abstract_params, model_config_of, restore_params
+from spear_jax.policy import model_config_of, restore_params
 from spear_jax.trainer import Trainer
 
 
@@ -36,8 +36,7 @@ def warm_start(tmp_path_factory):
     source = tmp_path_factory.mktemp("source")
     c = _config()
     sft.run_sft(c, str(source / "warm_start"))
-    _, abstract = abstract_params(model_config_of(c), None)
-    return str(source / "warm_start"), restore_params(str(source / "warm_start"), abstract)
+    return str(source / "warm_start"), restore_params(str(source / "warm_start"), model_config_of(c), None)
 
 
 def _assert_same(params, want):
@@ -131,8 +130,7 @@ def test_resume_step_resumes_the_chosen_step_and_sets_newer_ones_aside(tmp_path,
         trainer.close()
     checkpoints = workdir / "checkpoints"
     assert complete_steps(str(checkpoints)) == [1, 2]
-    _, abstract = abstract_params(model_config_of(config()), None)
-    want = restore_params(str(workdir), abstract, step=1)
+    want = restore_params(str(workdir), model_config_of(config()), None, step=1)
 
     restored = {}
     original = Trainer.restore_if_any
