@@ -18,7 +18,7 @@ import ml_collections
 from environments.prompts import TEMPLATES as PROMPT_TEMPLATES
 from environments.registry import env_names
 from spear_jax.sft_data import SOURCES as SFT_SOURCES
-from spear_jax import curriculum
+from spear_jax import curriculum, tracking
 from spear_jax.model import PRESETS as MODEL_PRESETS
 from spear_jax.objectives import (
     ADVANTAGE_ESTIMATORS,
@@ -242,6 +242,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _choice(c, "sft.source", SFT_SOURCES)
     with _naming("config.algorithm.use_toolcall_reward"):
         curriculum.check_toolcall_reward_mode(c.algorithm.use_toolcall_reward)
+    with _naming("config.logging"):
+        tracking.check_logging_config(c.logging)
 
     if c.data.group_size < 2:
         raise ConfigError(f"config.data.group_size = {c.data.group_size}: group advantages need "
