@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import os
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 
 BACKENDS = ("jsonl", "tensorboard", "wandb", "mlflow")
@@ -105,7 +106,7 @@ class WandbBackend:
     def __init__(self, workdir: str, project: str, run_name: str, mode: str, run_config: Mapping | None):
         wandb = _require("wandb")
         self._wandb = wandb
-        run_id = _saved_run_id(workdir, "wandb") or wandb.util.generate_id()
+        run_id = _saved_run_id(workdir, "wandb") or uuid.uuid4().hex[:8]
         self.run = wandb.init(project=project, name=run_name, dir=workdir, mode=mode, id=run_id,
                               resume="allow", config=dict(run_config or {}),
                               settings=wandb.Settings(silent=True, console="off"))
@@ -120,6 +121,7 @@ class WandbBackend:
 
     def close(self) -> None:
         self.run.finish()
+        self._wandb.teardown()  # finish() returns before the service writes the run file out
 
 
 class MlflowBackend:
