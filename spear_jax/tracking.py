@@ -13,6 +13,8 @@ as the JSONL, named ``<split>/<name>`` at the run step, and the trajectory table
 * mlflow: an ``MlflowClient`` on ``logging.mlflow_tracking_uri`` (default: the file store
   ``<workdir>/mlruns``), experiment ``logging.project``; scalars through ``log_batch``, the run
   config as the artifact ``config.json``, tables as JSON artifacts ``<name>/step_<step>.json``.
+  A file store keeps each metric as a file under its path, so there the ``/`` inside a metric
+  name become ``.`` (``train/rollout.success_rate``); other stores keep the JSONL names.
 
 The backend's run id is kept in ``<workdir>/<backend>_run_id`` so a resumed run continues the
 same wandb / mlflow run.
@@ -130,7 +132,8 @@ class MlflowBackend:
     def __init__(self, workdir: str, tracking_uri: str, experiment: str, run_name: str,
                  run_config: Mapping | None):
         _require("mlflow")
-        if tracking_uri.startswith("file:"):
+        self.file_store = tracking_uri.startswith("file:") or "://" not in tracking_uri
+        if self.file_store:
             # mlflow >= 3.7 refuses file stores unless opted in; the file store needs no database.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.tracking import MlflowClient
@@ -152,7 +155,7 @@ class MlflowBackend:
 
         millis = int(1000 * time.time())
         self.client.log_batch(self.run_id, metrics=[
-            Metric(_mlflow_key(name), float(value), millis, int(step)) for name, value in scalars.items()])
+            Metric(_mlflow_key(name, self.file_store), float(value), millis, int(step)) for name, value in scalars.items()])
 
     def log_table(self, step: int, name: str, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
         table = {"columns": list(columns), "data": [list(r) for r in rows]}
@@ -162,9 +165,16 @@ class MlflowBackend:
         self.client.set_terminated(self.run_id)
 
 
-def _mlflow_key(name: str) -> str:
-    """mlflow keys allow letters, digits, ``_ - . / space`` and ``:``; anything else becomes ``_``."""
-    return "".join(ch if ch.isalnum() or ch in "_-./ :" else "_" for ch in name)
+def _mlflow_key(name: str, file_store: bool) -> str:
+    """``<split>/<name>`` as an mlflow key: characters mlflow rejects (outside letters, digits and
+    ``_ - . / space :``) become ``_``; in a file store, where each metric is a file under its
+    ``/``-separated path, the ``/`` after the split become ``.`` (``rollout/success_rate`` and
+    ``rollout/success_rate/<task>`` cannot both be files)."""
+    key = "".join(ch if ch.isalnum() or ch in "_-./ :" else "_" for ch in name)
+    if file_store:
+        split, _, rest = key.partition("/")
+        key = f"{split}/{rest.replace('/', '.')}"
+    return key
 
 
 def metrics_writer(config, workdir: str):

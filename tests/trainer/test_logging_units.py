@@ -83,7 +83,7 @@ def _write_run(tmp_path, backends):
     writer = metrics.MetricsWriter(str(tmp_path), tensorboard=False,
                                    backends=tracking.make_backends(logging, str(tmp_path), {"seed": 3}))
     writer.write(1, {"reward": 0.5, "loss": float("nan")})
-    writer.write(2, {"reward": 1.25, "loss": 0.75})
+    writer.write(2, {"reward": 1.25, "loss": 0.75, "rate": 0.5, "rate/coin": 1.0})
     writer.write(2, {"success_rate": 0.5}, split="eval")
     writer.write_table(2, "trajectories", ["traj_id", "response"], [[0, "go | east"]])
     writer.close()
@@ -109,9 +109,11 @@ def test_mlflow_file_store_holds_the_jsonl_scalars(tmp_path):
     records = _write_run(tmp_path, ("mlflow",))
     client = MlflowClient(tracking.default_mlflow_uri(str(tmp_path)))
     run_id = (tmp_path / "mlflow_run_id").read_text()
-    for split, name in (("train", "reward"), ("train", "loss"), ("eval", "success_rate")):
+    for split, name in (("train", "reward"), ("train", "loss"), ("eval", "success_rate"), ("train", "rate"),
+                        ("train", "rate/coin")):
         expected = metrics.curves(records, name, split)
-        history = client.get_metric_history(run_id, f"{split}/{name}")
+        # a file store holds each metric as a file: "rate" and "rate/coin" cannot both be paths
+        history = client.get_metric_history(run_id, f"{split}/{name.replace('/', '.')}")
         assert ([m.step for m in history], [m.value for m in history]) == expected
     table = json.loads(open(client.download_artifacts(run_id, "trajectories/step_000002.json")).read())
     assert table == {"columns": ["traj_id", "response"], "data": [[0, "go | east"]]}
