@@ -164,6 +164,8 @@ def test_inspect_prints_a_saved_step_with_and_without_colour(tmp_path, capsys):
     assert logger.record(4, rows, np.array([1.0]), {}, batch, np.random.default_rng(0)) == []
     assert len(logger.record(5, rows, np.array([1.0]), {}, batch, np.random.default_rng(0))) == 1
     writer.close()
+    (events,) = glob.glob(f"{tmp_path}/tensorboard/events.out.tfevents.*")
+    assert b"d[[obs]]e[[/obs]]f" in open(events, "rb").read()  # the TensorBoard text table
     assert run_inspect.main(["--workdir", str(tmp_path), "--step", "5", "--color", "never"]) == 0
     plain = capsys.readouterr().out
     assert "\033[" not in plain
