@@ -104,6 +104,7 @@ def _agent_paper(c: ml_collections.ConfigDict, *, env_name: str) -> None:
     c.env.history_length = 2
     if env_name == "alfworld":
         c.env.name = "alfworld"
+        c.data.eval_split = "valid_unseen"  # verl-agent's evaluation games (out of distribution)
         c.env.max_steps = 50
         c.rollout.max_prompt_length = 2048
         c.trainer.length_buckets = (1024, 1536, 2048, 2560)

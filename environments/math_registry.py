@@ -1,7 +1,7 @@
 """``make_env("math", ...)``: a math-with-code-interpreter env from a named problem source.
 
-Sources (``source`` for the train split, ``eval_source`` for every other split; default the
-same):
+Splits (``SPLITS``): ``train`` reads ``source``, ``test`` reads ``eval_source`` (default: the
+same source; procedural problems then come from other seeds). Sources:
 
 * ``reasoning_gym:<generator>`` -- procedural problems (e.g. ``basic_arithmetic``,
   ``gsm_symbolic``), graded by the generator; train and eval draw from different seeds;
@@ -28,6 +28,7 @@ from environments.math_data import (
 from environments.math_env import MathEnvConfig, MathToolEnv
 from environments.sandbox import Sandbox, SandboxConfig
 
+SPLITS = ("train", "test")
 PROCEDURAL_PREFIX = "reasoning_gym:"
 _EVAL_SEED_OFFSET = 1_000_003
 _sandbox: Sandbox | None = None
@@ -52,6 +53,8 @@ def make_math_env(split: str = "train", source: str = "reasoning_gym:basic_arith
                   eval_source: str = "", path: str = "", size: int = 2000, seed: int = 0,
                   max_steps: int = 8, max_tool_output_chars: int = 16384) -> MathToolEnv:
     """A ``MathToolEnv`` for ``split`` (see module docstring); ``max_steps`` = assistant turns."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown math split {split!r}; choose one of {SPLITS}")
     name = source if split == "train" or not eval_source else eval_source
     config = MathEnvConfig(max_turns=max_steps, max_tool_output_chars=max_tool_output_chars)
     if name.startswith(PROCEDURAL_PREFIX):

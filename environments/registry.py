@@ -2,8 +2,8 @@
 
 Each entry maps a domain name to ``"module:Class"``; the module is imported only when that
 domain is made, so a missing optional engine (e.g. ALFWorld's) never breaks the others. Adding
-a domain is one line in ``ENVIRONMENTS``; the class's constructor keyword arguments are the
-domain's options.
+a domain is one line in ``ENVIRONMENTS`` and one in ``SPLITS`` (where its split names live); the
+class's constructor keyword arguments are the domain's options.
 """
 from __future__ import annotations
 
@@ -18,6 +18,13 @@ ENVIRONMENTS: dict[str, str] = {
     "webshop": "environments.webshop:make_offline_webshop_env",
     "math": "environments.math_registry:make_math_env",
 }
+# Where each domain's split names are defined (a tuple, or a dict keyed by split name).
+SPLITS: dict[str, str] = {
+    "textworld_express": "environments.textworld_express:SPLITS",
+    "alfworld": "environments.alfworld_data:SPLITS",
+    "webshop": "environments.webshop.goals:SPLITS",
+    "math": "environments.math_registry:SPLITS",
+}
 
 
 def env_names() -> tuple[str, ...]:
@@ -29,8 +36,19 @@ def env_class(name: str) -> type:
     """The class registered under ``name`` (imports its module)."""
     if name not in ENVIRONMENTS:
         raise ValueError(f"unknown environment {name!r}; registered: {env_names()}")
-    module_name, class_name = ENVIRONMENTS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return _resolve(ENVIRONMENTS[name])
+
+
+def _resolve(target: str):
+    module_name, attribute = target.split(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def split_names(name: str) -> tuple[str, ...]:
+    """The splits environment ``name`` accepts as ``split=`` (imports only its split table)."""
+    if name not in SPLITS:
+        raise ValueError(f"unknown environment {name!r}; registered: {env_names()}")
+    return tuple(_resolve(SPLITS[name]))
 
 
 def make_env(name: str, **kwargs) -> Env:

@@ -37,7 +37,9 @@ with a message listing the known names; this module re-raises it naming ``game_p
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
+import logging
 import shutil
 import threading
 from typing import Any, Mapping
@@ -128,21 +130,48 @@ class TextWorldExpressJVM:
             raise RuntimeError("this TextWorldExpressJVM was closed")
         return self._gateway.jvm.textworldexpress.runtime.PythonInterface()
 
+    def running(self) -> bool:
+        """Whether the Java process is still alive (Ctrl-C in a terminal reaches it too)."""
+        process = self._gateway.java_process
+        return process is None or process.poll() is None
+
     def release(self, simulator) -> None:
-        """Lets the JVM garbage-collect a simulator that is no longer used."""
-        if not self._closed:
+        """Lets the JVM garbage-collect a simulator that is no longer used. Nothing is sent to a
+        JVM that has exited, and a JVM exiting meanwhile only makes the release a no-op (py4j's
+        connection-error log is muted: its garbage collection is best effort anyway)."""
+        if self._closed or not self.running():
+            return
+        with _py4j_errors_muted():
             self._gateway.detach(simulator)
 
     def close(self) -> None:
+        """Shuts the JVM down; with a JVM that already exited, only closes the connections."""
         if self._closed:
             return
         self._closed = True
+        if not self.running():
+            self._gateway.close()
+            return
         process = self._gateway.java_process
-        self._gateway.shutdown()
+        with _py4j_errors_muted():
+            self._gateway.shutdown()
         if process is not None and process.poll() is None:
-            process.stdin.write(b"\n")  # py4j's launched JVM exits when its stdin says so
-            process.stdin.flush()
+            with contextlib.suppress(BrokenPipeError):  # the JVM exited meanwhile
+                process.stdin.write(b"\n")  # py4j's launched JVM exits when its stdin says so
+                process.stdin.flush()
             process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def _py4j_errors_muted():
+    """Silences py4j's error log (a traceback per failed connection) inside the block."""
+    logger = logging.getLogger("py4j")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 _shared_jvm: TextWorldExpressJVM | None = None

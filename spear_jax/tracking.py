@@ -37,23 +37,16 @@ class TrackingError(ValueError):
     """A ``config.logging`` setting that cannot work, naming the field and the fix."""
 
 
-def check_logging_config(logging) -> None:
-    """Raises ``TrackingError`` for unknown backends, a backend list without ``"jsonl"``, a bad
-    ``wandb_mode``, negative trajectory intervals or peak, or a backend whose package is missing."""
-    backends = tuple(logging.backends)
+def check_backends(backends: Sequence[str]) -> None:
+    """Raises ``TrackingError`` for unknown backends, a list without ``"jsonl"``, or a backend
+    whose package is missing (the other ``config.logging`` fields have ``run_config`` rules)."""
+    backends = tuple(backends)
     unknown = [name for name in backends if name not in BACKENDS]
     if unknown:
         raise TrackingError(f"config.logging.backends has unknown {unknown}; choose from {list(BACKENDS)}")
     if "jsonl" not in backends:
         raise TrackingError("config.logging.backends must include 'jsonl' (metrics.jsonl is the run's "
                             "record, read by resume and the plots)")
-    if logging.wandb_mode not in WANDB_MODES:
-        raise TrackingError(f"config.logging.wandb_mode = {logging.wandb_mode!r} is not one of {list(WANDB_MODES)}")
-    if logging.trajectories_every < 0 or logging.trajectories_per_step < 1:
-        raise TrackingError("config.logging.trajectories_every must be >= 0 (0 = never) and "
-                            "config.logging.trajectories_per_step >= 1")
-    if not logging.peak_flops >= 0:
-        raise TrackingError(f"config.logging.peak_flops = {logging.peak_flops} must be >= 0 (0 = measure)")
     for name in backends:
         if name in _PACKAGES:
             _require(name)
@@ -74,7 +67,7 @@ def _require(backend: str):
 def make_backends(logging, workdir: str, run_config: Mapping | None = None) -> list:
     """The wandb / mlflow backends ``logging.backends`` asks for (jsonl and tensorboard are the
     writer's own), each opened on ``workdir`` with ``run_config`` recorded as the run's config."""
-    check_logging_config(logging)
+    check_backends(logging.backends)
     run_name = logging.run_name or os.path.basename(os.path.normpath(workdir))
     backends = []
     if "wandb" in logging.backends:

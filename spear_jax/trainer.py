@@ -105,7 +105,7 @@ class Trainer:
         at most ``max_response_length`` response tokens (model and tool tokens together)."""
         chat = TemplateChatTokenizer(self.policy.chat)
         episodes = c.data.train_tasks_per_step * c.data.group_size
-        max_len = c.rollout.max_prompt_length + c.rollout.max_response_length
+        max_len = run_config.sequence_length(c)
         self.sampler = Sampler(
             self.policy.graphdef, self.policy.params, self.policy.model_config, max_len=max_len,
             max_batch=max(episodes, c.data.eval_episodes),
@@ -127,7 +127,8 @@ class Trainer:
 
     def _sampling(self, temperature: float, top_p: float, chat: TemplateChatTokenizer) -> SamplingParams:
         c = self.config
-        return SamplingParams(temperature=temperature, top_p=top_p, top_k=c.rollout.top_k,
+        # Temperature 0 decodes greedily; the log-probs it returns are then at temperature 1.
+        return SamplingParams(temperature=temperature or 1.0, top_p=top_p, top_k=c.rollout.top_k,
                               greedy=temperature == 0.0, max_new_tokens=c.rollout.max_response_length,
                               stop_sequences=(tuple(chat.assistant_end_ids),))
 

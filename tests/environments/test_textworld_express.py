@@ -239,3 +239,21 @@ def test_registry_builds_and_rejects():
         make_env("nethack")
     with pytest.raises(TypeError, match="bad options for environment 'textworld_express'.*game_params"):
         make_env("textworld_express", num_locations=2)
+
+
+def test_closing_envs_after_their_jvm_died_is_silent(capfd, caplog):
+    """Ctrl-C in a terminal stops the JVM too; closing the envs then (or at exit) must neither
+    raise nor log a connection-error traceback per env."""
+    jvm = twx.TextWorldExpressJVM()
+    envs = [twx.TextWorldExpressEnv("coin", split="train", max_steps=5, jvm=jvm) for _ in range(3)]
+    envs[0].reset(0)
+    process = jvm._gateway.java_process
+    process.kill()
+    process.wait(timeout=10)
+    assert not jvm.running()
+    for env in envs:
+        env.close()
+    jvm.close()
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    assert not [r for r in caplog.records if r.levelno >= 40], [r.getMessage() for r in caplog.records]

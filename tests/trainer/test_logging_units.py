@@ -1,6 +1,7 @@
 """Tracking backends (offline), trajectory records, the inspect printer and throughput figures."""
 import glob
 import json
+import re
 import struct
 
 import ml_collections
@@ -49,13 +50,11 @@ def read_wandb_history(run_dir: str) -> list[dict]:
     return records
 
 
-def test_check_logging_config_errors(monkeypatch):
+def test_check_backends_errors(monkeypatch):
     with pytest.raises(tracking.TrackingError, match="unknown"):
-        tracking.check_logging_config(_logging(backends=("jsonl", "neptune")))
+        tracking.check_backends(("jsonl", "neptune"))
     with pytest.raises(tracking.TrackingError, match="must include 'jsonl'"):
-        tracking.check_logging_config(_logging(backends=("tensorboard",)))
-    with pytest.raises(tracking.TrackingError, match="wandb_mode"):
-        tracking.check_logging_config(_logging(wandb_mode="cloud"))
+        tracking.check_backends(("tensorboard",))
     real_import = tracking.importlib.import_module
 
     def no_mlflow(name):
@@ -65,16 +64,22 @@ def test_check_logging_config_errors(monkeypatch):
 
     monkeypatch.setattr(tracking.importlib, "import_module", no_mlflow)
     with pytest.raises(tracking.TrackingError, match=r"config.logging.backends.*pip install mlflow-skinny"):
-        tracking.check_logging_config(_logging(backends=("jsonl", "mlflow")))
-    tracking.check_logging_config(_logging())  # the default needs neither package
+        tracking.check_backends(("jsonl", "mlflow"))
+    tracking.check_backends(base_config().logging.backends)  # the default needs neither package
 
 
-def test_run_config_names_the_logging_field():
+@pytest.mark.parametrize("field, value, message", [
+    ("backends", ("jsonl", "comet"), "config.logging.backends has unknown"),
+    ("wandb_mode", "cloud", "config.logging.wandb_mode='cloud'"),
+    ("trajectories_every", -1, "config.logging.trajectories_every=-1"),
+    ("peak_flops", -1.0, "config.logging.peak_flops=-1.0"),
+])
+def test_run_config_names_the_logging_field(field, value, message):
     from spear_jax import run_config
 
     c = base_config()
-    c.logging.backends = ("jsonl", "comet")
-    with pytest.raises(run_config.ConfigError, match="config.logging.backends"):
+    c.logging[field] = value
+    with pytest.raises(run_config.ConfigError, match=re.escape(message)):
         run_config.validate(c)
 
 

@@ -1,9 +1,14 @@
 import importlib
+import json
+import math
 
+import ml_collections
 import pytest
 
-from configs.base import PRESETS
+from configs.algorithms import BASES
+from configs.base import PRESETS, base_config
 from spear_jax import run_config
+from spear_jax.model import PRESETS as MODEL_PRESETS, to_hf_config
 from spear_jax.run_config import ConfigError
 
 METHODS = ("grpo", "drbot", "gigpo", "spear", "sft")
@@ -124,3 +129,244 @@ def test_mesh_resolution():
     c.unlock()
     c.mesh.fsdp, c.mesh.tensor = 2, 2
     assert run_config.mesh_shape(c, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+# (field, bad value, text the error must hold besides "config.<field>=<value>").
+BAD_VALUES = [
+    ("seed", -1, "in [0, 4294967295]"),
+    ("seed", 2**32, "32-bit"),
+    ("model.chat_format", "alpaca", "'chatml'"),
+    ("model.logprob_chunk_size", 0, ">= 1"),
+    ("env.max_steps", 0, ">= 1"),
+    ("env.history_length", -1, ">= 0"),
+    ("data.train_tasks_per_step", 0, ">= 1"),
+    ("data.group_size", 1, "singleton"),
+    ("data.eval_episodes", 0, ">= 1"),
+    ("data.eval_episodes", -4, ">= 1"),
+    ("data.eval_split", "validation", "one of 'train', 'dev', 'test'"),
+    ("mesh.fsdp", 0, ">= 1, or -1"),
+    ("rollout.temperature", -0.5, "> 0"),
+    ("rollout.temperature", 0.0, "eval_temperature=0"),
+    ("rollout.top_p", 0.0, "in (0, 1]; use 1.0 to disable nucleus sampling"),
+    ("rollout.top_p", 1.5, "in (0, 1]"),
+    ("rollout.top_p", math.nan, "in (0, 1]"),
+    ("rollout.top_k", -1, "use 0 to disable top-k"),
+    ("rollout.top_k", 4097, "<= the vocabulary size 4096"),
+    ("rollout.max_prompt_length", 0, ">= 1"),
+    ("rollout.max_prompt_length", 4090, "4096 positions"),
+    ("rollout.max_response_length", 0, ">= 1"),
+    ("rollout.eval_temperature", -0.1, ">= 0"),
+    ("rollout.eval_top_p", 0.0, "in (0, 1]"),
+    ("rollout.kv_cache_dtype", "float16", "'bfloat16'"),
+    ("algorithm.grpo_statistics_over", "all-rows", "'trajectories'"),
+    ("algorithm.gigpo_gamma", 1.5, "in [0, 1]"),
+    ("algorithm.gigpo_step_advantage_w", -1.0, ">= 0"),
+    ("algorithm.gigpo_mode", "std", "'mean_norm'"),
+    ("algorithm.kl_coef", -0.1, ">= 0"),
+    ("algorithm.invalid_action_penalty_coef", -0.1, ">= 0"),
+    ("algorithm.rollout_filter_ratio", 0.0, "in (0, 1]"),
+    ("algorithm.rollout_filter_std_ddof", 2, "one of 0, 1"),
+    ("algorithm.max_toolcall_steps", 0, ">= 1"),
+    ("algorithm.toolcall_reward_recipe", "qwen4", "'qwen3'"),
+    ("actor.lr", 0.0, "> 0"),
+    ("actor.lr", math.inf, "> 0"),
+    ("actor.lr_schedule", "linear", "'cosine'"),
+    ("actor.lr_warmup_steps", -1, ">= 0"),
+    ("actor.weight_decay", -0.01, ">= 0"),
+    ("actor.grad_clip", 0.0, "> 0"),
+    ("actor.ppo_epochs", 0, ">= 1"),
+    ("actor.ppo_micro_batch_size", 0, ">= 1"),
+    ("actor.clip_ratio_low", 1.0, "in (0, 1)"),
+    ("actor.clip_ratio_high", 0.0, "> 0"),
+    ("actor.clip_ratio_c", 1.0, "> 1"),
+    ("actor.log_ratio_clamp", 0.0, "> 0"),
+    ("actor.loss_agg_max_response_length", 0, ">= 1"),
+    ("actor.loss_mode", "ppo", "'clip_cov'"),
+    ("actor.clip_cov_ratio", 0.0, "in (0, 1]"),
+    ("actor.clip_cov_lb", 5.0, "must be < config.actor.clip_cov_ub=5.0"),
+    ("actor.clip_cov_lb", math.nan, "a finite number"),
+    ("actor.clip_cov_ub", 0.5, "config.actor.clip_cov_lb=1.0: must be < config.actor.clip_cov_ub=0.5"),
+    ("actor.kl_cov_ratio", 2.0, "in (0, 1]"),
+    ("actor.ppo_kl_coef", -1.0, ">= 0"),
+    ("actor.entropy_coeff", -0.001, ">= 0"),
+    ("actor.kl_loss_coef", -0.1, ">= 0"),
+    ("actor.kl_loss_type", "k4", "'low_var_kl'"),
+    ("algorithm.kl_penalty", "k4", "'low_var_kl'"),
+    ("replay.buffer_size", 0, ">= 1"),
+    ("replay.baseline_buffer_size", 0, ">= 1"),
+    ("replay.tolerate_steps", -1, ">= 0"),
+    ("replay.weight_decay", math.inf, "P50"),
+    ("replay.baseline_std_ddof", -1, "one of 0, 1"),
+    ("replay.loss_coef", -1.0, ">= 0"),
+    ("replay.max_loss_steps", 0, ">= 1"),
+    ("replay.clip_cov_ratio", 0.0, "in (0, 1]"),
+    ("replay.clip_cov_lb", 70.0, "must be < config.replay.clip_cov_ub=60.0"),
+    ("replay.clip_cov_ub", 1.0, "config.replay.clip_cov_lb=2.0: must be < config.replay.clip_cov_ub=1.0"),
+    ("replay.kl_cov_ratio", 0.0, "in (0, 1]"),
+    ("sft.episodes", 0, ">= 1"),
+    ("sft.steps", 0, ">= 1"),
+    ("sft.lr", 0.0, "> 0"),
+    ("sft.batch_size", 0, ">= 1"),
+    ("trainer.total_steps", -1, ">= 0"),
+    ("trainer.eval_every", 0, ">= 1"),
+    ("trainer.checkpoint_every", 0, ">= 1"),
+    ("trainer.max_checkpoints_to_keep", 0, ">= 1"),
+    ("trainer.log_every", 0, ">= 1"),
+    ("trainer.length_buckets", (256, 128, 352), "strictly increasing"),
+    ("trainer.length_buckets", (0, 352), "positive token counts"),
+    ("model.tokenizer_path", "/nonexistent/tokenizer.json", "tokenizer"),
+    ("env.kwargs", {"game": "coin", "rooms": 3}, "its options are"),
+]
+
+
+def _set(c, path, value):
+    *parents, leaf = path.split(".")
+    node = c
+    for part in parents:
+        node = node[part]
+    node[leaf] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+
+
+@pytest.mark.parametrize("path, value, message", BAD_VALUES, ids=[f"{p}={v!r}" for p, v, _ in BAD_VALUES])
+def test_each_bad_value_fails_at_validate_naming_field_value_and_fix(path, value, message):
+    c = _config()
+    c.unlock()
+    _set(c, path, value)
+    with pytest.raises(ConfigError) as error:
+        run_config.validate(c, num_devices=8)
+    text = str(error.value)
+    assert "\n" not in text
+    assert f"config.{path}" in text and message in text, text
+    if path not in ("env.kwargs", "trainer.length_buckets", "rollout.max_prompt_length"):
+        assert text.startswith(f"config.{path}={value!r}: must be ") or "clip_cov" in path, text
+
+
+def test_trajectory_rows_hold_one_response_budget_for_all_turns():
+    c = _config("spear", "math_tiny")
+    c.unlock()
+    c.env.max_steps = 200  # turns do not multiply the budget: 320 + 32 tokens whatever the turns
+    run_config.validate(c, num_devices=8)
+    assert run_config.sequence_length(c) == c.rollout.max_prompt_length + c.rollout.max_response_length
+    c.rollout.max_response_length = 4096 - c.rollout.max_prompt_length + 1
+    c.trainer.length_buckets = (4097,)
+    with pytest.raises(ConfigError, match=r"= 4097 tokens: must be <= the model's 4096"):
+        run_config.validate(c, num_devices=8)
+
+
+@pytest.mark.parametrize("env_name, good, bad", [
+    ("textworld_express", "dev", "valid_unseen"),
+    ("alfworld", "valid_unseen", "test"),
+    ("webshop", "test", "dev"),
+    ("math", "test", "valid"),
+])
+def test_eval_split_must_be_a_split_of_the_chosen_environment(env_name, good, bad):
+    c = _config()
+    c.unlock()
+    c.env.name, c.env.kwargs, c.sft.enable = env_name, ml_collections.ConfigDict(), False
+    c.data.eval_split = good
+    run_config.validate(c, num_devices=8)
+    c.data.eval_split = bad
+    with pytest.raises(ConfigError, match=rf"config\.data\.eval_split='{bad}': must be a split of '{env_name}'"):
+        run_config.validate(c, num_devices=8)
+
+
+def test_math_solutions_need_both_record_fields(tmp_path):
+    c = _config()
+    c.unlock()
+    (tmp_path / "train.jsonl").write_text('{"question": "1+1", "answer": "#### 2"}\n')
+    c.sft.source, c.sft.data_path, c.sft.problem_field = "math_solutions", str(tmp_path / "train.jsonl"), ""
+    with pytest.raises(ConfigError, match=r"config\.sft\.problem_field='': must be a record field name"):
+        run_config.validate(c, num_devices=8)
+    c.sft.problem_field = "question"
+    run_config.validate(c, num_devices=8)
+
+
+def test_gold_warm_start_needs_an_environment_with_gold_actions():
+    c = _config("sft", "math_tiny")
+    with pytest.raises(ConfigError, match=r"config\.sft\.source='gold': environment 'math' has no gold"):
+        run_config.validate(c, num_devices=8)
+
+
+def test_top_k_and_positions_come_from_an_hf_checkpoint_config(tmp_path):
+    c = _config()
+    c.unlock()
+    hf = to_hf_config(MODEL_PRESETS["tiny"].replace(vocab_size=1000, max_position_embeddings=512))
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    c.model.checkpoint_format, c.model.checkpoint_path, c.sft.enable = "hf", str(tmp_path), False
+    c.rollout.top_k = 1001
+    with pytest.raises(ConfigError, match=r"vocabulary size 1000 \(.*config\.json\)"):
+        run_config.validate(c, num_devices=8)
+    c.rollout.top_k, c.rollout.max_prompt_length = 1000, 480
+    run_config.validate(c, num_devices=8)  # 480 + 32 = 512 positions: fits exactly
+    c.rollout.max_prompt_length = 481
+    with pytest.raises(ConfigError, match=r"= 513 tokens: must be <= the model's 512 positions"):
+        run_config.validate(c, num_devices=8)
+
+
+def _runnable(c, tmp_path):
+    """Points a paper preset at stand-ins for the files the user supplies (weights, problems)."""
+    c.unlock()
+    if c.model.checkpoint_format == "hf":
+        (tmp_path / "config.json").write_text(json.dumps(to_hf_config(MODEL_PRESETS[c.model.preset])))
+        c.model.checkpoint_path = str(tmp_path)
+    if c.env.kwargs.get("source") == "jsonl":
+        (tmp_path / "train.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
+        c.env.kwargs.path = str(tmp_path / "train.jsonl")
+    return c
+
+
+def _expected_failure(method, preset):
+    """What validate must say for the combinations that cannot run (None: it must pass)."""
+    trajectory_rows = "math" in preset or "aime" in preset
+    if "gigpo" in method and trajectory_rows:
+        return "row_layout"
+    if method == "sft" and (trajectory_rows or "webshop" in preset):
+        return "has no gold actions"
+    return None
+
+
+_COMBOS = [(m, p) for m in ("grpo", "drbot", "gigpo", "sft") + tuple(f"spear,{b}" for b in BASES) for p in PRESETS]
+
+
+@pytest.mark.parametrize("method, preset", _COMBOS)
+def test_every_preset_of_every_method_validates(method, preset, tmp_path):
+    module, _, base = method.partition(",")
+    c = _runnable(_config(module, f"{preset},{base}" if base else preset), tmp_path)
+    failure = _expected_failure(base or module, preset)
+    if failure is None:
+        run_config.validate(c, num_devices=8)
+    else:
+        with pytest.raises(ConfigError, match=failure):
+            run_config.validate(c, num_devices=8)
+
+
+# Fields checked outside RULES: free text (paths, names, the environment's split) and the mesh
+# sizes (run_config.mesh_shape: >= 1, or -1 for the remaining devices).
+_CHECKED_ELSEWHERE = {"name", "model.checkpoint_path", "model.tokenizer_path", "data.eval_split", "sft.data_path",
+                      "sft.problem_field", "sft.solution_field", "mesh.data", "mesh.fsdp", "mesh.tensor",
+                      "logging.project", "logging.run_name", "logging.mlflow_tracking_uri"}
+
+
+def _leaves(c, prefix=""):
+    for key, value in c.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            if key != "kwargs":  # environment options: checked against the constructor
+                yield from _leaves(value, path + ".")
+        else:
+            yield path, value
+
+
+def test_every_numeric_and_choice_field_has_a_rule():
+    ruled = {rule.path for rule in run_config.RULES}
+    fields = dict(_leaves(base_config()))
+    assert ruled <= set(fields), f"rules for missing fields: {ruled - set(fields)}"
+    unruled = {path for path, value in fields.items()
+               if not isinstance(value, (bool, tuple)) and path not in ruled and path not in _CHECKED_ELSEWHERE}
+    assert not unruled, f"fields without a rule in run_config.RULES: {sorted(unruled)}"
+
+
+def test_every_default_value_satisfies_its_rule():
+    c = base_config()
+    for rule in run_config.RULES:
+        assert run_config.field_value(c, rule.path) in rule.allowed, rule.path

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import re
 
@@ -222,3 +223,12 @@ def test_readme_main_command_on_a_short_schedule(tmp_path):
     assert summary["eval_steps"] == [0, 1]
     assert os.path.isfile(workdir / "warm_start" / "metrics.jsonl")
     assert any(p.endswith("curve_success_rate.png") for p in summary["plots"])
+
+
+def test_eval_temperature_zero_decodes_greedily():
+    c = _config("spear")
+    holder, chat = types.SimpleNamespace(config=c), types.SimpleNamespace(assistant_end_ids=[7])
+    greedy = Trainer._sampling(holder, 0.0, 1.0, chat)
+    assert greedy.greedy and greedy.temperature == 1.0
+    sampled = Trainer._sampling(holder, 0.4, 1.0, chat)
+    assert not sampled.greedy and sampled.temperature == 0.4
