@@ -43,7 +43,8 @@ def check_backends(backends: Sequence[str]) -> None:
     backends = tuple(backends)
     unknown = [name for name in backends if name not in BACKENDS]
     if unknown:
-        raise TrackingError(f"config.logging.backends has unknown {unknown}; choose from {list(BACKENDS)}")
+        raise TrackingError(f"config.logging.backends has unknown {unknown}; choose from {list(BACKENDS)} "
+                            f"(on the command line a tuple: \"--config.logging.backends=('jsonl','wandb')\")")
     if "jsonl" not in backends:
         raise TrackingError("config.logging.backends must include 'jsonl' (metrics.jsonl is the run's "
                             "record, read by resume and the plots)")
