@@ -15,6 +15,7 @@ prompt cyan, trained response green, observation yellow, masked tokens dim.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -80,7 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     color = use_color(args.color, sys.stdout)
     records = [r for r in read_trajectories(args.workdir, args.step) if args.traj in (None, r["traj_id"])]
-    print("\n\n".join(format_episode(r, color) for r in records))
+    try:
+        print("\n\n".join(format_episode(r, color) for r in records))
+    except BrokenPipeError:  # the reader (head, less) closed the pipe: drop the rest quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
