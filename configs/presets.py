@@ -114,6 +114,11 @@ def _agent_paper(c: ml_collections.ConfigDict, *, env_name: str) -> None:
         c.replay.max_loss_steps = 100
     else:
         c.env.name = "webshop"
+        # data_dir empty: the generated offline catalogue; else WebShop's data/ folder (its
+        # product_set "1000" or "all" files, items_human_ins.json with human_goals); shop_seed
+        # draws the goals' prices (and generates the offline pages). docs/webshop.md.
+        c.env.kwargs = ml_collections.ConfigDict({"data_dir": "", "product_set": "1000",
+                                                  "human_goals": False, "shop_seed": 0})
         c.env.max_steps = 15
         c.rollout.max_prompt_length = 4096
         c.trainer.length_buckets = (1024, 2048, 3072, 4608)

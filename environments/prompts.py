@@ -44,7 +44,7 @@ answered are dropped) and the instructions are one line::
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 from environments.base import Observation
 
@@ -76,10 +76,14 @@ class AgentPromptStyle:
         Embodied Environment."
       task_in_first_observation: the first observation already states the task (ALFWorld prints
         "Your task is to: ..."), so the first-step prompt does not repeat it.
+      verl_agent_renderer: the domain's own layout of the ``verl_agent`` template, called as
+        ``renderer(observation, history, history_length)`` (WebShop's page and action lists);
+        None: the layout above.
     """
 
     intro: str
     task_in_first_observation: bool = False
+    verl_agent_renderer: Callable[[Observation, Sequence[tuple[str, str]], int], str] | None = None
 
     def __post_init__(self):
         if not self.intro.strip():
@@ -134,6 +138,8 @@ def render_agent_prompt(
             raise ValueError(f"history[{j}] must be an (observation, action) pair, got {pair!r}")
     if template == "compact":
         return _render_compact(style, observation, history, history_length)
+    if style.verl_agent_renderer is not None:
+        return style.verl_agent_renderer(observation, history, history_length)
     actions_line = (
         ""
         if observation.admissible_actions is None

@@ -15,7 +15,7 @@ from environments.base import Env
 ENVIRONMENTS: dict[str, str] = {
     "textworld_express": "environments.textworld_express:TextWorldExpressEnv",
     "alfworld": "environments.alfworld:ALFWorldEnv",
-    "webshop": "environments.webshop:make_offline_webshop_env",
+    "webshop": "environments.webshop.adapter:make_webshop_env",
     "math": "environments.math_registry:make_math_env",
 }
 # Where each domain's split names are defined (a tuple, or a dict keyed by split name).

@@ -567,6 +567,13 @@ def _check_env_data(c: ml_collections.ConfigDict) -> None:
         if not path or not os.path.isfile(path):
             _fail("env.kwargs.path", path, "the training problems' jsonl file (fields 'problem' and "
                   "'answer')", "e.g. DAPO-Math-17k converted to jsonl")
+    if c.env.name == "webshop" and kwargs.get("data_dir"):
+        from environments.webshop.adapter import webshop_data_files  # the domain's own imports
+        try:
+            webshop_data_files(kwargs.data_dir, kwargs.get("product_set", "1000"),
+                               kwargs.get("human_goals", False))
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"config.env.kwargs: {error}") from None
 
 
 def _check_weights(c: ml_collections.ConfigDict) -> None:

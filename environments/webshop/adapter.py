@@ -2,10 +2,16 @@
 
 Reads WebShop's files, turns them into ``Product`` / ``Goal`` records exactly as WebShop's
 ``load_products`` / ``get_goals`` do, and serves them with the same page engine, reward and env
-as the offline catalogue. Search uses the pure-Python BM25 stand-in of ``search`` (same
-documents and BM25 parameters as WebShop's pyserini index, simplified analyzer), not Lucene.
+as the offline catalogue. Search is ``search.BM25Index`` (bm25s with Lucene's BM25 and an
+English-analyzer chain; pyserini's Lucene index is not used).
 
-Expected files (WebShop's ``data/`` folder):
+``make_webshop_env`` is the registry's ``webshop`` entry: without ``data_dir`` it serves the
+generated offline catalogue, with ``data_dir`` the files of WebShop's ``data/`` folder
+(``webshop_data_files`` names them: ``product_set="1000"`` reads ``items_shuffle_1000.json`` and
+``items_ins_v2_1000.json``, ``"all"`` reads ``items_shuffle.json`` and ``items_ins_v2.json``;
+``human_goals=True`` adds ``items_human_ins.json``; ``reviews.json`` is read when present).
+
+Expected files:
 
 ``items_shuffle_1000.json`` — a JSON list of scraped product records. Keys used::
 
@@ -39,6 +45,7 @@ products have no reviews and rating ``N.A.`` (as in WebShop when the file lacks 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -47,7 +54,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Mapping
 
 from environments.webshop.engine import Shop
-from environments.webshop.env import MAX_STEPS, WebShopEnv
+from environments.webshop.env import MAX_STEPS, WebShopEnv, load_offline_shop
 from environments.webshop.goals import (draw_purchase_prices, human_goals, load_attribute_file,
                                         shuffle_goals, synthetic_goals)
 from environments.webshop.products import PLACEHOLDER_ATTRIBUTE, Product, Review
@@ -55,6 +62,11 @@ from environments.webshop.products import PLACEHOLDER_ATTRIBUTE, Product, Review
 REQUIRED_KEYS = ("asin", "name", "full_description", "small_description",
                  "customization_options", "query", "category", "product_category")
 DEFAULT_PRICE = 100.0
+# WebShop's product sets: (product file, attribute file) in its data/ folder.
+PRODUCT_SET_FILES = {"1000": ("items_shuffle_1000.json", "items_ins_v2_1000.json"),
+                     "all": ("items_shuffle.json", "items_ins_v2.json")}
+HUMAN_GOALS_FILE = "items_human_ins.json"
+REVIEWS_FILE = "reviews.json"
 _NOT_PRICE_CHARS = re.compile(r"[^\d.]")
 
 
@@ -184,4 +196,58 @@ def make_webshop_env_from_files(items_path: str | os.PathLike,
     """WebShop env on the real data files (see ``load_webshop_shop``)."""
     shop = load_webshop_shop(items_path, attributes_path, human_goals_path, num_products,
                              reviews_path, seed)
+    return WebShopEnv(shop, split=split, max_steps=max_steps, seed=seed)
+
+
+def webshop_data_files(data_dir: str, product_set: str = "1000",
+                       human_goals: bool = False) -> dict[str, str | None]:
+    """Paths of WebShop's files in ``data_dir``: keys ``items``, ``attributes``, ``human_goals``
+    and ``reviews`` (None when not used / absent). Raises ``ValueError`` naming the argument for
+    an unknown ``product_set`` and ``FileNotFoundError`` listing every required file missing."""
+    if product_set not in PRODUCT_SET_FILES:
+        raise ValueError(f"product_set = {product_set!r} must be one of "
+                         f"{sorted(PRODUCT_SET_FILES)} (WebShop's 1000-product or full set)")
+    required = list(PRODUCT_SET_FILES[product_set]) + ([HUMAN_GOALS_FILE] if human_goals else [])
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data_dir = {data_dir!r} is not a directory; point it at "
+                                f"WebShop's data/ folder holding {', '.join(required)}")
+    missing = [name for name in required if not os.path.isfile(os.path.join(data_dir, name))]
+    if missing:
+        raise FileNotFoundError(
+            f"data_dir = {data_dir!r} lacks {', '.join(missing)} (product_set = {product_set!r}"
+            f"{', human_goals = True' if human_goals else ''} needs {', '.join(required)})")
+    reviews = os.path.join(data_dir, REVIEWS_FILE)
+    items, attributes = (os.path.join(data_dir, name) for name in PRODUCT_SET_FILES[product_set])
+    return {"items": items, "attributes": attributes,
+            "human_goals": os.path.join(data_dir, HUMAN_GOALS_FILE) if human_goals else None,
+            "reviews": reviews if os.path.isfile(reviews) else None}
+
+
+@functools.lru_cache(maxsize=4)
+def load_webshop_data_dir(data_dir: str, product_set: str = "1000", human_goals: bool = False,
+                          seed: int = 0) -> Shop:
+    """The ``Shop`` of WebShop's files in ``data_dir`` (cached per process: every env of a run
+    shares one catalogue and goal list)."""
+    files = webshop_data_files(data_dir, product_set, human_goals)
+    return load_webshop_shop(files["items"], files["attributes"], files["human_goals"],
+                             reviews_path=files["reviews"], seed=seed)
+
+
+def make_webshop_env(split: str = "train", seed: int = 0, max_steps: int = MAX_STEPS,
+                     data_dir: str = "", product_set: str = "1000", human_goals: bool = False,
+                     shop_seed: int = 0) -> WebShopEnv:
+    """WebShop from config options: the generated offline catalogue (``data_dir`` empty) or
+    WebShop's files in ``data_dir`` (see ``webshop_data_files``).
+
+    ``shop_seed`` builds the shop (generated pages; purchase prices and price limits of the
+    goals) and is the same for every env of a run, so a task id names the same goal in all of
+    them; ``seed`` only drives the env's own draws (``reset()`` without a task id).
+    """
+    if not data_dir:
+        if human_goals or product_set != "1000":
+            raise ValueError("human_goals and product_set select WebShop's own files: set "
+                             "data_dir to WebShop's data/ folder")
+        shop = load_offline_shop(shop_seed)
+    else:
+        shop = load_webshop_data_dir(os.fspath(data_dir), product_set, human_goals, shop_seed)
     return WebShopEnv(shop, split=split, max_steps=max_steps, seed=seed)

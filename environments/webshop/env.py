@@ -22,7 +22,8 @@ admissible actions are ``search[<your query>]`` when the page has a search bar p
 
 Two catalogues serve it: ``make_offline_webshop_env`` (real goals and attributes of the
 1000-product setting, GENERATED pages, see ``catalog``), and ``adapter.make_webshop_env_from_files``
-(WebShop's own data files). Splits follow verl-agent: ``test`` = goals 0-499 of WebShop's
+(WebShop's own data files); ``adapter.make_webshop_env`` picks one from config options. Step
+prompts: ``prompts.PROMPT_STYLE`` (verl-agent's WebShop layout). Splits follow verl-agent: ``test`` = goals 0-499 of WebShop's
 shuffled goal list, ``train`` = the rest.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ from environments.webshop.catalog import generate_catalog
 from environments.webshop.engine import Shop, ShopSession
 from environments.webshop.goals import (draw_purchase_prices, load_attribute_file,
                                         shuffle_goals, split_goal_indices, synthetic_goals)
+from environments.webshop.prompts import PROMPT_STYLE
 
 MAX_STEPS = 15
 SUCCESS_REWARD = 10.0
@@ -58,6 +60,7 @@ class WebShopEnv:
     """WebShop on a ``Shop`` (see module docstring)."""
 
     name = "webshop"
+    prompt_style = PROMPT_STYLE
 
     def __init__(self, shop: Shop, split: str = "train", max_steps: int = MAX_STEPS,
                  seed: int = 0):

@@ -13,12 +13,15 @@ Every step row's prompt is rendered afresh from:
 * the ``<think>`` / ``<action>`` answer instructions.
 
 If the prompt with history exceeds ``max_chars`` (13,000) characters, the no-history prompt is
-used instead (verl-agent's fallback).
+used instead (verl-agent's fallback). ``PROMPT_STYLE`` hands this layout to the trainer's step
+rows (``env.prompt_template = "verl_agent"``; ``"compact"`` uses the shared compact layout).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+from environments.base import Observation
+from environments.prompts import AgentPromptStyle
 from environments.webshop.engine import SEP
 
 HISTORY_LENGTH = 2
@@ -96,3 +99,15 @@ def render_prompt(task: str, page_text: str, actions: Sequence[str],
         current_step=len(history) + 1, observation=format_observation(page_text, task),
         actions=format_actions(actions))
     return no_history if len(prompt) > max_chars else prompt
+
+
+def render_step_prompt(observation: Observation, history: Sequence[tuple[str, str]],
+                       history_length: int) -> str:
+    """``render_prompt`` for an ``Observation`` (the trainer's ``verl_agent`` step prompt)."""
+    return render_prompt(observation.task, observation.text, observation.admissible_actions,
+                         history, history_length)
+
+
+PROMPT_STYLE = AgentPromptStyle(
+    intro="You are an expert shopping agent working in the WebShop online store.",
+    verl_agent_renderer=render_step_prompt)

@@ -4,10 +4,13 @@ import os
 
 import pytest
 
+from environments.registry import make_env
 from environments.webshop.adapter import (load_webshop_products, load_webshop_shop,
-                                          make_webshop_env_from_files, parse_options,
-                                          parse_pricing)
+                                          make_webshop_env, make_webshop_env_from_files,
+                                          parse_options, parse_pricing, webshop_data_files)
 from environments.webshop.goals import NO_PRICE_LIMIT
+from environments.webshop.policies import gold_action, react_response
+from tests.environments.webshop_data import write_webshop_data_dir
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "webshop")
 ITEMS = os.path.join(FIXTURES, "items_shuffle_fixture.json")
@@ -147,3 +150,57 @@ def test_missing_files_and_bad_records_are_named(tmp_path):
     attributes.write_text(json.dumps({"B1": {"attributes": [], "instruction": "Find me x"}}))
     with pytest.raises(ValueError, match="'B1' has an instruction but no 'instruction_attributes'"):
         load_webshop_products(ITEMS, attributes)
+
+
+# ------------------------------------------------------------- from config options (registry)
+def test_registry_env_reads_the_data_dir_and_gold_wins(tmp_path):
+    data_dir = write_webshop_data_dir(tmp_path / "data")
+    env = make_env("webshop", split="test", seed=3, max_steps=15, data_dir=data_dir)
+    assert len(env.shop.goals) == 520 and env.num_tasks == 500
+    assert env.shop.products["B000000007"].title == "Lumina model7 Tea Tree Body Scrub"
+    for goal_index in range(0, 500, 50):
+        observation = env.reset(task_id=goal_index)
+        assert "model" in observation.task
+        while True:
+            result = env.step(react_response(gold_action(env, observation)))
+            observation = result.observation
+            if result.done:
+                break
+        assert result.won and result.info["task_score"] == 1.0
+
+
+def test_envs_of_one_run_share_one_shop():
+    # The trainer builds one env per episode with seeds seed + i; a task id must name the same
+    # goal in all of them (a group plays one task).
+    envs = [make_env("webshop", split="train", seed=seed) for seed in range(3)]
+    assert envs[0].shop is envs[1].shop is envs[2].shop
+    assert len({env.reset(task_id=600).task for env in envs}) == 1
+    assert make_env("webshop", shop_seed=1).shop is not envs[0].shop
+
+
+def test_human_goals_from_the_data_dir(tmp_path):
+    data_dir = write_webshop_data_dir(tmp_path / "data", human_goals=True)
+    env = make_env("webshop", split="all", data_dir=data_dir, human_goals=True)
+    assert sorted(goal.asin for goal in env.shop.goals) == ["B000000001", "B000000003"]
+    assert env.shop.goals[0].instruction_text.startswith(("i want", "i need"))
+
+
+def test_data_dir_files_and_errors(tmp_path):
+    data_dir = write_webshop_data_dir(tmp_path / "data")
+    files = webshop_data_files(data_dir)
+    assert files == {"items": os.path.join(data_dir, "items_shuffle_1000.json"),
+                     "attributes": os.path.join(data_dir, "items_ins_v2_1000.json"),
+                     "human_goals": None, "reviews": None}
+    with open(os.path.join(data_dir, "reviews.json"), "w") as f:
+        json.dump([], f)
+    assert webshop_data_files(data_dir)["reviews"] == os.path.join(data_dir, "reviews.json")
+    with pytest.raises(FileNotFoundError, match="lacks items_shuffle.json, items_ins_v2.json"):
+        webshop_data_files(data_dir, product_set="all")
+    with pytest.raises(FileNotFoundError, match="lacks items_human_ins.json"):
+        webshop_data_files(data_dir, human_goals=True)
+    with pytest.raises(FileNotFoundError, match="is not a directory.*items_shuffle_1000.json"):
+        webshop_data_files(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="product_set = '100' must be one of"):
+        webshop_data_files(data_dir, product_set="100")
+    with pytest.raises(ValueError, match="set data_dir"):
+        make_webshop_env(human_goals=True)

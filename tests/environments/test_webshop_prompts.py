@@ -1,6 +1,7 @@
 """The WebShop step prompt: observation formatting, 2-step history, 13,000-character fallback."""
 import pytest
 
+from environments.prompts import render_agent_prompt
 from environments.webshop.env import make_offline_webshop_env
 from environments.webshop.prompts import (MAX_PROMPT_CHARS, format_observation, render_prompt)
 
@@ -68,3 +69,16 @@ def test_prompts_of_a_real_episode_stay_small():
         history.append((observation.text, action))
         observation = result.observation
     assert max(lengths) < MAX_PROMPT_CHARS
+
+
+def test_trainer_step_prompts_use_the_webshop_layout():
+    env = make_offline_webshop_env(split="test")
+    first = env.reset(task_id=0)
+    action = f"search[{first.task}]"
+    second = env.step(f"<think>t</think><action>{action}</action>").observation
+    history = [(first.text, action)]
+    assert render_agent_prompt(env.prompt_style, second, history, 2) == render_prompt(
+        second.task, second.text, second.admissible_actions, history)
+    compact = render_agent_prompt(env.prompt_style, second, history, 2, template="compact")
+    assert compact.startswith("You are an expert shopping agent working in the WebShop online "
+                              f"store. Your task is to: {second.task}\nStep 2.")

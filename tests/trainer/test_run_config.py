@@ -7,9 +7,11 @@ import pytest
 
 from configs.algorithms import BASES
 from configs.base import PRESETS, base_config
+from environments.registry import make_env
 from spear_jax import run_config
 from spear_jax.model import PRESETS as MODEL_PRESETS, to_hf_config
 from spear_jax.run_config import ConfigError
+from tests.environments.webshop_data import write_webshop_data_dir
 
 METHODS = ("grpo", "drbot", "gigpo", "spear", "sft")
 
@@ -370,3 +372,36 @@ def test_every_default_value_satisfies_its_rule():
     c = base_config()
     for rule in run_config.RULES:
         assert run_config.field_value(c, rule.path) in rule.allowed, rule.path
+
+
+def _webshop(data_dir, **kwargs):
+    c = _config("drbot")
+    c.unlock()
+    c.env.name, c.sft.enable = "webshop", False
+    c.env.kwargs = {"data_dir": str(data_dir), **kwargs}
+    return c
+
+
+def test_webshop_data_dir_is_checked_at_start(tmp_path):
+    with pytest.raises(ConfigError, match=r"config\.env\.kwargs: data_dir = .* is not a directory"):
+        run_config.validate(_webshop(tmp_path / "nowhere"), num_devices=8)
+    with pytest.raises(ConfigError, match=r"config\.env\.kwargs: data_dir = .* lacks "
+                                          r"items_shuffle_1000\.json, items_ins_v2_1000\.json"):
+        run_config.validate(_webshop(tmp_path), num_devices=8)
+    data_dir = write_webshop_data_dir(tmp_path / "data")
+    run_config.validate(_webshop(data_dir), num_devices=8)
+    with pytest.raises(ConfigError, match=r"config\.env\.kwargs: data_dir = .* lacks items_human_ins"):
+        run_config.validate(_webshop(data_dir, human_goals=True), num_devices=8)
+    with pytest.raises(ConfigError, match=r"config\.env\.kwargs: product_set = 'full'"):
+        run_config.validate(_webshop(data_dir, product_set="full"), num_devices=8)
+
+
+def test_webshop_preset_takes_the_data_dir_from_the_command_line(tmp_path):
+    data_dir = write_webshop_data_dir(tmp_path / "data")
+    c = _config("drbot", "webshop_qwen2.5_1.5b")
+    c.env.kwargs.data_dir = data_dir                   # --config.env.kwargs.data_dir=...
+    assert c.env.kwargs.to_dict() == {"data_dir": data_dir, "product_set": "1000",
+                                      "human_goals": False, "shop_seed": 0}
+    env = make_env(c.env.name, split="train", seed=c.seed, max_steps=c.env.max_steps,
+                   **c.env.kwargs.to_dict())
+    assert env.shop.products["B000000000"].title == "Lumina model0 Tea Tree Body Scrub"

@@ -15,10 +15,14 @@ import numpy as np
 import pytest
 
 from spear_jax import metrics as run_metrics
+from spear_jax import run_config
 from spear_jax.sampling import Generation
 from spear_jax.trainer import Trainer
+from tests.environments.webshop_data import write_webshop_data_dir
 
-_ADMISSIBLE = re.compile(r"(?:admissible actions of the current situation are|Admissible actions): \[(.*?)\]", re.S)
+# The list runs to the line's final "]." (WebShop actions hold brackets: search[...], click[...]).
+_ADMISSIBLE = re.compile(r"(?:admissible actions of the current situation are|Admissible actions): \[(.*)\]\.$",
+                         re.M)
 
 
 class RandomAdmissibleSampler:
@@ -232,3 +236,26 @@ def test_eval_temperature_zero_decodes_greedily():
     assert greedy.greedy and greedy.temperature == 1.0
     sampled = Trainer._sampling(holder, 0.4, 1.0, chat)
     assert not sampled.greedy and sampled.temperature == 0.4
+
+
+@pytest.mark.slow
+def test_webshop_from_a_data_dir_trains(tmp_path):
+    """One Dr.BoT step on WebShop files (real names and format) set through env.kwargs."""
+    c = _config("drbot", steps=1)
+    c.env.name = "webshop"
+    c.env.kwargs = {"data_dir": write_webshop_data_dir(tmp_path / "data"), "product_set": "1000",
+                    "human_goals": False}
+    c.env.max_steps = 2
+    run_config.validate(c, num_devices=jax.device_count())
+    trainer = Trainer(c, str(tmp_path / "run"))
+    trainer.engine.sampler = RandomAdmissibleSampler(trainer.engine.tokenizer)
+    try:
+        assert trainer.train_envs[0].shop is trainer.eval_envs[-1].shop
+        assert len(trainer.train_envs[0].shop.goals) == 520
+        final = trainer.train()
+    finally:
+        trainer.close()
+    (record,) = _train_records(tmp_path / "run")
+    assert record["actor/optimizer_steps"] >= 1 and math.isfinite(record["actor/loss"])
+    assert record["rollout/env_steps"] > 0
+    assert 0.0 <= final["success_rate"] <= 1.0
