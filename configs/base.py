@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.algorithm.gigpo_mode = "mean_std_norm"  # mean_std_norm | mean_norm
     # KL in the reward (fixed coefficient): R_i <- R_i - kl_coef * sum_t KL_t(old || ref)
     c.algorithm.use_kl_in_reward = False
-    c.algorithm.kl_coef = 0.0
+    c.algorithm.kl_coef = 0.001  # verl's default; inert while use_kl_in_reward is False
     c.algorithm.kl_penalty = "k1"  # estimator of the reward KL: k1 (alias kl) | abs | k2 | low_var_kl
     c.algorithm.use_invalid_action_penalty = True
     c.algorithm.invalid_action_penalty_coef = 0.1
@@ -145,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.actor.ppo_kl_coef = 0.1  # KL-Cov penalty coefficient
     c.actor.entropy_coeff = 0.001  # agent default; math 0
     c.actor.use_kl_loss = False
-    c.actor.kl_loss_coef = 0.0
+    c.actor.kl_loss_coef = 0.001  # verl's default; inert while use_kl_loss is False
     c.actor.kl_loss_type = "low_var_kl"  # k1 (alias kl) | abs | k2 (alias mse) | low_var_kl
 
     # --- SPEAR: replay buffer, recalibration, SIL ----------------------------------------------

@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints of a whole training run, behind one small class.
+"""Atomic, verified, resumable checkpoints of a whole training run, behind one small class.
 
 A checkpoint holds three parts, saved together by one orbax ``CheckpointManager`` step (orbax
 writes into a temporary directory and renames it when complete, so a run killed mid-save leaves
@@ -10,14 +10,26 @@ the previous checkpoint as the latest one):
   history, PRNG key data. Orbax rejects zero-size arrays, and an empty replay buffer is full of
   them, so this part is packed into one ``.npz`` byte blob (a uint8 array) and unpacked on
   restore, with dtypes and shapes exact.
-* ``meta``: JSON-able values: step, curriculum state, config fingerprint.
+* ``meta``: JSON-able values: step, the run's full config.
+
+Integrity: once orbax has finished a step, ``integrity.json`` (size and sha256 of every file of
+the step) is written into it atomically; only then does the step count as complete. Restore
+re-hashes the files; a damaged step (a file missing, truncated or changed) is refused with a
+warning naming the step and the files, moved to ``rejected/``, and the previous complete step is
+restored instead. Old steps beyond ``max_to_keep`` are removed only after a new step is complete.
+A save that fails (read-only or full disk) raises ``CheckpointError`` at once with the OS error.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import hashlib
 import io
+import json
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -25,6 +37,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 _SEPARATOR = "/"
+MANIFEST_FILE = "integrity.json"  # in each step directory: size and sha256 of its other files
+REJECTED_SUBDIR = "rejected"  # damaged steps are moved here, not restored
+_HASH_CHUNK_BYTES = 8 << 20
+_log = logging.getLogger(__name__)
 
 
 class _SingleProcessMergeNotice(logging.Filter):
@@ -86,51 +102,235 @@ def unpack_host_arrays(blob: np.ndarray) -> dict[str, Any]:
     return tree
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or restored; the message names the step, the file and
+    what to do about it."""
+
+
+def _digest(path: str) -> str:
+    """sha256 hex digest of the file at ``path``, read in chunks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _digests(step_dir: str, relative_paths: list[str]) -> list[str]:
+    """Digests of several files of ``step_dir``, hashed in parallel (hashlib releases the GIL)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda rel: _digest(os.path.join(step_dir, rel)), relative_paths))
+
+
+def write_manifest(step_dir: str) -> None:
+    """Records size and sha256 of every file under ``step_dir`` in ``MANIFEST_FILE`` (written to a
+    temporary name, fsynced and renamed, so the manifest is either absent or whole)."""
+    relative = sorted(
+        os.path.relpath(os.path.join(root, name), step_dir)
+        for root, _, names in os.walk(step_dir) for name in names)
+    relative = [rel for rel in relative if rel != MANIFEST_FILE]
+    files = {rel: {"bytes": os.path.getsize(os.path.join(step_dir, rel)), "sha256": digest}
+             for rel, digest in zip(relative, _digests(step_dir, relative))}
+    target = os.path.join(step_dir, MANIFEST_FILE)
+    with open(target + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump({"files": files}, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(target + ".tmp", target)
+    _fsync_directory(step_dir)
+
+
+def verify_step(step_dir: str) -> list[str]:
+    """What is wrong with the checkpoint in ``step_dir`` against its manifest (empty: intact):
+    a missing or unreadable manifest, and each listed file that is missing, has another size, or
+    whose sha256 differs from the one recorded at save time."""
+    try:
+        with open(os.path.join(step_dir, MANIFEST_FILE), encoding="utf-8") as handle:
+            files = {rel: (int(entry["bytes"]), str(entry["sha256"]))
+                     for rel, entry in json.load(handle)["files"].items()}
+    except FileNotFoundError:
+        return [f"{MANIFEST_FILE} is missing (the save did not finish)"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return [f"{MANIFEST_FILE} is unreadable ({error})"]
+    problems, same_size = [], []
+    for rel, (size, _) in sorted(files.items()):
+        path = os.path.join(step_dir, rel)
+        if not os.path.isfile(path):
+            problems.append(f"{rel}: missing")
+        elif os.path.getsize(path) != size:
+            problems.append(f"{rel}: {os.path.getsize(path)} bytes where {size} were written (truncated?)")
+        else:
+            same_size.append(rel)
+    for rel, digest in zip(same_size, _digests(step_dir, same_size)):
+        if digest != files[rel][1]:
+            problems.append(f"{rel}: contents differ from those written (sha256 mismatch)")
+    return problems
+
+
+def complete_steps(directory: str) -> list[int]:
+    """Steps under ``directory`` whose save finished: a step directory holding a manifest."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory)
+                  if name.isdigit() and os.path.isfile(os.path.join(directory, name, MANIFEST_FILE)))
+
+
+def _fsync_directory(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _probe_writable(directory: str) -> None:
+    """Creates, fsyncs and removes a small file in ``directory``; raises the OSError if it cannot."""
+    probe = os.path.join(directory, f".write-probe-{os.getpid()}")
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
+
+
 class RunCheckpointer:
-    """Saves and restores ``RunState`` under ``directory`` (one sub-directory per step)."""
+    """Saves and restores ``RunState`` under ``directory`` (one sub-directory per step).
+
+    A step counts as complete once its manifest is written, after orbax has finished it. Restore
+    verifies the manifest first and falls back to the previous complete step when the newest is
+    damaged; saving raises ``CheckpointError`` with the real OS error when the disk refuses.
+    """
 
     def __init__(self, directory: str, max_to_keep: int = 2):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
         self.directory = os.path.abspath(directory)
+        self.max_to_keep = max_to_keep
+        self._verified: set[int] = set()  # steps whose files this checkpointer has hashed
+        # Retention is ours (after the manifest), so a save that never completes cannot push the
+        # previous complete step out. Synchronous saves raise a write error in this thread at
+        # once; the asynchronous path waits on a signal that never comes.
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
+                                                 enable_async_checkpointing=False),
         )
+
+    def step_directory(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
-        return self._manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        """Steps of the complete checkpoints, oldest first."""
+        return complete_steps(self.directory)
 
     def save(self, step: int, state: RunState) -> None:
-        """Writes ``state`` as checkpoint ``step`` and blocks until it is complete on disk."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                device=ocp.args.StandardSave(state.device),
-                host=ocp.args.ArraySave(pack_host_arrays(state.host)),
-                meta=ocp.args.JsonSave(state.meta),
-            ),
-            force=True,
+        """Writes ``state`` as checkpoint ``step``, blocks until it is complete on disk (manifest
+        included), then removes complete steps beyond ``max_to_keep`` and unfinished ones."""
+        self._verified.discard(step)
+        parts = ocp.args.Composite(
+            device=ocp.args.StandardSave(state.device),
+            host=ocp.args.ArraySave(pack_host_arrays(state.host)),
+            meta=ocp.args.JsonSave(state.meta),
         )
-        self._manager.wait_until_finished()
+        try:
+            _probe_writable(self.directory)
+            if step in self._manager.all_steps():  # an unfinished or superseded save of this step
+                self._manager.delete(step)
+            self._manager.save(step, args=parts, force=True)
+            self._manager.wait_until_finished()
+            write_manifest(self.step_directory(step))
+        except Exception as error:
+            self._discard_unfinished(step)
+            raise CheckpointError(
+                f"saving checkpoint step {step} to {self.step_directory(step)} failed: "
+                f"{type(error).__name__}: {error}. {self._newest_note()} If the disk is full or "
+                f"read-only, free space or make {self.directory} writable, then rerun the same "
+                f"command to resume.") from error
+        keep = set(self.all_steps()[-self.max_to_keep:])
+        for old in self._manager.all_steps():
+            if old not in keep:
+                self._manager.delete(old)
 
     def restore(self, abstract_device: Any, step: int | None = None) -> RunState:
-        """Restores checkpoint ``step`` (default: the latest).
+        """Restores checkpoint ``step`` (default: ``newest_intact_step()``) after verifying it.
 
         Args:
           abstract_device: a pytree like the saved ``device`` part whose leaves are arrays or
             ``jax.ShapeDtypeStruct`` with the target sharding; restored arrays take it.
         """
-        step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        if step not in self._manager.all_steps():
+            step = self.newest_intact_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        elif step not in self.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
                                     f"available: {self.all_steps()}")
+        self._verify(step)
+        return self._restore_step(abstract_device, step)
+
+    def newest_intact_step(self) -> int | None:
+        """The newest complete step whose files match its manifest; None when the directory
+        holds no step at all.
+
+        A damaged step (a file missing, truncated or changed) is logged as a warning naming the
+        step and the files, moved to ``rejected/``, and the next older one is tried;
+        ``CheckpointError`` when every complete step is damaged, or when the only steps are ones
+        orbax finished but that have no manifest (killed while it was written, or saved without
+        one): starting over would delete them, so that is left to the user.
+        """
+        damaged = []
+        for step in self.all_steps()[::-1]:
+            problems = verify_step(self.step_directory(step))
+            if not problems:
+                self._verified.add(step)
+                if damaged:
+                    _log.warning("restoring checkpoint step %d of %s instead (the newer %s %s damaged)",
+                                 step, self.directory, damaged, "is" if len(damaged) == 1 else "are")
+                return step
+            where = self._reject(step)
+            _log.warning("checkpoint step %d in %s is damaged and is not restored: %s; %s",
+                         step, self.directory, "; ".join(problems), where)
+            damaged.append(step)
+        if damaged:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory}: steps {damaged} are damaged (moved to "
+                f"{os.path.join(self.directory, REJECTED_SUBDIR)}; see the warnings above). Restore "
+                f"them from a backup, or start over in a new workdir.")
+        unfinished = sorted(self._manager.all_steps())
+        if unfinished:
+            raise CheckpointError(
+                f"{self.directory} holds steps {unfinished} but none with {MANIFEST_FILE}, so none "
+                f"can be verified (killed while its manifest was written, or saved without one). "
+                f"To start over, delete them (rm -r {self.step_directory(unfinished[-1])} ...) or "
+                f"use a new workdir.")
+        return None
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The ``meta`` part of complete step ``step`` alone (verified first)."""
+        self._verify(step)
+        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+    def _verify(self, step: int) -> None:
+        """Raises ``CheckpointError`` unless ``step`` matches its manifest (each step is hashed
+        once per checkpointer)."""
+        if step in self._verified:
+            return
+        problems = verify_step(self.step_directory(step))
+        if problems:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: "
+                                  f"{'; '.join(problems)}. Restore another step "
+                                  f"(available: {self.all_steps()}) or the files from a backup.")
+        self._verified.add(step)
+
+    def _restore_step(self, abstract_device: Any, step: int) -> RunState:
         target = jax.tree.map(_abstract, abstract_device)
         restored = self._manager.restore(
             step,
@@ -145,6 +345,37 @@ class RunCheckpointer:
             host=unpack_host_arrays(np.asarray(restored.host)),
             meta=dict(restored.meta),
         )
+
+    def _reject(self, step: int) -> str:
+        """Moves damaged ``step`` to ``rejected/`` (so a new save of that step can take its place);
+        returns where it went, for the log."""
+        target = os.path.join(self.directory, REJECTED_SUBDIR, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(self.step_directory(step), target)
+            where = f"moved to {target}"
+        except OSError as error:
+            where = f"left in place ({error})"
+        self._manager.reload()
+        return where
+
+    def _discard_unfinished(self, step: int) -> None:
+        """Best-effort removal of what a failed save of ``step`` left behind."""
+        for name in os.listdir(self.directory) if os.path.isdir(self.directory) else ():
+            path = os.path.join(self.directory, name)
+            unfinished = name == str(step) and not os.path.isfile(os.path.join(path, MANIFEST_FILE))
+            if unfinished or name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                shutil.rmtree(path, ignore_errors=True)
+        try:
+            self._manager.reload()
+        except OSError:  # the listing itself may fail on the broken filesystem
+            pass
+
+    def _newest_note(self) -> str:
+        newest = self.latest_step()
+        if newest is None:
+            return "There is no earlier complete checkpoint."
+        return f"The newest complete checkpoint, step {newest}, is untouched."
 
     def close(self) -> None:
         self._manager.close()

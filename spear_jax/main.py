@@ -30,12 +30,33 @@ PLOTTED = ("success_rate", "episode_return", "actor/entropy", "actor/pg_clipfrac
 
 
 def run(config, workdir: str) -> dict:
-    """Runs the job ``config`` describes in ``workdir``; returns a summary dict."""
-    from spear_jax import metrics, run_config
-    from spear_jax.sft import run_sft
+    """Runs the job ``config`` describes in ``workdir``, holding the workdir's lock (one run per
+    workdir: ``spear_jax.workdir_lock``); returns a summary dict."""
+    from spear_jax import run_config, workdir_lock
 
     run_config.validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    with workdir_lock.hold(workdir):
+        return _run_locked(config, workdir)
+
+
+def _warm_start_done(warm: str) -> bool:
+    """True when ``warm`` holds a complete warm-start checkpoint whose files match its manifest
+    (a warm start killed while saving, or damaged since, is trained again)."""
+    from spear_jax.checkpoint import complete_steps, verify_step
+    from spear_jax.policy import CHECKPOINT_SUBDIR
+
+    directory = os.path.join(warm, CHECKPOINT_SUBDIR)
+    steps = complete_steps(directory)
+    problems = verify_step(os.path.join(directory, str(steps[-1]))) if steps else ["no complete checkpoint"]
+    if steps and problems:
+        logging.warning("the warm start in %s is damaged (%s): training it again", warm, "; ".join(problems))
+    return not problems
+
+
+def _run_locked(config, workdir: str) -> dict:
+    from spear_jax import metrics
+    from spear_jax.sft import run_sft
+
     with open(os.path.join(workdir, "config.json"), "w") as handle:
         handle.write(config.to_json_best_effort(indent=2))
     if config.name == "sft":
@@ -45,7 +66,7 @@ def run(config, workdir: str) -> dict:
     summary = {}
     if config.sft.enable:
         warm = os.path.join(workdir, WARM_START_DIR)
-        if not os.path.isdir(os.path.join(warm, "checkpoints")):
+        if not _warm_start_done(warm):
             print(f"training the warm start into {warm}", flush=True)
             run_sft(config, warm)
         config = config.copy_and_resolve_references()
@@ -145,15 +166,20 @@ def exit_on_interrupt(workdir: str) -> None:
 
 
 def main_reporting_errors(argv) -> None:
-    """``main`` with a config error as one line on stderr (status 2) and Ctrl-C as one line
-    (status 130 = 128 + SIGINT, see ``exit_on_interrupt``)."""
+    """``main`` with a config error as one line on stderr (status 2), a held workdir or no intact
+    checkpoint as one message (status 1), and Ctrl-C as one line (status 130 = 128 + SIGINT, see
+    ``exit_on_interrupt``)."""
+    from spear_jax.checkpoint import CheckpointError
     from spear_jax.run_config import ConfigError
+    from spear_jax.workdir_lock import WorkdirLockedError
 
     exit_on_interrupt(_WORKDIR.value)
     try:
         main(argv)
     except ConfigError as error:
         _exit_with(f"config error: {error}", 2)
+    except (WorkdirLockedError, CheckpointError) as error:
+        _exit_with(f"error: {error}", 1)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Plot a run's curves from the shell::
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ METRICS_FILE = "metrics.jsonl"
 # Metric -> the short name shown after the console progress bar.
 PROGRESS_KEYS = {"success_rate": "success", "episode_return": "return", "actor/entropy": "entropy",
                  "replay/buffer_rows": "buffer", "sft/nll": "nll", "time/step": "s/step"}
+_TB_FILE_NUMBERS = itertools.count()  # event files this process has opened
 
 
 def _as_float(value) -> float | None:
@@ -31,19 +33,71 @@ def _as_float(value) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _record_step(line: str) -> int | None:
+    """The step of one JSONL record, or None for a line that is not a whole record."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricsWriter:
-    """Appends scalar metrics of a run to JSONL and (optionally) TensorBoard."""
+    """Appends scalar metrics of a run to JSONL and (optionally) TensorBoard.
+
+    A resumed run first calls ``discard_from(restored step + 1)`` (a fresh one ``discard_from(0)``)
+    so that the steps it writes again appear once: in the JSONL file and, through TensorBoard's
+    purge marker, in TensorBoard.
+    """
 
     def __init__(self, workdir: str, tensorboard: bool = True, backends: Sequence = ()):
         os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
         self.backends = list(backends)
-        self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
-        self._tb = None
-        if tensorboard:
+        self._path = os.path.join(workdir, METRICS_FILE)
+        self._jsonl = open(self._path, "a", encoding="utf-8")
+        self._tensorboard = tensorboard
+        self._tb = None  # opened at the first write, after any discard_from
+        self._purge_step: int | None = None
+
+    def _tb_writer(self):
+        if self._tb is None and self._tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # A unique file name per writer: tensorboardX names event files by the second and
+            # would truncate an earlier file of the same second.
+            self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"), purge_step=self._purge_step,
+                                     filename_suffix=f".{os.getpid()}-{next(_TB_FILE_NUMBERS)}")
+        return self._tb
+
+    def discard_from(self, step: int) -> int:
+        """Drops the records of steps >= ``step``; returns how many were dropped.
+
+        ``metrics.jsonl`` is rewritten atomically (the kept records into a temporary file,
+        fsynced, renamed over it); an unparseable line (a write cut by a kill) is dropped too.
+        TensorBoard gets a new event file starting with a ``SessionLog.START`` at ``step``, which
+        makes it hide every earlier event of step >= ``step``.
+        """
+        self._jsonl.close()
+        kept, dropped = [], 0
+        with open(self._path, encoding="utf-8") as handle:
+            for line in filter(str.strip, handle):
+                record_step = _record_step(line)
+                if record_step is not None and record_step < step:
+                    kept.append(line)
+                else:
+                    dropped += 1
+        if dropped:
+            with open(self._path + ".tmp", "w", encoding="utf-8") as handle:
+                handle.writelines(kept)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(self._path + ".tmp", self._path)
+        self._jsonl = open(self._path, "a", encoding="utf-8")
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        self._purge_step = int(step)
+        return dropped
 
     def write(self, step: int, metrics: Mapping[str, float], split: str = "train") -> None:
         record = {"step": int(step), "split": split, "time": time.time()}
@@ -55,19 +109,21 @@ class MetricsWriter:
         self._jsonl.flush()
         scalars = {f"{split}/{name}": value for name, value in record.items()
                    if name not in ("step", "split", "time") and value is not None}
-        if self._tb is not None:
+        tb = self._tb_writer()
+        if tb is not None:
             for name, value in scalars.items():
-                self._tb.add_scalar(name, value, int(step))
-            self._tb.flush()
+                tb.add_scalar(name, value, int(step))
+            tb.flush()
         for backend in self.backends:
             backend.log_scalars(int(step), scalars)
 
     def write_table(self, step: int, name: str, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
         """A table (e.g. sampled trajectories): TensorBoard text (a markdown table under
         ``name``) and each backend's table (wandb.Table, mlflow JSON artifact)."""
-        if self._tb is not None:
-            self._tb.add_text(name, markdown_table(columns, rows), int(step))
-            self._tb.flush()
+        tb = self._tb_writer()
+        if tb is not None:
+            tb.add_text(name, markdown_table(columns, rows), int(step))
+            tb.flush()
         for backend in self.backends:
             backend.log_table(int(step), name, columns, rows)
 

@@ -100,6 +100,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     batch_rows = -(-s.batch_size // micro) * micro
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
     writer = tracking.metrics_writer(c, workdir)
+    writer.discard_from(0)  # a warm start trained again replaces the records of an unfinished one
     bar = progress_bar(s.steps, desc="warm start")
     start = time.perf_counter()
     for step in range(1, s.steps + 1):

@@ -22,6 +22,7 @@ KL reference, the policy as RL starts, is rebuilt from the same starting weights
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -31,8 +32,8 @@ import ml_collections
 import numpy as np
 
 from environments.registry import make_env
-from spear_jax import curriculum, filters, rewards, run_config, sharding, throughput, tracking, train_step
-from spear_jax import trajectories
+from spear_jax import (curriculum, filters, resume, rewards, run_config, sharding, throughput, tracking,
+                       train_step, trajectories, workdir_lock)
 from spear_jax import metrics as run_metrics
 from spear_jax.batching import BatchingConfig, bucket_length, pack_rows
 from spear_jax.checkpoint import RunCheckpointer, RunState
@@ -99,6 +100,7 @@ class Trainer:
             c.logging.trajectories_per_step)
         self.peak_flops = throughput.run_peak_flops(c.logging.peak_flops, jax.default_backend(), jax.device_count())
         self.step = 0
+        workdir_lock.acquire(workdir)  # one run per workdir; released by close()
 
     def _build_rollout(self, c: ml_collections.ConfigDict) -> None:
         """The sampler and the train / eval rollout engines. Trajectory rows hold the prompt and
@@ -144,13 +146,18 @@ class Trainer:
         host = {"replay": self.buffer.state_dict()} if self.buffer is not None else {}
         self.checkpointer.save(self.step, RunState(
             device={"params": self.policy.params, "opt_state": self.opt_state},
-            host=host, meta={"step": self.step, "config_name": self.config.name}))
+            host=host, meta={"step": self.step, "config": resume.config_record(self.config)}))
 
     def restore_if_any(self) -> bool:
-        """Resumes from the newest checkpoint in the workdir, if there is one."""
-        if self.checkpointer.latest_step() is None:
+        """Resumes from the newest intact checkpoint in the workdir, if there is one, after
+        checking that the config may resume it (``spear_jax.resume``)."""
+        step = self.checkpointer.newest_intact_step()
+        if step is None:
             return False
-        state = self.checkpointer.restore({"params": self.policy.params, "opt_state": self.opt_state})
+        where = self.checkpointer.step_directory(step)
+        for change in resume.check_resumable(self.checkpointer.read_meta(step).get("config"), self.config, where):
+            logging.warning("resuming %s with %s", where, change)
+        state = self.checkpointer.restore({"params": self.policy.params, "opt_state": self.opt_state}, step=step)
         device = _on_mesh(state.device, self.mesh)
         self.policy.params, self.opt_state = device["params"], device["opt_state"]
         if self.buffer is not None:
@@ -165,6 +172,7 @@ class Trainer:
         """Runs (or resumes) to ``trainer.total_steps``; returns the final evaluation metrics."""
         c = self.config
         resumed = self.restore_if_any()
+        self.writer.discard_from(self.step + 1 if resumed else 0)  # records the run writes again
         bar = run_metrics.progress_bar(c.trainer.total_steps, initial=self.step, desc=c.name)
 
         def evaluate() -> dict[str, float]:
@@ -456,6 +464,7 @@ class Trainer:
         for env in self.train_envs + self.eval_envs:
             env.close()
         self.checkpointer.close()
+        workdir_lock.release(self.workdir)
 
 
 def _on_mesh(tree, mesh):

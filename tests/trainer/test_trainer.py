@@ -259,3 +259,35 @@ def test_webshop_from_a_data_dir_trains(tmp_path):
     assert record["actor/optimizer_steps"] >= 1 and math.isfinite(record["actor/loss"])
     assert record["rollout/env_steps"] > 0
     assert 0.0 <= final["success_rate"] <= 1.0
+
+
+@pytest.mark.slow
+def test_resume_refuses_changed_fields_and_writes_each_step_once(tmp_path):
+    def config(steps):
+        c = _config("grpo", steps=steps)
+        c.trainer.max_checkpoints_to_keep = 2
+        return c
+
+    _run(config(2), tmp_path)  # eval 0, steps 1-2, final eval 2; checkpoints 1 and 2
+    # bytes flipped in step 2's largest file (its params and optimizer state), size unchanged:
+    # the resumed run falls back to step 1 and writes step 2 again
+    step_dir = tmp_path / "checkpoints" / "2"
+    data = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(b ^ 0xFF for b in raw[len(raw) // 2:len(raw) // 2 + 64])
+    data.write_bytes(bytes(raw))
+    changed = config(2)
+    lr = changed.actor.lr
+    changed.seed, changed.actor.lr, changed.name = 1, lr / 2, "drbot"
+    with pytest.raises(run_config.ConfigError) as refused:
+        _run(changed, tmp_path)
+    message = str(refused.value)
+    for line in ("config.seed: 0 -> 1", f"config.actor.lr: {lr!r} -> {lr / 2!r}", "config.name: 'grpo' -> 'drbot'"):
+        assert line in message, message
+    assert "new --workdir" in message and f"--config.actor.lr={lr!r}" in message and "--config.seed=0" in message
+    assert "trainer.total_steps" not in message.split("Fields that may change")[0]
+    assert os.listdir(tmp_path / "checkpoints" / "rejected")  # step 2, moved aside
+    _run(config(3), tmp_path)  # a longer schedule is an allowed change: resumes from step 1
+    records = run_metrics.read_metrics(tmp_path)
+    assert [(r["step"], r["split"]) for r in records] == [
+        (0, "eval"), (1, "train"), (2, "train"), (3, "train"), (3, "eval")]

@@ -94,7 +94,10 @@ def test_reference_params_are_a_separate_copy_in_the_compute_dtype():
 
 def test_kl_fields_are_checked():
     c = _config()
-    c.actor.use_kl_loss, c.actor.kl_loss_type = True, "kl"
+    c.actor.use_kl_loss = True  # the one override a user needs: verl's default coefficient 0.001
+    run_config.validate(c, num_devices=8)
+    assert run_config.objective_config(c).kl_coef == 0.001
+    c.actor.kl_loss_type, c.actor.kl_loss_coef = "kl", 0.0
     with pytest.raises(ConfigError, match="config.actor.kl_loss_coef > 0"):
         run_config.validate(c, num_devices=8)
     c.actor.kl_loss_coef = 0.01
@@ -104,7 +107,7 @@ def test_kl_fields_are_checked():
     with pytest.raises(ConfigError, match="config.actor.kl_loss_type"):
         run_config.validate(c, num_devices=8)
     c = _config()
-    c.algorithm.use_kl_in_reward = True
+    c.algorithm.use_kl_in_reward, c.algorithm.kl_coef = True, 0.0
     with pytest.raises(ConfigError, match="config.algorithm.kl_coef > 0"):
         run_config.validate(c, num_devices=8)
     c.algorithm.kl_coef, c.algorithm.kl_penalty = -0.1, "low_var_kl"
