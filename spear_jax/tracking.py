@@ -18,8 +18,8 @@ as the JSONL, named ``<split>/<name>`` at the run step, and the trajectory table
 
 The backend's run id is kept in ``<workdir>/<backend>_run_id`` so a resumed run continues the
 same wandb / mlflow run. Steps run again after a resume are logged again: mlflow then holds two
-values of such a step; wandb ignores a step at or below its last one (its history only moves
-forward), so it keeps the first attempt's values.
+values of such a step; online wandb ignores a step at or below its last one (its history only
+moves forward), so it keeps the first attempt's values.
 """
 from __future__ import annotations
 
