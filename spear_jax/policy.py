@@ -8,6 +8,9 @@
 * ``orbax``: the ``params`` of a ``spear_jax.checkpoint`` run directory, e.g. the warm start
   written by ``configs/sft.py`` (the preset gives the architecture).
 
+With ``config.model.lora.rank > 0`` fresh LoRA adapters (``spear_jax.model.lora``) are added to
+the loaded weights, which stay frozen: only the adapters train.
+
 The tokenizer is ``config.model.tokenizer_path`` when set, else the preset's own (the project's
 SentencePiece model for ``tiny``, SmolLM2's from its GGUF, ``tokenizer.json`` of an HF directory).
 """
@@ -22,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from spear_jax.checkpoint import RunCheckpointer
-from spear_jax.model import ModelConfig, get_model_config, init_sharded
+from spear_jax.model import ModelConfig, get_model_config, init_sharded, lora
 from spear_jax.model.chat_template import ChatTemplate
 from spear_jax.model.gguf_checkpoint import load_gguf, load_smollm2
 from spear_jax.model.hf_checkpoint import load_hf_checkpoint
@@ -96,6 +99,10 @@ def load_policy(c: ml_collections.ConfigDict, mesh: Mesh) -> Policy:
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
             )
             params = restore_params(c.model.checkpoint_path, (graphdef, abstract))
+    if c.model.lora.rank > 0:
+        model_config, graphdef, params = lora.add_adapters(
+            model_config, params, rank=c.model.lora.rank, alpha=c.model.lora.alpha,
+            targets=tuple(c.model.lora.targets), mesh=mesh, seed=c.seed)
     tokenizer = _tokenizer(c)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(

@@ -39,6 +39,7 @@ from spear_jax.curriculum import TOOLCALL_REWARD_MODES
 from spear_jax.model import PRESETS as MODEL_PRESETS
 from spear_jax.model.chat_template import FORMATS as CHAT_FORMATS
 from spear_jax.model.hf_checkpoint import read_hf_config
+from spear_jax.model.config import LORA_TARGETS
 from spear_jax.objectives import (
     ADVANTAGE_ESTIMATORS,
     POLICY_LOSSES,
@@ -148,6 +149,8 @@ RULES: tuple[Rule, ...] = (
     Rule("model.chat_format", _one_of(CHAT_FORMATS)),
     Rule("model.compute_dtype", _one_of(DTYPES)),
     Rule("model.logprob_chunk_size", _at_least(1), "512 tokens per chunk is the default"),
+    Rule("model.lora.rank", _at_least(0), "0 trains every weight; 8-64 for adapters"),
+    Rule("model.lora.alpha", _above(0), "the adapters are scaled by alpha / rank; e.g. 2 x rank"),
     Rule("env.name", _one_of(env_names())),
     Rule("env.max_steps", _at_least(1), "ALFWorld 50, WebShop 15"),
     Rule("env.history_length", _at_least(0), "0 shows no past (observation, action) pairs"),
@@ -436,6 +439,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _check_weights(c)
     _check_environment(c)
     _check_model_limits(c)
+    _check_lora(c)
     _check_env_data(c)
     _check_kl(c)
     update_config(c)
@@ -574,6 +578,22 @@ def _check_env_data(c: ml_collections.ConfigDict) -> None:
                                kwargs.get("human_goals", False))
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"config.env.kwargs: {error}") from None
+
+
+def _check_lora(c: ml_collections.ConfigDict) -> None:
+    """config.model.lora.targets: known projections, at least one when adapters are on (rank and
+    alpha are checked by ``RULES``)."""
+    spec = c.model.lora
+    targets = tuple(spec.targets)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown:
+        raise ConfigError(f"config.model.lora.targets holds {unknown}, which are not projections; "
+                          f"choose from {LORA_TARGETS}")
+    if spec.rank > 0 and not targets:
+        raise ConfigError(f"config.model.lora.rank = {spec.rank} with no config.model.lora.targets; "
+                          f"name at least one of {LORA_TARGETS}")
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"config.model.lora.targets {targets} names a projection twice")
 
 
 def _check_weights(c: ml_collections.ConfigDict) -> None:

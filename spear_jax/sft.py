@@ -22,6 +22,7 @@ from environments.registry import make_env
 from spear_jax import run_config, sft_data, sharding, tracking, train_step
 from spear_jax.batching import bucket_length
 from spear_jax.checkpoint import RunCheckpointer, RunState
+from spear_jax.model import lora
 from spear_jax.metrics import progress_bar, progress_summary
 from spear_jax.policy import CHECKPOINT_SUBDIR, load_policy
 from spear_jax.rollout import TemplateChatTokenizer
@@ -79,7 +80,10 @@ def _minibatch(data: dict[str, np.ndarray], rows: np.ndarray, length: int, micro
 
 
 def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Trains the warm start of ``config`` into ``workdir``; returns the directory to load from."""
+    """Trains the warm start of ``config`` into ``workdir``; returns the directory to load from.
+    With LoRA (``config.model.lora.rank > 0``) only the adapters train and the saved params are
+    merged (``lora.merge_lora``): the warm start is a plain set of weights, the frozen base of
+    the RL run that loads it."""
     c, s = config, config.sft
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(**run_config.mesh_shape(c, jax.device_count()))
@@ -95,7 +99,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
         lr=s.lr, schedule="cosine", warmup_steps=min(10, s.steps // 10), total_steps=max(s.steps, 1),
         weight_decay=c.actor.weight_decay, grad_clip=c.actor.grad_clip))
     update = train_step.make_sft_update_fn(policy.graphdef, optimizer, c.model.logprob_chunk_size)
-    params, opt_state = policy.params, jax.jit(optimizer.init)(policy.params)
+    params, opt_state = policy.params, jax.jit(optimizer.init)(lora.trainable_params(policy.params))
     micro = c.actor.ppo_micro_batch_size
     batch_rows = -(-s.batch_size // micro) * micro
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
@@ -118,6 +122,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     bar.close()
     writer.close()
     checkpointer = RunCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR), max_to_keep=1)
+    params = jax.jit(lambda p: lora.merge_lora(p, policy.model_config))(params)
     checkpointer.save(s.steps, RunState(device={"params": params}, host={}, meta={"step": s.steps, "kind": "sft"}))
     checkpointer.close()
     return workdir

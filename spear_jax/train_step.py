@@ -16,8 +16,9 @@ One optimizer step per minibatch. For micro-batch j the objective returns a pair
     loss = sum_j S_j / sum_j N_j,        grad = sum_j grad S_j / sum_j N_j,
 
 which equal the full-minibatch values exactly (the normalisers do not depend on the params).
-Then ``global-norm clip -> AdamW``. A non-finite loss or gradient leaves params and optimizer
-state unchanged and reports ``skipped = 1``.
+Then ``global-norm clip -> AdamW``. For a LoRA state (``spear_jax.model.lora``) the gradient
+is taken w.r.t. the adapters only, and the optimizer state covers only them. A non-finite loss
+or gradient leaves params and optimizer state unchanged and reports ``skipped = 1``.
 
 On-policy minibatches use ``policy_objective`` (with ``ref_logprobs``, the KL term, whose
 aggregated value is reported as ``kl_loss``); replay (SIL) minibatches use ``sil_objective``
@@ -38,6 +39,7 @@ import optax
 from flax import nnx
 
 from spear_jax.model.logprobs import sequence_token_stats
+from spear_jax.model.lora import combine, split_trainable
 from spear_jax.objectives import ObjectiveConfig, SILConfig, policy_objective, sil_objective
 from spear_jax.objectives.aggregation import finalize
 
@@ -165,24 +167,27 @@ def _make_update(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
                  micro_objective: Callable) -> Callable:
     """The accumulate -> clip -> AdamW -> non-finite-guard step around ``micro_objective(params,
     micro, key, scalar) -> (S_j, N_j, metrics)`` (module docstring), jitted with params and
-    optimizer state donated."""
+    optimizer state donated. Gradients, clipping and the optimizer see only
+    ``trainable_params(params)`` (the LoRA adapters of a LoRA state, else every leaf); the
+    optimizer state must be ``optimizer.init`` of that subset."""
 
     def update(params, opt_state, minibatch, key, scalar):
         n_micro = minibatch["tokens"].shape[0]
+        trainable, frozen = split_trainable(params)
 
         def accumulate(carry, inputs):
             grad_sum, loss_sum, norm_sum = carry
             micro, index = inputs
 
-            def objective(p):
-                s, n, metrics = micro_objective(p, micro, jax.random.fold_in(key, index), scalar)
+            def objective(t):
+                s, n, metrics = micro_objective(combine(t, frozen), micro, jax.random.fold_in(key, index), scalar)
                 return s, (n, metrics)
 
-            (s, (n, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            (s, (n, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
             return (grad_sum, loss_sum + s, norm_sum + n), metrics
 
-        init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0.0), jnp.float32(0.0))
+        init = (jax.tree.map(jnp.zeros_like, trainable), jnp.float32(0.0), jnp.float32(0.0))
         (grad_sum, loss_sum, norm_sum), micro_metrics = jax.lax.scan(
             accumulate, init, (minibatch, jnp.arange(n_micro))
         )
@@ -192,15 +197,16 @@ def _make_update(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
 
         def keep_if_finite(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
         metrics = {name: jnp.mean(value) for name, value in micro_metrics.items()}
         metrics.update(loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
-        return keep_if_finite(new_params, params), keep_if_finite(new_opt_state, opt_state), metrics
+        new_params = combine(keep_if_finite(new_trainable, trainable), frozen)
+        return new_params, keep_if_finite(new_opt_state, opt_state), metrics
 
     return jax.jit(update, donate_argnums=(0, 1))
 

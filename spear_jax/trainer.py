@@ -37,6 +37,7 @@ from spear_jax import (curriculum, filters, resume, rewards, run_config, shardin
 from spear_jax import metrics as run_metrics
 from spear_jax.batching import BatchingConfig, bucket_length, pack_rows
 from spear_jax.checkpoint import RunCheckpointer, RunState
+from spear_jax.model import lora
 from spear_jax.objectives import (
     AdvantageConfig,
     GroupedRewards,
@@ -76,7 +77,9 @@ class Trainer:
         self.optimizer_config = run_config.optimizer_config(c)
         self.optimizer = train_step.make_optimizer(self.optimizer_config)
         graphdef = self.policy.graphdef
-        self.opt_state = _on_mesh(jax.jit(self.optimizer.init)(self.policy.params), self.mesh)
+        # Adapters only for a LoRA policy (train_step differentiates w.r.t. them alone).
+        trainable = lora.trainable_params(self.policy.params)
+        self.opt_state = _on_mesh(jax.jit(self.optimizer.init)(trainable), self.mesh)
         self._update = train_step.make_update_fn(graphdef, self.optimizer, self.update_config,
                                                  replay=False, mesh=self.mesh)
         self._update_replay = train_step.make_update_fn(graphdef, self.optimizer, self.update_config,

@@ -10,6 +10,8 @@ import dataclasses
 import jax.numpy as jnp
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# LoRA target name -> the projection it adapts (``<name>_proj`` of the attention or the MLP).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 # Logical axis name -> mesh axis (or tuple of mesh axes, or None = replicated).
 # Parameter axes: vocab, embed, heads, kv_heads, head_dim, mlp, norm.
@@ -71,6 +73,9 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: bool = False
     attention_query_chunk: int = 1024
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
     sharding_rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_SHARDING_RULES
 
     def __post_init__(self):
@@ -92,9 +97,30 @@ class ModelConfig:
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+        self._check_lora()
         logical = [name for name, _ in self.sharding_rules]
         if len(set(logical)) != len(logical):
             raise ValueError(f"sharding_rules repeat a logical axis: {logical}")
+
+    def _check_lora(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = no adapters), got {self.lora_rank}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"lora_targets {unknown} are not projections; choose from {LORA_TARGETS}")
+        if self.lora_rank > 0 and not self.lora_targets:
+            raise ValueError(f"lora_rank = {self.lora_rank} needs at least one lora_target from {LORA_TARGETS}")
+
+    @property
+    def lora_scale(self) -> float:
+        """alpha / rank: the factor of the adapters' product (0 without adapters)."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    def adapts(self, target: str) -> bool:
+        """Whether projection ``target`` (one of ``LORA_TARGETS``) carries a LoRA adapter."""
+        return self.lora_rank > 0 and target in self.lora_targets
 
     @property
     def qkv_bias(self) -> bool:

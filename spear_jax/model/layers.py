@@ -1,4 +1,5 @@
-"""Transformer building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP.
+"""Transformer building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP,
+LoRA adapters of the projections.
 
 Every parameter is an ``nnx.Param`` stored in ``cfg.param_dtype`` and carrying logical axis names
 in its ``out_sharding`` metadata (mapped to mesh axes by ``spear_jax.sharding``). Matmuls run in
@@ -78,6 +79,54 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return rotated.astype(x.dtype)
 
 
+class LowRankAdapter(nnx.Module):
+    """LoRA adapter of one projection W [*in, *out]: the adapted projection is
+
+        y = x . W + s (x . A) . B = x . (W + s A . B),    s = alpha / rank,
+
+    with A [*in, rank] ~ N(0, 1 / prod(in)) and B [rank, *out] = 0 (the adapted model starts
+    equal to the base). Both are ``nnx.LoRAParam`` (the trainable subset of a LoRA model's
+    state), sharded along the axes they share with W, the rank axis replicated.
+    """
+
+    def __init__(self, in_shape: tuple[int, ...], in_axes: tuple[str, ...], out_shape: tuple[int, ...],
+                 out_axes: tuple[str, ...], cfg: ModelConfig, *, rngs: nnx.Rngs):
+        rank = cfg.lora_rank
+        a = jax.random.normal(rngs.params(), in_shape + (rank,)) / np.sqrt(np.prod(in_shape))
+        self.a = nnx.LoRAParam(a.astype(cfg.param_jnp_dtype), out_sharding=tuple(in_axes) + (None,),
+                               eager_sharding=False)
+        self.b = nnx.LoRAParam(jnp.zeros((rank,) + out_shape, cfg.param_jnp_dtype),
+                               out_sharding=(None,) + tuple(out_axes), eager_sharding=False)
+        self.scale = cfg.lora_scale
+        self.num_in = len(in_shape)
+
+    def __call__(self, x: jax.Array, dtype) -> jax.Array:
+        """x [..., *in] -> s (x . A) . B [..., *out] in ``dtype``."""
+        low = jnp.tensordot(x.astype(dtype), self.a[...].astype(dtype), axes=self.num_in)
+        return jnp.tensordot(low, self.b[...].astype(dtype), axes=1) * jnp.asarray(self.scale, dtype)
+
+    def delta_weight(self) -> jax.Array:
+        """s A . B [*in, *out] in float32: what merging adds to W."""
+        a, b = self.a[...].astype(jnp.float32), self.b[...].astype(jnp.float32)
+        return self.scale * jnp.tensordot(a, b, axes=1)
+
+
+def _adapters(module: nnx.Module, cfg: ModelConfig, shapes: dict, rngs: nnx.Rngs) -> None:
+    """Sets ``module.<target>_lora`` for each adapted target; ``shapes`` maps a target to
+    (in shape, in axes, out shape, out axes) of its projection."""
+    for target, (in_shape, in_axes, out_shape, out_axes) in shapes.items():
+        if cfg.adapts(target):
+            adapter = LowRankAdapter(in_shape, in_axes, out_shape, out_axes, cfg, rngs=rngs)
+            setattr(module, f"{target}_lora", adapter)
+
+
+def _adapted(module: nnx.Module, target: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """y = x . W_target, plus the target's adapter output on x when it has one."""
+    if not module.cfg.adapts(target):
+        return y
+    return y + getattr(module, f"{target}_lora")(x, y.dtype)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with optional q/k/v bias (Qwen2) and q/k RMSNorm (Qwen3)."""
 
@@ -95,14 +144,20 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg, axis_name="head_dim")
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg, axis_name="head_dim")
+        _adapters(self, cfg, {
+            "q": ((d,), ("embed",), (h, hd), ("heads", "head_dim")),
+            "k": ((d,), ("embed",), (kv, hd), ("kv_heads", "head_dim")),
+            "v": ((d,), ("embed",), (kv, hd), ("kv_heads", "head_dim")),
+            "o": ((h, hd), ("heads", "head_dim"), (d,), ("embed",)),
+        }, rngs)
 
     def project_qkv(self, x: jax.Array, positions: jax.Array):
         """x [B, L, D], positions [B, L] -> q [B, L, H, hd], k, v [B, L, KVH, hd] (RoPE applied)."""
         cd = self.cfg.compute_jnp_dtype
         x = x.astype(cd)
-        q = jnp.einsum("bld,dhk->blhk", x, self.q_proj[...].astype(cd))
-        k = jnp.einsum("bld,dhk->blhk", x, self.k_proj[...].astype(cd))
-        v = jnp.einsum("bld,dhk->blhk", x, self.v_proj[...].astype(cd))
+        q = _adapted(self, "q", x, jnp.einsum("bld,dhk->blhk", x, self.q_proj[...].astype(cd)))
+        k = _adapted(self, "k", x, jnp.einsum("bld,dhk->blhk", x, self.k_proj[...].astype(cd)))
+        v = _adapted(self, "v", x, jnp.einsum("bld,dhk->blhk", x, self.v_proj[...].astype(cd)))
         if self.cfg.qkv_bias:
             q = q + self.q_bias[...].astype(cd)
             k = k + self.k_bias[...].astype(cd)
@@ -137,7 +192,7 @@ class Attention(nnx.Module):
             one = jax.checkpoint(lambda qm: grouped_attention(qm[0], k, v, qm[1]))
             out = jax.lax.map(one, (q_chunks.swapaxes(0, 1), mask_chunks.swapaxes(0, 1)))
             out = out.swapaxes(0, 1).reshape(b, l + pad, h, hd)[:, :l]
-        out = jnp.einsum("blhk,hkd->bld", out, self.o_proj[...].astype(cd))
+        out = _adapted(self, "o", out, jnp.einsum("blhk,hkd->bld", out, self.o_proj[...].astype(cd)))
         return constrain(out, ("act_batch", "act_length", "act_embed"), self.cfg.sharding_rules)
 
 
@@ -163,14 +218,19 @@ class MLP(nnx.Module):
         self.gate_proj = make_param(rngs, (d, f), ("embed", "mlp"), cfg)
         self.up_proj = make_param(rngs, (d, f), ("embed", "mlp"), cfg)
         self.down_proj = make_param(rngs, (f, d), ("mlp", "embed"), cfg)
+        _adapters(self, cfg, {
+            "gate": ((d,), ("embed",), (f,), ("mlp",)),
+            "up": ((d,), ("embed",), (f,), ("mlp",)),
+            "down": ((f,), ("mlp",), (d,), ("embed",)),
+        }, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cd = self.cfg.compute_jnp_dtype
         x = x.astype(cd)
-        gate = x @ self.gate_proj[...].astype(cd)
-        up = x @ self.up_proj[...].astype(cd)
+        gate = _adapted(self, "gate", x, x @ self.gate_proj[...].astype(cd))
+        up = _adapted(self, "up", x, x @ self.up_proj[...].astype(cd))
         hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"), self.cfg.sharding_rules)
-        out = hidden @ self.down_proj[...].astype(cd)
+        out = _adapted(self, "down", hidden, hidden @ self.down_proj[...].astype(cd))
         return constrain(out, ("act_batch", "act_length", "act_embed"), self.cfg.sharding_rules)
 
 

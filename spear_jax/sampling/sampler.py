@@ -17,6 +17,7 @@ limit finishes with "length".
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Sequence
 
 import jax
@@ -25,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from spear_jax.model import KVCache, ModelConfig, init_cache
+from spear_jax.model import KVCache, ModelConfig, init_cache, lora
 from spear_jax.sampling import decode
 from spear_jax.sampling.distribution import SamplingKnobs
 from spear_jax.sampling.params import Generation, SamplingParams
@@ -76,6 +77,9 @@ class Sampler:
     weight to bfloat16 anyway, so results agree up to XLA's fusion rounding, bit for bit on
     CPU); mesh: a ``spear_jax.sharding.make_mesh`` mesh to shard weights (by
     ``config.sharding_rules``), the batch and the cache over, or None for one device.
+    A LoRA state (``config.lora_rank > 0``) is decoded merged: ``set_params`` folds the adapters
+    into the weights (``spear_jax.model.lora.merge_lora``, one jitted call per update) and the
+    decode runs the base architecture, at the base model's cost per token.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, config: ModelConfig, *,
@@ -92,6 +96,10 @@ class Sampler:
         if weight_dtype is not None and not jnp.issubdtype(jnp.dtype(weight_dtype), jnp.floating):
             raise ValueError(f"weight_dtype must be None or a float dtype, got {weight_dtype}")
         self.graphdef, self.config = graphdef, config
+        self._merge = None
+        if config.lora_rank > 0:
+            self.graphdef = lora.base_graphdef(config)
+            self._merge = jax.jit(functools.partial(lora.merge_lora, cfg=config))
         self.max_len, self.max_batch = max_len, max_batch
         self.cache_dtype = jnp.dtype(cache_dtype)
         self.weight_dtype = None if weight_dtype is None else jnp.dtype(weight_dtype)
@@ -104,7 +112,7 @@ class Sampler:
     # -- weights -----------------------------------------------------------------------------
     def set_params(self, state: nnx.State) -> None:
         """Use new weights from now on (same structure, shapes and dtypes: no recompilation);
-        cast to ``weight_dtype`` if one was given."""
+        LoRA adapters merged into their weights, cast to ``weight_dtype`` if one was given."""
         signature = _state_signature(state)
         if signature != self._signature:
             diff = [f"{a} vs {b}" for a, b in zip(self._signature[1], signature[1]) if a != b][:3]
@@ -112,6 +120,8 @@ class Sampler:
                 "state does not match the sampler's weights (structure, shapes or dtypes differ); "
                 f"first differences (expected vs got): {diff or 'tree structure'}"
             )
+        if self._merge is not None:
+            state = self._merge(state)
         if self.mesh is not None:
             state = shard_state(state, self.config.sharding_rules, self.mesh)
         if self.weight_dtype is not None:
