@@ -4,6 +4,7 @@ Model FLOPs (PaLM convention, rematerialisation not counted), with N_matmul ever
 (output projection included), L layers, q = heads x head_dim:
 
     training (forward + backward) per token at sequence length S:  6 N_matmul + 6 L S q
+    the same with frozen weights (LoRA: no weight gradients):       4 N_matmul + 6 L S q
     decode (forward) per generated token attending to T slots:     2 N_touched + 4 L T q
 
 (N_touched: every weight a decoded token multiplies with; an untied input embedding is only
@@ -33,13 +34,15 @@ import numpy as np
 MATMUL_SIZE = 2048  # side of the square float32 matmul measured for the peak
 
 
-def train_flops_per_token(cfg, seq_len: int) -> float:
-    """6 N_matmul + 6 L S q: forward + backward FLOPs of one token in a sequence of ``seq_len``."""
+def train_flops_per_token(cfg, seq_len: int, frozen_weights: bool = False) -> float:
+    """6 N_matmul + 6 L S q: forward + backward FLOPs of one token in a sequence of ``seq_len``;
+    with ``frozen_weights`` (LoRA) 4 N_matmul, the weight gradients not being computed (the
+    adapters' own FLOPs, a rank / width fraction, are not counted)."""
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     per_layer = d * q + 2 * d * kv + q * d + 3 * d * f
     n_matmul = cfg.num_layers * per_layer + d * v
-    return 6 * n_matmul + 6 * cfg.num_layers * seq_len * q
+    return (4 if frozen_weights else 6) * n_matmul + 6 * cfg.num_layers * seq_len * q
 
 
 def params_touched_per_token(cfg) -> int:
@@ -92,24 +95,25 @@ def decode_metrics(cfg, prompt_lengths: Sequence[int], response_lengths: Sequenc
             "perf/decode_mfu": flops / seconds / peak}
 
 
-def update_metrics(cfg, valid: np.ndarray, epochs: int, seconds: float, peak: float) -> dict[str, float]:
+def update_metrics(cfg, valid: np.ndarray, epochs: int, seconds: float, peak: float,
+                   frozen_weights: bool = False) -> dict[str, float]:
     """Update throughput: ``valid`` [B, L] the real tokens of the batch, passed ``epochs`` times
-    through forward + backward in ``seconds``."""
+    through forward + backward in ``seconds`` (``frozen_weights``: LoRA)."""
     tokens = float(valid.sum()) * epochs
     if seconds <= 0 or tokens == 0:
         return {}
-    flops = train_flops_per_token(cfg, valid.shape[1]) * tokens
+    flops = train_flops_per_token(cfg, valid.shape[1], frozen_weights) * tokens
     return {"perf/update_tokens": tokens, "perf/update_tokens_per_s": tokens / seconds,
             "perf/update_mfu": flops / seconds / peak}
 
 
 def step_metrics(cfg, rows: Sequence, valid: np.ndarray, epochs: int, decode_seconds: float,
-                 update_seconds: float, peak: float) -> dict[str, float]:
+                 update_seconds: float, peak: float, frozen_weights: bool) -> dict[str, float]:
     """``perf/*`` of one RL step: the rollout's ``rows`` (generated tokens: rollout loss mask 1)
     over the sampler's time, and the on-policy batch's real tokens ``valid`` [B, L] over the
-    update's time."""
+    update's time (``frozen_weights``: LoRA trains adapters only)."""
     metrics = decode_metrics(cfg, [r.prompt_ids.shape[0] for r in rows], [r.response_length for r in rows],
                              [int(r.loss_mask.sum()) for r in rows], decode_seconds, peak)
-    metrics.update(update_metrics(cfg, valid, epochs, update_seconds, peak))
+    metrics.update(update_metrics(cfg, valid, epochs, update_seconds, peak, frozen_weights))
     metrics["perf/peak_flops"] = peak
     return metrics

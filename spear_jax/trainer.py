@@ -245,7 +245,8 @@ class Trainer:
         })
         metrics.update(throughput.step_metrics(
             self.policy.model_config, result.rows, batch["valid"], c.actor.ppo_epochs,
-            result.metrics["rollout/sampler_time_s"], t_update - t_prep, self.peak_flops))
+            result.metrics["rollout/sampler_time_s"], t_update - t_prep, self.peak_flops,
+            frozen_weights=c.model.lora.rank > 0))
         return metrics
 
     def _task_ids(self, step: int) -> list[int]:

@@ -191,6 +191,7 @@ def test_throughput_formulas_and_peak():
     weights = (cfg.num_layers * (cfg.hidden_size * q * 2 + 2 * cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim
                                  + 3 * cfg.hidden_size * cfg.intermediate_size) + cfg.hidden_size * cfg.vocab_size)
     assert throughput.train_flops_per_token(cfg, 10) == 6 * weights + 6 * cfg.num_layers * 10 * q
+    assert throughput.train_flops_per_token(cfg, 10, frozen_weights=True) == 4 * weights + 6 * cfg.num_layers * 10 * q
     valid = np.zeros((2, 8), bool)
     valid[0, :5] = valid[1, :3] = True
     update = throughput.update_metrics(cfg, valid, epochs=2, seconds=0.5, peak=1e12)
