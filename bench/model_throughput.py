@@ -30,29 +30,9 @@ from flax import nnx
 from spear_jax.model import get_model_config, init_model, init_sharded, to_hf_config
 from spear_jax.model.logprobs import sequence_token_stats
 from spear_jax.sharding import make_mesh
-
-
-def flops_per_token(cfg, seq_len: int) -> float:
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    per_layer = d * q + 2 * d * kv + q * d + 3 * d * f
-    n_matmul = cfg.num_layers * per_layer + d * v
-    return 6 * n_matmul + 6 * cfg.num_layers * seq_len * q
-
-
-def time_fn(fn, steps: int) -> float:
-    fn()  # compile / warm up
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - start) / steps
-
-
-def jax_matmul_peak(n: int) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    seconds = time_fn(lambda: mm(a).block_until_ready(), 5)
-    return 2 * n**3 / seconds
+from spear_jax.throughput import matmul_peak_flops as jax_matmul_peak
+from spear_jax.throughput import time_fn
+from spear_jax.throughput import train_flops_per_token as flops_per_token
 
 
 def torch_matmul_peak(n: int) -> float:

@@ -55,6 +55,8 @@ from spear_jax.model.gguf_checkpoint import load_smollm2
 from spear_jax.model.hf_checkpoint import save_hf_checkpoint
 from spear_jax.sampling import Sampler, SamplingParams
 from spear_jax.sampling.sampler import length_bucket
+from spear_jax.throughput import decode_flops_per_token as flops_per_token
+from spear_jax.throughput import params_touched_per_token
 
 
 def build_model(name: str, compute_dtype: str):
@@ -188,18 +190,6 @@ def read_gbs(mib: int) -> float:
     """Measured GB/s of a jitted sum over a float32 array of ``mib`` MiB (every byte read once)."""
     x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
     return x.nbytes / _best_seconds(jax.jit(jnp.sum), x) / 1e9
-
-
-def params_touched_per_token(cfg) -> int:
-    """Weights every decoded token multiplies with: all of them, the LM head included; an untied
-    input embedding is only gathered (one row)."""
-    return cfg.num_params() - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
-
-
-def flops_per_token(cfg, attended_slots: float) -> float:
-    """2 * params touched + 4 * layers * heads * head_dim * attended slots (q k^T and p v)."""
-    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * attended_slots
-    return 2 * params_touched_per_token(cfg) + attention
 
 
 def bytes_per_step(cfg, batch: int, read_slots: float, cache_bytes: int, weight_bytes: int) -> float:

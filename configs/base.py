@@ -198,4 +198,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainer.init_from = ""
     c.trainer.resume_step = -1  # resume the workdir's run from this step; -1: the newest intact one
     c.trainer.length_buckets = (256, 512, 1024, 2048)
+
+    # --- logging: metric backends, trajectory samples, throughput (docs/training.md) ------------
+    c.logging = ml_collections.ConfigDict()
+    # jsonl (always on: metrics.jsonl is the run's record) | tensorboard | wandb | mlflow; wandb
+    # and mlflow are optional installs: pip install -e '.[tracking]'
+    c.logging.backends = ("jsonl", "tensorboard")
+    c.logging.project = "spear-jax"  # wandb project / mlflow experiment
+    c.logging.run_name = ""  # wandb / mlflow run name; "" = the workdir's base name
+    c.logging.wandb_mode = "offline"  # online | offline (sync later: wandb sync) | disabled
+    c.logging.mlflow_tracking_uri = ""  # "" = file store <workdir>/mlruns; or sqlite:///..., http://...
+    c.logging.trajectories_every = 10  # write sampled episodes every N steps (0 = never)
+    c.logging.trajectories_per_step = 4  # episodes per sample
+    c.logging.peak_flops = 0.0  # per-device peak FLOP/s for MFU (H100 bf16 dense: 989e12); 0 = measure
     return c

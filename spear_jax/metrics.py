@@ -4,7 +4,9 @@ Each ``MetricsWriter.write(step, metrics, split)`` appends one JSON line
 ``{"step": ..., "split": ..., "time": ..., <name>: <float>, ...}`` to
 ``<workdir>/metrics.jsonl`` and the same scalars to TensorBoard under ``<split>/<name>``.
 Non-finite values are written as JSON ``null`` (standard JSON has no NaN) and skipped in
-TensorBoard; they still appear in the log so a diverging run is visible.
+TensorBoard; they still appear in the log so a diverging run is visible. Tracking backends
+(``spear_jax.tracking``: wandb, mlflow) receive the same finite scalars as ``<split>/<name>``;
+``write_table`` sends a table (sampled trajectories) to TensorBoard text and to every backend.
 
 Plot a run's curves from the shell::
 
@@ -47,9 +49,10 @@ class MetricsWriter:
     purge marker, in TensorBoard.
     """
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    def __init__(self, workdir: str, tensorboard: bool = True, backends: Sequence = ()):
         os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
+        self.backends = list(backends)
         self._path = os.path.join(workdir, METRICS_FILE)
         self._jsonl = open(self._path, "a", encoding="utf-8")
         self._tensorboard = tensorboard
@@ -104,17 +107,42 @@ class MetricsWriter:
             record[name] = _as_float(value)
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
+        scalars = {f"{split}/{name}": value for name, value in record.items()
+                   if name not in ("step", "split", "time") and value is not None}
         tb = self._tb_writer()
         if tb is not None:
-            for name, value in record.items():
-                if name not in ("step", "split", "time") and value is not None:
-                    tb.add_scalar(f"{split}/{name}", value, int(step))
+            for name, value in scalars.items():
+                tb.add_scalar(name, value, int(step))
             tb.flush()
+        for backend in self.backends:
+            backend.log_scalars(int(step), scalars)
+
+    def write_table(self, step: int, name: str, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
+        """A table (e.g. sampled trajectories): TensorBoard text (a markdown table under
+        ``name``) and each backend's table (wandb.Table, mlflow JSON artifact)."""
+        tb = self._tb_writer()
+        if tb is not None:
+            tb.add_text(name, markdown_table(columns, rows), int(step))
+            tb.flush()
+        for backend in self.backends:
+            backend.log_table(int(step), name, columns, rows)
 
     def close(self) -> None:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        for backend in self.backends:
+            backend.close()
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A markdown table; cell text has ``|`` escaped and newlines as ``<br>``."""
+    def cell(value) -> str:
+        return str(value).replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def progress_bar(total: int, initial: int = 0, desc: str = ""):

@@ -52,6 +52,7 @@ from spear_jax.objectives import (
 from spear_jax.objectives.aggregation import AGGREGATION_MODES
 from spear_jax.objectives.regularizers import KL_PENALTIES
 from spear_jax.replay import ReplayConfig
+from spear_jax.tracking import WANDB_MODES, check_backends
 from spear_jax.train_step import OptimizerConfig, UpdateConfig
 
 CHECKPOINT_FORMATS = ("random", "hf", "gguf", "orbax")
@@ -234,6 +235,10 @@ RULES: tuple[Rule, ...] = (
          "keeps 2"),
     Rule("trainer.log_every", _at_least(1)),
     Rule("trainer.resume_step", _at_least(-1), "-1 resumes from the newest intact checkpoint"),
+    Rule("logging.wandb_mode", _one_of(WANDB_MODES), "offline writes <workdir>/wandb for `wandb sync`"),
+    Rule("logging.trajectories_every", _at_least(0), "0 writes no trajectory samples"),
+    Rule("logging.trajectories_per_step", _at_least(1)),
+    Rule("logging.peak_flops", _at_least(0), "per-device peak FLOP/s (H100 bf16: 989e12); 0 measures a matmul"),
 )
 
 
@@ -425,6 +430,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     num_devices = num_devices or jax.device_count()
     _check_removed_fields(c)
     check_rules(c)
+    with _naming("config.logging"):
+        check_backends(c.logging.backends)
     if c.algorithm.adv_estimator == "gigpo" and c.env.row_layout != "step":
         raise ConfigError("config.algorithm.adv_estimator='gigpo' needs config.env.row_layout='step' "
                           "(step advantages come from per-step anchor observations)")

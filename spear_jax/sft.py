@@ -19,11 +19,11 @@ import ml_collections
 import numpy as np
 
 from environments.registry import make_env
-from spear_jax import run_config, sft_data, sharding, train_step
+from spear_jax import run_config, sft_data, sharding, tracking, train_step
 from spear_jax.batching import bucket_length
 from spear_jax.checkpoint import RunCheckpointer, RunState
 from spear_jax.model import lora
-from spear_jax.metrics import MetricsWriter, progress_bar, progress_summary
+from spear_jax.metrics import progress_bar, progress_summary
 from spear_jax.policy import CHECKPOINT_SUBDIR, load_policy
 from spear_jax.rollout import TemplateChatTokenizer
 from spear_jax.sft_data import Example
@@ -103,7 +103,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     micro = c.actor.ppo_micro_batch_size
     batch_rows = -(-s.batch_size // micro) * micro
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
-    writer = MetricsWriter(workdir)
+    writer = tracking.metrics_writer(c, workdir)
     writer.discard_from(0)  # a warm start trained again replaces the records of an unfinished one
     bar = progress_bar(s.steps, desc="warm start")
     start = time.perf_counter()

@@ -32,7 +32,8 @@ import ml_collections
 import numpy as np
 
 from environments.registry import make_env
-from spear_jax import curriculum, filters, resume, rewards, run_config, sharding, train_step, workdir_lock
+from spear_jax import (curriculum, filters, resume, rewards, run_config, sharding, throughput, tracking,
+                       train_step, trajectories, workdir_lock)
 from spear_jax import metrics as run_metrics
 from spear_jax.batching import BatchingConfig, bucket_length, pack_rows
 from spear_jax.checkpoint import RunCheckpointer, RunState
@@ -97,7 +98,11 @@ class Trainer:
                           for i in range(c.data.eval_episodes)]
         self.checkpointer = RunCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR),
                                             max_to_keep=c.trainer.max_checkpoints_to_keep)
-        self.writer = run_metrics.MetricsWriter(workdir)
+        self.writer = tracking.metrics_writer(c, workdir)
+        self.trajectories = trajectories.TrajectoryLogger(
+            workdir, self.writer, self.engine.tokenizer.decode, c.logging.trajectories_every,
+            c.logging.trajectories_per_step)
+        self.peak_flops = throughput.run_peak_flops(c.logging.peak_flops, jax.default_backend(), jax.device_count())
         self.step = 0
         workdir_lock.acquire(workdir)  # one run per workdir; released by close()
 
@@ -245,6 +250,10 @@ class Trainer:
             "time/update": t_update - t_prep, "time/replay": t_replay - t_update,
             "time/step": timer() - t0,
         })
+        metrics.update(throughput.step_metrics(
+            self.policy.model_config, result.rows, batch["valid"], c.actor.ppo_epochs,
+            result.metrics["rollout/sampler_time_s"], t_update - t_prep, self.peak_flops,
+            frozen_weights=c.model.lora.rank > 0))
         return metrics
 
     def _task_ids(self, step: int) -> list[int]:
@@ -294,6 +303,7 @@ class Trainer:
         batch["advantages"] = advantages
         metrics.update(adv_metrics)
         metrics.update(_outcome_metrics(result))
+        self.trajectories.record(step, rows, scores, flag_mask, batch, self._rng(10, step))
         return batch, metrics
 
     def _penalised_scores(self, batch: dict[str, np.ndarray], scores: np.ndarray):
