@@ -193,6 +193,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainer.checkpoint_every = 10
     c.trainer.max_checkpoints_to_keep = 2
     c.trainer.log_every = 1  # write train metrics every N steps (and at the last step)
+    # Start RL from these weights instead of config.model and the warm start (which is skipped):
+    # a run workdir, a run checkpoint directory or a Hugging Face directory (docs/experiments.md).
+    c.trainer.init_from = ""
+    c.trainer.resume_step = -1  # resume the workdir's run from this step; -1: the newest intact one
     c.trainer.length_buckets = (256, 512, 1024, 2048)
 
     # --- logging: metric backends, trajectory samples, throughput (docs/training.md) ------------

@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 _SEPARATOR = "/"
 MANIFEST_FILE = "integrity.json"  # in each step directory: size and sha256 of its other files
 REJECTED_SUBDIR = "rejected"  # damaged steps are moved here, not restored
+SUPERSEDED_SUBDIR = "superseded"  # steps after the one a run was resumed from (resume_step)
 _HASH_CHUNK_BYTES = 8 << 20
 _log = logging.getLogger(__name__)
 
@@ -259,12 +260,14 @@ class RunCheckpointer:
             if old not in keep:
                 self._manager.delete(old)
 
-    def restore(self, abstract_device: Any, step: int | None = None) -> RunState:
+    def restore(self, abstract_device: Any, step: int | None = None, partial: bool = False) -> RunState:
         """Restores checkpoint ``step`` (default: ``newest_intact_step()``) after verifying it.
 
         Args:
           abstract_device: a pytree like the saved ``device`` part whose leaves are arrays or
             ``jax.ShapeDtypeStruct`` with the target sharding; restored arrays take it.
+          partial: restore only the entries ``abstract_device`` names (e.g. ``{"params": ...}``
+            of a checkpoint that also holds ``opt_state``); the others are not read.
         """
         if step is None:
             step = self.newest_intact_step()
@@ -274,7 +277,7 @@ class RunCheckpointer:
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
                                     f"available: {self.all_steps()}")
         self._verify(step)
-        return self._restore_step(abstract_device, step)
+        return self._restore_step(abstract_device, step, partial)
 
     def newest_intact_step(self) -> int | None:
         """The newest complete step whose files match its manifest; None when the directory
@@ -330,12 +333,12 @@ class RunCheckpointer:
                                   f"(available: {self.all_steps()}) or the files from a backup.")
         self._verified.add(step)
 
-    def _restore_step(self, abstract_device: Any, step: int) -> RunState:
+    def _restore_step(self, abstract_device: Any, step: int, partial: bool) -> RunState:
         target = jax.tree.map(_abstract, abstract_device)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                device=ocp.args.StandardRestore(target),
+                device=_device_restore_args(target, partial),
                 host=ocp.args.ArrayRestore(),
                 meta=ocp.args.JsonRestore(),
             ),
@@ -345,6 +348,21 @@ class RunCheckpointer:
             host=unpack_host_arrays(np.asarray(restored.host)),
             meta=dict(restored.meta),
         )
+
+    def set_aside_after(self, step: int) -> str | None:
+        """Moves every step directory newer than ``step`` (complete or not) into
+        ``superseded/<time>/``, so a run resumed from ``step`` writes its own later steps and no
+        later resume picks up the abandoned ones; returns where they went (None: there were none)."""
+        newer = sorted(s for s in self._manager.all_steps() if s > step)
+        if not newer:
+            return None
+        target = os.path.join(self.directory, SUPERSEDED_SUBDIR, time.strftime("%Y%m%dT%H%M%S"))
+        os.makedirs(target, exist_ok=True)
+        for old in newer:
+            os.rename(self.step_directory(old), os.path.join(target, str(old)))
+            self._verified.discard(old)
+        self._manager.reload()
+        return target
 
     def _reject(self, step: int) -> str:
         """Moves damaged ``step`` to ``rejected/`` (so a new save of that step can take its place);
@@ -379,6 +397,15 @@ class RunCheckpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _device_restore_args(target: Any, partial: bool):
+    """Orbax restore arguments of the ``device`` part: all of it into ``target``, or (``partial``)
+    only the entries ``target`` names."""
+    if not partial:
+        return ocp.args.StandardRestore(target)
+    return ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
 
 
 def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:

@@ -5,7 +5,9 @@
 Any field can be overridden, e.g. ``--config.trainer.total_steps=100``. With ``config.sft.enable``
 (the tiny presets) the run first trains the supervised warm start into ``<workdir>/warm_start``
 (skipped when it is already there) and starts RL from it. A ``configs/sft.py`` config runs the
-warm start alone. Re-running with the same ``--workdir`` resumes from the newest checkpoint.
+warm start alone. With ``config.trainer.init_from`` RL starts from those weights instead and the
+warm start is skipped (``spear_jax.init_from``). Re-running with the same ``--workdir`` resumes
+from the newest checkpoint (``config.trainer.resume_step``: from that step).
 
 A config error (``run_config.ConfigError``, a bad flag or config file) prints one line to stderr
 and exits with status 2; Ctrl-C prints one line and exits with status 130.
@@ -54,8 +56,11 @@ def _warm_start_done(warm: str) -> bool:
 
 
 def _run_locked(config, workdir: str) -> dict:
-    from spear_jax import metrics
+    from spear_jax import metrics, resume
+    from spear_jax.policy import CHECKPOINT_SUBDIR
     from spear_jax.sft import run_sft
+
+    resume.check_resume_step(config, os.path.join(workdir, CHECKPOINT_SUBDIR))
 
     with open(os.path.join(workdir, "config.json"), "w") as handle:
         handle.write(config.to_json_best_effort(indent=2))
@@ -64,7 +69,10 @@ def _run_locked(config, workdir: str) -> dict:
         return {"warm_start": workdir}
 
     summary = {}
-    if config.sft.enable:
+    if config.sft.enable and config.trainer.init_from:
+        print(f"config.trainer.init_from is set: the warm start is skipped, RL starts from "
+              f"{config.trainer.init_from}", flush=True)
+    elif config.sft.enable:
         warm = os.path.join(workdir, WARM_START_DIR)
         if not _warm_start_done(warm):
             print(f"training the warm start into {warm}", flush=True)

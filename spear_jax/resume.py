@@ -19,6 +19,12 @@ runs, or how the same computation is laid out on devices:
   top-p) is not allowed to change, so the eval curve keeps one meaning.
 * ``mesh.*``, ``model.logprob_chunk_size``: device layout and memory chunking of the same
   computation (restore re-shards onto the new mesh); results agree up to float reordering.
+* ``trainer.resume_step``: which step to resume from (``resume_step``; -1, the newest intact one).
+
+``resume_step(config, checkpointer)`` picks the step: ``config.trainer.resume_step`` when it is
+>= 0 (a complete step of the workdir, verified like any restore, without falling back to another
+one; anything else is a ``ConfigError`` naming the field and the complete steps), else the newest
+intact step.
 """
 from __future__ import annotations
 
@@ -27,12 +33,14 @@ from typing import Any
 
 import ml_collections
 
+from spear_jax.checkpoint import RunCheckpointer, complete_steps
 from spear_jax.run_config import ConfigError
 
 RESUMABLE_FIELDS = (
     "trainer.total_steps", "trainer.eval_every", "trainer.eval_before_train",
     "trainer.checkpoint_every", "trainer.max_checkpoints_to_keep", "trainer.log_every",
     "data.eval_episodes", "mesh.data", "mesh.fsdp", "mesh.tensor", "model.logprob_chunk_size",
+    "trainer.resume_step",
 )
 _ABSENT = "<absent>"
 
@@ -81,3 +89,25 @@ def check_resumable(saved: dict[str, Any] | None, config: ml_collections.ConfigD
             f"values, or pass the saved values to resume{hint}. Fields that may change on resume: "
             f"{', '.join(RESUMABLE_FIELDS)}.")
     return [f"config.{field}: {old!r} -> {new!r}" for field, old, new in changes]
+
+
+def check_resume_step(config: ml_collections.ConfigDict, checkpoint_dir: str) -> None:
+    """Raises ``ConfigError`` when ``config.trainer.resume_step`` (>= 0) is not a complete step
+    in ``checkpoint_dir`` (checked at start-up, before any weights load)."""
+    wanted = config.trainer.resume_step
+    if wanted < 0:
+        return
+    steps = complete_steps(checkpoint_dir)
+    if wanted not in steps:
+        raise ConfigError(f"config.trainer.resume_step={wanted}: no complete checkpoint of that step in "
+                          f"{checkpoint_dir} (complete steps: {steps}); pick one of them, or -1 for the "
+                          f"newest intact one")
+
+
+def resume_step(config: ml_collections.ConfigDict, checkpointer: RunCheckpointer) -> int | None:
+    """The step a run resumes from: ``config.trainer.resume_step`` when >= 0, else the newest
+    intact step (None: nothing to resume, a new run)."""
+    if config.trainer.resume_step < 0:
+        return checkpointer.newest_intact_step()
+    check_resume_step(config, checkpointer.directory)
+    return config.trainer.resume_step

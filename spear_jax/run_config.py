@@ -36,6 +36,7 @@ from environments.prompts import TEMPLATES as PROMPT_TEMPLATES
 from environments.registry import env_class, env_names, split_names
 from spear_jax.sft_data import SOURCES as SFT_SOURCES
 from spear_jax.curriculum import TOOLCALL_REWARD_MODES
+from spear_jax.init_from import InitFromError, resolve_init_from
 from spear_jax.model import PRESETS as MODEL_PRESETS
 from spear_jax.model.chat_template import FORMATS as CHAT_FORMATS
 from spear_jax.model.hf_checkpoint import read_hf_config
@@ -233,6 +234,7 @@ RULES: tuple[Rule, ...] = (
     Rule("trainer.max_checkpoints_to_keep", _at_least(1), "a rerun resumes from the newest; the default "
          "keeps 2"),
     Rule("trainer.log_every", _at_least(1)),
+    Rule("trainer.resume_step", _at_least(-1), "-1 resumes from the newest intact checkpoint"),
     Rule("logging.wandb_mode", _one_of(WANDB_MODES), "offline writes <workdir>/wandb for `wandb sync`"),
     Rule("logging.trajectories_every", _at_least(0), "0 writes no trajectory samples"),
     Rule("logging.trajectories_per_step", _at_least(1)),
@@ -504,14 +506,16 @@ def _check_lengths(c: ml_collections.ConfigDict) -> None:
 
 def model_limits(c: ml_collections.ConfigDict) -> tuple[int, int, str]:
     """(vocabulary size, position limit, where they come from) of the model the run loads: an HF
-    directory's config.json, else the model preset."""
-    if c.model.checkpoint_format == "hf":
+    directory's config.json (``trainer.init_from``'s when that is one), else the model preset."""
+    field, path = "model.checkpoint_path", c.model.checkpoint_path
+    if c.trainer.init_from and resolve_init_from(c.trainer.init_from).kind == "hf":
+        field, path = "trainer.init_from", c.trainer.init_from
+    if field == "trainer.init_from" or c.model.checkpoint_format == "hf":
         try:
-            hf = read_hf_config(c.model.checkpoint_path)
+            hf = read_hf_config(path)
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"config.model.checkpoint_path={c.model.checkpoint_path!r}: its config.json "
-                              f"cannot be read ({error})") from error
-        return hf.vocab_size, hf.max_position_embeddings, f"{c.model.checkpoint_path}/config.json"
+            raise ConfigError(f"config.{field}={path!r}: its config.json cannot be read ({error})") from error
+        return hf.vocab_size, hf.max_position_embeddings, f"{path}/config.json"
     preset = MODEL_PRESETS[c.model.preset]
     return preset.vocab_size, preset.max_position_embeddings, f"config.model.preset={c.model.preset!r}"
 
@@ -610,6 +614,11 @@ def _check_weights(c: ml_collections.ConfigDict) -> None:
     elif fmt == "random" and path:
         _fail("model.checkpoint_path", path, "empty for config.model.checkpoint_format='random'",
               "set the format to hf, gguf or orbax")
+    if c.trainer.init_from:
+        try:
+            resolve_init_from(c.trainer.init_from)
+        except InitFromError as error:
+            raise ConfigError(str(error)) from error
     tokenizer = c.model.tokenizer_path
     if tokenizer and not os.path.exists(tokenizer):
         _fail("model.tokenizer_path", tokenizer, "a tokenizer.json or SentencePiece .model file",

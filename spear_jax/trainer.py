@@ -63,6 +63,7 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         run_config.validate(config)
+        resume.check_resume_step(config, os.path.join(workdir, CHECKPOINT_SUBDIR))
         self.config = c = config
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
@@ -152,9 +153,11 @@ class Trainer:
             host=host, meta={"step": self.step, "config": resume.config_record(self.config)}))
 
     def restore_if_any(self) -> bool:
-        """Resumes from the newest intact checkpoint in the workdir, if there is one, after
-        checking that the config may resume it (``spear_jax.resume``)."""
-        step = self.checkpointer.newest_intact_step()
+        """Resumes from the newest intact checkpoint in the workdir, if there is one, or from
+        ``trainer.resume_step``, after checking that the config may resume it
+        (``spear_jax.resume``). Steps after a chosen ``resume_step`` are moved to
+        ``checkpoints/superseded/`` (the resumed run writes its own)."""
+        step = resume.resume_step(self.config, self.checkpointer)
         if step is None:
             return False
         where = self.checkpointer.step_directory(step)
@@ -167,6 +170,10 @@ class Trainer:
             self.buffer = ReplayBuffer.from_state_dict(self.buffer.config, state.host["replay"])
         self.step = int(state.meta["step"])
         self.sampler.set_params(self.policy.params)
+        moved = self.checkpointer.set_aside_after(step)
+        if moved:
+            logging.warning("resumed from config.trainer.resume_step=%d: the newer checkpoints are "
+                            "moved to %s", step, moved)
         return True
 
     # -- the loop ----------------------------------------------------------------------------------

@@ -122,13 +122,22 @@ def iter_gguf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarra
         yield name, array
 
 
-def load_gguf(path: str, mesh: Mesh | None = None, **config_overrides) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
-    """(cfg, graphdef, state) from a llama-architecture GGUF file."""
-    reader = _reader(path)
+def _reader_config(reader, **config_overrides) -> ModelConfig:
     meta = {key: field.contents() for key, field in reader.fields.items()
             if not key.startswith("tokenizer.ggml.") or key == "tokenizer.ggml.tokens"}
     tied = not any(t.name == "output.weight" for t in reader.tensors)
-    cfg = config_from_gguf_metadata(meta, tie_embeddings=tied, **config_overrides)
+    return config_from_gguf_metadata(meta, tie_embeddings=tied, **config_overrides)
+
+
+def read_gguf_config(path: str, **config_overrides) -> ModelConfig:
+    """The ModelConfig of a llama-architecture GGUF file, without reading its tensors."""
+    return _reader_config(_reader(path), **config_overrides)
+
+
+def load_gguf(path: str, mesh: Mesh | None = None, **config_overrides) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+    """(cfg, graphdef, state) from a llama-architecture GGUF file."""
+    reader = _reader(path)
+    cfg = _reader_config(reader, **config_overrides)
     tensors = ((name, array, path) for name, array in iter_gguf_tensors(reader, cfg))
     graphdef, state = place_tensors(cfg, tensors, mesh, source=path)
     return cfg, graphdef, state

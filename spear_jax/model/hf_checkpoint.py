@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -123,33 +125,69 @@ def load_hf_checkpoint(
     return cfg, graphdef, state
 
 
-def save_hf_checkpoint(
-    cfg: ModelConfig, state: nnx.State, directory: str, max_shard_bytes: int = 4 << 30
-) -> None:
-    """Write config.json and float32 safetensors (sharded with an index above ``max_shard_bytes``)
-    loadable by ``transformers`` and by ``load_hf_checkpoint``."""
-    os.makedirs(directory, exist_ok=True)
+EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
+
+
+def _shard_tensors(
+    cfg: ModelConfig, state: nnx.State, dtype: np.dtype, max_shard_bytes: int
+) -> list[dict[str, np.ndarray]]:
+    """HF-named tensors of ``state`` in HF layout, cast to ``dtype`` and grouped in file order
+    into shards: a tensor starts a new shard when it would take a non-empty shard past
+    ``max_shard_bytes`` (transformers' ``max_shard_size`` rule; a tensor larger than the limit
+    gets a shard of its own)."""
     flat = dict(nnx.to_flat_state(state))
     shards: list[dict[str, np.ndarray]] = [{}]
-    sizes = [0]
+    size = 0
     for spec in tensor_specs(cfg):
         if spec.path not in flat:
             raise ValueError(f"state has no parameter {'.'.join(map(str, spec.path))}")
-        array = spec.to_hf(np.asarray(jax.device_get(flat[spec.path].get_value()), np.float32))
-        if sizes[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
+        value = np.asarray(jax.device_get(flat[spec.path].get_value()), np.float32)
+        array = np.ascontiguousarray(spec.to_hf(value).astype(dtype))
+        if size and size + array.nbytes > max_shard_bytes:
             shards.append({})
-            sizes.append(0)
+            size = 0
         shards[-1][spec.hf_name] = array
-        sizes[-1] += array.nbytes
+        size += array.nbytes
+    return shards
+
+
+def _remove_weight_files(directory: str) -> None:
+    """Removes the weight files of an earlier save into ``directory``, so none is left over."""
+    for name in os.listdir(directory):
+        if name in (_INDEX_FILE, _SINGLE_FILE) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name):
+            os.remove(os.path.join(directory, name))
+
+
+def save_hf_checkpoint(
+    cfg: ModelConfig, state: nnx.State, directory: str, max_shard_bytes: int = 4 << 30,
+    dtype: str = "float32",
+) -> list[str]:
+    """Write config.json and safetensors in ``dtype`` (``float32`` | ``bfloat16``, rounded to
+    nearest even), loadable by ``transformers`` and by ``load_hf_checkpoint``.
+
+    One ``model.safetensors`` when everything fits in ``max_shard_bytes``; otherwise
+    ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json`` (total size
+    and the file of every tensor). Returns the weight files written.
+    """
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype {dtype!r} is not supported; choose one of {sorted(EXPORT_DTYPES)}")
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    os.makedirs(directory, exist_ok=True)
+    shards = _shard_tensors(cfg, state, EXPORT_DTYPES[dtype], max_shard_bytes)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(to_hf_config(cfg), f, indent=2)
+        json.dump(to_hf_config(cfg, dtype), f, indent=2)
+    _remove_weight_files(directory)
     if len(shards) == 1:
         save_file(shards[0], os.path.join(directory, _SINGLE_FILE), metadata={"format": "pt"})
-        return
-    weight_map = {}
+        return [_SINGLE_FILE]
+    weight_map, names = {}, []
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
+        names.append(name)
+    total = sum(a.nbytes for shard in shards for a in shard.values())
     with open(os.path.join(directory, _INDEX_FILE), "w") as f:
-        json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names

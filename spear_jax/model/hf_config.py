@@ -204,8 +204,9 @@ def from_hf_config(hf: dict, source: str = "config.json", **overrides) -> ModelC
         raise ValueError(f"{source}: {error}") from error
 
 
-def to_hf_config(cfg: ModelConfig) -> dict:
-    """Hugging Face ``config.json`` dictionary describing ``cfg`` (float32 weights)."""
+def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """Hugging Face ``config.json`` dictionary describing ``cfg`` with weights stored in ``dtype``
+    (``float32`` | ``bfloat16``; the dtype transformers loads them in by default)."""
     hf = {
         "architectures": [_HF_ARCHITECTURE_NAMES[cfg.architecture]],
         "model_type": HF_MODEL_TYPES[cfg.architecture],
@@ -221,7 +222,7 @@ def to_hf_config(cfg: ModelConfig) -> dict:
         "rope_theta": cfg.rope_theta,
         "tie_word_embeddings": cfg.tie_embeddings,
         "max_position_embeddings": cfg.max_position_embeddings,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
         "attention_dropout": 0.0,
     }
     if cfg.architecture == "llama":

@@ -60,14 +60,17 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str, eos_token: str | None = None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"SentencePiece model {path!r} does not exist")
+        self.path = path
         self._sp = spm.SentencePieceProcessor(model_file=path)
         proto = sp_model_pb2.ModelProto()
         with open(path, "rb") as f:
             proto.ParseFromString(f.read())
+        self.add_dummy_prefix = proto.normalizer_spec.add_dummy_prefix
         special_types = (proto.SentencePiece.CONTROL, proto.SentencePiece.USER_DEFINED,
                          proto.SentencePiece.UNKNOWN)
         self._special_ids = {i for i, p in enumerate(proto.pieces) if p.type in special_types}
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.unk_id = self._sp.unk_id()
         self.eos_id = self.token_to_id(eos_token) if eos_token else self._sp.eos_id()
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
 
@@ -122,15 +125,22 @@ class HFTokenizer(Tokenizer):
     def _lookup(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def save(self, path: str) -> None:
+        """Writes the tokenizer as a ``tokenizer.json`` file at ``path``."""
+        self._tok.save(path)
+
 
 def load_tokenizer(path: str, eos_token: str | None = None, bos_token: str | None = None) -> Tokenizer:
-    """``.model`` -> SentencePiece; ``tokenizer.json`` (or a directory holding one) -> HF.
+    """``.model`` -> SentencePiece; ``tokenizer.json`` -> HF. A directory gives its
+    ``tokenizer.json``, else its ``tokenizer.model`` (as a Hugging Face model directory holds them).
 
     HF files need ``eos_token`` (e.g. ``"<|im_end|>"`` for Qwen/SmolLM2 chat models,
     ``"<|eot_id|>"`` for Llama-3 instruct models).
     """
     if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
+        sentencepiece = os.path.join(path, "tokenizer.model")
+        json_path = os.path.join(path, "tokenizer.json")
+        path = sentencepiece if os.path.isfile(sentencepiece) and not os.path.isfile(json_path) else json_path
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
     if path.endswith(".model"):
