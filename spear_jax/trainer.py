@@ -181,8 +181,9 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Runs (or resumes) to ``trainer.total_steps``; returns the final evaluation metrics."""
         c = self.config
-        resumed = self.restore_if_any()
+        resumed = self.restore_if_any()  # refuses a config the checkpoint cannot resume with
         self.writer.discard_from(self.step + 1 if resumed else 0)  # records the run writes again
+        run_metrics.record_config(self.workdir, c)
         bar = run_metrics.progress_bar(c.trainer.total_steps, initial=self.step, desc=c.name)
 
         def evaluate() -> dict[str, float]:

@@ -284,8 +284,10 @@ def test_resume_refuses_changed_fields_and_writes_each_step_once(tmp_path):
     changed = config(2)
     lr = changed.actor.lr
     changed.seed, changed.actor.lr, changed.name = 1, lr / 2, "drbot"
+    recorded = (tmp_path / "config.json").read_text()
     with pytest.raises(run_config.ConfigError) as refused:
         _run(changed, tmp_path)
+    assert (tmp_path / "config.json").read_text() == recorded  # the refused config is not recorded
     message = str(refused.value)
     for line in ("config.seed: 0 -> 1", f"config.actor.lr: {lr!r} -> {lr / 2!r}", "config.name: 'grpo' -> 'drbot'"):
         assert line in message, message
