@@ -7,6 +7,7 @@ and namespaces; those tests are skipped (loudly) where they are unavailable.
 """
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -500,7 +501,8 @@ def test_only_the_interpreter_is_visible_of_the_host_filesystem(cold):
     try:
         r = cold.run(
             "import glob, os, socket, sys\n"
-            f"print(os.path.exists('{data_file}'), os.path.exists('{REPO}'),\n"
+            f"repo = os.listdir('{REPO}') if os.path.exists('{REPO}') else None\n"
+            f"print(os.path.exists('{data_file}'), repo,\n"
             "      [p for depth in range(1, 4) for p in glob.glob('/*' * depth + '/data/math/*')])\n"
             "print(sorted(os.listdir('/')))\n"
             "print([d for d in ('/run', '/var', '/etc/passwd', '/sys', '/mnt', '/opt') if os.path.exists(d)],\n"
@@ -512,7 +514,11 @@ def test_only_the_interpreter_is_visible_of_the_host_filesystem(cold):
             "print(os.path.exists(sys.executable), sorted(os.listdir('/dev')))")
         assert r.status == "ok", r.text()
         lines = r.stdout.splitlines()
-        assert lines[0] == "False False []", r.stdout
+        # the checkout is invisible; only a way through it to an interpreter inside it (a venv in
+        # the clone, e.g. <clone>/venv) is there, holding nothing else
+        inside = [os.path.relpath(p, REPO).split(os.sep)[0] for p in (sys.prefix, sys.executable)
+                  if p.startswith(REPO + os.sep)]
+        assert lines[0] == f"False {sorted(set(inside)) if inside else None} []", r.stdout
         assert set(eval(lines[1])) <= {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "sbin",
                                        "tmp", "usr"} | {p.split("/")[1] for p in (REPO, "/root", "/opt", "/home")}
         assert lines[2] == "[] []", r.stdout  # /root holds only the way to the interpreter (pyenv)
