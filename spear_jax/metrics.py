@@ -211,6 +211,15 @@ def plot_run(path: str, keys: Sequence[str], out_dir: str | None = None,
     return written
 
 
+def record_config(workdir: str, config) -> None:
+    """Writes ``workdir/config.json``, the config the run goes on with (atomically, so a kill
+    leaves the previous record; a resume refused for its config never reaches this)."""
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as handle:
+        handle.write(config.to_json_best_effort(indent=2))
+    os.replace(path + ".tmp", path)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
@@ -226,11 +235,3 @@ def main(argv: Sequence[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
 
-
-def record_config(workdir: str, config) -> None:
-    """Writes ``workdir/config.json``, the config the run goes on with (atomically, so a kill
-    leaves the previous record; a resume refused for its config never reaches this)."""
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as handle:
-        handle.write(config.to_json_best_effort(indent=2))
-    os.replace(path + ".tmp", path)

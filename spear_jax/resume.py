@@ -105,9 +105,9 @@ def check_resume_step(config: ml_collections.ConfigDict, checkpoint_dir: str) ->
 
 
 def resume_step(config: ml_collections.ConfigDict, checkpointer: RunCheckpointer) -> int | None:
-    """The step a run resumes from: ``config.trainer.resume_step`` when >= 0, else the newest
-    intact step (None: nothing to resume, a new run)."""
+    """The step a run resumes from: ``config.trainer.resume_step`` when >= 0 (checked by
+    ``check_resume_step`` when the trainer was built), else the newest intact step (None: nothing
+    to resume, a new run)."""
     if config.trainer.resume_step < 0:
         return checkpointer.newest_intact_step()
-    check_resume_step(config, checkpointer.directory)
     return config.trainer.resume_step

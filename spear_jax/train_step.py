@@ -243,11 +243,15 @@ def make_sft_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfor
     return _make_update(graphdef, optimizer, micro_objective)
 
 
-def make_token_stats_fn(graphdef: nnx.GraphDef, temperature: float, chunk_size: int) -> Callable:
+def make_token_stats_fn(graphdef: nnx.GraphDef, temperature: float, chunk_size: int,
+                        entropy: bool = True) -> Callable:
     """Jitted ``(params, tokens [B, L], valid [B, L]) -> (logprobs, entropy)``: the pre-update
-    recomputation of behaviour log-probs (reference step 4) and the entropy metric."""
+    recomputation of behaviour log-probs (reference step 4) and the entropy metric. With
+    ``entropy=False`` it returns the log-probs alone and XLA drops the entropy computation (the
+    reference policy's pass)."""
 
     def stats(params, tokens, valid):
-        return sequence_token_stats(graphdef, params, tokens, valid, temperature, chunk_size)
+        out = sequence_token_stats(graphdef, params, tokens, valid, temperature, chunk_size)
+        return out if entropy else out[0]
 
     return jax.jit(stats)

@@ -77,6 +77,7 @@ class Trainer:
         self.update_config = run_config.update_config(c)
         self.optimizer_config = run_config.optimizer_config(c)
         self.optimizer = train_step.make_optimizer(self.optimizer_config)
+        self._learning_rate = train_step.learning_rate_schedule(self.optimizer_config)
         graphdef = self.policy.graphdef
         # Adapters only for a LoRA policy (train_step differentiates w.r.t. them alone).
         trainable = lora.trainable_params(self.policy.params)
@@ -87,6 +88,8 @@ class Trainer:
                                                         replay=True, mesh=self.mesh)
         self._token_stats = train_step.make_token_stats_fn(
             graphdef, c.rollout.temperature, c.model.logprob_chunk_size)
+        self._token_logprobs = train_step.make_token_stats_fn(
+            graphdef, c.rollout.temperature, c.model.logprob_chunk_size, entropy=False)
         self.buffer = ReplayBuffer(run_config.replay_config(c)) if c.replay.enable else None
         self._build_rollout(c)
 
@@ -217,7 +220,7 @@ class Trainer:
         c = self.config
         timer = time.perf_counter
         t0 = timer()
-        learning_rate = float(train_step.learning_rate_schedule(self.optimizer_config)(step - 1))
+        learning_rate = float(self._learning_rate(step - 1))
         self.opt_state = train_step.set_learning_rate(self.opt_state, learning_rate)
         result = self.engine.run(self.train_envs, self._task_ids(step), self.sampling, self._key(0, step))
         t_rollout = timer()
@@ -339,28 +342,33 @@ class Trainer:
         returns the entropy and behaviour-gap metrics."""
         batch["old_logprobs"], entropy = self._logprobs(self.policy.params, batch)
         if self.ref_params is not None:
-            batch[train_step.REFERENCE_KEY], _ = self._logprobs(self.ref_params, batch)
+            batch[train_step.REFERENCE_KEY], _ = self._logprobs(self.ref_params, batch, entropy=False)
         valid_tokens = batch["loss_mask"] > 0
         if not valid_tokens.any():
             return {"actor/entropy": 0.0, "actor/behaviour_logprob_gap": 0.0}
         gap = np.abs(batch["old_logprobs"] - batch["logprobs"])[valid_tokens].mean()
         return {"actor/entropy": float(entropy[valid_tokens].mean()), "actor/behaviour_logprob_gap": float(gap)}
 
-    def _logprobs(self, params, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Log-probs (0 off the loss mask) and entropies [B, L] of ``batch`` under ``params``,
-        one micro-batch of rows at a time."""
+    def _logprobs(self, params, batch: dict[str, np.ndarray],
+                  entropy: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Log-probs (0 off the loss mask) and, with ``entropy``, entropies [B, L] of ``batch``
+        under ``params``, one micro-batch of rows at a time (without ``entropy`` the compiled
+        pass skips the entropy and returns None for it)."""
         micro = self.config.actor.ppo_micro_batch_size
         rows = batch["tokens"].shape[0]
+        stats = self._token_stats if entropy else self._token_logprobs
         logps, ents = [], []
         batch_sharding = _batch_sharding(self.mesh, leading=0)
         for start in range(0, rows, micro):
             tokens = jax.device_put(batch["tokens"][start:start + micro], batch_sharding)
             valid = jax.device_put(batch["valid"][start:start + micro], batch_sharding)
-            logp, ent = self._token_stats(params, tokens, valid)
-            logps.append(np.asarray(logp))
-            ents.append(np.asarray(ent))
+            out = stats(params, tokens, valid)
+            logps.append(np.asarray(out[0] if entropy else out))
+            if entropy:
+                ents.append(np.asarray(out[1]))
         mask = batch["loss_mask"] > 0
-        return np.where(mask, np.concatenate(logps), 0.0).astype(np.float32), np.concatenate(ents)
+        logps = np.where(mask, np.concatenate(logps), 0.0).astype(np.float32)
+        return logps, np.concatenate(ents) if entropy else None
 
     def _advantages(self, batch, rows, step_offsets, all_episodes_ran: bool) -> tuple[np.ndarray, dict[str, float]]:
         """Row advantages [B] broadcast over the loss mask -> [B, L]. Every group must hold

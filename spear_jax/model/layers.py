@@ -105,11 +105,6 @@ class LowRankAdapter(nnx.Module):
         low = jnp.tensordot(x.astype(dtype), self.a[...].astype(dtype), axes=self.num_in)
         return jnp.tensordot(low, self.b[...].astype(dtype), axes=1) * jnp.asarray(self.scale, dtype)
 
-    def delta_weight(self) -> jax.Array:
-        """s A . B [*in, *out] in float32: what merging adds to W."""
-        a, b = self.a[...].astype(jnp.float32), self.b[...].astype(jnp.float32)
-        return self.scale * jnp.tensordot(a, b, axes=1)
-
 
 def _adapters(module: nnx.Module, cfg: ModelConfig, shapes: dict, rngs: nnx.Rngs) -> None:
     """Sets ``module.<target>_lora`` for each adapted target; ``shapes`` maps a target to

@@ -196,3 +196,19 @@ def test_external_schedule_clock_uses_the_rate_it_is_given():
     assert steps.max() == pytest.approx(4e-3, rel=1e-3)
     with pytest.raises(TypeError, match="schedule_clock='external'"):
         train_step.set_learning_rate(train_step.make_optimizer(train_step.OptimizerConfig()).init(fresh), 1e-3)
+
+
+def test_logprobs_only_pass_equals_the_stats_pass_and_drops_the_entropy():
+    """The reference policy's pass (``entropy=False``) gives the same log-probs as the full
+    statistics pass, and its compiled program computes no entropy output."""
+    rows = _rows()
+    graphdef, params = _model()
+    tokens, valid = jnp.asarray(rows["tokens"]), jnp.asarray(rows["valid"])
+    stats = train_step.make_token_stats_fn(graphdef, 1.0, 8)
+    logprobs_only = train_step.make_token_stats_fn(graphdef, 1.0, 8, entropy=False)
+    logp, entropy = stats(params, tokens, valid)
+    only = logprobs_only(params, tokens, valid)
+    np.testing.assert_array_equal(np.asarray(only), np.asarray(logp))
+    assert entropy.shape == only.shape
+    outputs = jax.eval_shape(logprobs_only, params, tokens, valid)
+    assert isinstance(outputs, jax.ShapeDtypeStruct)  # one output: the log-probs
