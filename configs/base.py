@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.env.history_length = 2  # (observation, action) pairs in step-row prompts
     c.env.prompt_template = "verl_agent"  # step-row prompt: verl_agent (reference) | compact
     c.env.row_layout = "step"  # step (one row per env step) | trajectory (one row per episode)
+    c.env.domain = "agent"  # agent (ReAct actions) | math (answers and code-tool calls)
 
     # --- data: tasks x group ----------------------------------------------------------------
     c.data = ml_collections.ConfigDict()

@@ -73,6 +73,7 @@ def _math_small(c: ml_collections.ConfigDict) -> None:
     c.env.name = "math"
     c.env.kwargs = ml_collections.ConfigDict({"source": "reasoning_gym:basic_arithmetic", "size": 2000})
     c.env.row_layout = "trajectory"
+    c.env.domain = "math"
     c.env.max_steps = 2  # assistant turns per episode
     c.actor.entropy_coeff = 0.0
     c.algorithm.use_invalid_action_penalty = False
@@ -136,6 +137,7 @@ def _math_paper(c: ml_collections.ConfigDict, *, qwen3: bool) -> None:
     c.env.name = "math"
     c.env.kwargs = ml_collections.ConfigDict({"source": "jsonl", "path": "", "eval_source": "aime2024"})
     c.env.row_layout = "trajectory"
+    c.env.domain = "math"
     c.env.max_steps = 8  # assistant turns per episode (8 assistant and 8 tool turns)
     c.data.train_tasks_per_step = 128
     c.data.group_size = 16

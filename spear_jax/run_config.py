@@ -52,6 +52,7 @@ from spear_jax.objectives import (
 from spear_jax.objectives.aggregation import AGGREGATION_MODES
 from spear_jax.objectives.regularizers import KL_PENALTIES
 from spear_jax.replay import ReplayConfig
+from spear_jax.rollout import DOMAINS
 from spear_jax.tracking import WANDB_MODES, check_backends
 from spear_jax.train_step import OptimizerConfig, UpdateConfig
 
@@ -157,6 +158,8 @@ RULES: tuple[Rule, ...] = (
     Rule("env.history_length", _at_least(0), "0 shows no past (observation, action) pairs"),
     Rule("env.prompt_template", _one_of(PROMPT_TEMPLATES)),
     Rule("env.row_layout", _one_of(ROW_LAYOUTS)),
+    Rule("env.domain", _one_of(DOMAINS), "agent for ALFWorld / WebShop / TextWorldExpress, math for the "
+         "code-interpreter tasks"),
     Rule("data.train_tasks_per_step", _at_least(1)),
     Rule("data.group_size", _at_least(2), "group advantages need >= 2 samples per task (a singleton "
          "group's advantage is its raw score)"),

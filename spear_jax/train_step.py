@@ -130,6 +130,12 @@ def set_learning_rate(opt_state, lr: float):
     return clip_state, adamw_state._replace(hyperparams={**adamw_state.hyperparams, "learning_rate": rate})
 
 
+def batch_keys(config: UpdateConfig, replay: bool) -> tuple[str, ...]:
+    """The batch arrays the update reads: ``MINIBATCH_KEYS``, plus ``ref_logprobs`` for an
+    on-policy update whose objective has a KL term."""
+    return MINIBATCH_KEYS + ((REFERENCE_KEY,) if not replay and config.objective.kl_coef else ())
+
+
 def check_minibatch(minibatch: dict[str, jax.Array]) -> tuple[int, int, int]:
     """Validates keys and shapes; returns (n_micro, micro_bs, L)."""
     missing = [k for k in MINIBATCH_KEYS if k not in minibatch]

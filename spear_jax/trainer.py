@@ -54,10 +54,6 @@ from spear_jax.sampling import Sampler, SamplingParams
 _REPLAY_CARRIED = ("tokens", "valid", "loss_mask", "old_logprobs")
 
 
-def _domain(c: ml_collections.ConfigDict) -> str:
-    return "math" if c.env.row_layout == "trajectory" else "agent"
-
-
 class Trainer:
     """Builds every component from a validated run config and runs the loop."""
 
@@ -122,7 +118,7 @@ class Trainer:
             weight_dtype=None if c.rollout.weight_dtype == "param" else jnp.dtype(c.rollout.weight_dtype),
             mesh=self.mesh)
         trajectory = c.env.row_layout == "trajectory"
-        rollout = dict(layout=c.env.row_layout, domain=_domain(c), history_length=c.env.history_length,
+        rollout = dict(layout=c.env.row_layout, domain=c.env.domain, history_length=c.env.history_length,
                        prompt_template=c.env.prompt_template,
                        max_response_length=c.rollout.max_response_length,
                        max_prompt_length=None if trajectory else c.rollout.max_prompt_length,
@@ -276,7 +272,7 @@ class Trainer:
             raise RuntimeError(f"step {step}: the rollout produced no rows (every episode failed?)")
         scores, kappa = rewards.shaped_scores(rows, step, recipe=a.toolcall_reward_recipe,
                                               mode=a.use_toolcall_reward, max_toolcall_steps=a.max_toolcall_steps)
-        flags = rewards.quality_flags(rows, c.rollout.max_response_length, _domain(c))
+        flags = rewards.quality_flags(rows, c.rollout.max_response_length, c.env.domain)
         enabled = [name for name in ("overlong", "incomplete", "repetitive", "unreadable")
                    if a[f"filter_{name}_responses"]]
         metrics = {"reward/toolcall_factor": kappa, "reward/shaped_mean": float(scores.mean())}
@@ -414,9 +410,7 @@ class Trainer:
         replay = replay_rows is not None
         update = self._update_replay if replay else self._update
         prefix = "sil/" if replay else "actor/"
-        keys = train_step.MINIBATCH_KEYS
-        if not replay and train_step.REFERENCE_KEY in batch and self.update_config.objective.kl_coef:
-            keys += (train_step.REFERENCE_KEY,)
+        keys = train_step.batch_keys(self.update_config, replay)
         shuffle_rng = self._rng(6 + replay, step)
         sums: dict[str, float] = {}
         count = 0

@@ -125,6 +125,14 @@ def test_gigpo_needs_step_rows():
         run_config.validate(c, num_devices=8)
 
 
+def test_domain_is_declared_not_inferred():
+    assert _config("grpo", "math_tiny").env.domain == "math" and _config().env.domain == "agent"
+    c = _config()
+    c.env.domain = "robot"
+    with pytest.raises(ConfigError, match="env.domain"):
+        run_config.validate(c, num_devices=8)
+
+
 def test_mesh_resolution():
     c = _config()
     assert run_config.mesh_shape(c, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
