@@ -331,7 +331,7 @@ def _check_inputs(envs: Sequence[Env], task_ids: Sequence[Any], config: RolloutC
     for i, env in enumerate(envs):
         domain = declared_domain(type(env))
         if domain != config.domain:
-            raise ValueError(f"envs[{i}] ({type(env).__name__}) is a {domain!r} environment; the "
+            raise ValueError(f"envs[{i}] ({type(env).__name__}) declares domain = {domain!r}; the "
                              f"batch's RolloutConfig.domain is {config.domain!r}")
         if config.layout == "step" and not isinstance(env, AgentEnv):
             raise TypeError(f"envs[{i}] ({type(env).__name__}) is not an environments.base.AgentEnv: "
