@@ -1,4 +1,4 @@
-"""The one protocol every text environment implements.
+"""The contract every text environment implements (protocols, step results, task choice).
 
 An environment is driven by the host rollout loop: ``reset`` starts an episode on a task (picked by
 ``task_id`` or drawn from ``seed``), ``step`` takes the model's raw response text for this turn,
