@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from environments.base import HasGoldActions
 from environments.registry import env_names, make_env
 
 # Variants measured per domain when --env-kwargs does not name the domain: label -> kwargs.
@@ -73,7 +74,7 @@ def play(env, policy: str, episodes: int, rng: np.random.Generator) -> Timings |
         t0 = time.perf_counter()
         obs = env.reset(seed=int(rng.integers(2**31)))
         timings.reset_seconds.append(time.perf_counter() - t0)
-        if policy == "gold" and not hasattr(env, "gold_actions"):
+        if policy == "gold" and not isinstance(env, HasGoldActions):
             return None
         if policy == "random" and obs.admissible_actions is None:
             return None

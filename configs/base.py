@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import ml_collections
 
-# Presets: environment x model combinations selectable with ``--config=configs/X.py:PRESET``.
-PRESETS = (
-    "twx_tiny",  # the embedded default: tiny model on TextWorldExpress (CPU, minutes)
-    "math_tiny",  # tiny model, procedural arithmetic with the code interpreter
-    "twx_smollm2",  # SmolLM2-135M-Instruct (real weights, GGUF) on TextWorldExpress
-    "math_smollm2",  # SmolLM2-135M-Instruct on procedural math with the code interpreter
-    "alfworld_qwen2.5_1.5b",  # paper setting: ALFWorld, Qwen2.5-1.5B-Instruct
-    "webshop_qwen2.5_1.5b",  # paper setting: WebShop, Qwen2.5-1.5B-Instruct
-    "aime_qwen2.5_32b",  # paper setting: DAPO-Math + code interpreter, Qwen2.5-32B-Instruct
-    "aime_qwen3_32b",  # paper setting: DAPO-Math + code interpreter, Qwen3-32B
-)
+from configs.presets import PRESETS as PRESET_TABLE
+
+# Presets: environment x model combinations selectable with ``--config=configs/X.py:PRESET``
+# (their names and settings: the table ``configs.presets.PRESETS``).
+PRESETS = tuple(PRESET_TABLE)
 DEFAULT_PRESET = "twx_tiny"
 
 

@@ -1,15 +1,19 @@
 """Environment x model presets, applied on top of an algorithm config.
 
-``apply_preset(config, name)`` overwrites the fields that describe the task domain, the model
-and the scale of the run. The paper settings carry the batch sizes, lengths, learning rate and
-schedules of the reference launch scripts; they run when the user supplies the weights (a
-Hugging Face directory in ``model.checkpoint_path``) and, for math, the training data.
+``PRESETS`` is the table of them: a preset's name maps to the edits it applies, in order (like
+``configs.algorithms.BASES``); ``apply_preset(config, name)`` runs them. They overwrite the
+fields that describe the task domain, the model and the scale of the run. The paper settings
+carry the batch sizes, lengths, learning rate and schedules of the reference launch scripts;
+they run when the user supplies the weights (a Hugging Face directory in
+``model.checkpoint_path``) and, for math, the training data. A new preset is one entry of the
+table (and its settings functions).
 """
 from __future__ import annotations
 
-import ml_collections
+import functools
+from typing import Callable
 
-from configs.base import PRESETS
+import ml_collections
 
 
 def _tiny_scale(c: ml_collections.ConfigDict) -> None:
@@ -86,8 +90,9 @@ def _math_small(c: ml_collections.ConfigDict) -> None:
     c.sft.enable = False
 
 
-def _agent_paper(c: ml_collections.ConfigDict, *, env_name: str) -> None:
-    """ALFWorld / WebShop with Qwen2.5-1.5B-Instruct (verl-agent scripts, spec 4.1-4.3)."""
+def _agent_paper(c: ml_collections.ConfigDict) -> None:
+    """ALFWorld / WebShop with Qwen2.5-1.5B-Instruct (verl-agent scripts, spec 4.1-4.3): the
+    settings both share (``_alfworld_paper`` / ``_webshop_paper`` follow)."""
     c.model.preset = "qwen2.5-1.5b"
     c.model.checkpoint_format = "hf"
     c.model.compute_dtype = "bfloat16"
@@ -103,30 +108,34 @@ def _agent_paper(c: ml_collections.ConfigDict, *, env_name: str) -> None:
     c.trainer.eval_every = 5
     c.env.row_layout = "step"
     c.env.history_length = 2
-    if env_name == "alfworld":
-        c.env.name = "alfworld"
-        c.data.eval_split = "valid_unseen"  # verl-agent's evaluation games (out of distribution)
-        c.env.max_steps = 50
-        c.rollout.max_prompt_length = 2048
-        c.trainer.length_buckets = (1024, 1536, 2048, 2560)
-        c.actor.ppo_mini_batch_size = 1024
-        c.actor.ppo_micro_batch_size = 16  # global: the reference's 8 per GPU x 2 GPUs
-        c.trainer.total_steps = 200
-        c.replay.max_loss_steps = 100
-    else:
-        c.env.name = "webshop"
-        # data_dir empty: the generated offline catalogue; else WebShop's data/ folder (its
-        # product_set "1000" or "all" files, items_human_ins.json with human_goals); shop_seed
-        # draws the goals' prices (and generates the offline pages). docs/webshop.md.
-        c.env.kwargs = ml_collections.ConfigDict({"data_dir": "", "product_set": "1000",
-                                                  "human_goals": False, "shop_seed": 0})
-        c.env.max_steps = 15
-        c.rollout.max_prompt_length = 4096
-        c.trainer.length_buckets = (1024, 2048, 3072, 4608)
-        c.actor.ppo_mini_batch_size = 256
-        c.actor.ppo_micro_batch_size = 8  # global: the reference's 4 per GPU x 2 GPUs
-        c.trainer.total_steps = 350
-        c.replay.max_loss_steps = 200
+
+
+def _alfworld_paper(c: ml_collections.ConfigDict) -> None:
+    c.env.name = "alfworld"
+    c.data.eval_split = "valid_unseen"  # verl-agent's evaluation games (out of distribution)
+    c.env.max_steps = 50
+    c.rollout.max_prompt_length = 2048
+    c.trainer.length_buckets = (1024, 1536, 2048, 2560)
+    c.actor.ppo_mini_batch_size = 1024
+    c.actor.ppo_micro_batch_size = 16  # global: the reference's 8 per GPU x 2 GPUs
+    c.trainer.total_steps = 200
+    c.replay.max_loss_steps = 100
+
+
+def _webshop_paper(c: ml_collections.ConfigDict) -> None:
+    c.env.name = "webshop"
+    # data_dir empty: the generated offline catalogue; else WebShop's data/ folder (its
+    # product_set "1000" or "all" files, items_human_ins.json with human_goals); shop_seed
+    # draws the goals' prices (and generates the offline pages). docs/webshop.md.
+    c.env.kwargs = ml_collections.ConfigDict({"data_dir": "", "product_set": "1000",
+                                              "human_goals": False, "shop_seed": 0})
+    c.env.max_steps = 15
+    c.rollout.max_prompt_length = 4096
+    c.trainer.length_buckets = (1024, 2048, 3072, 4608)
+    c.actor.ppo_mini_batch_size = 256
+    c.actor.ppo_micro_batch_size = 8  # global: the reference's 4 per GPU x 2 GPUs
+    c.trainer.total_steps = 350
+    c.replay.max_loss_steps = 200
 
 
 def _math_paper(c: ml_collections.ConfigDict, *, qwen3: bool) -> None:
@@ -166,25 +175,34 @@ def _math_paper(c: ml_collections.ConfigDict, *, qwen3: bool) -> None:
     c.trainer.length_buckets = (2048, 4096, 8192, 12288, 18432)
 
 
+Edit = Callable[[ml_collections.ConfigDict], None]
+
+# Preset name -> its edits, applied in order. Selectable with ``--config=configs/X.py:PRESET``.
+PRESETS: dict[str, tuple[Edit, ...]] = {
+    # the embedded default: tiny model on TextWorldExpress (CPU, minutes)
+    "twx_tiny": (_twx, _tiny_scale),
+    # tiny model, procedural arithmetic with the code interpreter
+    "math_tiny": (_math_small, _tiny_scale),
+    # SmolLM2-135M-Instruct (real weights, GGUF) on TextWorldExpress
+    "twx_smollm2": (_twx, _tiny_scale, _smollm2),
+    # SmolLM2-135M-Instruct on procedural math with the code interpreter
+    "math_smollm2": (_math_small, _tiny_scale, _smollm2),
+    # paper setting: ALFWorld, Qwen2.5-1.5B-Instruct
+    "alfworld_qwen2.5_1.5b": (_agent_paper, _alfworld_paper),
+    # paper setting: WebShop, Qwen2.5-1.5B-Instruct
+    "webshop_qwen2.5_1.5b": (_agent_paper, _webshop_paper),
+    # paper setting: DAPO-Math + code interpreter, Qwen2.5-32B-Instruct
+    "aime_qwen2.5_32b": (functools.partial(_math_paper, qwen3=False),),
+    # paper setting: DAPO-Math + code interpreter, Qwen3-32B
+    "aime_qwen3_32b": (functools.partial(_math_paper, qwen3=True),),
+}
+
+
 def apply_preset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-    """Applies preset ``name`` (one of ``configs.base.PRESETS``) to ``config`` in place."""
+    """Applies preset ``name`` (a key of ``PRESETS``) to ``config`` in place."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     config.preset = name
-    if name == "twx_tiny":
-        _twx(config), _tiny_scale(config)
-    elif name == "math_tiny":
-        _math_small(config), _tiny_scale(config)
-    elif name == "twx_smollm2":
-        _twx(config), _tiny_scale(config), _smollm2(config)
-    elif name == "math_smollm2":
-        _math_small(config), _tiny_scale(config), _smollm2(config)
-    elif name == "alfworld_qwen2.5_1.5b":
-        _agent_paper(config, env_name="alfworld")
-    elif name == "webshop_qwen2.5_1.5b":
-        _agent_paper(config, env_name="webshop")
-    elif name == "aime_qwen2.5_32b":
-        _math_paper(config, qwen3=False)
-    elif name == "aime_qwen3_32b":
-        _math_paper(config, qwen3=True)
+    for edit in PRESETS[name]:
+        edit(config)
     return config

@@ -17,7 +17,7 @@ Episode semantics (the paper's setting):
 * done = won, or ``max_steps`` (default 50) steps taken (``info["truncated"]``);
 * admissible actions exclude "help"; the projected action is executed even when the response was
   malformed (ALFWorld answers "Nothing happens."), ``action_valid`` records the malformation;
-* ``info["task_type"]`` is one of the six ALFWorld task types; ``success_by_task_type`` turns
+* ``StepResult.task_type`` is one of the six ALFWorld task types; ``success_by_task_type`` turns
   finished episodes into the per-type success rates of the paper's tables.
 
 A reset loads and compiles the game (0.4-1 s on an idle CPU core); a step takes 40-80 ms
@@ -103,6 +103,7 @@ class ALFWorldEnv(IndexedTasks):
     """
 
     name = "alfworld"
+    domain = "agent"
     prompt_style = PROMPT_STYLE
 
     def __init__(
@@ -173,7 +174,6 @@ class ALFWorldEnv(IndexedTasks):
             "split": self.split,
             "task_id": episode["task_id"],
             "game": game.name,
-            "task_type": game.task_type,
             "action": action,
             "steps": episode["steps"],
             "truncated": truncated,
@@ -186,6 +186,7 @@ class ALFWorldEnv(IndexedTasks):
             won=won,
             action_valid=action_valid,
             info=info,
+            task_type=game.task_type,
         )
 
     def gold_actions(self) -> tuple[str, ...]:

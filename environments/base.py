@@ -1,18 +1,40 @@
-"""The one protocol every text environment implements.
+"""The contract every text environment implements (protocols, step results, task choice).
 
 An environment is driven by the host rollout loop: ``reset`` starts an episode on a task (picked by
 ``task_id`` or drawn from ``seed``), ``step`` takes the model's raw response text for this turn,
 parses it into an action (see ``environments.react``), executes it and reports what happened.
 Model text is untrusted: ``step`` never raises on malformed text; it returns
 ``action_valid=False`` and an observation that tells the model what went wrong.
+
+The contract, in three protocols (checked with ``isinstance``, never by probing attributes):
+
+* ``Env``: every environment. ``name`` (its task type unless a step reports one), ``domain``
+  (``"agent"``: ReAct actions, the rollout judges completeness from the response text;
+  ``"math"``: answers and code-tool calls, the environment judges it), ``max_steps`` and the
+  episode methods. ``domain`` is a class attribute, so a run config can be checked against the
+  environment class before anything is built.
+* ``AgentEnv``: an ``Env`` whose step prompts the rollout renders (step rows): it adds
+  ``prompt_style``, the ``environments.prompts.AgentPromptStyle`` of its prompts.
+* ``HasGoldActions``: an environment that knows a winning action sequence for the current
+  episode (``gold_actions()``); the supervised warm start (``config.sft.source="gold"``) needs it.
+
+What the rollout reads from a step travels in typed ``StepResult`` fields (``num_tool_calls``,
+``incomplete``, ``task_type``); ``info`` holds the domain's own extras, which the rollout copies
+onto the row without reading them.
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:  # prompts imports this module
+    from environments.prompts import AgentPromptStyle
+
+# What an environment's ``domain`` may be (module docstring).
+DOMAINS = ("agent", "math")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +65,16 @@ class StepResult:
       won: the episode ended in success (only meaningful when done).
       action_valid: the model's text parsed into a well-formed action (the invalid-action flag
         of the reference is ``not action_valid``).
-      info: domain extras (e.g. ``task_type``, ``task_score``, ``tool_calls``, ``error``).
+      info: the domain's own extras, for logs and analysis (e.g. ``task_score``, ``error``);
+        nothing in training reads them.
+      num_tool_calls: well-formed tool calls made so far in the episode (math: code-interpreter
+        calls; 0 for environments without tools). The math reward's tool-call bonus reads the
+        last step's count.
+      incomplete: math: the environment's verdict that the final answer is missing (no
+        extractable boxed answer); Dr.BoT masks such responses. Agent environments leave it
+        False: the rollout judges their responses from the text (``environments.react``).
+      task_type: the kind of task this episode plays (ALFWorld: one of its six task types), for
+        per-type success rates; None = the environment's ``name``.
     """
 
     observation: Observation
@@ -52,13 +83,23 @@ class StepResult:
     won: bool
     action_valid: bool
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    num_tool_calls: int = 0
+    incomplete: bool = False
+    task_type: str | None = None
 
 
 @runtime_checkable
 class Env(Protocol):
-    """A text environment: reset to a task, then step with model text until done."""
+    """A text environment: reset to a task, then step with model text until done.
+
+    Attributes:
+      name: the registry name (and the task type of steps that report none).
+      domain: ``"agent"`` or ``"math"`` (module docstring), a class attribute.
+      max_steps: step limit per episode.
+    """
 
     name: str
+    domain: ClassVar[str]
     max_steps: int
 
     @property
@@ -79,6 +120,36 @@ class Env(Protocol):
     def close(self) -> None:
         """Releases external resources (JVMs, subprocesses, sandboxes)."""
         ...
+
+
+@runtime_checkable
+class AgentEnv(Env, Protocol):
+    """An environment whose step-row prompts the rollout renders with
+    ``environments.prompts.render_agent_prompt``."""
+
+    prompt_style: AgentPromptStyle
+
+
+@runtime_checkable
+class HasGoldActions(Protocol):
+    """An environment that knows a winning action sequence for its current episode."""
+
+    def gold_actions(self) -> tuple[str, ...]:
+        """The actions (projected action strings, e.g. ``"open door"``) that solve the episode
+        started by the last ``reset``, from its start."""
+        ...
+
+
+def declared_domain(env_type: type) -> str:
+    """The ``domain`` class attribute of an environment class, one of ``DOMAINS``.
+
+    Raises ``TypeError`` naming the class when it declares none or another value.
+    """
+    domain = getattr(env_type, "domain", None)
+    if domain not in DOMAINS:
+        raise TypeError(f"environment class {env_type.__name__} must declare its domain as a class "
+                        f"attribute, domain = one of {DOMAINS} (got {domain!r}); see docs/environments.md")
+    return domain
 
 
 class IndexedTasks(abc.ABC):

@@ -14,11 +14,12 @@ Each ``step`` takes one assistant turn (see ``environments.tool_calls``):
 
 After ``max_turns`` assistant turns (reference 8) the episode ends whatever the last turn was:
 a call made on the last turn is counted but not run (its output could never be read), and the
-turn is graded as the final response (normally -1, ``incomplete``). ``info`` carries
-``num_tool_calls``, ``num_invalid_calls``, ``turns``, ``incomplete`` (no extractable boxed answer;
-per spec 5.14 *every* such response is flagged, tool use or not), ``correct``, ``acc``
-(= float(correct)), ``score``, ``extracted_answer``, ``grader_error``, ``turns_exhausted`` and, after a call,
-``tool_status``. The intrinsic tool-call bonus is the trainer's job (from ``num_tool_calls``).
+turn is graded as the final response (normally -1, ``incomplete``). The ``StepResult`` carries
+``num_tool_calls`` (calls so far in the episode) and ``incomplete`` (no extractable boxed answer;
+per spec 5.14 *every* such response is flagged, tool use or not); ``info`` carries
+``num_invalid_calls``, ``turns``, ``correct``, ``acc`` (= float(correct)), ``score``,
+``extracted_answer``, ``grader_error``, ``turns_exhausted`` and, after a call, ``tool_status``.
+The intrinsic tool-call bonus is the trainer's job (from ``num_tool_calls``).
 
 The first observation is the problem with the reference's instruction appended:
 ``The answer format must be: \\boxed{'The final answer goes here.'}``.
@@ -120,6 +121,7 @@ class MathToolEnv(IndexedTasks):
     """
 
     name = "math_tool"
+    domain = "math"
 
     def __init__(self, problems: Sequence[MathProblem], sandbox: Sandbox,
                  config: MathEnvConfig = MathEnvConfig(), grader: Grader | None = None,
@@ -179,24 +181,22 @@ class MathToolEnv(IndexedTasks):
             return self._continue(text, parsed.valid, info)
         return self._finish(response_text, parsed.valid, last_turn and parsed.attempted_call, info)
 
-    def _counts(self) -> dict:
-        return {"num_tool_calls": self._tool_calls, "num_invalid_calls": self._invalid_calls}
-
     def _continue(self, text: str, valid: bool, info: dict) -> StepResult:
         obs = Observation(text=text, task=self._observation.task)
-        info.update(self._counts(), incomplete=False, correct=False, acc=0.0)
-        return StepResult(obs, reward=0.0, done=False, won=False, action_valid=valid, info=info)
+        info.update(num_invalid_calls=self._invalid_calls, correct=False, acc=0.0)
+        return StepResult(obs, reward=0.0, done=False, won=False, action_valid=valid, info=info,
+                          num_tool_calls=self._tool_calls)
 
     def _finish(self, response: str, valid: bool, turns_exhausted: bool, info: dict) -> StepResult:
         grade = self.grader(response, self._problem)
         self._done = True
-        info.update(self._counts(), incomplete=grade.incomplete, correct=grade.correct,
+        info.update(num_invalid_calls=self._invalid_calls, correct=grade.correct,
                     acc=float(grade.correct), extracted_answer=grade.extracted,
                     grader_error=grade.grader_error, turns_exhausted=turns_exhausted,
                     score=grade.score)
         obs = Observation(text="", task=self._observation.task)
-        return StepResult(obs, reward=grade.score, done=True, won=grade.correct,
-                          action_valid=valid, info=info)
+        return StepResult(obs, reward=grade.score, done=True, won=grade.correct, action_valid=valid,
+                          info=info, num_tool_calls=self._tool_calls, incomplete=grade.incomplete)
 
     def close(self) -> None:
         """The sandbox is shared and owned by the caller; nothing else to release."""

@@ -203,6 +203,7 @@ class TextWorldExpressEnv(IndexedTasks):
     """
 
     name = "textworld_express"
+    domain = "agent"
 
     def __init__(
         self,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spear_jax import curriculum
-from spear_jax.filters import QualityFlags, response_quality_flags
+from spear_jax.filters import QualityFlags, repetitive_flags, unreadable_flags
 from spear_jax.objectives import kl_penalty
 from spear_jax.rollout import Row
 
@@ -47,16 +47,20 @@ def shaped_scores(rows: Sequence[Row], step: int, *, recipe: str, mode: str,
     return np.asarray(scores, np.float32).reshape(len(rows)), kappa
 
 
-def quality_flags(rows: Sequence[Row], max_response_length: int, domain: str) -> QualityFlags:
-    """Dr.BoT's overlong / incomplete / repetitive / unreadable flags of each row's response."""
+def quality_flags(rows: Sequence[Row]) -> QualityFlags:
+    """Dr.BoT's four flags of each row's response: overlong and incomplete as the rollout set
+    them (``Row.overlong``, ``Row.incomplete``: each flag is computed once, where the row is
+    made), repetitive and unreadable from the response ids and text."""
     lengths = np.array([row.response_length for row in rows], np.int64)
     width = max(int(lengths.max(initial=0)), 1)
     ids = np.zeros((len(rows), width), np.int64)
     for i, row in enumerate(rows):
         ids[i, : len(row.response_ids)] = row.response_ids
-    incomplete = np.array([row.incomplete for row in rows], bool) if domain == "math" else None
-    return response_quality_flags(
-        ids, lengths, [row.response_text for row in rows], max_response_length, incomplete=incomplete
+    return QualityFlags(
+        incomplete=np.array([row.incomplete for row in rows], bool),
+        overlong=np.array([row.overlong for row in rows], bool),
+        repetitive=repetitive_flags(ids, lengths),
+        unreadable=unreadable_flags([row.response_text for row in rows]),
     )
 
 

@@ -15,7 +15,7 @@ Two row layouts (``RolloutConfig.layout``):
   (observation, projected action) pairs, current observation, admissible actions; template
   ``prompt_template``), wrapped by the chat template with the assistant generation prompt; the
   response is the generated ids. The environment supplies its ``prompt_style`` (an
-  ``AgentPromptStyle``). ``render_step_prompt`` is the one place that renders and fits these
+  ``AgentPromptStyle``: step rows need ``environments.base.AgentEnv`` environments). ``render_step_prompt`` is the one place that renders and fits these
   prompts (the supervised warm start uses it too).
 * ``"trajectory"`` (ReTool-style math): one row per episode on a persistent KV-cache session.
   The first call appends the chat-rendered prompt (optional system message + the first
@@ -40,7 +40,10 @@ rewards) and length, action validity, number of tool calls, anchor observation t
 batch-consistent integer id (first-appearance order, so equal texts get equal ids), response
 length and overlong flag (``response_length >= max_response_length``), incompleteness (agent:
 no ``<action>...</action>`` after the last ``</think>``; math: the environment's
-``info["incomplete"]``), decoded response text, won flag, task type and the last step's info.
+``StepResult.incomplete``), decoded response text, won flag, task type and the last step's info.
+What the engine reads from an environment step travels in ``StepResult``'s typed fields
+(``num_tool_calls``, ``incomplete``, ``task_type``); its ``info`` is copied onto the row unread.
+Every environment must declare the batch's domain (``RolloutConfig.domain``).
 
 The engine is written against two narrow protocols: ``ChatTokenizer`` and ``TurnSampler``
 (satisfied by ``spear_jax.sampling.Sampler``).
@@ -54,12 +57,11 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import jax
 import numpy as np
 
-from environments.base import Env, Observation, StepResult
+from environments.base import DOMAINS, AgentEnv, Env, Observation, StepResult, declared_domain
 from environments.prompts import DEFAULT_HISTORY_LENGTH, TEMPLATES, AgentPromptStyle, render_agent_prompt
 from environments.react import has_action_after_last_think, parse_react_action
 
 LAYOUTS = ("step", "trajectory")
-DOMAINS = ("agent", "math")
 
 
 class ChatTokenizer(Protocol):
@@ -305,17 +307,17 @@ def anchor_ids(anchors: Sequence[str]) -> np.ndarray:
     return np.asarray([table.setdefault(a, len(table)) for a in anchors], dtype=np.int64)
 
 
-def is_incomplete(domain: str, response_text: str, info: Mapping[str, Any]) -> bool:
+def is_incomplete(domain: str, response_text: str, result: StepResult) -> bool:
     """Dr.BoT's incompleteness: agent = no action after the last ``</think>``; math = the env's
-    verdict on the final answer (``info["incomplete"]``)."""
+    verdict on the final answer (``result.incomplete``)."""
     if domain == "agent":
         return not has_action_after_last_think(response_text)
-    return bool(info.get("incomplete", False))
+    return bool(result.incomplete)
 
 
-def task_type_of(env: Env, info: Mapping[str, Any]) -> str:
-    """The domain's task type when its info reports one (ALFWorld), else the env's name."""
-    return str(info["task_type"]) if "task_type" in info else env.name
+def task_type_of(env: Env, result: StepResult) -> str:
+    """The task type the step reports (ALFWorld), else the env's name."""
+    return env.name if result.task_type is None else str(result.task_type)
 
 
 def _check_inputs(envs: Sequence[Env], task_ids: Sequence[Any], config: RolloutConfig) -> None:
@@ -326,11 +328,15 @@ def _check_inputs(envs: Sequence[Env], task_ids: Sequence[Any], config: RolloutC
             f"envs has {len(envs)} environments; expected len(task_ids) x group_size = "
             f"{len(task_ids)} x {config.group_size} = {len(task_ids) * config.group_size}"
         )
-    if config.layout == "step":
-        for i, env in enumerate(envs):
-            if not hasattr(env, "prompt_style"):
-                raise TypeError(f"envs[{i}] ({type(env).__name__}) has no prompt_style; step rows "
-                                "render prompts with environments.prompts (AgentPromptStyle)")
+    for i, env in enumerate(envs):
+        domain = declared_domain(type(env))
+        if domain != config.domain:
+            raise ValueError(f"envs[{i}] ({type(env).__name__}) declares domain = {domain!r}; the "
+                             f"batch's RolloutConfig.domain is {config.domain!r}")
+        if config.layout == "step" and not isinstance(env, AgentEnv):
+            raise TypeError(f"envs[{i}] ({type(env).__name__}) is not an environments.base.AgentEnv: "
+                            "step rows render prompts with its prompt_style (an AgentPromptStyle), "
+                            "besides the Env members (name, domain, max_steps, task_ids, reset, step, close)")
 
 
 def _error_text(error: BaseException) -> str:
@@ -492,14 +498,14 @@ class RolloutEngine:
                     step_index=len(state.rewards),
                     reward=float(result.reward),
                     action_valid=bool(result.action_valid),
-                    num_tool_calls=int(result.info.get("num_tool_calls", 0)),
+                    num_tool_calls=int(result.num_tool_calls),
                     anchor_obs=state.observation.text,
                     response_text=text,
                     finish_reason=generation.finish_reason,
                     overlong=tokens.shape[0] >= max_response,
-                    incomplete=is_incomplete(config.domain, text, result.info),
+                    incomplete=is_incomplete(config.domain, text, result),
                     task_id=episode.task_id,
-                    task_type=task_type_of(env, result.info),
+                    task_type=task_type_of(env, result),
                     info=dict(result.info),
                 ))
                 state.history.append((state.observation.text, parse_react_action(text).action))
@@ -617,7 +623,6 @@ class RolloutEngine:
         response = np.concatenate([p[0] for p in state.pieces])
         prompt = np.asarray(state.prompt_ids, dtype=np.int32)
         max_response = config.max_response_length or (config.max_sequence_length - prompt.shape[0])
-        info = dict(last.info)
         return Row(
             prompt_ids=prompt,
             response_ids=response,
@@ -628,16 +633,16 @@ class RolloutEngine:
             step_index=0,
             reward=float(sum(state.rewards)),
             action_valid=state.invalid_turns == 0,
-            num_tool_calls=int(info.get("num_tool_calls", 0)),
+            num_tool_calls=int(last.num_tool_calls),
             anchor_obs=state.anchor,
             response_text="".join(state.texts),
             finish_reason=finish_reason,
             overlong=response.shape[0] >= max_response,
-            incomplete=is_incomplete(config.domain, state.texts[-1], info),
+            incomplete=is_incomplete(config.domain, state.texts[-1], last),
             task_id=episode.task_id,
-            task_type=task_type_of(env, info),
+            task_type=task_type_of(env, last),
             num_turns=len(state.texts),
-            info=info,
+            info=dict(last.info),
         )
 
     # -- metrics --------------------------------------------------------------------------------

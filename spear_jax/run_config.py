@@ -25,15 +25,15 @@ import math
 import numbers
 import os
 import re
-import typing
 from typing import Any
 
 import jax
 import ml_collections
 
 from configs.base import PRESETS as RUN_PRESETS
+from environments.base import HasGoldActions
 from environments.prompts import TEMPLATES as PROMPT_TEMPLATES
-from environments.registry import env_class, env_names, split_names
+from environments.registry import env_class, env_names, env_type, split_names
 from spear_jax.sft_data import SOURCES as SFT_SOURCES
 from spear_jax.curriculum import TOOLCALL_REWARD_MODES
 from spear_jax.init_from import InitFromError, resolve_init_from
@@ -114,6 +114,17 @@ class OneOf:
         return f"one of {', '.join(repr(v) for v in self.choices)}"
 
 
+class RegisteredEnvironments:
+    """The environment names registered when a config is checked (``register_env`` may add
+    names after this module is imported)."""
+
+    def __contains__(self, value: Any) -> bool:
+        return value in env_names()
+
+    def describe(self) -> str:
+        return OneOf(env_names()).describe()
+
+
 def _at_least(low: float) -> Interval:
     return Interval(low=low)
 
@@ -132,7 +143,7 @@ class Rule:
     """Field ``path`` (under ``config.``) must lie in ``allowed``; ``fix`` says what to set."""
 
     path: str
-    allowed: Interval | OneOf
+    allowed: Interval | OneOf | RegisteredEnvironments
     fix: str = ""
 
 
@@ -153,7 +164,7 @@ RULES: tuple[Rule, ...] = (
     Rule("model.logprob_chunk_size", _at_least(1), "512 tokens per chunk is the default"),
     Rule("model.lora.rank", _at_least(0), "0 trains every weight; 8-64 for adapters"),
     Rule("model.lora.alpha", _above(0), "the adapters are scaled by alpha / rank; e.g. 2 x rank"),
-    Rule("env.name", _one_of(env_names())),
+    Rule("env.name", RegisteredEnvironments()),
     Rule("env.max_steps", _at_least(1), "ALFWorld 50, WebShop 15"),
     Rule("env.history_length", _at_least(0), "0 shows no past (observation, action) pairs"),
     Rule("env.prompt_template", _one_of(PROMPT_TEMPLATES)),
@@ -536,16 +547,8 @@ def _check_model_limits(c: ml_collections.ConfigDict) -> None:
             f"lower them")
 
 
-def _environment_type(name: str) -> type | None:
-    """The class environment ``name`` builds (a factory's return annotation), if known."""
-    built = env_class(name)
-    if isinstance(built, type):
-        return built
-    returned = typing.get_type_hints(built).get("return")
-    return returned if isinstance(returned, type) else None
-
-
 def _check_environment(c: ml_collections.ConfigDict) -> None:
+    """The environment's splits, options, domain and (for a gold warm start) gold actions."""
     name = c.env.name
     splits = split_names(name)
     if c.data.eval_split not in splits:
@@ -558,8 +561,13 @@ def _check_environment(c: ml_collections.ConfigDict) -> None:
         allowed = [p for p in signature.parameters if p not in ("split", "seed", "max_steps")]
         raise ConfigError(f"config.env.kwargs={c.env.kwargs.to_dict()!r}: not options of {name!r} ({error}); "
                           f"its options are {allowed}") from error
+    environment = env_type(name)
+    if c.env.domain != environment.domain:
+        raise ConfigError(f"config.env.domain={c.env.domain!r}: environment {name!r} "
+                          f"({environment.__name__}) declares domain = {environment.domain!r}; set "
+                          f"config.env.domain={environment.domain!r}")
     uses_gold = (c.sft.enable or c.name == "sft") and c.sft.source == "gold"
-    if uses_gold and not hasattr(_environment_type(name), "gold_actions"):
+    if uses_gold and not issubclass(environment, HasGoldActions):
         raise ConfigError(f"config.sft.source='gold': environment {name!r} has no gold actions; use "
                           f"'conversations' or 'math_solutions' with config.sft.data_path")
 

@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from environments.base import HasGoldActions
 from environments.registry import make_env
 from spear_jax import run_config, sft_data, sharding, tracking, train_step
 from spear_jax.batching import bucket_length
@@ -57,7 +58,7 @@ def build_examples(c: ml_collections.ConfigDict, chat: TemplateChatTokenizer,
     if s.source == "math_solutions":
         return sft_data.math_solution_examples(s.data_path, chat, s.problem_field, s.solution_field), {}
     env = make_env(c.env.name, split="train", seed=c.seed, max_steps=c.env.max_steps, **c.env.kwargs.to_dict())
-    if not hasattr(env, "gold_actions"):
+    if not isinstance(env, HasGoldActions):
         env.close()
         raise ValueError(f"config.sft.source = 'gold' needs an environment with gold actions; "
                          f"{c.env.name!r} has none (use 'conversations' or 'math_solutions')")

@@ -272,7 +272,7 @@ class Trainer:
             raise RuntimeError(f"step {step}: the rollout produced no rows (every episode failed?)")
         scores, kappa = rewards.shaped_scores(rows, step, recipe=a.toolcall_reward_recipe,
                                               mode=a.use_toolcall_reward, max_toolcall_steps=a.max_toolcall_steps)
-        flags = rewards.quality_flags(rows, c.rollout.max_response_length, c.env.domain)
+        flags = rewards.quality_flags(rows)
         enabled = [name for name in ("overlong", "incomplete", "repetitive", "unreadable")
                    if a[f"filter_{name}_responses"]]
         metrics = {"reward/toolcall_factor": kappa, "reward/shaped_mean": float(scores.mean())}

@@ -60,6 +60,7 @@ class WebShopEnv:
     """WebShop on a ``Shop`` (see module docstring)."""
 
     name = "webshop"
+    domain = "agent"
     prompt_style = PROMPT_STYLE
 
     def __init__(self, shop: Shop, split: str = "train", max_steps: int = MAX_STEPS,

@@ -89,7 +89,7 @@ def test_expert_walkthrough_wins_one_game_per_task_type(unseen):
     for task_type, task_id in first_of_type.items():
         results = replay_walkthrough(unseen, task_id)
         assert_expert_win(results)
-        assert results[-1].info["task_type"] == task_type
+        assert results[-1].task_type == task_type
 
 
 def test_first_observation_task_and_admissible_actions(unseen):

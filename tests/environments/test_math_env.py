@@ -63,11 +63,11 @@ def test_full_episode_tool_call_then_correct_answer(aime, sandbox):
     env.reset(task_id="aime2024-I-3")
     r = env.step("Bob wins iff n = 0 or 2 mod 5.\n" + call("print(sum(1 for n in range(1, 2025) if n % 5 in (0, 2)))"))
     assert (r.observation.text, r.reward, r.done, r.action_valid) == ("809\n", 0.0, False, True)
-    assert r.info["num_tool_calls"] == 1 and r.info["tool_status"] == "ok"
+    assert r.num_tool_calls == 1 and r.info["tool_status"] == "ok"
     r = env.step("So the answer is \\boxed{809}.")
     assert r.done and r.won and r.reward == 1.0 and r.action_valid
-    assert r.info["correct"] and r.info["acc"] == 1.0 and not r.info["incomplete"]
-    assert r.info["num_tool_calls"] == 1 and r.info["turns"] == 2 and r.info["extracted_answer"] == "809"
+    assert r.info["correct"] and r.info["acc"] == 1.0 and not r.incomplete
+    assert r.num_tool_calls == 1 and r.info["turns"] == 2 and r.info["extracted_answer"] == "809"
     with pytest.raises(RuntimeError, match="reset"):
         env.step("more")
 
@@ -76,10 +76,10 @@ def test_wrong_and_missing_answers(aime, sandbox):
     env = MathToolEnv(aime, sandbox)
     env.reset(task_id="aime2024-I-3")
     r = env.step("\\boxed{808}")
-    assert r.done and not r.won and r.reward == -1.0 and not r.info["incomplete"] and r.info["acc"] == 0.0
+    assert r.done and not r.won and r.reward == -1.0 and not r.incomplete and r.info["acc"] == 0.0
     env.reset(task_id="aime2024-I-3")
     r = env.step("I think it is 809.")
-    assert r.done and r.reward == -1.0 and r.info["incomplete"] and r.info["num_tool_calls"] == 0
+    assert r.done and r.reward == -1.0 and r.incomplete and r.num_tool_calls == 0
 
 
 def test_malformed_call_is_an_invalid_action_not_an_exception(aime, sandbox):
@@ -88,11 +88,11 @@ def test_malformed_call_is_an_invalid_action_not_an_exception(aime, sandbox):
     r = env.step("<tool_call>{\"name\": \"calculator\", \"arguments\": {\"expr\": \"1+1\"}}</tool_call>")
     assert not r.done and not r.action_valid and r.reward == 0.0
     assert r.observation.text == "Error: unknown tool 'calculator'; the only tool is 'code_interpreter'."
-    assert r.info["num_tool_calls"] == 0 and r.info["num_invalid_calls"] == 1
+    assert r.num_tool_calls == 0 and r.info["num_invalid_calls"] == 1
     r = env.step(call("print(1)") + call("print(2)"))
     assert not r.action_valid and "2 tool calls" in r.observation.text
     r = env.step(None)
-    assert r.done and r.info["incomplete"]
+    assert r.done and r.incomplete
 
 
 def test_hostile_code_in_an_episode_gives_an_error_observation(aime, sandbox):
@@ -102,7 +102,7 @@ def test_hostile_code_in_an_episode_gives_an_error_observation(aime, sandbox):
     assert not r.done and r.action_valid and r.info["tool_status"] == "timeout"
     assert "timed out" in r.observation.text
     r = env.step(call("1/0"))
-    assert "ZeroDivisionError" in r.observation.text and r.info["num_tool_calls"] == 2
+    assert "ZeroDivisionError" in r.observation.text and r.num_tool_calls == 2
 
 
 def test_tool_output_is_cut_in_the_middle(aime, sandbox):
@@ -120,8 +120,8 @@ def test_turn_limit_ends_the_episode_incomplete(aime, sandbox):
     assert not env.step(call("print(1)")).done
     assert not env.step("```python\nprint(2)\n```").done
     r = env.step(call("print(3)"))
-    assert r.done and r.reward == -1.0 and r.info["incomplete"] and r.info["turns_exhausted"]
-    assert r.info["num_tool_calls"] == 3 and "tool_status" not in r.info  # counted, not run
+    assert r.done and r.reward == -1.0 and r.incomplete and r.info["turns_exhausted"]
+    assert r.num_tool_calls == 3 and "tool_status" not in r.info  # counted, not run
     env.reset(task_id="aime2024-I-3")
     env.step(call("print(1)"))
     env.step(call("print(2)"))

@@ -140,7 +140,9 @@ class SayNumberEnv:
     """
 
     name = "say_number"
+    domain = "agent"
     prompt_style = SAY_NUMBER_STYLE
+    task_ids = range(1000)  # any int seeds a task
 
     def __init__(self, episode_length: int = 3, max_steps: int = 10, fail_on_reset: bool = False,
                  fail_at_step: int | None = None, tool_observations: bool = False):
@@ -172,9 +174,8 @@ class SayNumberEnv:
         done = self.t >= self.episode_length
         won = done and self.correct == self.episode_length
         observation = Observation(text="", task="say the number shown") if done else self._observation()
-        info = {"num_tool_calls": self.tool_calls, "incomplete": done and not right}
         return StepResult(observation=observation, reward=float(right), done=done, won=won,
-                          action_valid=valid, info=info)
+                          action_valid=valid, num_tool_calls=self.tool_calls, incomplete=done and not right)
 
     def close(self) -> None:
         pass

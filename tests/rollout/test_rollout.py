@@ -392,3 +392,18 @@ def test_step_prompt_history_shrinks_to_fit(tok):
                  max_prompt_length=limit)
     for row, whole in zip(cut.rows, bare.rows):
         np.testing.assert_array_equal(row.prompt_ids, whole.prompt_ids[-limit:])
+
+
+# A SayNumberEnv without a prompt style: an Env, not an AgentEnv.
+_PlainEnv = type("_PlainEnv", (), {k: v for k, v in vars(SayNumberEnv).items()
+                                   if k not in ("prompt_style", "__dict__", "__weakref__")})
+
+
+def test_envs_must_fit_the_batch_domain_and_layout(tok):
+    with pytest.raises(ValueError, match=r"envs\[0\] \(SayNumberEnv\) declares domain = 'agent'; the batch's "
+                                         r"RolloutConfig.domain is 'math'"):
+        run(tok, [SayNumberEnv()], [0], group_size=1, domain="math")
+    with pytest.raises(TypeError, match=r"envs\[1\] \(_PlainEnv\) is not an environments.base.AgentEnv"):
+        run(tok, [SayNumberEnv(), _PlainEnv()], [0], group_size=2)
+    result, _ = run(tok, [_PlainEnv()], [0], group_size=1, layout="trajectory", max_sequence_length=400)
+    assert len(result.rows) == 1  # trajectory rows render no agent prompt

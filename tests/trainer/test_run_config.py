@@ -273,10 +273,25 @@ def test_eval_split_must_be_a_split_of_the_chosen_environment(env_name, good, ba
     c = _config()
     c.unlock()
     c.env.name, c.env.kwargs, c.sft.enable = env_name, ml_collections.ConfigDict(), False
+    c.env.domain = "math" if env_name == "math" else "agent"
     c.data.eval_split = good
     run_config.validate(c, num_devices=8)
     c.data.eval_split = bad
     with pytest.raises(ConfigError, match=rf"config\.data\.eval_split='{bad}': must be a split of '{env_name}'"):
+        run_config.validate(c, num_devices=8)
+
+
+@pytest.mark.parametrize("preset, wrong, env_name, env_class, right", [
+    ("twx_tiny", "math", "textworld_express", "TextWorldExpressEnv", "agent"),
+    ("math_tiny", "agent", "math", "MathToolEnv", "math"),
+])
+def test_env_domain_must_be_the_environment_domain(preset, wrong, env_name, env_class, right):
+    c = _config("spear", preset)
+    run_config.validate(c, num_devices=8)
+    c.unlock()
+    c.env.domain = wrong
+    with pytest.raises(ConfigError, match=rf"config\.env\.domain='{wrong}': environment '{env_name}' "
+                       rf"\({env_class}\) declares domain = '{right}'; set config\.env\.domain='{right}'"):
         run_config.validate(c, num_devices=8)
 
 
