@@ -71,7 +71,7 @@ def summarize(values: Sequence[float]) -> dict:
     return {"n": len(values), "mean": float(np.mean(values)), "ci_low": low, "ci_high": high}
 
 
-def paired_differences(method: Mapping[int, float], baseline: Mapping[int, float]) -> dict:
+def paired_differences(method: Mapping[int, float], baseline: Mapping[int, float]) -> dict | None:
     """``method[s] - baseline[s]`` over the seeds ``s`` both have, as ``{"seeds", "values"}``
     plus ``summarize`` of the values; None when they share no seed."""
     seeds = sorted(set(method) & set(baseline))
