@@ -42,18 +42,22 @@ def check_runs(specs: Sequence[study_spec.RunSpec]) -> None:
 
 
 def collect(study, specs: Sequence[study_spec.RunSpec], workdir: str, results_dir: str) -> None:
-    """Copies the finished runs' compact metrics and the study config into ``results_dir``."""
+    """Copies the finished runs' compact metrics and the study config into ``results_dir``; the
+    compact metrics of a run that is no longer finished (its budget was raised) are removed."""
     report.write_study_json(results_dir, study_dict(study))
     for spec in specs:
         target = report.compact_path(results_dir, spec.method, spec.seed)
         if scheduler.run_state(spec) == "finished":
             report.write_compact(spec.workdir, target)
+        elif os.path.isfile(target):
+            os.remove(target)
     report.copy_warm_start_stats(workdir, results_dir, list(study.seeds))
 
 
 def run_study(study_path: str, workdir: str, parallel: int, results_dir: str | None,
-              runner: scheduler.Runner = scheduler.subprocess_runner) -> dict[str, str]:
-    """The whole study (module docstring); returns each run's outcome."""
+              runner: scheduler.Runner | None = None) -> dict[str, str]:
+    """The whole study (module docstring); returns each run's outcome. ``runner`` executes one
+    run (default ``scheduler.subprocess_runner``)."""
     study = study_spec.load_study(study_path)
     specs = study_spec.run_specs(study, workdir)
     check_runs(specs)
@@ -61,7 +65,7 @@ def run_study(study_path: str, workdir: str, parallel: int, results_dir: str | N
     report.write_study_json(workdir, study_dict(study))
     scheduler.record_warm_data(study, study_spec.warm_start_specs(specs))
     check_runs(study_spec.warm_start_specs(specs))
-    outcome = scheduler.execute(specs, parallel, runner)
+    outcome = scheduler.execute(specs, parallel, runner or scheduler.subprocess_runner)
     results_dir = results_dir or os.path.join("results", study.name)
     collect(study, specs, workdir, results_dir)
     report.write_report(results_dir)

@@ -84,6 +84,9 @@ def check_study(study: ml_collections.ConfigDict, where: str) -> None:
         absent = [f for f in METHOD_FIELDS if f not in method]
         if absent:
             raise StudyConfigError(f"{where}: methods[{i}] lacks {absent}")
+        if method.name == "warm_start":
+            raise StudyConfigError(f"{where}: methods[{i}].name 'warm_start' is the warm starts' directory: "
+                                   f"choose another name")
         if not method.name.isidentifier():
             raise StudyConfigError(f"{where}: methods[{i}].name {method.name!r} must be an identifier "
                                    f"(it names a directory)")
