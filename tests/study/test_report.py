@@ -11,7 +11,7 @@ from spear_jax.study.__main__ import main
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixture_results")
 STUDY = {
-    "name": "fixture", "title": "A hand-made study", "seeds": [0, 1, 2], "baseline": "base",
+    "name": "fixture", "title": "A hand-made study", "seeds": [0, 1, 2, 3, 4], "baseline": "base",
     "budget": {"total_steps": 10, "eval_every": 5, "eval_episodes": 8}, "overrides": [],
     "warm_start": {"config": "configs/sft.py:twx_tiny", "data": "gold", "overrides": []},
     "methods": [{"name": "base", "label": "Base", "config": "configs/drbot.py:twx_tiny", "overrides": []},
@@ -20,7 +20,9 @@ STUDY = {
 }
 # (method, seed) -> held-out success at steps 0, 5, 10; spear seed 2 is missing.
 EVALS = {("base", 0): [0.2, 0.3, 0.4], ("base", 1): [0.1, 0.1, 0.2], ("base", 2): [0.3, 0.5, 0.4],
-         ("spear", 0): [0.2, 0.5, 0.6], ("spear", 1): [0.1, 0.3, 0.3]}
+         ("base", 3): [0.15, 0.35, 0.3625], ("base", 4): [0.25, 0.2, 0.0875],
+         ("spear", 0): [0.2, 0.5, 0.6], ("spear", 1): [0.1, 0.3, 0.3], ("spear", 3): [0.15, 0.45, 0.5125],
+         ("spear", 4): [0.25, 0.3, 0.4375]}
 
 
 def _records(method, seed):
@@ -45,19 +47,20 @@ def test_results_hold_the_known_per_seed_values_and_paired_differences(tmp_path)
     make_fixture(tmp_path)
     results = report.write_report(str(tmp_path))
     base, spear = results["methods"]["base"], results["methods"]["spear"]
-    assert [r["seed"] for r in base["seeds"]] == [0, 1, 2] and [r["seed"] for r in spear["seeds"]] == [0, 1]
+    assert [r["seed"] for r in base["seeds"]] == [0, 1, 2, 3, 4] and [r["seed"] for r in spear["seeds"]] == [0, 1, 3, 4]
     assert spear["seeds"][0]["final"] == 0.6 and spear["seeds"][0]["best"] == 0.6
     assert spear["seeds"][0]["auc"] == pytest.approx((5 * 0.35 + 5 * 0.55) / 10)
-    assert base["final"]["mean"] == pytest.approx((0.4 + 0.2 + 0.4) / 3)
-    assert (base["final"]["ci_low"], base["final"]["ci_high"]) == stats.bootstrap_interval([0.4, 0.2, 0.4])
-    assert spear["vs_baseline"]["final"]["seeds"] == [0, 1]  # seed 2 only in the baseline
-    assert spear["vs_baseline"]["final"]["values"] == pytest.approx([0.2, 0.1])
-    assert spear["vs_baseline"]["best"]["mean"] == pytest.approx((0.2 + 0.1) / 2)
+    finals = [0.4, 0.2, 0.4, 0.3625, 0.0875]
+    assert base["final"]["mean"] == pytest.approx(sum(finals) / 5)
+    assert (base["final"]["ci_low"], base["final"]["ci_high"]) == stats.bootstrap_interval(finals)
+    assert spear["vs_baseline"]["final"]["seeds"] == [0, 1, 3, 4]  # seed 2 only in the baseline
+    assert spear["vs_baseline"]["final"]["values"] == pytest.approx([0.2, 0.1, 0.15, 0.35])
+    assert spear["vs_baseline"]["best"]["mean"] == pytest.approx((0.2 + 0.1 + 0.15 + 0.1875) / 4)
     assert "vs_baseline" not in base
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert list(on_disk["methods"]) == ["base", "spear"] and on_disk["methods"]["spear"]["seeds"][1]["seed"] == 1
     text = (tmp_path / "results.md").read_text()
-    assert "| Base + SPEAR | 2 | 0.450 [" in text and "Base + SPEAR seed 2" in text
+    assert "| Base + SPEAR | 4 | 0.462 [" in text and "Base + SPEAR seed 2" in text
     assert (tmp_path / "figures" / "eval_success_rate.png").is_file()
     assert (tmp_path / "figures" / "train_replay_sil_weight.png").is_file()
     assert not (tmp_path / "figures" / "train_tool_calls.png").exists()  # no run has it

@@ -131,3 +131,43 @@ def test_warm_start_data_is_recorded_once_per_seed(tmp_path, monkeypatch):
     scheduler.record_warm_data(config, warm)
     scheduler.record_warm_data(config, warm)
     assert recorded == [("gold", seed, study_spec.warm_start_data_path(str(tmp_path), seed)) for seed in (0, 1)]
+
+
+def test_a_study_collects_the_finished_runs_only(tmp_path, monkeypatch):
+    """run_study with the fake runner: the failed run is reported, its stale compact metrics from
+    an earlier collection are removed, and the report covers the finished runs."""
+    from spear_jax.study import report
+    from spear_jax.study.__main__ import run_study
+
+    def fake_record(kind, config, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").close()
+        return {}
+
+    def finish_with_evals(spec):
+        _finish(spec)
+        if spec.kind == "rl":
+            with open(os.path.join(spec.workdir, "metrics.jsonl"), "a") as handle:
+                handle.write(json.dumps({"split": "eval", "step": 0, "success_rate": 0.25}) + "\n")
+        return 0
+
+    monkeypatch.setattr("spear_jax.study.warm_data.record", fake_record)
+    monkeypatch.setattr("spear_jax.study.__main__.check_runs", lambda specs: None)
+    study_file = tmp_path / "toy.py"
+    study_file.write_text("from configs.studies._common import method, study\n"
+                          "def get_config():\n"
+                          "    return study('toy', 'toy', (0,), 'a', (method('a', 'A', 'configs/drbot.py:twx_tiny'),\n"
+                          "                 method('b', 'B', 'configs/drbot.py:twx_tiny')), 'configs/sft.py:twx_tiny',\n"
+                          "                 'gold', 3, 1, 8)\n")
+    results = tmp_path / "results"
+    stale = report.compact_path(str(results), "b", 0)
+    os.makedirs(os.path.dirname(stale))
+    open(stale, "w").close()
+    runner = FakeRunner(fail={"b/seed0"})
+    runner_with_evals = lambda spec: runner(spec) or finish_with_evals(spec)  # noqa: E731
+    outcome = run_study(str(study_file), str(tmp_path / "w"), 1, str(results), runner=runner_with_evals)
+    assert outcome["b/seed0"] == "failed (exit 1)" and outcome["a/seed0"] == "finished"
+    assert not os.path.exists(stale)
+    data = json.loads((results / "results.json").read_text())
+    assert [r["seed"] for r in data["methods"]["a"]["seeds"]] == [0] and data["methods"]["b"]["seeds"] == []
+    assert "B seed 0" in (results / "results.md").read_text()
