@@ -71,7 +71,7 @@ def record_warm_data(study: ml_collections.ConfigDict, warm_starts: Sequence[Run
     from spear_jax.study import warm_data
 
     for warm in warm_starts:
-        path = study_spec.warm_start_data_path(os.path.dirname(os.path.dirname(warm.workdir)), warm.seed)
+        path = dict(warm.overrides)["sft.data_path"]
         if os.path.isfile(path):
             continue
         print(f"recording the warm-start data of seed {warm.seed} into {path}", flush=True)

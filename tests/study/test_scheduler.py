@@ -130,7 +130,8 @@ def test_warm_start_data_is_recorded_once_per_seed(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "warm_start_data")
     scheduler.record_warm_data(config, warm)
     scheduler.record_warm_data(config, warm)
-    assert recorded == [("gold", seed, study_spec.warm_start_data_path(str(tmp_path), seed)) for seed in (0, 1)]
+    assert recorded == [("gold", seed, os.path.abspath(study_spec.warm_start_data_path(str(tmp_path), seed)))
+                        for seed in (0, 1)]
 
 
 def test_a_study_collects_the_finished_runs_only(tmp_path, monkeypatch):

@@ -39,6 +39,12 @@ def test_paper_table_rows_and_ablations_change_what_they_name(tmp_path):
     assert full.actor.loss_mode == "clip_cov" and ablations["no_clip_cov"].actor.loss_mode == "vanilla"
 
 
+def test_the_warm_start_data_kinds_are_the_recorders():
+    from spear_jax.study import warm_data
+
+    assert set(study_spec.WARM_START_DATA) == set(warm_data.RECORDERS)
+
+
 def test_command_passes_every_override_as_a_flag(tmp_path):
     config = study("toy", "toy", (3,), "a", (method("a", "A", "configs/spear.py:twx_tiny,drbot",
                                                       (("replay.enable", False), ("trainer.length_buckets", (64, 128)))),),
