@@ -67,7 +67,9 @@ def subprocess_runner(spec: RunSpec) -> int:
 
 
 def record_warm_data(study: ml_collections.ConfigDict, warm_starts: Sequence[RunSpec]) -> None:
-    """Records the warm-start data of every seed whose file is missing (``warm_data``)."""
+    """Records the warm-start data of every seed whose file is missing (``warm_data``); data
+    that cannot be recorded (e.g. a gold prompt too long to write as text) is a
+    ``StudyConfigError`` naming the seed."""
     from spear_jax.study import warm_data
 
     for warm in warm_starts:
@@ -75,7 +77,10 @@ def record_warm_data(study: ml_collections.ConfigDict, warm_starts: Sequence[Run
         if os.path.isfile(path):
             continue
         print(f"recording the warm-start data of seed {warm.seed} into {path}", flush=True)
-        stats = warm_data.record(study.warm_start.data, study_spec.resolved_config(warm), path)
+        try:
+            stats = warm_data.record(study.warm_start.data, study_spec.resolved_config(warm), path)
+        except ValueError as error:
+            raise study_spec.StudyConfigError(f"{warm.name}: recording its data: {error}") from None
         print(f"  {json.dumps(stats, sort_keys=True)}", flush=True)
 
 

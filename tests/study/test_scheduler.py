@@ -172,3 +172,14 @@ def test_a_study_collects_the_finished_runs_only(tmp_path, monkeypatch):
     data = json.loads((results / "results.json").read_text())
     assert [r["seed"] for r in data["methods"]["a"]["seeds"]] == [0] and data["methods"]["b"]["seeds"] == []
     assert "B seed 0" in (results / "results.md").read_text()
+
+
+def test_warm_start_data_that_cannot_be_recorded_is_a_study_config_error(tmp_path, monkeypatch):
+    def refuse(kind, config, path):
+        raise ValueError("raise config.rollout.max_prompt_length")
+
+    monkeypatch.setattr("spear_jax.study.warm_data.record", refuse)
+    config = _study(seeds=(4,))
+    warm = study_spec.warm_start_specs(study_spec.run_specs(config, str(tmp_path)))
+    with pytest.raises(study_spec.StudyConfigError, match="warm_start/seed4: recording its data: raise config"):
+        scheduler.record_warm_data(config, warm)
