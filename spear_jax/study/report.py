@@ -210,7 +210,7 @@ def _figure(results: dict, records: dict, split: str, key: str, title: str, path
     if drawn:
         axes.set_xlabel("RL step")
         axes.set_ylabel(key if split == "train" else f"{split} {key}")
-        axes.set_title(title)
+        axes.set_title(f"{title}: mean over seeds, 95% bootstrap band", fontsize=10)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
         figure.tight_layout()
