@@ -1,0 +1,25 @@
+"""The agent table on TextWorldExpress with the tiny model: GRPO, Dr.BoT (GRPO), Dr.BoT (GRPO) +
+SPEAR, GiGPO, Dr.BoT (GiGPO) + SPEAR; 5 seeds, 40 RL steps, held-out evaluation on 96 episodes
+every 5 steps, paired differences against Dr.BoT (GRPO).
+
+Every method runs the ``twx_tiny`` preset (its batch, lengths, learning rate and sampling) with
+no per-method tuning; ``OVERRIDES`` (the game setting) apply to every run and to the warm start.
+"""
+from configs.studies._common import method, study
+
+SEEDS = (0, 1, 2, 3, 4)
+OVERRIDES = ()  # the twx_tiny game: coin, 3 locations, no distractors, no doors
+
+METHODS = (
+    method("grpo", "GRPO", "configs/grpo.py:twx_tiny"),
+    method("drbot_grpo", "Dr.BoT (GRPO)", "configs/drbot.py:twx_tiny"),
+    method("spear_drbot_grpo", "Dr.BoT (GRPO) + SPEAR", "configs/spear.py:twx_tiny,drbot"),
+    method("gigpo", "GiGPO", "configs/gigpo.py:twx_tiny"),
+    method("spear_drbot_gigpo", "Dr.BoT (GiGPO) + SPEAR", "configs/spear.py:twx_tiny,drbot_gigpo"),
+)
+
+
+def get_config():
+    return study("twx_methods", "SPEAR and its baselines on TextWorldExpress (tiny model)", SEEDS,
+                 baseline="drbot_grpo", methods=METHODS, warm_start_config="configs/sft.py:twx_tiny",
+                 warm_start_data="gold", total_steps=40, eval_every=5, eval_episodes=96, overrides=OVERRIDES)

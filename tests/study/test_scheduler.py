@@ -1,0 +1,185 @@
+"""The study scheduler with a fake runner (nothing trains): finished runs are skipped, partial
+runs are run again with the same command (``spear_jax.main`` resumes them), warm starts come
+before their seed's runs, and runs overlap with ``parallel``."""
+import json
+import os
+import threading
+import time
+
+import jax.numpy as jnp
+import pytest
+
+from configs.studies._common import method, study
+from spear_jax import checkpoint
+from spear_jax.study import scheduler
+from spear_jax.study import spec as study_spec
+
+TOTAL_STEPS = 3
+
+
+def _study(seeds=(0,), names=("a", "b", "c")):
+    return study("toy", "toy", seeds, baseline=names[0],
+                 methods=tuple(method(n, n.upper(), "configs/drbot.py:twx_tiny") for n in names),
+                 warm_start_config="configs/sft.py:twx_tiny", warm_start_data="gold",
+                 total_steps=TOTAL_STEPS, eval_every=1, eval_episodes=8)
+
+
+def _save_checkpoint(workdir, step):
+    ckpt = checkpoint.RunCheckpointer(os.path.join(workdir, scheduler.CHECKPOINTS), max_to_keep=1)
+    ckpt.save(step, checkpoint.RunState(device={"params": {"w": jnp.ones(8)}}, host={}, meta={"step": step}))
+    ckpt.close()
+
+
+def _write_metrics(workdir, last_step):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as handle:
+        for step in range(1, last_step + 1):
+            handle.write(json.dumps({"split": "train", "step": step, "success_rate": 0.5}) + "\n")
+
+
+def _finish(spec):
+    """What a successful run leaves behind."""
+    _save_checkpoint(spec.workdir, spec.total_steps)
+    if spec.kind == "rl":
+        _write_metrics(spec.workdir, spec.total_steps)
+        with open(os.path.join(spec.workdir, scheduler.SUMMARY_FILE), "w") as handle:
+            json.dump({"eval_success_final": 0.5}, handle)
+
+
+class FakeRunner:
+    """Records the commands it is given and finishes each run, or fails the ones in ``fail``."""
+
+    def __init__(self, fail=(), delay=0.0):
+        self.calls, self.fail, self.delay = [], set(fail), delay
+        self.lock, self.active, self.max_active = threading.Lock(), 0, 0
+
+    def __call__(self, spec):
+        with self.lock:
+            self.calls.append((spec.name, study_spec.command(spec)))
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        time.sleep(self.delay)
+        with self.lock:
+            self.active -= 1
+        if spec.name in self.fail:
+            return 1
+        _finish(spec)
+        return 0
+
+
+def test_finished_runs_are_skipped_and_partial_runs_run_again_with_their_command(tmp_path):
+    specs = study_spec.run_specs(_study(), str(tmp_path))
+    a, b, c = specs
+    _finish(a.warm_start)
+    _finish(a)
+    _save_checkpoint(b.workdir, 1)  # interrupted after its first checkpoint
+    _write_metrics(b.workdir, 2)
+    assert [scheduler.run_state(s) for s in (a.warm_start, a, b, c)] == ["finished", "finished", "partial", "new"]
+    runner = FakeRunner()
+    outcome = scheduler.execute(specs, runner=runner, log=lambda line: None)
+    assert [name for name, _ in runner.calls] == ["b/seed0", "c/seed0"]
+    assert runner.calls[0][1] == study_spec.command(b)  # the same command: spear_jax.main resumes it
+    assert outcome == {"warm_start/seed0": "skipped (finished)", "a/seed0": "skipped (finished)",
+                       "b/seed0": "finished", "c/seed0": "finished"}
+    rerun = FakeRunner()
+    scheduler.execute(specs, runner=rerun, log=lambda line: None)
+    assert rerun.calls == []
+
+
+def test_a_summary_short_of_the_budget_is_not_finished(tmp_path):
+    (spec,) = study_spec.run_specs(_study(names=("a",)), str(tmp_path))
+    _finish(spec)
+    _write_metrics(spec.workdir, TOTAL_STEPS - 1)  # the summary of a run with a smaller budget
+    assert scheduler.run_state(spec) == "partial"
+
+
+def test_warm_starts_come_first_and_a_failed_one_skips_its_seed(tmp_path):
+    specs = study_spec.run_specs(_study(seeds=(0, 1), names=("a", "b")), str(tmp_path))
+    runner = FakeRunner(fail={"warm_start/seed1"})
+    outcome = scheduler.execute(specs, runner=runner, log=lambda line: None)
+    order = [name for name, _ in runner.calls]
+    assert order.index("warm_start/seed0") < min(order.index("a/seed0"), order.index("b/seed0"))
+    assert "a/seed1" not in order and outcome["a/seed1"] == "not run (warm start failed)"
+    assert outcome["warm_start/seed1"] == "failed (exit 1)" and outcome["b/seed0"] == "finished"
+    warm_command = dict(runner.calls)["warm_start/seed0"]
+    assert "--config=configs/sft.py:twx_tiny" in warm_command and "--config.sft.source=conversations" in warm_command
+    assert f"--config.trainer.init_from={os.path.abspath(specs[0].warm_start.workdir)}" in dict(runner.calls)["a/seed0"]
+
+
+def test_parallel_runs_overlap(tmp_path):
+    specs = study_spec.run_specs(_study(seeds=(0,), names=("a", "b", "c")), str(tmp_path))
+    _finish(specs[0].warm_start)
+    runner = FakeRunner(delay=0.5)
+    scheduler.execute(specs, parallel=3, runner=runner, log=lambda line: None)
+    assert runner.max_active == 3
+    with pytest.raises(ValueError, match="--parallel"):
+        scheduler.execute(specs, parallel=0, runner=runner)
+
+
+def test_warm_start_data_is_recorded_once_per_seed(tmp_path, monkeypatch):
+    recorded = []
+
+    def fake_record(kind, config, path):
+        recorded.append((kind, config.seed, path))
+        open(path, "w").close()
+        return {}
+
+    monkeypatch.setattr("spear_jax.study.warm_data.record", fake_record)
+    config = _study(seeds=(0, 1))
+    warm = study_spec.warm_start_specs(study_spec.run_specs(config, str(tmp_path)))
+    os.makedirs(tmp_path / "warm_start_data")
+    scheduler.record_warm_data(config, warm)
+    scheduler.record_warm_data(config, warm)
+    assert recorded == [("gold", seed, os.path.abspath(study_spec.warm_start_data_path(str(tmp_path), seed)))
+                        for seed in (0, 1)]
+
+
+def test_a_study_collects_the_finished_runs_only(tmp_path, monkeypatch):
+    """run_study with the fake runner: the failed run is reported, its stale compact metrics from
+    an earlier collection are removed, and the report covers the finished runs."""
+    from spear_jax.study import report
+    from spear_jax.study.__main__ import run_study
+
+    def fake_record(kind, config, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").close()
+        return {}
+
+    def finish_with_evals(spec):
+        _finish(spec)
+        if spec.kind == "rl":
+            with open(os.path.join(spec.workdir, "metrics.jsonl"), "a") as handle:
+                handle.write(json.dumps({"split": "eval", "step": 0, "success_rate": 0.25}) + "\n")
+        return 0
+
+    monkeypatch.setattr("spear_jax.study.warm_data.record", fake_record)
+    monkeypatch.setattr("spear_jax.study.__main__.check_runs", lambda specs: None)
+    study_file = tmp_path / "toy.py"
+    study_file.write_text("from configs.studies._common import method, study\n"
+                          "def get_config():\n"
+                          "    return study('toy', 'toy', (0,), 'a', (method('a', 'A', 'configs/drbot.py:twx_tiny'),\n"
+                          "                 method('b', 'B', 'configs/drbot.py:twx_tiny')), 'configs/sft.py:twx_tiny',\n"
+                          "                 'gold', 3, 1, 8)\n")
+    results = tmp_path / "results"
+    stale = report.compact_path(str(results), "b", 0)
+    os.makedirs(os.path.dirname(stale))
+    open(stale, "w").close()
+    runner = FakeRunner(fail={"b/seed0"})
+    runner_with_evals = lambda spec: runner(spec) or finish_with_evals(spec)  # noqa: E731
+    outcome = run_study(str(study_file), str(tmp_path / "w"), 1, str(results), runner=runner_with_evals)
+    assert outcome["b/seed0"] == "failed (exit 1)" and outcome["a/seed0"] == "finished"
+    assert not os.path.exists(stale)
+    data = json.loads((results / "results.json").read_text())
+    assert [r["seed"] for r in data["methods"]["a"]["seeds"]] == [0] and data["methods"]["b"]["seeds"] == []
+    assert "B seed 0" in (results / "results.md").read_text()
+
+
+def test_warm_start_data_that_cannot_be_recorded_is_a_study_config_error(tmp_path, monkeypatch):
+    def refuse(kind, config, path):
+        raise ValueError("raise config.rollout.max_prompt_length")
+
+    monkeypatch.setattr("spear_jax.study.warm_data.record", refuse)
+    config = _study(seeds=(4,))
+    warm = study_spec.warm_start_specs(study_spec.run_specs(config, str(tmp_path)))
+    with pytest.raises(study_spec.StudyConfigError, match="warm_start/seed4: recording its data: raise config"):
+        scheduler.record_warm_data(config, warm)
