@@ -261,6 +261,7 @@ def vanilla_policy_loss(config: PolicyLossConfig, *, logp, old_logp, advantages,
     """PPO clipped surrogate with asymmetric clip and dual clip (see module docstring).
 
     Args:
+      config: the loss options (static).
       logp, old_logp, advantages: [B, T] float; mask: [B, T] 0/1. ``key``/``mesh`` unused.
 
     Returns (loss [B, T] float32, metrics: pg_clipfrac, pg_clipfrac_lower, ppo_kl).
@@ -286,6 +287,7 @@ def clip_cov_policy_loss(config: PolicyLossConfig, *, logp, old_logp, advantages
     """Clip-Cov: ``max(l1, l2) * (1 - selected)`` with a random covariance-band token subset.
 
     Args:
+      config: the loss options (static).
       logp, old_logp, advantages: [B, T] float; mask: [B, T] 0/1.
       key: PRNG key driving the selection (required).
       mesh: required for ``cov_selection_scope='per_device'``.
@@ -321,6 +323,7 @@ def kl_cov_policy_loss(config: PolicyLossConfig, *, logp, old_logp, advantages, 
     """KL-Cov: ``-A r`` everywhere, ``+ kl_cov_coef * |lr|`` on the top-covariance tokens.
 
     Args:
+      config: the loss options (static).
       logp, old_logp, advantages: [B, T] float; mask: [B, T] 0/1. ``key`` unused (deterministic).
       mesh: required for ``cov_selection_scope='per_device'``.
 

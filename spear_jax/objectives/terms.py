@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from spear_jax.objectives.policy_losses import POLICY_LOSSES, get_policy_loss
-from spear_jax.objectives.regularizers import kl_penalty
+from spear_jax.objectives.regularizers import entropy_bonus, kl_penalty
 
 STANDARD_INPUTS = ("logp", "old_logp", "advantages", "mask", "entropy", "row_valid")
 REFERENCE_INPUT = "ref_logprobs"  # the frozen reference policy's log-probs, [B, T]
@@ -209,10 +209,9 @@ def _policy_gradient(mode: str | None) -> TermFn:
 
 
 def entropy_term(config, inputs: TermInputs) -> TermValue:
-    """Entropy bonus: loss ``-H_t``, logged ``H_t``."""
+    """Entropy bonus: loss ``-H_t`` (``entropy_bonus`` at coefficient 1), logged ``H_t``."""
     del config
-    entropy = inputs.entropy.astype(jnp.float32)
-    return TermValue(-entropy, entropy)
+    return TermValue(entropy_bonus(inputs.entropy, 1.0), inputs.entropy.astype(jnp.float32))
 
 
 def kl_term(config, inputs: TermInputs) -> TermValue:
