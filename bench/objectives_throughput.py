@@ -47,7 +47,8 @@ def jax_case(mode, arrays, repeats):
                          kl_cov_ratio=0.02),
         AggregationConfig("seq-mean-token-sum-norm", norm_length=arrays[0].shape[1]),
     )
-    step = jax.jit(jax.value_and_grad(lambda lp, o, a, m, k: policy_objective(lp, o, a, m, cfg, k)[0]))
+    step = jax.jit(jax.value_and_grad(
+        lambda lp, o, a, m, k: policy_objective(cfg, logp=lp, old_logp=o, advantages=a, mask=m, key=k)[0]))
     args = [jnp.asarray(x) for x in arrays]
     key = jax.random.key(0)
     compile_start = time.perf_counter()

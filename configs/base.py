@@ -146,6 +146,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.actor.use_kl_loss = False
     c.actor.kl_loss_coef = 0.001  # verl's default; inert while use_kl_loss is False
     c.actor.kl_loss_type = "low_var_kl"  # k1 (alias kl) | abs | k2 (alias mse) | low_var_kl
+    # The on-policy objective, summed per token in this order: registered loss term names (the
+    # coefficient comes from the term's field: entropy <- entropy_coeff, kl <- kl_loss_coef when
+    # use_kl_loss) or explicit (name, coefficient) pairs. Terms: docs/objectives.md.
+    c.actor.loss_terms = ("pg", "entropy", "kl")
 
     # --- SPEAR: replay buffer, recalibration, SIL ----------------------------------------------
     c.replay = ml_collections.ConfigDict()
@@ -165,6 +169,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Math sub-tree accident: its clip-cov ignores is_replay, so replay rows use the on-policy
     # triple. Faithful reproduction of the math runs sets this True.
     c.replay.clip_cov_ignores_replay_params = False
+    # The replay (SIL) objective, as actor.loss_terms; the policy-gradient terms use the replay
+    # Clip-Cov / KL-Cov parameters above. E.g. ("pg_kl_cov", "entropy") for KL-Cov on replay rows.
+    c.replay.loss_terms = ("pg", "entropy")
 
     # --- warm start (supervised) -----------------------------------------------------------------
     c.sft = ml_collections.ConfigDict()

@@ -42,7 +42,8 @@ Trigger: ``valid_count > 1.5 * buffer_size`` (strict). P50 mode: valid rows are 
 ``R > P50_mean`` (strict; if the history is empty, ``R > mean R of the row's entry``). Decay mode:
 all stored rows.
 
-Recalibration (``replay_if_ready`` when triggered), over all stored rows:
+Recalibration (``replay_if_ready`` when triggered, or ``recalibrated()`` to inspect it without
+triggering; ``rows()`` returns the stored rows as they are), over all stored rows:
 
     P50 mode (w <= 0 or w > 1):  A~ = R - P50_mean                      (norm_adv_by_std False)
                                  A~ = (R - P50_mean) / (P50_std + 1e-6)  (norm_adv_by_std True)
@@ -250,6 +251,22 @@ def _concat_padded(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([_pad_to(p, (p.shape[0], *trailing)) for p in parts], axis=0)
 
 
+@dataclasses.dataclass(frozen=True)
+class Recalibration:
+    """The stored rows as a replay would see them (``ReplayBuffer.recalibrated``).
+
+    Attributes:
+      rows: ``ReplayBuffer.rows()``: every stored row array [N, ...] and ``collection_step`` [N].
+      advantages: [N] float recalibrated advantages A~ (P50: from R and the baseline history;
+        decay: w * stored advantage).
+      keep: [N] bool, the rows that pass the sign filter (P50: A~ >= 0; decay: every row).
+    """
+
+    rows: dict[str, np.ndarray]
+    advantages: np.ndarray
+    keep: np.ndarray
+
+
 class ReplayBuffer:
     """SPEAR's replay buffer (module docstring gives behaviour, call order and bounds)."""
 
@@ -370,6 +387,31 @@ class ReplayBuffer:
 
     # ------------------------------------------------------------------ replay
 
+    def rows(self) -> dict[str, np.ndarray]:
+        """Every stored row, entries concatenated in storage order (trailing axes zero-padded to
+        the longest), with ``collection_step`` [N]; ``{}`` when the buffer is empty. The arrays
+        are copies: changing them leaves the buffer as it is."""
+        if not self._entries:
+            return {}
+        rows = {
+            key: _concat_padded([entry.rows[key] for entry in self._entries]) for key in self._entries[0].rows
+        }
+        rows["collection_step"] = np.concatenate(
+            [np.full(entry.num_rows, entry.step, dtype=np.int64) for entry in self._entries]
+        )
+        return rows
+
+    def recalibrated(self) -> Recalibration:
+        """The recalibration a trigger would apply now (module docstring), without triggering:
+        ``rows()`` with their recalibrated advantages A~ [N] and sign-filter flags ``keep`` [N]
+        (the rows a replay draws from). The buffer is not changed. Raises ``RuntimeError`` in P50
+        mode while the baseline history is empty (as a trigger would)."""
+        rows = self.rows()
+        if not rows:
+            return Recalibration(rows, np.zeros(0), np.zeros(0, dtype=bool))
+        advantages, keep = self._recalibrate(rows)
+        return Recalibration(rows, advantages, keep)
+
     def _recalibrate(self, rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(recalibrated advantages [N], bool keep [N]) for the concatenated stored rows."""
         if self.config.mode == "decay":
@@ -414,13 +456,8 @@ class ReplayBuffer:
                                              "replay/candidates", "replay/sign_filtered")})
         if not metrics["replay/valid_count"] > TRIGGER_FACTOR * self.config.buffer_size:
             return None, metrics
-        rows = {
-            key: _concat_padded([entry.rows[key] for entry in self._entries]) for key in self._entries[0].rows
-        }
-        rows["collection_step"] = np.concatenate(
-            [np.full(entry.num_rows, entry.step, dtype=np.int64) for entry in self._entries]
-        )
-        advantages, keep = self._recalibrate(rows)
+        recalibration = self.recalibrated()
+        rows, advantages, keep = recalibration.rows, recalibration.advantages, recalibration.keep
         survivors = np.flatnonzero(keep)
         num_draw = min(nearest_lower_power_of_two(survivors.shape[0]), self.config.buffer_size)
         chosen = survivors[rng.permutation(survivors.shape[0])[:num_draw]]

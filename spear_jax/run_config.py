@@ -35,6 +35,7 @@ from environments.base import HasGoldActions
 from environments.prompts import TEMPLATES as PROMPT_TEMPLATES
 from environments.registry import env_class, env_names, env_type, split_names
 from spear_jax.sft_data import SOURCES as SFT_SOURCES
+from spear_jax.batching import ROW_FIELDS
 from spear_jax.curriculum import TOOLCALL_REWARD_MODES
 from spear_jax.init_from import InitFromError, resolve_init_from
 from spear_jax.model import PRESETS as MODEL_PRESETS
@@ -51,6 +52,7 @@ from spear_jax.objectives import (
 )
 from spear_jax.objectives.aggregation import AGGREGATION_MODES
 from spear_jax.objectives.regularizers import KL_PENALTIES
+from spear_jax.objectives.terms import LOSS_TERMS, REFERENCE_INPUT, declared_inputs
 from spear_jax.replay import ReplayConfig
 from spear_jax.rollout import DOMAINS
 from spear_jax.tracking import WANDB_MODES, check_backends
@@ -287,8 +289,6 @@ _FIELD_NAMES = {
     "dual_clip_c": "actor.clip_ratio_c",
     "log_ratio_clamp": "actor.log_ratio_clamp",
     "kl_cov_coef": "actor.ppo_kl_coef",
-    "entropy_coef": "actor.entropy_coeff",
-    "kl_coef": "actor.kl_loss_coef",
     "kl_penalty": "actor.kl_loss_type",
     "norm_length": "actor.loss_agg_max_response_length",
     "grad_accum_steps": "actor.ppo_mini_batch_size / actor.ppo_micro_batch_size",
@@ -345,27 +345,54 @@ def aggregation_config(c: ml_collections.ConfigDict) -> AggregationConfig:
         )
 
 
+def loss_terms(c: ml_collections.ConfigDict, section: str) -> tuple[tuple[str, float], ...]:
+    """``config.<section>.loss_terms`` as ``((name, coefficient), ...)``: a bare name takes its
+    coefficient from the term's ``coefficient_field`` (1 without one) and is left out while its
+    ``switch_field`` is False; a ``(name, coefficient)`` pair is used as written."""
+    path = f"{section}.loss_terms"
+    entries = field_value(c, path)
+    if isinstance(entries, str) or not isinstance(entries, (tuple, list)) or not entries:
+        _fail(path, entries, "a non-empty tuple of loss term names or (name, coefficient) pairs",
+              f"e.g. ('pg', 'entropy'); registered terms: {sorted(LOSS_TERMS)}")
+    resolved = []
+    for entry in entries:
+        explicit = isinstance(entry, (tuple, list))
+        name = entry[0] if explicit and len(entry) == 2 else entry
+        if not isinstance(name, str) or (explicit and len(entry) != 2):
+            _fail(path, entries, f"term names or (name, coefficient) pairs, not {entry!r}")
+        if name not in LOSS_TERMS:
+            _fail(path, entries, f"registered loss terms, not {name!r}",
+                  f"registered: {sorted(LOSS_TERMS)} (register_loss_term adds one)")
+        term = LOSS_TERMS[name]
+        if explicit:
+            resolved.append((name, entry[1]))
+        elif term.switch_field is None or field_value(c, term.switch_field):
+            resolved.append((name, field_value(c, term.coefficient_field) if term.coefficient_field else 1.0))
+    return tuple(resolved)
+
+
 def objective_config(c: ml_collections.ConfigDict) -> ObjectiveConfig:
-    kl_coef = c.actor.kl_loss_coef if c.actor.use_kl_loss else 0.0
-    with _naming("config.actor (objective)"):
+    with _naming("config.actor.loss_terms (objective)"):
         return ObjectiveConfig(
             policy=policy_loss_config(c),
             aggregation=aggregation_config(c),
-            entropy_coef=c.actor.entropy_coeff,
-            kl_coef=kl_coef,
+            terms=loss_terms(c, "actor"),
             kl_penalty=c.actor.kl_loss_type,
         )
 
 
 def uses_reference_policy(c: ml_collections.ConfigDict) -> bool:
-    """Whether the run needs the frozen reference policy (KL loss or KL in the reward)."""
-    return bool(c.actor.use_kl_loss or c.algorithm.use_kl_in_reward)
+    """Whether the run needs the frozen reference policy (KL loss, KL in the reward, or a loss
+    term of either objective that reads ``ref_logprobs``)."""
+    terms = loss_terms(c, "actor") + loss_terms(c, "replay")
+    return bool(c.actor.use_kl_loss or c.algorithm.use_kl_in_reward or REFERENCE_INPUT in declared_inputs(terms))
 
 
 def sil_config(c: ml_collections.ConfigDict) -> SILConfig:
     r = c.replay
-    with _naming("config.replay (SIL loss)"):
+    with _naming("config.replay.loss_terms (SIL loss)"):
         return SILConfig(
+            terms=loss_terms(c, "replay"),
             clip_cov_ratio=r.clip_cov_ratio,
             clip_cov_lb=r.clip_cov_lb,
             clip_cov_ub=r.clip_cov_ub,
@@ -458,6 +485,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _check_lora(c)
     _check_env_data(c)
     _check_kl(c)
+    _check_loss_terms(c)
     update_config(c)
     replay_config(c)
     optimizer_config(c)
@@ -479,6 +507,40 @@ def _check_kl(c: ml_collections.ConfigDict) -> None:
         if on and value == 0.0:
             raise ConfigError(f"config.{switch} = True with config.{coef} = 0 adds nothing but the "
                               f"cost of the reference policy; set config.{coef} > 0 (e.g. 0.001)")
+
+
+# Arrays of the packed training batch (spear_jax.batching) and those the trainer adds to it.
+_PACKED_ARRAYS = ("tokens", "valid", "loss_mask", "logprobs", "prompt_length", "response_length",
+                  "prompt_truncated", "row_valid", "row_index") + tuple(ROW_FIELDS)
+_PREPARED_ARRAYS = ("old_logprobs", "scores", "advantages", "row_advantage")
+
+
+def batch_arrays(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The arrays of a training batch that a loss term may declare as inputs ([B] or [B, L])."""
+    reference = (REFERENCE_INPUT,) if uses_reference_policy(c) else ()
+    return _PACKED_ARRAYS + _PREPARED_ARRAYS + reference
+
+
+def _check_loss_terms(c: ml_collections.ConfigDict) -> None:
+    """Each configured term's declared inputs are batch arrays and its declared fields exist."""
+    available = batch_arrays(c)
+    for section in ("actor", "replay"):
+        for name, _ in loss_terms(c, section):
+            term = LOSS_TERMS[name]
+            missing = [key for key in term.inputs if key not in available]
+            if missing:
+                raise ConfigError(
+                    f"config.{section}.loss_terms: loss term {name!r} reads {missing}, which the training "
+                    f"batch does not hold; declare inputs among {sorted(available)} in its LossTerm "
+                    f"(or drop {name!r} from config.{section}.loss_terms)")
+            fields = (term.coefficient_field, term.switch_field) + term.option_fields
+            for field in filter(None, fields):
+                try:
+                    field_value(c, field)
+                except (KeyError, AttributeError):
+                    raise ConfigError(f"config.{section}.loss_terms: loss term {name!r} declares the field "
+                                      f"config.{field}, which the config does not have; fix the LossTerm's "
+                                      f"fields") from None
 
 
 def _check_clip_cov_bounds(c: ml_collections.ConfigDict) -> None:

@@ -8,7 +8,8 @@ A minibatch is a dict of arrays with a leading micro-batch axis, ``[n_micro, mic
     old_logprobs  [n, b, L] float32  behaviour log-probs aligned with ``tokens`` (0 off-mask)
     advantages    [n, b, L] float32  token advantages (A_i * loss_mask)
     row_valid     [n, b]    bool     real rows (False for batch padding)
-    ref_logprobs  [n, b, L] float32  optional, only when the KL loss is on
+    ...           [n, b] or [n, b, L] the extra arrays the configured loss terms declare
+                                     (``ref_logprobs`` for the KL term; ``batch_keys``)
 
 One optimizer step per minibatch. For micro-batch j the objective returns a pair
 ``(S_j, N_j)`` (``spear_jax.objectives``); the minibatch loss and its gradient are
@@ -20,9 +21,11 @@ Then ``global-norm clip -> AdamW``. For a LoRA state (``spear_jax.model.lora``) 
 is taken w.r.t. the adapters only, and the optimizer state covers only them. A non-finite loss
 or gradient leaves params and optimizer state unchanged and reports ``skipped = 1``.
 
-On-policy minibatches use ``policy_objective`` (with ``ref_logprobs``, the KL term, whose
+On-policy minibatches use ``policy_objective`` with the on-policy term list (the KL term's
 aggregated value is reported as ``kl_loss``); replay (SIL) minibatches use ``sil_objective``
-with the SIL weight lambda(t) as a traced argument (no recompilation as it changes).
+with the replay term list and the SIL weight lambda(t) as a traced argument (no recompilation
+as it changes). Only scalar metrics are logged (token arrays such as ``cov_selected`` are for
+direct callers of the objectives).
 
 The learning rate follows ``OptimizerConfig.schedule_clock``: optax's update count, or a rate
 the caller sets in the optimizer state (``set_learning_rate``; the RL trainer, once per RL step).
@@ -42,9 +45,10 @@ from spear_jax.model.logprobs import sequence_token_stats
 from spear_jax.model.lora import combine, split_trainable
 from spear_jax.objectives import ObjectiveConfig, SILConfig, policy_objective, sil_objective
 from spear_jax.objectives.aggregation import finalize
+from spear_jax.objectives.terms import REFERENCE_INPUT, declared_inputs
 
 MINIBATCH_KEYS = ("tokens", "valid", "loss_mask", "old_logprobs", "advantages", "row_valid")
-REFERENCE_KEY = "ref_logprobs"  # present only when the KL loss is on
+REFERENCE_KEY = REFERENCE_INPUT  # the reference policy's log-probs (the KL term's input)
 SFT_KEYS = ("tokens", "valid", "loss_mask", "row_valid")
 
 
@@ -130,42 +134,55 @@ def set_learning_rate(opt_state, lr: float):
     return clip_state, adamw_state._replace(hyperparams={**adamw_state.hyperparams, "learning_rate": rate})
 
 
+def _terms(config: UpdateConfig, replay: bool):
+    return config.sil.terms if replay else config.objective.terms
+
+
 def batch_keys(config: UpdateConfig, replay: bool) -> tuple[str, ...]:
-    """The batch arrays the update reads: ``MINIBATCH_KEYS``, plus ``ref_logprobs`` for an
-    on-policy update whose objective has a KL term."""
-    return MINIBATCH_KEYS + ((REFERENCE_KEY,) if not replay and config.objective.kl_coef else ())
+    """The batch arrays the update reads: ``MINIBATCH_KEYS``, then the extra inputs the loss
+    terms of the on-policy (``replay=False``) or replay objective declare (``ref_logprobs`` for
+    the KL term, and whatever a registered term needs)."""
+    extra = declared_inputs(_terms(config, replay))
+    return MINIBATCH_KEYS + tuple(key for key in extra if key not in MINIBATCH_KEYS)
 
 
-def check_minibatch(minibatch: dict[str, jax.Array]) -> tuple[int, int, int]:
-    """Validates keys and shapes; returns (n_micro, micro_bs, L)."""
-    missing = [k for k in MINIBATCH_KEYS if k not in minibatch]
+def check_minibatch(minibatch: dict[str, jax.Array],
+                    keys: tuple[str, ...] = MINIBATCH_KEYS) -> tuple[int, int, int]:
+    """Validates ``keys`` (e.g. ``batch_keys(config, replay)``) and their shapes: row arrays
+    ``[n, b]``, token arrays ``[n, b, L]`` (a term's extra input may be either); returns
+    (n_micro, micro_bs, L)."""
+    missing = [k for k in keys if k not in minibatch]
     if missing:
-        raise KeyError(f"minibatch is missing {missing}; required keys: {list(MINIBATCH_KEYS)}")
+        raise KeyError(f"minibatch is missing {missing}; required keys: {list(keys)}")
     n, b, length = minibatch["tokens"].shape
-    for key in MINIBATCH_KEYS + ((REFERENCE_KEY,) if REFERENCE_KEY in minibatch else ()):
-        want = (n, b) if key == "row_valid" else (n, b, length)
-        if tuple(minibatch[key].shape) != want:
-            raise ValueError(f"minibatch[{key!r}] has shape {tuple(minibatch[key].shape)}, expected {want}")
+    for key in keys:
+        shape = tuple(minibatch[key].shape)
+        if key == "row_valid":
+            allowed = [(n, b)]
+        elif key in MINIBATCH_KEYS:
+            allowed = [(n, b, length)]
+        else:
+            allowed = [(n, b), (n, b, length)]
+        if shape not in allowed:
+            raise ValueError(f"minibatch[{key!r}] has shape {shape}, expected {' or '.join(map(str, allowed))}")
     return n, b, length
 
 
 def _micro_batch_objective(graphdef, params, micro, key, sil_weight, config: UpdateConfig, replay: bool, mesh):
-    """(S_j, N_j, metrics) of one micro-batch; differentiable in ``params``."""
+    """(S_j, N_j, scalar metrics) of one micro-batch; differentiable in ``params``."""
     logp, entropy = sequence_token_stats(
         graphdef, params, micro["tokens"], micro["valid"], config.temperature, config.logprob_chunk_size
     )
-    common = dict(entropy=entropy, row_valid=micro["row_valid"], mesh=mesh)
+    arrays = dict(logp=logp, old_logp=micro["old_logprobs"], advantages=micro["advantages"],
+                  mask=micro["loss_mask"], key=key, entropy=entropy, row_valid=micro["row_valid"],
+                  inputs={k: micro[k] for k in declared_inputs(_terms(config, replay))}, mesh=mesh)
     if replay:
-        return sil_objective(
-            logp, micro["old_logprobs"], micro["advantages"], micro["loss_mask"],
-            config.objective, config.sil, sil_weight, key, **common,
-        )
-    loss_sum, normaliser, metrics = policy_objective(
-        logp, micro["old_logprobs"], micro["advantages"], micro["loss_mask"], config.objective, key,
-        ref_logp=micro.get(REFERENCE_KEY), **common,
-    )
-    if "kl" in metrics:  # agg(KL(pi || pi_ref)), logged under the reference's name
-        metrics["kl_loss"] = metrics.pop("kl")
+        loss_sum, normaliser, metrics = sil_objective(config.objective, config.sil, sil_weight, **arrays)
+    else:
+        loss_sum, normaliser, metrics = policy_objective(config.objective, **arrays)
+    # agg(KL(pi || pi_ref)) is logged under the reference's name; token arrays are not logged.
+    metrics = {("kl_loss" if name == "kl" else name): value
+               for name, value in metrics.items() if jnp.ndim(value) == 0}
     return loss_sum, normaliser, metrics
 
 

@@ -50,8 +50,6 @@ from spear_jax.replay import ReplayBuffer
 from spear_jax.rollout import RolloutConfig, RolloutEngine, RolloutResult, TemplateChatTokenizer
 from spear_jax.sampling import Sampler, SamplingParams
 
-# Row arrays the replay buffer stores (besides its required fields).
-_REPLAY_CARRIED = ("tokens", "valid", "loss_mask", "old_logprobs")
 
 
 class Trainer:
@@ -71,6 +69,10 @@ class Trainer:
                            if run_config.uses_reference_policy(c) else None)
 
         self.update_config = run_config.update_config(c)
+        # Row arrays the replay buffer stores (besides its own scores / advantages / ids): what a
+        # replay update reads, the replay loss terms' declared inputs included.
+        self._replay_carried = tuple(k for k in train_step.batch_keys(self.update_config, replay=True)
+                                     if k not in ("advantages", "row_valid"))
         self.optimizer_config = run_config.optimizer_config(c)
         self.optimizer = train_step.make_optimizer(self.optimizer_config)
         self._learning_rate = train_step.learning_rate_schedule(self.optimizer_config)
@@ -444,7 +446,7 @@ class Trainer:
     def _buffer_rows(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The real rows of this step's batch in the buffer's row layout."""
         keep = batch["row_valid"]
-        rows = {name: batch[name][keep] for name in _REPLAY_CARRIED}
+        rows = {name: batch[name][keep] for name in self._replay_carried}
         rows.update(scores=batch["scores"][keep], advantages=batch["row_advantage"][keep],
                     group_ids=batch["group_id"][keep], traj_ids=batch["traj_id"][keep],
                     num_tool_calls=batch["num_tool_calls"][keep])
@@ -455,7 +457,7 @@ class Trainer:
         mini = self.config.actor.ppo_mini_batch_size
         rows = len(replay["scores"])
         padded = -(-rows // mini) * mini
-        batch = {name: _pad_to(replay[name], padded) for name in _REPLAY_CARRIED}
+        batch = {name: _pad_to(replay[name], padded) for name in self._replay_carried}
         batch["row_valid"] = _pad_to(np.ones(rows, bool), padded)
         batch["advantages"] = _pad_to(replay["advantages"].astype(np.float32), padded)[:, None] * batch["loss_mask"]
         return batch

@@ -1,4 +1,4 @@
-"""Pure, jit-able RL objectives: advantages, policy losses, aggregation, token statistics.
+"""Pure, jit-able RL objectives: advantages, policy losses, loss terms, aggregation, token statistics.
 
 See ``docs/objectives.md`` for how the train step composes them.
 """
@@ -23,4 +23,12 @@ from spear_jax.objectives.objective import (
 )
 from spear_jax.objectives.policy_losses import POLICY_LOSSES, PolicyLossConfig, get_policy_loss
 from spear_jax.objectives.regularizers import entropy_bonus, kl_penalty
+from spear_jax.objectives.terms import (
+    LOSS_TERMS,
+    LossTerm,
+    TermInputs,
+    TermValue,
+    get_loss_term,
+    register_loss_term,
+)
 from spear_jax.objectives.token_stats import token_entropy, token_logprobs, token_logprobs_and_entropy

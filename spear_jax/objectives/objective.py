@@ -1,43 +1,50 @@
-"""The per-micro-batch training objective: policy loss + entropy bonus + optional KL, aggregated.
+"""The per-micro-batch training objective: a list of weighted loss terms, aggregated once.
 
 The train step calls :func:`policy_objective` (on-policy micro-batches) or :func:`sil_objective`
 (replay micro-batches) once per micro-batch, sums the returned ``loss_sum`` values (and their
 gradients) and the ``normaliser`` values over the micro-batches of a minibatch, and divides once
-(:func:`spear_jax.objectives.aggregation.finalize`). Per token::
+(:func:`spear_jax.objectives.aggregation.finalize`). Per token, with the configured terms
+``(term_k, c_k)`` (:mod:`spear_jax.objectives.terms`)::
 
-    l_t = pg_t - entropy_coef * H_t + kl_coef * KL_t        (pg_t from the configured policy loss)
+    l_t = sum_k c_k * term_k(t)        e.g. pg_t - entropy_coef * H_t + kl_coef * KL_t
     (loss_sum, normaliser) = aggregate(l, mask)              (aggregation is linear in l)
 
-SIL (replay) term, per replay micro-batch (spec 3c)::
+SIL (replay) objective, per replay micro-batch (spec 3c)::
 
-    (loss_sum, normaliser) = aggregate(pg^replay - entropy_coef * H, mask) scaled by lambda(t)
+    (loss_sum, normaliser) = aggregate(sum_k c'_k * term'_k, mask)   (the replay term list)
     loss_sum <- lambda(t) * loss_sum
 
-where ``pg^replay`` is the same policy-loss family evaluated against the *stored* behaviour
-log-probs and recalibrated advantages with the replay Clip-Cov / KL-Cov parameters, and no KL term;
-``lambda(t)`` (the SIL weight) is computed by the host curriculum and passed in.
+where the policy-gradient terms are evaluated against the *stored* behaviour log-probs and
+recalibrated advantages with the replay Clip-Cov / KL-Cov parameters (default replay terms: the
+policy loss and the entropy bonus, no KL); ``lambda(t)`` (the SIL weight) is computed by the host
+curriculum and passed in.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 
 from spear_jax.objectives import _checks
 from spear_jax.objectives.aggregation import AggregationConfig, aggregate, finalize
-from spear_jax.objectives.policy_losses import PolicyLossConfig, check_token_inputs, get_policy_loss
-from spear_jax.objectives.regularizers import KL_PENALTIES, entropy_bonus, kl_penalty
+from spear_jax.objectives.policy_losses import PolicyLossConfig, check_token_inputs
+from spear_jax.objectives.regularizers import KL_PENALTIES
+from spear_jax.objectives.terms import TermInputs, check_terms, declared_inputs, get_loss_term
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """Everything :func:`policy_objective` needs besides arrays (validated at construction)."""
+    """Everything :func:`policy_objective` needs besides arrays (validated at construction).
+
+    ``terms``: ``((name, coefficient), ...)`` of registered loss terms, summed per token in this
+    order. ``kl_penalty``: the estimator of the ``kl`` term.
+    """
 
     policy: PolicyLossConfig = PolicyLossConfig()
     aggregation: AggregationConfig = AggregationConfig()
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.0
+    terms: tuple[tuple[str, float], ...] = (("pg", 1.0),)
     kl_penalty: str = "low_var_kl"
 
     def __post_init__(self):
@@ -45,71 +52,77 @@ class ObjectiveConfig:
             raise TypeError(f"policy must be a PolicyLossConfig, got {type(self.policy).__name__}")
         if not isinstance(self.aggregation, AggregationConfig):
             raise TypeError(f"aggregation must be an AggregationConfig, got {type(self.aggregation).__name__}")
-        if not self.kl_coef >= 0.0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        object.__setattr__(self, "terms", check_terms(self.terms))
         _checks.check_choice("kl_penalty", self.kl_penalty, KL_PENALTIES)
 
 
+def _check_inputs(config: ObjectiveConfig, inputs: TermInputs) -> None:
+    """Trace-time checks of the arrays against the terms that read them; errors name both."""
+    check_token_inputs(inputs.logp, inputs.old_logp, inputs.advantages, inputs.mask)
+    shape = inputs.logp.shape
+    if inputs.entropy is not None:
+        _checks.check_float("entropy", inputs.entropy, shape)
+    for name, _ in config.terms:
+        if get_loss_term(name).needs_entropy and inputs.entropy is None:
+            raise ValueError(f"loss term {name!r} needs entropy= (the [B, T] token entropies)")
+    for key in declared_inputs(config.terms):
+        if key not in inputs.batch:
+            users = [n for n, _ in config.terms if key in get_loss_term(n).inputs]
+            raise ValueError(f"loss terms {users} need inputs[{key!r}] (a [B] or [B, T] batch array)")
+        if tuple(jnp.shape(inputs.batch[key])) not in (shape, shape[:1]):
+            raise ValueError(f"inputs[{key!r}] must have shape {shape[:1]} or {shape}, "
+                             f"got {tuple(jnp.shape(inputs.batch[key]))}")
+
+
 def policy_objective(
+    config: ObjectiveConfig,
+    *,
     logp,
     old_logp,
     advantages,
     mask,
-    config: ObjectiveConfig,
     key=None,
-    *,
     entropy=None,
-    ref_logp=None,
     row_valid=None,
+    inputs: Mapping[str, jax.Array] | None = None,
     mesh=None,
 ):
-    """One micro-batch's ``(loss_sum, normaliser, metrics)``.
+    """One micro-batch's ``(loss_sum, normaliser, metrics)`` (arrays keyword-only).
 
     Args:
+      config: the objective's static options and term list.
       logp: [B, T] float current-policy log-probs of the response tokens (differentiated).
       old_logp: [B, T] float behaviour-policy log-probs.
       advantages: [B, T] float token advantages (e.g. ``broadcast_to_tokens``).
       mask: [B, T] 0/1 loss mask.
-      config: the objective's static options.
       key: PRNG key, required by ``clip_cov``.
-      entropy: [B, T] float token entropies; required iff ``entropy_coef != 0`` (also logged).
-      ref_logp: [B, T] float reference log-probs; required iff ``kl_coef != 0``.
+      entropy: [B, T] float token entropies; required by the ``entropy`` term.
       row_valid: optional [B] bool marking real (non-padding) rows for row-count normalisers.
+      inputs: the extra batch arrays the terms declare, by name, [B] or [B, T] each
+        (``ref_logprobs`` for ``kl``).
       mesh: required for ``cov_selection_scope='per_device'``.
 
     Returns:
-      loss_sum (float32 scalar, differentiable), normaliser (float32 scalar), metrics: the policy
-      loss's metrics plus ``pg_loss``, ``entropy`` and ``kl`` (each aggregated like the loss, as the
-      reference logs them), ``loss`` (= loss_sum / normaliser) and ``num_valid_tokens``.
+      loss_sum (float32 scalar, differentiable), normaliser (float32 scalar), metrics: each term's
+      aggregated value under its metric name (``pg_loss``, ``entropy``, ``kl``, aggregated like
+      the loss as the reference logs them) and its own metrics (the policy loss's clip fractions;
+      Clip-Cov / KL-Cov also ``cov_selected``, a [B, T] bool mask), ``loss`` (= loss_sum /
+      normaliser) and ``num_valid_tokens``.
     """
-    check_token_inputs(logp, old_logp, advantages, mask)
-    if config.entropy_coef != 0.0 and entropy is None:
-        raise ValueError("entropy is required when entropy_coef != 0")
-    if config.kl_coef != 0.0 and ref_logp is None:
-        raise ValueError("ref_logp is required when kl_coef != 0")
-    if entropy is not None:
-        _checks.check_float("entropy", entropy, logp.shape)
-    if ref_logp is not None:
-        _checks.check_float("ref_logp", ref_logp, logp.shape)
-
-    loss_fn = get_policy_loss(config.policy.loss_mode)
-    pg, metrics = loss_fn(logp, old_logp, advantages, mask, config.policy, key, mesh)
+    token_inputs = TermInputs(logp, old_logp, advantages, mask, entropy, row_valid, key, mesh, inputs or {})
+    _check_inputs(config, token_inputs)
     agg = config.aggregation
-
-    def aggregated(per_token):
-        return finalize(*aggregate(jax.lax.stop_gradient(per_token), mask, agg, row_valid))
-
-    total = pg
-    metrics = dict(metrics, pg_loss=aggregated(pg))
-    if entropy is not None:
-        metrics["entropy"] = aggregated(entropy.astype(jnp.float32))
-        if config.entropy_coef != 0.0:
-            total = total + entropy_bonus(entropy, config.entropy_coef)
-    if ref_logp is not None:
-        kl = kl_penalty(logp, ref_logp, config.kl_penalty)
-        metrics["kl"] = aggregated(kl)
-        if config.kl_coef != 0.0:
-            total = total + config.kl_coef * kl
+    total, metrics = None, {}
+    for name, coefficient in config.terms:
+        term = get_loss_term(name)
+        value = term.fn(config, token_inputs)
+        metrics.update(value.metrics)
+        metrics[term.metric] = finalize(*aggregate(jax.lax.stop_gradient(value.logged), mask, agg, row_valid))
+        if coefficient != 0.0:
+            weighted = coefficient * value.loss
+            total = weighted if total is None else total + weighted
+    if total is None:  # every coefficient is 0
+        total = jnp.zeros(logp.shape, jnp.float32)
     loss_sum, normaliser = aggregate(total, mask, agg, row_valid)
     metrics["loss"] = finalize(jax.lax.stop_gradient(loss_sum), normaliser)
     metrics["num_valid_tokens"] = jnp.sum(mask.astype(jnp.int32))
@@ -122,9 +135,11 @@ class SILConfig:
 
     ``ignore_replay_clip_cov=True`` reproduces the reference math tree (spec 5.2), whose Clip-Cov
     ignores ``is_replay`` so replay rows use the on-policy triple; KL-Cov honours the replay ratio
-    in both trees.
+    in both trees. ``terms``: the replay objective's ``((name, coefficient), ...)`` (registered
+    loss terms; the policy-gradient ones use the replay parameters below).
     """
 
+    terms: tuple[tuple[str, float], ...] = (("pg", 1.0),)
     clip_cov_ratio: float = 0.02
     clip_cov_lb: float = 2.0
     clip_cov_ub: float = 60.0
@@ -132,6 +147,7 @@ class SILConfig:
     ignore_replay_clip_cov: bool = False
 
     def __post_init__(self):
+        object.__setattr__(self, "terms", check_terms(self.terms))
         # Validate the triple by building a loss config from it.
         replay_policy_config(PolicyLossConfig(), self)
 
@@ -147,40 +163,41 @@ def replay_policy_config(on_policy: PolicyLossConfig, sil: SILConfig) -> PolicyL
 
 
 def sil_objective(
+    config: ObjectiveConfig,
+    sil: SILConfig,
+    sil_weight,
+    *,
     logp,
     old_logp,
     advantages,
     mask,
-    config: ObjectiveConfig,
-    sil: SILConfig,
-    sil_weight,
     key=None,
-    *,
     entropy=None,
     row_valid=None,
+    inputs: Mapping[str, jax.Array] | None = None,
     mesh=None,
 ):
-    """One replay micro-batch's ``(lambda * loss_sum, normaliser, metrics)``; no KL term.
+    """One replay micro-batch's ``(lambda * loss_sum, normaliser, metrics)`` (arrays keyword-only).
 
     Args:
+      config: the on-policy objective config (same clip range, aggregation, KL estimator).
+      sil: replay loss parameters, with the replay term list ``sil.terms``.
+      sil_weight: scalar lambda(t) (float or traced), from the host curriculum.
       logp: [B, T] float current-policy log-probs of the replayed responses.
       old_logp: [B, T] float *stored* behaviour log-probs (from the collection step).
       advantages: [B, T] float recalibrated advantages, broadcast over the mask.
       mask: [B, T] 0/1 loss mask.
-      config: the on-policy objective config (same clip range, aggregation, entropy bonus).
-      sil: replay loss parameters.
-      sil_weight: scalar lambda(t) (float or traced), from the host curriculum.
-      key, entropy, row_valid, mesh: as in :func:`policy_objective`.
+      key, entropy, row_valid, inputs, mesh: as in :func:`policy_objective`.
 
     Returns (sil_weight * loss_sum, normaliser, metrics with ``sil_weight`` added); the other
     metrics (``loss``, ``pg_loss``, ...) are the unweighted replay values.
     """
     replay_config = dataclasses.replace(
-        config, policy=replay_policy_config(config.policy, sil), kl_coef=0.0
+        config, policy=replay_policy_config(config.policy, sil), terms=sil.terms
     )
     loss_sum, normaliser, metrics = policy_objective(
-        logp, old_logp, advantages, mask, replay_config, key,
-        entropy=entropy, row_valid=row_valid, mesh=mesh,
+        replay_config, logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, key=key,
+        entropy=entropy, row_valid=row_valid, inputs=inputs, mesh=mesh,
     )
     weight = jnp.asarray(sil_weight, jnp.float32)
     metrics = dict(metrics, sil_weight=weight)

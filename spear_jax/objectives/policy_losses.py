@@ -1,8 +1,10 @@
 """Per-token policy-gradient losses (vanilla PPO, Clip-Cov, KL-Cov), selected by name.
 
-Every loss has the signature ``loss_fn(logp, old_logp, advantages, mask, config, key, mesh)`` and
-returns ``(loss [B, T], metrics)``; the per-token loss is 0 at masked tokens and is aggregated by
-:mod:`spear_jax.objectives.aggregation`. Notation per token:
+Every loss has the signature ``loss_fn(config, *, logp, old_logp, advantages, mask, key=None,
+mesh=None)`` (the arrays keyword-only: ``logp`` and ``old_logp`` are both [B, T] floats, and a swap
+would silently invert the ratio) and returns ``(loss [B, T], metrics)``; the per-token loss is 0 at
+masked tokens and is aggregated by :mod:`spear_jax.objectives.aggregation`. The metrics are
+scalars, except the covariance losses' ``cov_selected`` [B, T] bool mask of the selected tokens. Notation per token:
 ``lr = logp - old_logp`` (clamped to ``+-log_ratio_clamp``), ``r = exp(lr)``, ``A`` the advantage,
 ``l1 = -A r``, ``l2 = -A clip(r, 1 - eps_low, 1 + eps_high)``.
 
@@ -240,12 +242,14 @@ def _scoped(select, config: PolicyLossConfig, mesh, arrays, key):
 
 
 def _cov_metrics(cov, valid, selected):
+    """The covariance statistics (scalars) and the selection mask ``cov_selected`` [B, T] bool."""
     m = valid.astype(jnp.float32)
     return {
         "cov_mean": _masked_mean(cov, m),
         "cov_max": jnp.where(jnp.any(valid), jnp.max(jnp.where(valid, cov, -jnp.inf)), 0.0),
         "cov_num_selected": jnp.sum(selected.astype(jnp.int32)),
         "cov_selected_fraction": _masked_mean(selected.astype(jnp.float32), m),
+        "cov_selected": selected,
     }
 
 
@@ -253,10 +257,11 @@ def _cov_metrics(cov, valid, selected):
 # Losses
 
 
-def vanilla_policy_loss(logp, old_logp, advantages, mask, config: PolicyLossConfig, key=None, mesh=None):
+def vanilla_policy_loss(config: PolicyLossConfig, *, logp, old_logp, advantages, mask, key=None, mesh=None):
     """PPO clipped surrogate with asymmetric clip and dual clip (see module docstring).
 
     Args:
+      config: the loss options (static).
       logp, old_logp, advantages: [B, T] float; mask: [B, T] 0/1. ``key``/``mesh`` unused.
 
     Returns (loss [B, T] float32, metrics: pg_clipfrac, pg_clipfrac_lower, ppo_kl).
@@ -278,17 +283,19 @@ def vanilla_policy_loss(logp, old_logp, advantages, mask, config: PolicyLossConf
     return jnp.where(valid, loss, 0.0), metrics
 
 
-def clip_cov_policy_loss(logp, old_logp, advantages, mask, config: PolicyLossConfig, key=None, mesh=None):
+def clip_cov_policy_loss(config: PolicyLossConfig, *, logp, old_logp, advantages, mask, key=None, mesh=None):
     """Clip-Cov: ``max(l1, l2) * (1 - selected)`` with a random covariance-band token subset.
 
     Args:
+      config: the loss options (static).
       logp, old_logp, advantages: [B, T] float; mask: [B, T] 0/1.
       key: PRNG key driving the selection (required).
       mesh: required for ``cov_selection_scope='per_device'``.
 
     Returns (loss [B, T] float32, metrics: pg_clipfrac (PPO-clipped fraction), pg_clipfrac_lower
-    (always 0), ppo_kl, cov_mean, cov_max, cov_num_selected, cov_selected_fraction -- the last is
-    what the reference logs as ``pg_clipfrac`` in this mode).
+    (always 0), ppo_kl, cov_mean, cov_max, cov_num_selected, cov_selected_fraction -- what the
+    reference logs as ``pg_clipfrac`` in this mode -- and cov_selected, the [B, T] bool mask of
+    the zeroed tokens).
     """
     if key is None:
         raise ValueError("key (a PRNG key) is required for loss_mode='clip_cov'")
@@ -312,16 +319,17 @@ def clip_cov_policy_loss(logp, old_logp, advantages, mask, config: PolicyLossCon
     return loss, metrics
 
 
-def kl_cov_policy_loss(logp, old_logp, advantages, mask, config: PolicyLossConfig, key=None, mesh=None):
+def kl_cov_policy_loss(config: PolicyLossConfig, *, logp, old_logp, advantages, mask, key=None, mesh=None):
     """KL-Cov: ``-A r`` everywhere, ``+ kl_cov_coef * |lr|`` on the top-covariance tokens.
 
     Args:
+      config: the loss options (static).
       logp, old_logp, advantages: [B, T] float; mask: [B, T] 0/1. ``key`` unused (deterministic).
       mesh: required for ``cov_selection_scope='per_device'``.
 
     Returns (loss [B, T] float32, metrics: pg_clipfrac (0: no clipping), pg_clipfrac_lower (0),
     ppo_kl (masked mean of |lr|, as the reference logs it), cov_mean, cov_max, cov_num_selected,
-    cov_selected_fraction).
+    cov_selected_fraction, and cov_selected, the [B, T] bool mask of the penalised tokens).
     """
     del key
     check_token_inputs(logp, old_logp, advantages, mask)

@@ -23,7 +23,8 @@ def loss_grad(cfg, logp, old, adv, mask=None):
     fn = pl.get_policy_loss(cfg.loss_mode)
 
     def total(lp):
-        return jnp.sum(fn(lp, f32(old), f32(adv), f32(mask), cfg, jax.random.key(0))[0])
+        return jnp.sum(fn(cfg, logp=lp, old_logp=f32(old), advantages=f32(adv), mask=f32(mask),
+                          key=jax.random.key(0))[0])
 
     value, grad = jax.value_and_grad(total)(f32(logp))
     return float(value), np.asarray(grad)
@@ -89,8 +90,8 @@ def test_sil_kl_cov_at_unit_ratio_is_plain_policy_gradient():
     adv = f32([[2.0, 2.0, -1.0, -1.0]])
 
     def total(lp):
-        loss_sum, normaliser, _ = sil_objective(lp, logp, adv, jnp.ones_like(lp), config,
-                                                SILConfig(kl_cov_ratio=0.5), 1.0, jax.random.key(0))
+        loss_sum, normaliser, _ = sil_objective(config, SILConfig(kl_cov_ratio=0.5), 1.0, logp=lp, old_logp=logp,
+                                                advantages=adv, mask=jnp.ones_like(lp), key=jax.random.key(0))
         return loss_sum / normaliser
 
     np.testing.assert_allclose(jax.grad(total)(logp), -adv / 4.0, rtol=1e-6)

@@ -22,8 +22,13 @@ from spear_jax.objectives.policy_losses import PolicyLossConfig
 B, T = 16, 8
 
 # jitted entry points (configs are static): eager op-by-op dispatch is slow on a busy CPU
-jit_objective = jax.jit(policy_objective, static_argnums=(4,))
-jit_sil = jax.jit(sil_objective, static_argnums=(4, 5))
+jit_objective = jax.jit(policy_objective, static_argnums=(0,))
+jit_sil = jax.jit(sil_objective, static_argnums=(0, 1))
+
+
+def terms(**coefficients):
+    """The term list ``pg`` (coefficient 1) followed by ``name=coefficient`` terms."""
+    return (("pg", 1.0),) + tuple(coefficients.items())
 
 
 def random_inputs(seed, b=B, t=T):
@@ -41,7 +46,8 @@ def random_inputs(seed, b=B, t=T):
 @functools.lru_cache(maxsize=None)
 def objective_and_grad(config):
     def f(logp, old, adv, mask, entropy, ref, key):
-        s, n, m = policy_objective(logp, old, adv, mask, config, key, entropy=entropy, ref_logp=ref)
+        s, n, m = policy_objective(config, logp=logp, old_logp=old, advantages=adv, mask=mask, key=key,
+                                   entropy=entropy, inputs={"ref_logprobs": ref})
         return s, (n, m)
 
     return jax.jit(jax.value_and_grad(f, has_aux=True))
@@ -54,9 +60,9 @@ def objective_and_grad(config):
 def test_composition_is_pg_minus_entropy_plus_kl():
     logp, old, adv, mask, entropy, ref = random_inputs(0)
     cfg = ObjectiveConfig(PolicyLossConfig(eps_high=0.28), AggregationConfig("token-mean"),
-                          entropy_coef=0.001, kl_coef=0.05, kl_penalty="low_var_kl")
+                          terms=terms(entropy=0.001, kl=0.05), kl_penalty="low_var_kl")
     (s, (n, metrics)) = objective_and_grad(cfg)(logp, old, adv, mask, entropy, ref, jax.random.key(0))[0]
-    pg, _ = pl.vanilla_policy_loss(logp, old, adv, mask, cfg.policy)
+    pg, _ = pl.vanilla_policy_loss(cfg.policy, logp=logp, old_logp=old, advantages=adv, mask=mask)
     kl = regularizers.kl_penalty(logp, ref, "low_var_kl")
     m = np.asarray(mask)
     want = (np.asarray(pg) - 0.001 * np.asarray(entropy) + 0.05 * np.asarray(kl))[m > 0].sum()
@@ -72,8 +78,9 @@ def test_entropy_bonus_from_uniform_logits_is_minus_coef_log_vocab():
     logits = jnp.zeros((2, 5, vocab))
     ids = jnp.zeros((2, 5), jnp.int32)
     logp, entropy = token_stats.token_logprobs_and_entropy(logits, ids)
-    cfg = ObjectiveConfig(entropy_coef=0.001)
-    s, n, metrics = jit_objective(logp, logp, jnp.zeros((2, 5)), jnp.ones((2, 5)), cfg, entropy=entropy)
+    cfg = ObjectiveConfig(terms=terms(entropy=0.001))
+    s, n, metrics = jit_objective(cfg, logp=logp, old_logp=logp, advantages=jnp.zeros((2, 5)),
+                                  mask=jnp.ones((2, 5)), entropy=entropy)
     assert float(finalize(s, n)) == pytest.approx(-0.001 * math.log(vocab), rel=1e-5)
     assert float(metrics["entropy"]) == pytest.approx(math.log(vocab), rel=1e-5)
 
@@ -83,11 +90,12 @@ def test_gradient_flows_through_entropy_and_logits():
     ids = jnp.asarray([[1, 2, 3], [4, 5, 6]])
     old = token_stats.token_logprobs(logits, ids)
     adv = jnp.full((2, 3), 0.5)
-    cfg = ObjectiveConfig(entropy_coef=0.01)
+    cfg = ObjectiveConfig(terms=terms(entropy=0.01))
 
     def loss(z):
         logp, entropy = token_stats.token_logprobs_and_entropy(z, ids)
-        return finalize(*policy_objective(logp, old, adv, jnp.ones((2, 3)), cfg, entropy=entropy)[:2])
+        return finalize(*policy_objective(cfg, logp=logp, old_logp=old, advantages=adv, mask=jnp.ones((2, 3)),
+                                          entropy=entropy)[:2])
 
     def manual(z):
         logp, entropy = token_stats.token_logprobs_and_entropy(z, ids)
@@ -113,18 +121,27 @@ def test_kl_penalties():
 
 def test_missing_or_mismatched_optional_inputs_raise():
     logp, old, adv, mask, entropy, ref = random_inputs(1)
-    with pytest.raises(ValueError, match="entropy is required"):
-        policy_objective(logp, old, adv, mask, ObjectiveConfig(entropy_coef=0.1))
-    with pytest.raises(ValueError, match="ref_logp is required"):
-        policy_objective(logp, old, adv, mask, ObjectiveConfig(kl_coef=0.1))
+    arrays = dict(logp=logp, old_logp=old, advantages=adv, mask=mask)
+    with pytest.raises(ValueError, match="'entropy' needs entropy="):
+        policy_objective(ObjectiveConfig(terms=terms(entropy=0.1)), **arrays)
+    with pytest.raises(ValueError, match=r"\['kl'\] need inputs\['ref_logprobs'\]"):
+        policy_objective(ObjectiveConfig(terms=terms(kl=0.1)), **arrays)
+    with pytest.raises(ValueError, match=r"inputs\['ref_logprobs'\] must have shape"):
+        policy_objective(ObjectiveConfig(terms=terms(kl=0.1)), **arrays, inputs={"ref_logprobs": ref[:, :3]})
     with pytest.raises(ValueError, match="entropy must have shape"):
-        policy_objective(logp, old, adv, mask, ObjectiveConfig(), entropy=entropy[:, :3])
+        policy_objective(ObjectiveConfig(), **arrays, entropy=entropy[:, :3])
     with pytest.raises(ValueError, match="advantages must have shape"):
-        policy_objective(logp, old, adv[:, 0], mask, ObjectiveConfig())
+        policy_objective(ObjectiveConfig(), **dict(arrays, advantages=adv[:, 0]))
+    with pytest.raises(TypeError, match="positional"):
+        policy_objective(ObjectiveConfig(), logp, old, adv, mask)  # a swap would invert the ratio
     with pytest.raises(ValueError, match="kl_penalty"):
         ObjectiveConfig(kl_penalty="forward")
-    with pytest.raises(ValueError, match="kl_coef"):
-        ObjectiveConfig(kl_coef=-1.0)
+    with pytest.raises(ValueError, match="unknown loss term 'entropy_bonus'; registered: .*'entropy'"):
+        ObjectiveConfig(terms=(("pg", 1.0), ("entropy_bonus", 0.1)))
+    with pytest.raises(ValueError, match="finite"):
+        ObjectiveConfig(terms=(("pg", math.nan),))
+    with pytest.raises(ValueError, match="'pg' and 'pg_kl_cov' both report 'pg_loss'"):
+        ObjectiveConfig(terms=(("pg", 1.0), ("pg_kl_cov", 1.0)))
     with pytest.raises(TypeError, match="policy must be a PolicyLossConfig"):
         ObjectiveConfig(policy={"loss_mode": "vanilla"})
 
@@ -138,7 +155,7 @@ def test_micro_batch_accumulation_equals_full_batch(mode):
     logp, old, adv, mask, entropy, ref = random_inputs(2)
     logp = logp.at[:, :2].add(0.5)  # some clipped tokens
     cfg = ObjectiveConfig(PolicyLossConfig(eps_high=0.28), AggregationConfig(mode, norm_length=T),
-                          entropy_coef=0.001, kl_coef=0.01)
+                          terms=terms(entropy=0.001, kl=0.01))
     fn = objective_and_grad(cfg)
     key = jax.random.key(0)
     (full_sum, (full_norm, _)), full_grad = fn(logp, old, adv, mask, entropy, ref, key)
@@ -184,21 +201,22 @@ def replay_band_case():
 def test_replay_loss_uses_replay_clip_cov_triple(ignore, on_policy_count):
     logp, old, adv, mask = replay_band_case()
     cfg = ObjectiveConfig(PolicyLossConfig("clip_cov", eps_high=0.28))
-    _, _, on_metrics = jit_objective(logp, old, adv, mask, cfg, jax.random.key(0))
+    arrays = dict(logp=logp, old_logp=old, advantages=adv, mask=mask, key=jax.random.key(0))
+    _, _, on_metrics = jit_objective(cfg, **arrays)
     assert int(on_metrics["cov_num_selected"]) == 0  # on-policy triple 0.0002/1/5: cov 16.2 outside
-    _, _, metrics = jit_sil(logp, old, adv, mask, cfg, SILConfig(ignore_replay_clip_cov=ignore), 1.0,
-                            jax.random.key(0))
+    _, _, metrics = jit_sil(cfg, SILConfig(ignore_replay_clip_cov=ignore), 1.0, **arrays)
     assert int(metrics["cov_num_selected"]) == on_policy_count
 
 
 def test_sil_weight_scales_the_sum_and_no_kl_is_added():
     logp, old, adv, mask, entropy, ref = random_inputs(3)
     adv = jnp.abs(adv)  # recalibrated advantages are >= 0
-    cfg = ObjectiveConfig(PolicyLossConfig(eps_high=0.28), entropy_coef=0.001, kl_coef=0.5)
-    base = ObjectiveConfig(PolicyLossConfig(eps_high=0.28), entropy_coef=0.001)
-    s0, n0, _ = jit_objective(logp, old, adv, mask, base, entropy=entropy)
+    cfg = ObjectiveConfig(PolicyLossConfig(eps_high=0.28), terms=terms(entropy=0.001, kl=0.5))
+    base = ObjectiveConfig(PolicyLossConfig(eps_high=0.28), terms=terms(entropy=0.001))
+    arrays = dict(logp=logp, old_logp=old, advantages=adv, mask=mask, entropy=entropy)
+    s0, n0, _ = jit_objective(base, **arrays)
     lam = 0.5 * (1 - math.cos(math.pi * 1 / 100))  # lambda(1) for T = 100
-    s, n, metrics = jit_sil(logp, old, adv, mask, cfg, SILConfig(), lam, entropy=entropy)
+    s, n, metrics = jit_sil(cfg, SILConfig(terms=terms(entropy=0.001)), lam, **arrays)
     np.testing.assert_allclose([s, n], [lam * s0, n0], rtol=1e-6)
     assert float(metrics["sil_weight"]) == pytest.approx(2.467e-4, rel=1e-3)
     assert "kl" not in metrics
@@ -209,8 +227,8 @@ def test_replay_token_above_clip_has_zero_gradient():
     old = jnp.asarray([[-1.0, -1.0]])
     logp = old + jnp.log(jnp.asarray([[1.5, 1.1]]))
     adv = jnp.asarray([[2.0, 2.0]])
-    grad = jax.jit(jax.grad(lambda lp: sil_objective(lp, old, adv, jnp.ones((1, 2)), cfg, SILConfig(), 0.7,
-                                             jax.random.key(0))[0]))(logp)
+    grad = jax.jit(jax.grad(lambda lp: sil_objective(cfg, SILConfig(), 0.7, logp=lp, old_logp=old, advantages=adv,
+                                                     mask=jnp.ones((1, 2)), key=jax.random.key(0))[0]))(logp)
     assert float(grad[0, 0]) == 0.0
     assert float(grad[0, 1]) == pytest.approx(-0.7 * 2.0 * 1.1, rel=1e-5)
 
@@ -229,7 +247,7 @@ def test_global_selection_on_sharded_batch_equals_single_device(loss_mode):
     logp, old, adv, mask, entropy, ref = random_inputs(4)
     cfg = ObjectiveConfig(PolicyLossConfig(loss_mode, clip_cov_ratio=0.1, clip_cov_lb=0.2, clip_cov_ub=8.0,
                                            kl_cov_ratio=0.1), AggregationConfig("seq-mean-token-sum-norm"),
-                          entropy_coef=0.001)
+                          terms=terms(entropy=0.001))
     key = jax.random.key(9)
     fn = objective_and_grad(cfg)
     (s1, (n1, m1)), g1 = fn(logp, old, adv, mask, entropy, ref, key)
@@ -254,9 +272,10 @@ def test_per_device_scope_selects_per_shard(loss_mode):
     key = jax.random.key(2)
     loss_fn = pl.get_policy_loss(loss_mode)
     put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))  # noqa: E731
-    got, metrics = jax.jit(lambda *a: loss_fn(*a, per_device, key, mesh))(put(logp), put(old), put(adv), put(mask))
+    got, metrics = jax.jit(lambda lp, o, a, m: loss_fn(per_device, logp=lp, old_logp=o, advantages=a, mask=m,
+                                                       key=key, mesh=mesh))(put(logp), put(old), put(adv), put(mask))
     rows = B // 8
-    jit_loss = jax.jit(lambda lp, o, a, m, k: loss_fn(lp, o, a, m, one_pool, k))
+    jit_loss = jax.jit(lambda lp, o, a, m, k: loss_fn(one_pool, logp=lp, old_logp=o, advantages=a, mask=m, key=k))
     want, selected = [], 0
     for i in range(8):
         sl = slice(i * rows, (i + 1) * rows)
@@ -280,7 +299,10 @@ def test_explicit_axis_mesh_gives_the_same_selection(loss_mode, scope):
     key = jax.random.key(4)
 
     def run(mesh, *arrays):
-        return jax.jit(jax.value_and_grad(lambda *a: policy_objective(*a, cfg, key, mesh=mesh)[0]))(*arrays)
+        def value(lp, o, a, m):
+            return policy_objective(cfg, logp=lp, old_logp=o, advantages=a, mask=m, key=key, mesh=mesh)[0]
+
+        return jax.jit(jax.value_and_grad(value))(*arrays)
 
     want_value, want_grad = run(data_mesh(), logp, old, adv, mask)
     with jax.set_mesh(explicit):
@@ -295,14 +317,16 @@ def test_per_device_scope_rejects_unknown_axis():
     logp, old, adv, mask, _, _ = random_inputs(6)
     cfg = PolicyLossConfig("clip_cov", cov_selection_scope="per_device", cov_selection_axis="fsdp")
     with pytest.raises(ValueError, match="cov_selection_axis 'fsdp'"):
-        pl.clip_cov_policy_loss(logp, old, adv, mask, cfg, jax.random.key(0), data_mesh())
+        pl.clip_cov_policy_loss(cfg, logp=logp, old_logp=old, advantages=adv, mask=mask, key=jax.random.key(0),
+                                mesh=data_mesh())
 
 
 def test_gradient_matches_finite_differences_on_unclipped_tokens():
     logp, old, adv, mask, entropy, ref = random_inputs(7)
     cfg = ObjectiveConfig(PolicyLossConfig(eps_high=0.28), AggregationConfig("seq-mean-token-sum-norm"),
-                          kl_coef=0.1, kl_penalty="k2")
-    loss = jax.jit(lambda lp: finalize(*policy_objective(lp, old, adv, mask, cfg, ref_logp=ref)[:2]))
+                          terms=terms(kl=0.1), kl_penalty="k2")
+    loss = jax.jit(lambda lp: finalize(*policy_objective(cfg, logp=lp, old_logp=old, advantages=adv, mask=mask,
+                                                         inputs={"ref_logprobs": ref})[:2]))
     grad = np.asarray(jax.jit(jax.grad(loss))(logp))
     ratio = np.exp(np.asarray(logp - old))
     inside = (ratio > 0.85) & (ratio < 1.2) & (np.asarray(mask) > 0)  # far from the clip edges

@@ -101,7 +101,7 @@ def loss_and_grad(cfg):
     fn = pl.get_policy_loss(cfg.loss_mode)
 
     def value(logp, old, adv, mask, key):
-        loss, metrics = fn(logp, old, adv, mask, cfg, key)
+        loss, metrics = fn(cfg, logp=logp, old_logp=old, advantages=adv, mask=mask, key=key)
         return jnp.sum(loss), (loss, metrics)
 
     return jax.jit(jax.grad(value, has_aux=True))
@@ -238,10 +238,28 @@ def test_clip_cov_zeroes_exactly_k_of_the_eligible_tokens():
     np.testing.assert_allclose(loss[0, unselected], -1.0)
     np.testing.assert_allclose(grad[0, unselected], -1.0)
     assert metrics["cov_selected_fraction"] == pytest.approx(0.02)
+    # the selection mask itself: exactly the zeroed tokens
+    np.testing.assert_array_equal(np.flatnonzero(metrics["cov_selected"]), selected)
     # zeroed tokens stay in the token-mean denominator
-    s, n, _ = policy_objective(*(jnp.asarray(x, jnp.float32) for x in (logp, old, adv, mask)),
-                               ObjectiveConfig(cfg), jax.random.key(3))
+    lp, o, a, m = (jnp.asarray(x, jnp.float32) for x in (logp, old, adv, mask))
+    s, n, metrics = policy_objective(ObjectiveConfig(cfg), logp=lp, old_logp=o, advantages=a, mask=m,
+                                     key=jax.random.key(3))
     assert float(n) == 100.0 and float(s) == pytest.approx(-8.0)
+    assert metrics["cov_selected"].shape == (1, 100)
+    np.testing.assert_array_equal(np.flatnonzero(metrics["cov_selected"]), selected)
+
+
+def test_kl_cov_selection_mask_marks_the_top_covariance_tokens():
+    cfg = PolicyLossConfig("kl_cov", kl_cov_ratio=0.02)
+    logp, old, adv, mask = band_case()
+    adv[0, 3] = 3.0  # tokens 3 and 7 carry the largest covariance
+    adv[0, 7] = 2.0
+    lp, o, a, m = (jnp.asarray(x, jnp.float32) for x in (logp, old, adv, mask))
+    _, metrics = pl.kl_cov_policy_loss(cfg, logp=lp, old_logp=o, advantages=a, mask=m)
+    assert metrics["cov_selected"].dtype == jnp.bool_
+    np.testing.assert_array_equal(np.flatnonzero(metrics["cov_selected"]), [3, 7])
+    _, vanilla_metrics = pl.vanilla_policy_loss(cfg, logp=lp, old_logp=o, advantages=a, mask=m)
+    assert "cov_selected" not in vanilla_metrics
 
 
 def test_clip_cov_selection_is_reproducible_and_key_driven():
@@ -258,7 +276,8 @@ def test_clip_cov_selection_is_uniform_over_eligible_tokens():
     cfg = PolicyLossConfig("clip_cov", clip_cov_ratio=0.02)
     logp, old, adv, mask = (jnp.asarray(x, jnp.float32) for x in band_case())
     keys = jax.random.split(jax.random.key(5), 2000)
-    losses, metrics = jax.jit(jax.vmap(lambda k: pl.clip_cov_policy_loss(logp, old, adv, mask, cfg, k)))(keys)
+    losses, metrics = jax.jit(jax.vmap(lambda k: pl.clip_cov_policy_loss(
+        cfg, logp=logp, old_logp=old, advantages=adv, mask=mask, key=k)))(keys)
     zeroed = np.asarray(losses)[:, 0, :10] == 0.0
     assert np.all(zeroed.sum(axis=1) == 2) and np.all(np.asarray(metrics["cov_num_selected"]) == 2)
     np.testing.assert_allclose(zeroed.mean(axis=0), 0.2, atol=0.045)  # ~5 sigma
@@ -381,17 +400,21 @@ def test_bad_inputs_name_the_argument():
     cfg = PolicyLossConfig()
     z = jnp.zeros((2, 3))
     with pytest.raises(ValueError, match="old_logp must have shape"):
-        pl.vanilla_policy_loss(z, jnp.zeros((2, 4)), z, z, cfg)
+        pl.vanilla_policy_loss(cfg, logp=z, old_logp=jnp.zeros((2, 4)), advantages=z, mask=z)
     with pytest.raises(ValueError, match="advantages must have shape"):
-        pl.vanilla_policy_loss(z, z, jnp.zeros((2,)), z, cfg)
+        pl.vanilla_policy_loss(cfg, logp=z, old_logp=z, advantages=jnp.zeros((2,)), mask=z)
     with pytest.raises(ValueError, match="mask must have shape"):
-        pl.vanilla_policy_loss(z, z, z, jnp.ones((3, 2)), cfg)
+        pl.vanilla_policy_loss(cfg, logp=z, old_logp=z, advantages=z, mask=jnp.ones((3, 2)))
     with pytest.raises(TypeError, match="logp must be a floating"):
-        pl.vanilla_policy_loss(jnp.zeros((2, 3), jnp.int32), z, z, z, cfg)
+        pl.vanilla_policy_loss(cfg, logp=jnp.zeros((2, 3), jnp.int32), old_logp=z, advantages=z, mask=z)
     with pytest.raises(ValueError, match="logp must have rank 2"):
-        pl.vanilla_policy_loss(jnp.zeros(3), jnp.zeros(3), jnp.zeros(3), jnp.zeros(3), cfg)
+        three = jnp.zeros(3)
+        pl.vanilla_policy_loss(cfg, logp=three, old_logp=three, advantages=three, mask=three)
     with pytest.raises(ValueError, match="key"):
-        pl.clip_cov_policy_loss(z, z, z, z, PolicyLossConfig("clip_cov"))
+        pl.clip_cov_policy_loss(PolicyLossConfig("clip_cov"), logp=z, old_logp=z, advantages=z, mask=z)
     with pytest.raises(ValueError, match="mesh is required"):
-        pl.clip_cov_policy_loss(z, z, z, z, PolicyLossConfig("clip_cov", cov_selection_scope="per_device"),
-                                jax.random.key(0))
+        pl.clip_cov_policy_loss(PolicyLossConfig("clip_cov", cov_selection_scope="per_device"),
+                                logp=z, old_logp=z, advantages=z, mask=z, key=jax.random.key(0))
+    for loss in pl.POLICY_LOSSES.values():  # positional arrays: a logp / old_logp swap would pass silently
+        with pytest.raises(TypeError, match="positional"):
+            loss(cfg, z, z, z, z)

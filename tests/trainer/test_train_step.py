@@ -42,7 +42,7 @@ def _config(mode="token-mean", loss_mode="vanilla", entropy_coef=0.0):
     objective = ObjectiveConfig(
         policy=PolicyLossConfig(loss_mode=loss_mode, eps_high=0.28),
         aggregation=AggregationConfig(mode=mode, norm_length=12),
-        entropy_coef=entropy_coef,
+        terms=(("pg", 1.0), ("entropy", entropy_coef)),
     )
     return train_step.UpdateConfig(objective=objective, sil=SILConfig(), logprob_chunk_size=8)
 
@@ -109,6 +109,9 @@ def test_replay_loss_scales_with_sil_weight_without_recompiling():
         assert float(metrics["sil_weight"]) == weight
     np.testing.assert_allclose(losses[0] * 4, losses[1], rtol=1e-5)
     assert update._cache_size() == 1
+    # the logged metrics are scalars: Clip-Cov's [B, T] selection mask stays with direct callers
+    assert all(jnp.ndim(value) == 0 for value in metrics.values())
+    assert "cov_selected" not in metrics and "cov_num_selected" in metrics
 
 
 def test_data_parallel_sharded_update_equals_single_device():
@@ -140,6 +143,55 @@ def test_bad_minibatch_is_rejected():
         train_step.OptimizerConfig(schedule="linear")
 
 
+def _with_terms(config, on_policy=None, replay=None):
+    objective = config.objective if on_policy is None else dataclasses.replace(config.objective, terms=on_policy)
+    sil = config.sil if replay is None else dataclasses.replace(config.sil, terms=replay)
+    return dataclasses.replace(config, objective=objective, sil=sil)
+
+
+def test_batch_keys_add_the_inputs_the_terms_declare():
+    plain = _config()
+    keys = train_step.MINIBATCH_KEYS
+    assert train_step.batch_keys(plain, replay=False) == train_step.batch_keys(plain, replay=True) == keys
+    kl_on_policy = _with_terms(plain, on_policy=(("pg", 1.0), ("kl", 0.1)))
+    assert train_step.batch_keys(kl_on_policy, replay=False) == keys + ("ref_logprobs",)
+    assert train_step.batch_keys(kl_on_policy, replay=True) == keys
+    kl_on_replay = _with_terms(plain, replay=(("pg", 1.0), ("kl", 0.1)))
+    assert train_step.batch_keys(kl_on_replay, replay=False) == keys
+    assert train_step.batch_keys(kl_on_replay, replay=True) == keys + ("ref_logprobs",)
+
+
+def test_check_minibatch_checks_the_declared_inputs():
+    rows = _rows()
+    rows["ref_logprobs"] = rows["old_logprobs"]
+    rows["reward"] = np.ones(8, np.float32)  # a per-row extra input
+    minibatch = _split(rows, 2)
+    keys = train_step.MINIBATCH_KEYS + ("ref_logprobs", "reward")
+    assert train_step.check_minibatch(minibatch, keys) == (2, 4, 12)
+    with pytest.raises(KeyError, match="reward"):
+        train_step.check_minibatch({k: v for k, v in minibatch.items() if k != "reward"}, keys)
+    minibatch["reward"] = minibatch["reward"][:, :, None]
+    with pytest.raises(ValueError, match=r"minibatch\['reward'\] has shape \(2, 4, 1\)"):
+        train_step.check_minibatch(minibatch, keys)
+
+
+def test_kl_on_replay_rows_only_reads_the_stored_reference_logprobs():
+    """replay terms (pg, kl): the replay update reads ref_logprobs and logs kl_loss; the
+    on-policy update of the same config neither needs nor logs it."""
+    rows = _rows()
+    rows["advantages"] = np.abs(rows["advantages"])
+    rows["ref_logprobs"] = (rows["old_logprobs"] - 0.2 * rows["loss_mask"]).astype(np.float32)
+    config = _with_terms(_config(), replay=(("pg", 1.0), ("kl", 0.3)))
+    _, _, replayed = _run(config, rows, n_micro=1, replay=True)
+    _, _, replay_without_kl = _run(_config(), rows, n_micro=1, replay=True)
+    without_reference = {k: v for k, v in rows.items() if k != "ref_logprobs"}
+    _, _, on_policy = _run(config, without_reference, n_micro=1)
+    assert "kl_loss" in replayed and "kl_loss" not in on_policy
+    np.testing.assert_allclose(float(replayed["pg_loss"]), float(replay_without_kl["pg_loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(replayed["loss"]),
+                               float(replayed["pg_loss"]) + 0.3 * float(replayed["kl_loss"]), rtol=1e-5)
+
+
 def _kl_reference(kind, logp, ref):
     d = logp - ref
     return {"k1": d, "abs": np.abs(d), "k2": 0.5 * d * d,
@@ -158,7 +210,8 @@ def test_kl_loss_adds_coef_times_aggregated_kl(kind):
     rows["ref_logprobs"] = np.where(rows["loss_mask"] > 0, logp + rng.normal(0, 0.5, logp.shape), 0).astype(np.float32)
     plain = _config()
     with_kl = train_step.UpdateConfig(
-        objective=dataclasses.replace(plain.objective, kl_coef=0.3, kl_penalty=kind),
+        objective=dataclasses.replace(plain.objective, terms=plain.objective.terms + (("kl", 0.3),),
+                                      kl_penalty=kind),
         sil=plain.sil, logprob_chunk_size=8)
     _, _, base = _run(plain, {k: v for k, v in rows.items() if k != "ref_logprobs"}, n_micro=1)
     _, _, out = _run(with_kl, rows, n_micro=1)  # one micro-batch: the metric is the exact mean
