@@ -21,6 +21,10 @@ runs, or how the same computation is laid out on devices:
   computation (restore re-shards onto the new mesh); results agree up to float reordering.
 * ``trainer.resume_step``: which step to resume from (``resume_step``; -1, the newest intact one).
 
+A field added to the config after a checkpoint was saved is compared with the value that run
+implied (``IMPLIED_WHEN_ABSENT``: e.g. ``env.domain`` was ``"math"`` exactly for trajectory
+rows), so older checkpoints resume under the behaviour they had.
+
 ``resume_step(config, checkpointer)`` picks the step: ``config.trainer.resume_step`` when it is
 >= 0 (a complete step of the workdir, verified like any restore, without falling back to another
 one; anything else is a ``ConfigError`` naming the field and the complete steps), else the newest
@@ -61,10 +65,27 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Fields added to the config after runs were already saved: the value a record without the
+# field implied (the behaviour the run had), as a function of that record's flattened fields.
+IMPLIED_WHEN_ABSENT = {
+    "env.domain": lambda old: "math" if old.get("env.row_layout") == "trajectory" else "agent",
+    "actor.loss_terms": lambda old: ["pg", "entropy", "kl"],
+    "replay.loss_terms": lambda old: ["pg", "entropy"],
+}
+
+
+def _with_implied_fields(old: dict[str, Any]) -> dict[str, Any]:
+    """A saved record's flat fields, with the implied value of each later-added field it lacks."""
+    implied = {field: value(old) for field, value in IMPLIED_WHEN_ABSENT.items() if field not in old}
+    return {**old, **implied}
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(dotted field, saved value, current value) for every leaf that differs or exists in only
-    one of the two records (shown as ``<absent>``), sorted by field."""
-    old, new = _flatten(saved), _flatten(current)
+    one of the two records (shown as ``<absent>``), sorted by field. A field added to the config
+    since ``saved`` was written counts with the value the saved run implied
+    (``IMPLIED_WHEN_ABSENT``), so an older checkpoint resumes under the behaviour it had."""
+    old, new = _with_implied_fields(_flatten(saved)), _flatten(current)
     return [(field, old.get(field, _ABSENT), new.get(field, _ABSENT))
             for field in sorted(old.keys() | new.keys())
             if old.get(field, _ABSENT) != new.get(field, _ABSENT)]

@@ -7,8 +7,8 @@ from spear_jax import resume
 from spear_jax.run_config import ConfigError
 
 
-def _config(method="spear"):
-    c = importlib.import_module(f"configs.{method}").get_config("twx_tiny")
+def _config(method="spear", preset="twx_tiny"):
+    c = importlib.import_module(f"configs.{method}").get_config(preset)
     c.unlock()
     return c
 
@@ -39,6 +39,20 @@ def test_incompatible_changes_are_refused_field_by_field():
     assert "config.replay.enable: True -> False" in message
     assert "--config.seed=0" in message and "new --workdir" in message
     assert "config.trainer.total_steps:" not in message
+
+
+def test_a_record_older_than_an_added_field_resumes_with_the_value_it_implied():
+    saved = resume.config_record(_config())
+    for section, name in (("env", "domain"), ("actor", "loss_terms"), ("replay", "loss_terms")):
+        del saved[section][name]
+    assert resume.check_resumable(saved, _config(), "x") == []
+    c = _config()
+    c.replay.loss_terms = ("pg",)  # not what the saved run did
+    with pytest.raises(ConfigError, match=r"config.replay.loss_terms: \['pg', 'entropy'\] -> \['pg'\]"):
+        resume.check_resumable(saved, c, "x")
+    math_saved = resume.config_record(_config("grpo", "math_tiny"))
+    del math_saved["env"]["domain"]
+    assert resume.check_resumable(math_saved, _config("grpo", "math_tiny"), "x") == []
 
 
 def test_a_field_present_on_one_side_only_is_a_change():
