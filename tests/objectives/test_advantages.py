@@ -348,7 +348,7 @@ def test_registry_and_config_errors():
     with pytest.raises(ValueError, match="stats_over"):
         AdvantageConfig("grpo", 2, stats_over="tokens")
     with pytest.raises(ValueError, match="num_step_groups"):
-        AdvantageConfig("gigpo", 2, num_trajectories=2)
+        AdvantageConfig("gigpo", 2, num_trajectories=2, num_step_groups=0)
     with pytest.raises(ValueError, match="gamma"):
         AdvantageConfig("gigpo", 2, num_trajectories=2, num_step_groups=2, gamma=1.5)
 
