@@ -72,14 +72,6 @@ UPDATE_FIELDS = ("tokens", "valid", "loss_mask", "old_logprobs", "advantages", "
 REPLAY_ROW_FIELDS = ("scores", "row_advantage", "loss_mask", "group_id", "traj_id", "num_tool_calls")
 
 
-def field(name: str) -> Field:
-    """The declared field ``name``; an undeclared name raises listing the declared ones."""
-    if name not in FIELDS:
-        raise KeyError(f"{name!r} is not a batch field; declared fields: {sorted(FIELDS)} "
-                       "(spear_jax.batch_schema)")
-    return FIELDS[name]
-
-
 def check_declared(names, where: str) -> None:
     """Raises naming ``where`` unless every name is a declared batch field."""
     unknown = [name for name in names if name not in FIELDS]

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from spear_jax.batch_schema import REPLAY_ROW_FIELDS
+from spear_jax.batch_schema import REPLAY_ROW_FIELDS, check_declared
 from spear_jax.prepare import pad_rows
 
 # Arrays the buffer keeps in its own form: the scalar advantage (recalibrated at replay) and the
@@ -16,7 +16,9 @@ OWN_ARRAYS = ("advantages", "row_valid")
 
 def carried_arrays(update_keys: Sequence[str]) -> tuple[str, ...]:
     """The batch arrays a replay update reads that the buffer stores as they are:
-    ``train_step.batch_keys(update_config, replay=True)`` minus ``OWN_ARRAYS``."""
+    ``train_step.batch_keys(update_config, replay=True)`` minus ``OWN_ARRAYS``; each must be a
+    ``batch_schema`` field."""
+    check_declared(update_keys, "train_step.batch_keys(update_config, replay=True)")
     return tuple(key for key in update_keys if key not in OWN_ARRAYS)
 
 
