@@ -13,8 +13,8 @@ Response-quality flags (one bool per row):
 never deleted, so a masked row keeps its reward and still enters group statistics (advantage
 baselines, the group filter, the replay baseline history); it only contributes no loss.
 
-Low-variance group filter (applied after the quality masks, on the shaped rewards before the
-invalid-action penalty):
+Low-variance group filter (on the shaped rewards before the invalid-action penalty; the quality
+masks leave rewards untouched, so it sees the same rewards before or after them):
 
     per group g: std_g over trajectories of per-trajectory mean reward   (group_stats)
     K = int(ratio * num_groups);  keep the K groups with the largest std ("std") or the
