@@ -455,9 +455,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     check_rules(c)
     with _naming("config.logging"):
         check_backends(c.logging.backends)
-    if c.algorithm.adv_estimator == "gigpo" and c.env.row_layout != "step":
-        raise ConfigError("config.algorithm.adv_estimator='gigpo' needs config.env.row_layout='step' "
-                          "(step advantages come from per-step anchor observations)")
+    layouts = ADVANTAGE_ESTIMATORS[c.algorithm.adv_estimator].row_layouts
+    if c.env.row_layout not in layouts:
+        raise ConfigError(f"config.algorithm.adv_estimator={c.algorithm.adv_estimator!r} needs "
+                          f"config.env.row_layout in {layouts}, got {c.env.row_layout!r}")
     _check_clip_cov_bounds(c)
     _check_batch_sizes(c, num_devices)
     _check_lengths(c)

@@ -389,11 +389,13 @@ class RegisteredEstimator:
         each by the provider registered under its name (``spear_jax.prepare.ADVANTAGE_INPUTS``).
       options: the run config's ``algorithm`` section -> ``AdvantageConfig`` keyword arguments
         (its normalisation, discount, ...).
+      row_layouts: the row layouts it works on (GiGPO: step rows, whose anchors make step groups).
     """
 
     fn: Estimator
     inputs: tuple[str, ...] = ()
     options: Callable[[Any], dict[str, Any]] = outcome_options
+    row_layouts: tuple[str, ...] = ("step", "trajectory")
 
 
 ADVANTAGE_ESTIMATORS: dict[str, RegisteredEstimator] = {
@@ -401,20 +403,21 @@ ADVANTAGE_ESTIMATORS: dict[str, RegisteredEstimator] = {
     "rloo": RegisteredEstimator(rloo_advantages),
     "gigpo": RegisteredEstimator(
         gigpo_advantages, inputs=("step_index", "step_rewards", "step_group_ids", "step_return_offsets"),
-        options=gigpo_options),
+        options=gigpo_options, row_layouts=("step",)),
 }
 
 
 def register_advantage_estimator(name: str, fn: Estimator, *, inputs: tuple[str, ...] = (),
-                                 options: Callable[[Any], dict[str, Any]] = outcome_options) -> None:
+                                 options: Callable[[Any], dict[str, Any]] = outcome_options,
+                                 row_layouts: tuple[str, ...] = ("step", "trajectory")) -> None:
     """Makes ``fn`` selectable as ``algorithm.adv_estimator = name`` (``RegisteredEstimator``
-    gives the meaning of ``inputs`` and ``options``); a taken name raises."""
+    gives the meaning of ``inputs``, ``options`` and ``row_layouts``); a taken name raises."""
     if name in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"advantage estimator {name!r} is already registered")
     overlap = [key for key in inputs if key in BASE_INPUTS]
     if overlap:
         raise ValueError(f"inputs {overlap} are given to every estimator; declare only extra inputs")
-    ADVANTAGE_ESTIMATORS[name] = RegisteredEstimator(fn, tuple(inputs), options)
+    ADVANTAGE_ESTIMATORS[name] = RegisteredEstimator(fn, tuple(inputs), options, tuple(row_layouts))
 
 
 def get_advantage_estimator(name: str) -> Estimator:

@@ -56,3 +56,10 @@ def test_a_registered_estimator_with_an_extra_input_trains_a_step(tmp_path):
     assert record["advantage/turn_bonus_mean"] == pytest.approx(0.01)
     assert record["advantage/mean_abs"] == pytest.approx(float(np.abs(SEEN["advantages"][valid]).mean()), rel=1e-6)
     assert record["actor/optimizer_steps"] >= 1
+
+
+def test_an_estimator_declares_the_row_layouts_it_works_on():
+    c = _config("gigpo", preset="math_tiny")
+    c.algorithm.adv_estimator = "gigpo"
+    with pytest.raises(ConfigError, match=r"adv_estimator='gigpo' needs config.env.row_layout in \('step',\)"):
+        run_config.validate(c, num_devices=8)
