@@ -98,7 +98,8 @@ class Trainer:
         schedule = curriculum.step_schedule(step, self.schedule)
         self.opt_state = train_step.set_learning_rate(self.opt_state, schedule.learning_rate)
         # 1. rollout
-        result = self.engine.run(self.train_envs, self._task_ids(step), self.sampling, jax_key(c.seed, Stream.ROLLOUT, step))
+        result = self.engine.run(self.train_envs, self._task_ids(step), self.sampling,
+                                 jax_key(c.seed, Stream.ROLLOUT, step))
         metrics = dict(result.metrics)
         clock.lap("rollout")
         # 2-3. rewards, filters, packing

@@ -24,7 +24,8 @@ def test_update_and_replay_keys_are_schema_fields():
 def test_replay_rows_round_trip_and_undeclared_arrays_are_refused():
     carried = replay_rows.carried_arrays(batch_schema.UPDATE_FIELDS)
     assert carried == ("tokens", "valid", "loss_mask", "old_logprobs")
-    batch = {name: np.zeros((4, 3) if spec.per_token else (4,), spec.dtype) for name, spec in batch_schema.FIELDS.items()}
+    batch = {name: np.zeros((4, 3) if spec.per_token else (4,), spec.dtype)
+             for name, spec in batch_schema.FIELDS.items()}
     batch["row_valid"][:3] = True
     batch["row_advantage"][:3] = [1.0, -1.0, 2.0]
     batch["loss_mask"][:3] = 1.0

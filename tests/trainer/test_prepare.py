@@ -54,7 +54,8 @@ def test_shape_rewards_math_recipes_and_an_empty_rollout():
 def test_filter_groups_keeps_the_varied_group():
     rows = _four_rows()
     scores = np.array([1.0, 1.0, 0.0, 1.0], np.float32)  # group 0: std 0, group 1: std 0.5
-    kept, kept_scores, metrics = prepare.filter_groups(rows, scores, GroupFilterConfig(ratio=0.5), np.random.default_rng(0))
+    kept, kept_scores, metrics = prepare.filter_groups(rows, scores, GroupFilterConfig(ratio=0.5),
+                                                       np.random.default_rng(0))
     assert kept == rows[2:]
     np.testing.assert_array_equal(kept_scores, [0.0, 1.0])
     assert metrics["filter/group_filter/groups_kept"] == 1.0

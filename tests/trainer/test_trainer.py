@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-import types
 
 import re
 
