@@ -33,26 +33,13 @@ from typing import Sequence
 
 import numpy as np
 
+from spear_jax.batch_schema import PACKED, ROW_ATTRIBUTES
 from spear_jax.rollout import Row
 
 OVERFLOW_MODES = ("truncate_prompt", "error")
 
-# Row attribute -> dtype of its [B] array.
-ROW_FIELDS: dict[str, type] = {
-    "group_id": np.int64,
-    "traj_id": np.int64,
-    "step_index": np.int32,
-    "reward": np.float32,
-    "episode_return": np.float32,
-    "episode_length": np.int32,
-    "action_valid": np.bool_,
-    "num_tool_calls": np.int32,
-    "anchor_id": np.int64,
-    "won": np.bool_,
-    "overlong": np.bool_,
-    "incomplete": np.bool_,
-    "num_turns": np.int32,
-}
+# Row attribute -> dtype of its [B] array (declared in ``spear_jax.batch_schema``).
+ROW_FIELDS: dict[str, type] = {name: PACKED[name].dtype for name in ROW_ATTRIBUTES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +72,9 @@ class BatchingConfig:
 
 @dataclasses.dataclass
 class PackedBatch:
-    """One bucket's rows. ``arrays`` holds ``tokens``, ``valid``, ``loss_mask``, ``logprobs``
-    [B, L] and ``prompt_length``, ``response_length``, ``prompt_truncated``, ``row_valid``,
-    ``row_index`` and every ``ROW_FIELDS`` entry [B]."""
+    """One bucket's rows: ``arrays`` holds every ``batch_schema.PACKED`` field (``tokens``,
+    ``valid``, ``loss_mask``, ``logprobs`` [B, L]; ``prompt_length``, ``response_length``,
+    ``prompt_truncated``, ``row_valid``, ``row_index`` and every ``ROW_FIELDS`` entry [B])."""
 
     length: int
     arrays: dict[str, np.ndarray]
@@ -144,18 +131,10 @@ def pack_rows(rows: Sequence[Row], config: BatchingConfig) -> list[PackedBatch]:
 
 def _pack_bucket(rows: Sequence[Row], indices: list[int], length: int, config: BatchingConfig) -> PackedBatch:
     size = -(-len(indices) // config.row_multiple) * config.row_multiple
-    arrays = {
-        "tokens": np.full((size, length), config.pad_id, dtype=np.int32),
-        "valid": np.zeros((size, length), dtype=np.bool_),
-        "loss_mask": np.zeros((size, length), dtype=np.float32),
-        "logprobs": np.zeros((size, length), dtype=np.float32),
-        "prompt_length": np.zeros((size,), dtype=np.int32),
-        "response_length": np.zeros((size,), dtype=np.int32),
-        "prompt_truncated": np.zeros((size,), dtype=np.bool_),
-        "row_valid": np.zeros((size,), dtype=np.bool_),
-        "row_index": np.full((size,), -1, dtype=np.int64),
-    }
-    arrays.update({name: np.zeros((size,), dtype=dtype) for name, dtype in ROW_FIELDS.items()})
+    arrays = {name: np.zeros((size, length) if spec.per_token else (size,), dtype=spec.dtype)
+              for name, spec in PACKED.items()}
+    arrays["tokens"][:] = config.pad_id
+    arrays["row_index"][:] = -1
     for b, i in enumerate(indices):
         row = rows[i]
         response = row.response_ids.shape[0]

@@ -29,8 +29,14 @@ advantages, filters, the baseline history and the replay buffer):
   correct -> ``verifier + 1[n_tc > 0] * kappa(t)``;
 
 where ``n_tc`` is the number of assistant turns that issued a tool call.
+
+The trainer computes a step's values once, at the top of the step (``step_schedule``: kappa(t),
+lambda(t) and the learning rate lr(t - 1)), and hands them down as values.
 """
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -101,35 +107,31 @@ def _check_counts(counts, name: str) -> np.ndarray:
     return array.astype(np.float64)
 
 
-def agent_toolcall_bonus(episode_length, step, mode: str, max_toolcall_steps: int):
-    """Agent bonus ``clip(0.1 * episode_length, 0, 1) * kappa(t)`` (every env step is a call).
+def agent_toolcall_bonus(episode_length, kappa: float):
+    """Agent bonus ``clip(0.1 * episode_length, 0, 1) * kappa`` (every env step is a call).
 
     Args:
       episode_length: [...] environment steps the episode took.
-      step: training step t (scalar or broadcastable to ``episode_length``).
+      kappa: the step's tool-call factor kappa(t) (``toolcall_reward_factor``).
     """
     lengths = _check_counts(episode_length, "episode_length")
-    kappa = toolcall_reward_factor(step, mode, max_toolcall_steps)
     bonus = np.clip(BONUS_PER_TOOL_CALL * lengths, 0.0, MAX_BONUS) * kappa
     return _as_float_result(bonus, np.ndim(bonus) == 0)
 
 
-def math_toolcall_score(
-    verifier_score, num_tool_calls, step, mode: str, max_toolcall_steps: int, recipe: str = "qwen2.5"
-):
+def math_toolcall_score(verifier_score, num_tool_calls, kappa: float, recipe: str = "qwen2.5"):
     """Shaped math reward: verifier score plus the recipe's tool-call bonus (module docstring).
 
     Args:
       verifier_score: [...] +1 (correct) / -1 (wrong) from the boxed-answer verifier.
       num_tool_calls: [...] assistant turns that issued a tool call.
-      step: training step t.
+      kappa: the step's tool-call factor kappa(t) (``toolcall_reward_factor``).
       recipe: "qwen2.5" (bonus for all answers) or "qwen3" (flat kappa for correct tool users).
     """
     if recipe not in MATH_RECIPES:
         raise ValueError(f"unknown math recipe {recipe!r}; expected one of {MATH_RECIPES}")
     verifier = np.asarray(verifier_score, dtype=np.float64)
     calls = _check_counts(num_tool_calls, "num_tool_calls")
-    kappa = toolcall_reward_factor(step, mode, max_toolcall_steps)
     graded_bonus = np.minimum(BONUS_PER_TOOL_CALL * calls, MAX_BONUS) * kappa
     if recipe == "qwen2.5":
         score = verifier + graded_bonus
@@ -137,3 +139,43 @@ def math_toolcall_score(
         flat_bonus = (calls > 0).astype(np.float64) * kappa
         score = verifier + np.where(verifier <= 0, graded_bonus, flat_bonus)
     return _as_float_result(score, np.ndim(score) == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """What a step's schedule values depend on besides the step.
+
+    Attributes:
+      toolcall_mode, max_toolcall_steps: kappa(t) (``toolcall_reward_factor``).
+      replay_loss_coef, max_replay_loss_steps: lambda(t) (``sil_loss_weight``); a coefficient of
+        None (no replay buffer) gives lambda(t) = 0.
+      learning_rate: lr(s) of the optimizer's schedule; step t trains at lr(t - 1).
+    """
+
+    toolcall_mode: str
+    max_toolcall_steps: int
+    replay_loss_coef: float | None
+    max_replay_loss_steps: int
+    learning_rate: Callable[[int], float]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSchedule:
+    """The step-dependent values of training step ``step``, computed once per step."""
+
+    step: int
+    toolcall_factor: float  # kappa(t)
+    sil_weight: float  # lambda(t), 0 without replay
+    learning_rate: float  # lr(t - 1)
+
+
+def step_schedule(step: int, config: ScheduleConfig) -> StepSchedule:
+    """kappa(t), lambda(t) and lr(t - 1) of training step ``step``."""
+    sil_weight = (0.0 if config.replay_loss_coef is None else
+                  float(sil_loss_weight(step, config.replay_loss_coef, config.max_replay_loss_steps)))
+    return StepSchedule(
+        step=step,
+        toolcall_factor=float(toolcall_reward_factor(step, config.toolcall_mode, config.max_toolcall_steps)),
+        sil_weight=sil_weight,
+        learning_rate=float(config.learning_rate(step - 1)),
+    )

@@ -13,8 +13,8 @@ Response-quality flags (one bool per row):
 never deleted, so a masked row keeps its reward and still enters group statistics (advantage
 baselines, the group filter, the replay baseline history); it only contributes no loss.
 
-Low-variance group filter (applied after the quality masks, on the shaped rewards before the
-invalid-action penalty):
+Low-variance group filter (on the shaped rewards before the invalid-action penalty; the quality
+masks leave rewards untouched, so it sees the same rewards before or after them):
 
     per group g: std_g over trajectories of per-trajectory mean reward   (group_stats)
     K = int(ratio * num_groups);  keep the K groups with the largest std ("std") or the
@@ -208,6 +208,22 @@ def response_quality_flags(
     )
 
 
+def low_quality_rows(flags: QualityFlags, enabled: Iterable[str]) -> tuple[np.ndarray, dict[str, float]]:
+    """[B] bool: the rows with any enabled flag set, and the fraction of rows per flag and
+    masked in total (``quality/frac_<flag>``, ``quality/frac_masked``)."""
+    enabled = tuple(enabled)
+    unknown = [name for name in enabled if name not in QUALITY_FLAGS]
+    if unknown:
+        raise ValueError(f"unknown quality flags {unknown}; expected names from {QUALITY_FLAGS}")
+    flag_arrays = flags.as_dict()
+    masked = np.zeros(np.shape(flags.overlong)[0], dtype=bool)
+    for name in enabled:
+        masked |= flag_arrays[name].astype(bool)
+    fractions = {**flag_arrays, "masked": masked}
+    return masked, {f"quality/frac_{name}": float(np.mean(array)) if masked.shape[0] else 0.0
+                    for name, array in fractions.items()}
+
+
 def mask_low_quality_rows(
     loss_mask: np.ndarray, flags: QualityFlags, enabled: Iterable[str]
 ) -> tuple[np.ndarray, dict[str, float]]:
@@ -221,10 +237,6 @@ def mask_low_quality_rows(
     Returns:
       (new loss mask [B, T] (a copy), metrics: fraction of rows per flag and masked in total).
     """
-    enabled = tuple(enabled)
-    unknown = [name for name in enabled if name not in QUALITY_FLAGS]
-    if unknown:
-        raise ValueError(f"unknown quality flags {unknown}; expected names from {QUALITY_FLAGS}")
     mask = np.asarray(loss_mask)
     if mask.ndim != 2:
         raise ValueError(f"loss_mask must be [B, T], got shape {mask.shape}")
@@ -232,15 +244,8 @@ def mask_low_quality_rows(
     for name, array in flag_arrays.items():
         if np.shape(array) != (mask.shape[0],):
             raise ValueError(f"flag {name!r} has shape {np.shape(array)}, expected ({mask.shape[0]},)")
-    masked = np.zeros(mask.shape[0], dtype=bool)
-    for name in enabled:
-        masked |= flag_arrays[name].astype(bool)
+    masked, metrics = low_quality_rows(flags, enabled)
     new_mask = np.where(masked[:, None], np.zeros_like(mask), mask)
-    fractions = {**flag_arrays, "masked": masked}
-    metrics = {
-        f"quality/frac_{name}": float(np.mean(array)) if mask.shape[0] else 0.0
-        for name, array in fractions.items()
-    }
     return new_mask, metrics
 
 
@@ -285,6 +290,21 @@ def low_variance_group_filter(
       rng: numpy Generator for the truncation.
       grouping: "uid" (by id, default) or "positional" (faithful math ``view(-1, group_size)``).
     """
+    _check_group_filter_options(ratio, filter_type, truncation, rng, grouping)
+    group_ids = resolve_group_ids(np.asarray(group_ids), grouping, group_size)
+    stats = group_trajectory_stats(scores, group_ids, traj_ids, ddof=ddof)
+    kept, groups_kept, truncated = _kept_rows(stats, ratio, filter_type, truncation, rng)
+    metrics = {
+        "group_filter/num_groups": float(stats.num_groups),
+        "group_filter/frac_zero_std_groups": float(np.mean(stats.stds == 0.0)) if stats.num_groups else 0.0,
+        "group_filter/groups_kept": float(groups_kept),
+        "group_filter/rows_kept": float(kept.shape[0]),
+        "group_filter/truncated": float(truncated),
+    }
+    return GroupFilterResult(kept_rows=kept, metrics=metrics)
+
+
+def _check_group_filter_options(ratio: float, filter_type: str, truncation: str, rng, grouping: str) -> None:
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
     if filter_type not in GROUP_FILTER_TYPES:
@@ -295,36 +315,26 @@ def low_variance_group_filter(
         raise ValueError("truncation='power_of_two' needs rng=np.random.Generator")
     if grouping not in GROUPINGS:
         raise ValueError(f"unknown grouping {grouping!r}; expected one of {GROUPINGS}")
-    group_ids = resolve_group_ids(np.asarray(group_ids), grouping, group_size)
-    stats = group_trajectory_stats(scores, group_ids, traj_ids, ddof=ddof)
+
+
+def _kept_rows(stats, ratio: float, filter_type: str, truncation: str,
+               rng: np.random.Generator | None) -> tuple[np.ndarray, int, bool]:
+    """(kept row indices [K] int64 sorted, groups kept, whether rows were truncated)."""
     num_rows = stats.row_group.shape[0]
-    metrics = {
-        "group_filter/num_groups": float(stats.num_groups),
-        "group_filter/frac_zero_std_groups": float(np.mean(stats.stds == 0.0)) if stats.num_groups else 0.0,
-    }
     if ratio == 1.0:
-        kept = np.arange(num_rows, dtype=np.int64)
-        groups_kept, truncated = stats.num_groups, False
-    else:
-        groups_kept = int(ratio * stats.num_groups)
-        order_key = -stats.stds if filter_type == "std" else stats.stds
-        chosen = np.argsort(order_key, kind="stable")[:groups_kept]
-        keep_group = np.zeros(stats.num_groups, dtype=bool)
-        keep_group[chosen] = True
-        kept = np.flatnonzero(keep_group[stats.row_group]).astype(np.int64)
-        truncated = False
-        if truncation == "power_of_two":
-            target = largest_power_of_two_at_most(kept.shape[0])
-            truncated = target < kept.shape[0]
-            kept = np.sort(rng.permutation(kept)[:target])
-    metrics.update(
-        {
-            "group_filter/groups_kept": float(groups_kept),
-            "group_filter/rows_kept": float(kept.shape[0]),
-            "group_filter/truncated": float(truncated),
-        }
-    )
-    return GroupFilterResult(kept_rows=kept, metrics=metrics)
+        return np.arange(num_rows, dtype=np.int64), stats.num_groups, False
+    groups_kept = int(ratio * stats.num_groups)
+    order_key = -stats.stds if filter_type == "std" else stats.stds
+    chosen = np.argsort(order_key, kind="stable")[:groups_kept]
+    keep_group = np.zeros(stats.num_groups, dtype=bool)
+    keep_group[chosen] = True
+    kept = np.flatnonzero(keep_group[stats.row_group]).astype(np.int64)
+    truncated = False
+    if truncation == "power_of_two":
+        target = largest_power_of_two_at_most(kept.shape[0])
+        truncated = target < kept.shape[0]
+        kept = np.sort(rng.permutation(kept)[:target])
+    return kept, groups_kept, truncated
 
 
 # ----------------------------------------------------------------------------- invalid actions

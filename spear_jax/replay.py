@@ -4,10 +4,10 @@ Host-side numpy. A *row batch* is a dict of numpy arrays sharing the leading row
 
     scores          [B]    float  shaped row reward R (env/verifier reward + tool-call bonus,
                                   agent: minus the invalid-action penalty)
-    advantages      [B]    float  scalar advantage the row was trained with (GiGPO: episode+step)
+    row_advantage   [B]    float  scalar advantage the row was trained with (GiGPO: episode+step)
     loss_mask       [B, T] num    response loss mask
-    group_ids       [B]    int    group (prompt / task) id
-    traj_ids        [B]    int    trajectory (episode) id
+    group_id        [B]    int    group (prompt / task) id
+    traj_id         [B]    int    trajectory (episode) id
     num_tool_calls  [B]    int    tool calls of the row's trajectory
     ...any other numeric/bool arrays [B, ...] (input_ids, old_logprobs, positions, ...), carried
     along untouched. Their trailing shapes may differ between steps (e.g. T).
@@ -59,7 +59,7 @@ every triggered attempt, discarded or not.
 
 Replay batch layout: the rows of all entries concatenated in the drawn (random) order. Arrays
 whose trailing shape differs between entries are right-padded with zeros to the per-axis maximum
-(mask 0 on padding). ``advantages`` holds A~, ``scores`` the stored R, and ``collection_step`` [n]
+(mask 0 on padding). ``row_advantage`` holds A~, ``scores`` the stored R, and ``collection_step`` [n]
 the step each row was collected at. Stored ``old_logprobs`` etc. are returned as collected.
 
 Memory bound: entries only span steps within the staleness window of the newest entry plus the
@@ -78,15 +78,19 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from spear_jax.batch_schema import FIELDS, REPLAY_ROW_FIELDS
 from spear_jax.filters import largest_power_of_two_at_most
 from spear_jax.group_stats import GROUPINGS, group_trajectory_stats, resolve_group_ids
 
 MAX_TOLERATE_STEPS = 10
 TRIGGER_FACTOR = 1.5
 STD_EPS = 1e-6
-REQUIRED_ROW_KEYS = ("scores", "advantages", "loss_mask", "group_ids", "traj_ids", "num_tool_calls")
-_FLOAT_KEYS = ("scores", "advantages")
-_INT_KEYS = ("group_ids", "traj_ids", "num_tool_calls")
+REQUIRED_ROW_KEYS = REPLAY_ROW_FIELDS  # the batch schema's names
+_FLOAT_KEYS = tuple(key for key in REQUIRED_ROW_KEYS if np.issubdtype(FIELDS[key].dtype, np.floating)
+                    and not FIELDS[key].per_token)
+_INT_KEYS = tuple(key for key in REQUIRED_ROW_KEYS if np.issubdtype(FIELDS[key].dtype, np.integer))
+# Row keys of replay states written before the buffer used the batch schema's names.
+_LEGACY_ROW_KEYS = {"advantages": "row_advantage", "group_ids": "group_id", "traj_ids": "traj_id"}
 _OUTPUT_KEYS = ("collection_step",)
 _STATE_PREFIX_ENTRY = "entry"
 _STATE_COUNTERS = ("num_entries", "last_added_step", "num_replays")
@@ -367,12 +371,12 @@ class ReplayBuffer:
         arrays = {key: np.asarray(value) for key, value in batch.items()}
         if arrays["scores"].shape[0] == 0:  # nothing to record: the history keeps its steps
             return {"replay/rows_admitted": 0.0}
-        group_ids = resolve_group_ids(arrays["group_ids"], self.config.grouping, self.config.group_size)
+        group_ids = resolve_group_ids(arrays["group_id"], self.config.grouping, self.config.group_size)
         stats = group_trajectory_stats(
-            arrays["scores"], group_ids, arrays["traj_ids"], ddof=self.config.baseline_std_ddof
+            arrays["scores"], group_ids, arrays["traj_id"], ddof=self.config.baseline_std_ddof
         )
         self._history.append(step, stats.means, stats.stds)
-        admitted = (arrays["advantages"] > 0) & (arrays["loss_mask"].sum(axis=1) > 0)
+        admitted = (arrays["row_advantage"] > 0) & (arrays["loss_mask"].sum(axis=1) > 0)
         if self.config.require_tool_call:
             admitted &= arrays["num_tool_calls"] > 0
         rows = np.flatnonzero(admitted)
@@ -415,7 +419,7 @@ class ReplayBuffer:
     def _recalibrate(self, rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(recalibrated advantages [N], bool keep [N]) for the concatenated stored rows."""
         if self.config.mode == "decay":
-            advantages = self.config.weight_decay * rows["advantages"]
+            advantages = self.config.weight_decay * rows["row_advantage"]
             return advantages, np.ones(advantages.shape[0], dtype=bool)
         stats = self._history.statistics()
         scores = rows["scores"].astype(np.float64)
@@ -474,7 +478,7 @@ class ReplayBuffer:
             metrics["replay/discarded"] = 1.0
             return None, metrics
         replay = {key: value[chosen] for key, value in rows.items()}
-        replay["advantages"] = advantages[chosen].astype(rows["advantages"].dtype)
+        replay["row_advantage"] = advantages[chosen].astype(rows["row_advantage"].dtype)
         metrics["replay/rows"] = float(num_draw)
         return replay, metrics
 
@@ -532,10 +536,20 @@ class ReplayBuffer:
             if step_key not in state:
                 raise KeyError(f"state is missing {step_key!r}")
             prefix = f"{_STATE_PREFIX_ENTRY}{index}_row_"
-            rows = {
-                key[len(prefix):]: np.array(value) for key, value in state.items() if key.startswith(prefix)
-            }
+            rows = _current_row_keys(
+                {key[len(prefix):]: np.array(value) for key, value in state.items() if key.startswith(prefix)})
             validate_row_batch(rows)
             buffer._check_schema(rows)
             buffer._entries.append(_Entry(int(state[step_key]), rows))
         return buffer
+
+
+def _current_row_keys(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stored rows under the batch schema's names: a state written with the earlier names
+    (``advantages``, ``group_ids``, ``traj_ids``) is read as ``row_advantage``, ``group_id``,
+    ``traj_id``; a state holding both spellings of one key is refused."""
+    both = [old for old, new in _LEGACY_ROW_KEYS.items() if old in rows and new in rows]
+    if both:
+        raise KeyError(f"replay state rows hold both {both} and their current names "
+                       f"{[_LEGACY_ROW_KEYS[k] for k in both]}; the checkpoint is corrupt")
+    return {_LEGACY_ROW_KEYS.get(key, key): value for key, value in rows.items()}

@@ -32,19 +32,16 @@ from spear_jax.objectives import kl_penalty
 from spear_jax.rollout import Row
 
 
-def shaped_scores(rows: Sequence[Row], step: int, *, recipe: str, mode: str,
-                  max_toolcall_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """(R [N] float32, kappa) for the rows of one batch at training step ``step``."""
-    kappa = float(curriculum.toolcall_reward_factor(step, mode, max_toolcall_steps))
+def shaped_scores(rows: Sequence[Row], kappa: float, *, recipe: str) -> np.ndarray:
+    """R [N] float32 for the rows of one batch, with the step's tool-call factor ``kappa``."""
     returns = np.array([row.episode_return for row in rows], np.float64)
     if recipe == "agent":
         lengths = np.array([row.episode_length for row in rows], np.float64)
-        bonus = curriculum.agent_toolcall_bonus(lengths, step, mode, max_toolcall_steps)
-        scores = returns + bonus
+        scores = returns + curriculum.agent_toolcall_bonus(lengths, kappa)
     else:
         calls = np.array([row.num_tool_calls for row in rows], np.float64)
-        scores = curriculum.math_toolcall_score(returns, calls, step, mode, max_toolcall_steps, recipe)
-    return np.asarray(scores, np.float32).reshape(len(rows)), kappa
+        scores = curriculum.math_toolcall_score(returns, calls, kappa, recipe)
+    return np.asarray(scores, np.float32).reshape(len(rows))
 
 
 def quality_flags(rows: Sequence[Row]) -> QualityFlags:

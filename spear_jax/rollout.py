@@ -60,6 +60,7 @@ import numpy as np
 from environments.base import DOMAINS, AgentEnv, Env, Observation, StepResult, declared_domain
 from environments.prompts import DEFAULT_HISTORY_LENGTH, TEMPLATES, AgentPromptStyle, render_agent_prompt
 from environments.react import has_action_after_last_think, parse_react_action
+from spear_jax.outcomes import summarize as summarize_outcomes
 
 LAYOUTS = ("step", "trajectory")
 
@@ -648,21 +649,21 @@ class RolloutEngine:
     # -- metrics --------------------------------------------------------------------------------
 
     def _metrics(self, rows: list[Row], episodes: list[EpisodeSummary]) -> dict[str, float]:
-        completed = [e for e in episodes if not e.failed]
+        outcomes = summarize_outcomes(episodes, rows)
         metrics = {
             "rollout/episodes": float(len(episodes)),
-            "rollout/failed_episodes": float(len(episodes) - len(completed)),
+            "rollout/failed_episodes": float(len(episodes) - (outcomes.episodes if outcomes else 0)),
             "rollout/rows": float(len(rows)),
             "rollout/env_steps": float(self._env_steps),
             "rollout/env_time_s": self._timers["env"],
             "rollout/sampler_time_s": self._timers["sampler"],
         }
-        if completed:
+        if outcomes is not None:
             metrics.update({
-                "rollout/success_rate": float(np.mean([e.won for e in completed])),
-                "rollout/episode_return": float(np.mean([e.episode_return for e in completed])),
-                "rollout/episode_length": float(np.mean([e.length for e in completed])),
-                "rollout/truncated_fraction": float(np.mean([e.truncated for e in completed])),
+                "rollout/success_rate": outcomes.success_rate,
+                "rollout/episode_return": outcomes.episode_return,
+                "rollout/episode_length": outcomes.episode_length,
+                "rollout/truncated_fraction": outcomes.truncated_fraction,
             })
         if rows:
             metrics.update({
@@ -672,10 +673,6 @@ class RolloutEngine:
                 "rollout/incomplete_fraction": float(np.mean([r.incomplete for r in rows])),
                 "rollout/tool_calls": float(np.mean([r.num_tool_calls for r in rows])),
             })
-            by_type: dict[str, list[bool]] = {}
-            for row in rows:
-                if row.step_index == row.episode_length - 1 or self.config.layout == "trajectory":
-                    by_type.setdefault(row.task_type, []).append(row.won)
-            for task_type, wins in sorted(by_type.items()):
-                metrics[f"rollout/success_rate/{task_type}"] = float(np.mean(wins))
+        for task_type, rate in sorted(outcomes.success_by_type.items() if outcomes else ()):
+            metrics[f"rollout/success_rate/{task_type}"] = rate
         return metrics

@@ -33,7 +33,7 @@ import ml_collections
 from configs.base import PRESETS as RUN_PRESETS
 from environments.base import HasGoldActions
 from environments.prompts import TEMPLATES as PROMPT_TEMPLATES
-from environments.registry import env_class, env_names, env_type, split_names
+from environments.registry import ENVIRONMENTS, env_class, env_type, split_names
 from spear_jax.sft_data import SOURCES as SFT_SOURCES
 from spear_jax.batching import ROW_FIELDS
 from spear_jax.curriculum import TOOLCALL_REWARD_MODES
@@ -53,8 +53,13 @@ from spear_jax.objectives import (
 from spear_jax.objectives.aggregation import AGGREGATION_MODES
 from spear_jax.objectives.regularizers import KL_PENALTIES
 from spear_jax.objectives.terms import LOSS_TERMS, REFERENCE_INPUT, declared_inputs
+from spear_jax.curriculum import ScheduleConfig
+from spear_jax.objectives.advantages import AdvantageConfig
+from spear_jax.prepare import (AdvantageSetup, GroupFilterConfig, PackConfig, PenaltyConfig, PrepareConfig,
+                               QualityFilterConfig)
 from spear_jax.replay import ReplayConfig
-from spear_jax.rollout import DOMAINS
+from spear_jax.rollout import DOMAINS, RolloutConfig
+from spear_jax.sampling import SamplingParams
 from spear_jax.tracking import WANDB_MODES, check_backends
 from spear_jax.train_step import OptimizerConfig, UpdateConfig
 
@@ -116,15 +121,18 @@ class OneOf:
         return f"one of {', '.join(repr(v) for v in self.choices)}"
 
 
-class RegisteredEnvironments:
-    """The environment names registered when a config is checked (``register_env`` may add
-    names after this module is imported)."""
+@dataclasses.dataclass(frozen=True)
+class Registered:
+    """A name in a registry that grows at import time (checked against its entries then)."""
+
+    registry: dict
+    what: str
 
     def __contains__(self, value: Any) -> bool:
-        return value in env_names()
+        return value in self.registry
 
     def describe(self) -> str:
-        return OneOf(env_names()).describe()
+        return f"one of the registered {self.what}, {', '.join(repr(v) for v in sorted(self.registry))}"
 
 
 def _at_least(low: float) -> Interval:
@@ -145,7 +153,7 @@ class Rule:
     """Field ``path`` (under ``config.``) must lie in ``allowed``; ``fix`` says what to set."""
 
     path: str
-    allowed: Interval | OneOf | RegisteredEnvironments
+    allowed: Interval | OneOf | Registered
     fix: str = ""
 
 
@@ -166,7 +174,7 @@ RULES: tuple[Rule, ...] = (
     Rule("model.logprob_chunk_size", _at_least(1), "512 tokens per chunk is the default"),
     Rule("model.lora.rank", _at_least(0), "0 trains every weight; 8-64 for adapters"),
     Rule("model.lora.alpha", _above(0), "the adapters are scaled by alpha / rank; e.g. 2 x rank"),
-    Rule("env.name", RegisteredEnvironments()),
+    Rule("env.name", Registered(ENVIRONMENTS, "environments")),
     Rule("env.max_steps", _at_least(1), "ALFWorld 50, WebShop 15"),
     Rule("env.history_length", _at_least(0), "0 shows no past (observation, action) pairs"),
     Rule("env.prompt_template", _one_of(PROMPT_TEMPLATES)),
@@ -187,7 +195,8 @@ RULES: tuple[Rule, ...] = (
     Rule("rollout.eval_top_p", UNIT, "use 1.0 to disable nucleus sampling"),
     Rule("rollout.kv_cache_dtype", _one_of(DTYPES)),
     Rule("rollout.weight_dtype", _one_of(("param",) + DTYPES)),
-    Rule("algorithm.adv_estimator", _one_of(ADVANTAGE_ESTIMATORS)),
+    Rule("algorithm.adv_estimator", Registered(ADVANTAGE_ESTIMATORS, "estimators"),
+         "register more with spear_jax.objectives.advantages.register_advantage_estimator"),
     Rule("algorithm.grpo_statistics_over", _one_of(GRPO_STATISTICS)),
     Rule("algorithm.gigpo_gamma", CLOSED_UNIT, "the reference discounts step returns by 0.95"),
     Rule("algorithm.gigpo_step_advantage_w", _at_least(0), "the reference weighs step advantages 1.0"),
@@ -473,9 +482,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     check_rules(c)
     with _naming("config.logging"):
         check_backends(c.logging.backends)
-    if c.algorithm.adv_estimator == "gigpo" and c.env.row_layout != "step":
-        raise ConfigError("config.algorithm.adv_estimator='gigpo' needs config.env.row_layout='step' "
-                          "(step advantages come from per-step anchor observations)")
+    layouts = ADVANTAGE_ESTIMATORS[c.algorithm.adv_estimator].row_layouts
+    if c.env.row_layout not in layouts:
+        raise ConfigError(f"config.algorithm.adv_estimator={c.algorithm.adv_estimator!r} needs "
+                          f"config.env.row_layout in {layouts}, got {c.env.row_layout!r}")
     _check_clip_cov_bounds(c)
     _check_batch_sizes(c, num_devices)
     _check_lengths(c)
@@ -489,6 +499,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     update_config(c)
     replay_config(c)
     optimizer_config(c)
+    advantage_setup(c)
 
 
 def _check_removed_fields(c: ml_collections.ConfigDict) -> None:
@@ -696,3 +707,85 @@ def _check_weights(c: ml_collections.ConfigDict) -> None:
     if tokenizer and not os.path.exists(tokenizer):
         _fail("model.tokenizer_path", tokenizer, "a tokenizer.json or SentencePiece .model file",
               "leave it empty for the preset's own tokenizer")
+
+
+# -- the trainer's component configs -------------------------------------------------------------
+
+
+def rollout_config(c: ml_collections.ConfigDict, group_size: int) -> RolloutConfig:
+    """The rollout of ``group_size`` episodes per task. Step rows hold a prompt of at most
+    ``max_prompt_length`` tokens; trajectory rows hold the prompt and at most
+    ``max_response_length`` response tokens (model and tool tokens together) in
+    ``sequence_length`` tokens."""
+    trajectory = c.env.row_layout == "trajectory"
+    with _naming("config.env / config.rollout (rollout)"):
+        return RolloutConfig(
+            group_size=group_size, layout=c.env.row_layout, domain=c.env.domain,
+            history_length=c.env.history_length, prompt_template=c.env.prompt_template,
+            max_response_length=c.rollout.max_response_length,
+            max_prompt_length=None if trajectory else c.rollout.max_prompt_length,
+            max_sequence_length=sequence_length(c) if trajectory else None)
+
+
+def sampling_params(c: ml_collections.ConfigDict, assistant_end_ids, evaluation: bool) -> SamplingParams:
+    """Training (or, with ``evaluation``, evaluation) sampling; a temperature of 0 decodes
+    greedily and its log-probs are then at temperature 1."""
+    r = c.rollout
+    temperature, top_p = (r.eval_temperature, r.eval_top_p) if evaluation else (r.temperature, r.top_p)
+    return SamplingParams(temperature=temperature or 1.0, top_p=top_p, top_k=r.top_k, greedy=temperature == 0.0,
+                          max_new_tokens=r.max_response_length, stop_sequences=(tuple(assistant_end_ids),))
+
+
+def schedule_config(c: ml_collections.ConfigDict, learning_rate) -> ScheduleConfig:
+    """kappa(t), lambda(t) (0 without the replay buffer) and the optimizer's ``learning_rate``
+    schedule, for ``curriculum.step_schedule``."""
+    a, r = c.algorithm, c.replay
+    return ScheduleConfig(toolcall_mode=a.use_toolcall_reward, max_toolcall_steps=a.max_toolcall_steps,
+                          replay_loss_coef=r.loss_coef if r.enable else None,
+                          max_replay_loss_steps=r.max_loss_steps, learning_rate=learning_rate)
+
+
+def group_filter_config(c: ml_collections.ConfigDict) -> GroupFilterConfig:
+    a = c.algorithm
+    return GroupFilterConfig(ratio=a.rollout_filter_ratio, filter_type=a.rollout_filter_type,
+                             ddof=a.rollout_filter_std_ddof,
+                             truncation="power_of_two" if a.rollout_filter_truncate_pow2 else "none",
+                             grouping=a.grouping, group_size=c.data.group_size)
+
+
+def quality_filter_config(c: ml_collections.ConfigDict) -> QualityFilterConfig:
+    """The quality flags whose ``algorithm.filter_<flag>_responses`` switch is on."""
+    enabled = tuple(name for name in ("overlong", "incomplete", "repetitive", "unreadable")
+                    if c.algorithm[f"filter_{name}_responses"])
+    return QualityFilterConfig(enabled=enabled, max_response_length=c.rollout.max_response_length,
+                               domain=c.env.domain)
+
+
+def penalty_config(c: ml_collections.ConfigDict) -> PenaltyConfig:
+    a = c.algorithm
+    return PenaltyConfig(invalid_action_coef=a.invalid_action_penalty_coef if a.use_invalid_action_penalty else None,
+                         kl_coef=a.kl_coef if a.use_kl_in_reward else None, kl_penalty=a.kl_penalty)
+
+
+def advantage_setup(c: ml_collections.ConfigDict) -> AdvantageSetup:
+    """The configured estimator with the options its registry entry reads from
+    ``config.algorithm``; group sizes are checked unless rows are truncated to a power of two."""
+    a = c.algorithm
+    options = ADVANTAGE_ESTIMATORS[a.adv_estimator].options(a)
+    stats_over = "rows" if a.grpo_statistics_over == "all_rows" else a.grpo_statistics_over
+    with _naming("config.algorithm (advantages)"):
+        config = AdvantageConfig(
+            estimator=a.adv_estimator, num_groups=c.data.train_tasks_per_step, stats_over=stats_over,
+            num_trajectories=c.data.train_tasks_per_step * c.data.group_size,
+            expected_group_size=c.data.group_size, **options)
+    return AdvantageSetup(config, check_group_sizes=a.check_group_size and not a.rollout_filter_truncate_pow2)
+
+
+def preparation_config(c: ml_collections.ConfigDict, pad_id: int) -> PrepareConfig:
+    """Every batch-preparation stage's options; ``pad_id`` pads the packed rows."""
+    return PrepareConfig(
+        reward_recipe=c.algorithm.toolcall_reward_recipe, group_filter=group_filter_config(c),
+        quality=quality_filter_config(c),
+        pack=PackConfig(length_buckets=tuple(c.trainer.length_buckets), pad_id=pad_id,
+                        row_multiple=c.actor.ppo_mini_batch_size),
+        penalties=penalty_config(c), advantages=advantage_setup(c))

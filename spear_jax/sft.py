@@ -25,7 +25,9 @@ from spear_jax.batching import bucket_length
 from spear_jax.checkpoint import RunCheckpointer, RunState
 from spear_jax.model import lora
 from spear_jax.metrics import progress_bar, progress_summary
+from spear_jax.minibatches import micro_split
 from spear_jax.policy import CHECKPOINT_SUBDIR, load_policy
+from spear_jax.rng_streams import Stream
 from spear_jax.rollout import TemplateChatTokenizer
 from spear_jax.sft_data import Example
 
@@ -70,16 +72,6 @@ def build_examples(c: ml_collections.ConfigDict, chat: TemplateChatTokenizer,
     return examples, {"sft/gold_win_rate": gold_win_rate}
 
 
-def _minibatch(data: dict[str, np.ndarray], rows: np.ndarray, length: int, micro: int) -> dict[str, np.ndarray]:
-    """``rows`` of the packed data cut to ``length`` columns (rows are left-aligned, so only
-    padding is cut), as [num_micro, micro, ...] arrays of ``train_step.SFT_KEYS``."""
-    out = {}
-    for key in train_step.SFT_KEYS:
-        picked = data[key][rows] if data[key].ndim == 1 else data[key][rows, :length]
-        out[key] = picked.reshape((len(rows) // micro, micro) + picked.shape[1:])
-    return out
-
-
 def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Trains the warm start of ``config`` into ``workdir``; returns the directory to load from.
     With LoRA (``config.model.lora.rank > 0``) only the adapters train and the saved params are
@@ -90,7 +82,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     mesh = sharding.make_mesh(**run_config.mesh_shape(c, jax.device_count()))
     policy = load_policy(c, mesh)
     chat = TemplateChatTokenizer(policy.chat)
-    rng = np.random.default_rng([c.seed, 17])
+    rng = np.random.default_rng([c.seed, int(Stream.SFT_EXAMPLES)])
     examples, data_metrics = build_examples(c, chat, rng)
     buckets = c.trainer.length_buckets
     totals = np.array([example.length for example in examples])
@@ -110,7 +102,8 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     start = time.perf_counter()
     for step in range(1, s.steps + 1):
         rows = rng.choice(len(examples), size=batch_rows, replace=len(examples) < batch_rows)
-        minibatch = jax.device_put(_minibatch(data, rows, bucket_length(totals[rows].max(), buckets), micro), spec)
+        cut = micro_split(data, rows, train_step.SFT_KEYS, micro, length=bucket_length(totals[rows].max(), buckets))
+        minibatch = jax.device_put(cut, spec)
         with jax.set_mesh(mesh):
             params, opt_state, out = update(params, opt_state, minibatch, jax.random.key(0), np.float32(0))
         if step % 10 == 0 or step == s.steps:

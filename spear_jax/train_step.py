@@ -41,13 +41,14 @@ import numpy as np
 import optax
 from flax import nnx
 
+from spear_jax.batch_schema import UPDATE_FIELDS
 from spear_jax.model.logprobs import sequence_token_stats
 from spear_jax.model.lora import combine, split_trainable
 from spear_jax.objectives import ObjectiveConfig, SILConfig, policy_objective, sil_objective
 from spear_jax.objectives.aggregation import finalize
 from spear_jax.objectives.terms import REFERENCE_INPUT, declared_inputs
 
-MINIBATCH_KEYS = ("tokens", "valid", "loss_mask", "old_logprobs", "advantages", "row_valid")
+MINIBATCH_KEYS = UPDATE_FIELDS  # declared in spear_jax.batch_schema
 REFERENCE_KEY = REFERENCE_INPUT  # the reference policy's log-probs (the KL term's input)
 SFT_KEYS = ("tokens", "valid", "loss_mask", "row_valid")
 

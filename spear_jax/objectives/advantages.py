@@ -35,6 +35,10 @@ Estimators (``s_i`` = row score, ``g`` = its group, ``n_g`` = number of samples 
   a singleton step group has step advantage 0. Both parts are std-normalised iff
   ``normalize_by_std`` (the reference's ``mean_std_norm`` vs ``mean_norm`` modes).
 
+More estimators are added by registration (``register_advantage_estimator``): an entry declares
+the extra per-row inputs it reads and how its options come from the run config, so the trainer
+computes just those inputs and has no per-estimator code (docs/training.md shows the recipe).
+
 Padding rows (``row_valid == False``) and rows with an id outside its range are excluded from
 every statistic and get advantage 0.
 Every estimator returns ``(advantages [N], metrics)``; metrics include the fraction of groups with
@@ -45,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +70,7 @@ class GroupedRewards(NamedTuple):
     step_rewards: jax.Array | None = None  # [N] float: per-step environment reward r_t (GiGPO)
     step_group_ids: jax.Array | None = None  # [N] int in [0, num_step_groups): (uid, anchor obs)
     step_return_offsets: jax.Array | None = None  # [N] float added to G_t (e.g. -0.1 invalid action)
+    extra: dict[str, jax.Array] | None = None  # [N] inputs a registered estimator declares by other names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +86,7 @@ class AdvantageConfig:
     expected_group_size: int | None = None
     gamma: float = 0.95
     step_advantage_weight: float = 1.0
-    num_step_groups: int | None = None
+    num_step_groups: int | None = None  # GiGPO; None: one per row (N, the most there can be)
 
     def __post_init__(self):
         if self.estimator not in ADVANTAGE_ESTIMATORS:
@@ -100,9 +105,7 @@ class AdvantageConfig:
             _checks.check_positive_int("expected_group_size", self.expected_group_size)
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
-        if self.estimator == "gigpo":
-            if self.num_step_groups is None:
-                raise ValueError("num_step_groups must be set for estimator='gigpo'")
+        if self.num_step_groups is not None:
             _checks.check_positive_int("num_step_groups", self.num_step_groups)
 
 
@@ -346,7 +349,7 @@ def gigpo_advantages(batch: GroupedRewards, config: AdvantageConfig):
     )
     if batch.step_return_offsets is not None:
         returns = returns + batch.step_return_offsets.astype(jnp.float32)
-    num_sg = config.num_step_groups
+    num_sg = config.num_step_groups or batch.scores.shape[0]
     step_usable = usable & _in_range(batch.step_group_ids, num_sg)
     stats = _group_stats(returns, batch.step_group_ids, step_usable, num_sg)
     sg = jnp.clip(batch.step_group_ids, 0, num_sg - 1)
@@ -360,19 +363,68 @@ def gigpo_advantages(batch: GroupedRewards, config: AdvantageConfig):
 
 
 Estimator = Callable[[GroupedRewards, AdvantageConfig], tuple[jax.Array, dict[str, jax.Array]]]
+# Input fields every estimator receives; the others are declared by the estimators that need them.
+BASE_INPUTS = ("scores", "group_ids", "row_valid", "traj_ids")
 
-ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {
-    "grpo": grpo_advantages,
-    "rloo": rloo_advantages,
-    "gigpo": gigpo_advantages,
+
+def outcome_options(algorithm) -> dict[str, Any]:
+    """AdvantageConfig options of the outcome estimators from the run config's ``algorithm``."""
+    return {"normalize_by_std": algorithm.norm_adv_by_std_in_grpo}
+
+
+def gigpo_options(algorithm) -> dict[str, Any]:
+    """GiGPO's options: both parts std-normalised iff ``gigpo_mode == "mean_std_norm"``."""
+    return {"normalize_by_std": algorithm.gigpo_mode == "mean_std_norm", "gamma": algorithm.gigpo_gamma,
+            "step_advantage_weight": algorithm.gigpo_step_advantage_w}
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisteredEstimator:
+    """An advantage estimator and what it needs.
+
+    Attributes:
+      fn: ``(GroupedRewards, AdvantageConfig) -> (advantages [N], metrics)``.
+      inputs: the [N] inputs it reads besides ``BASE_INPUTS``: ``GroupedRewards`` field names, or
+        any other name, delivered in ``GroupedRewards.extra``. The trainer computes exactly these,
+        each by the provider registered under its name (``spear_jax.prepare.ADVANTAGE_INPUTS``).
+      options: the run config's ``algorithm`` section -> ``AdvantageConfig`` keyword arguments
+        (its normalisation, discount, ...).
+      row_layouts: the row layouts it works on (GiGPO: step rows, whose anchors make step groups).
+    """
+
+    fn: Estimator
+    inputs: tuple[str, ...] = ()
+    options: Callable[[Any], dict[str, Any]] = outcome_options
+    row_layouts: tuple[str, ...] = ("step", "trajectory")
+
+
+ADVANTAGE_ESTIMATORS: dict[str, RegisteredEstimator] = {
+    "grpo": RegisteredEstimator(grpo_advantages),
+    "rloo": RegisteredEstimator(rloo_advantages),
+    "gigpo": RegisteredEstimator(
+        gigpo_advantages, inputs=("step_index", "step_rewards", "step_group_ids", "step_return_offsets"),
+        options=gigpo_options, row_layouts=("step",)),
 }
+
+
+def register_advantage_estimator(name: str, fn: Estimator, *, inputs: tuple[str, ...] = (),
+                                 options: Callable[[Any], dict[str, Any]] = outcome_options,
+                                 row_layouts: tuple[str, ...] = ("step", "trajectory")) -> None:
+    """Makes ``fn`` selectable as ``algorithm.adv_estimator = name`` (``RegisteredEstimator``
+    gives the meaning of ``inputs``, ``options`` and ``row_layouts``); a taken name raises."""
+    if name in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage estimator {name!r} is already registered")
+    overlap = [key for key in inputs if key in BASE_INPUTS]
+    if overlap:
+        raise ValueError(f"inputs {overlap} are given to every estimator; declare only extra inputs")
+    ADVANTAGE_ESTIMATORS[name] = RegisteredEstimator(fn, tuple(inputs), options, tuple(row_layouts))
 
 
 def get_advantage_estimator(name: str) -> Estimator:
     """The estimator registered under ``name``; unknown names raise listing the valid ones."""
     if name not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {name!r}; valid: {sorted(ADVANTAGE_ESTIMATORS)}")
-    return ADVANTAGE_ESTIMATORS[name]
+    return ADVANTAGE_ESTIMATORS[name].fn
 
 
 def compute_advantages(batch: GroupedRewards, config: AdvantageConfig):

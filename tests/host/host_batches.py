@@ -25,10 +25,10 @@ def make_batch(
     row_uid = np.arange(row_uid_start, row_uid_start + num_rows, dtype=np.int64)
     return {
         "scores": scores,
-        "advantages": advantages,
+        "row_advantage": advantages,
         "loss_mask": loss_mask,
-        "group_ids": group_ids.astype(np.int64),
-        "traj_ids": traj_ids.astype(np.int64),
+        "group_id": group_ids.astype(np.int64),
+        "traj_id": traj_ids.astype(np.int64),
         "num_tool_calls": (np.ones(num_rows) if num_tool_calls is None else np.asarray(num_tool_calls)).astype(np.int64),
         "row_uid": row_uid,
         "input_ids": (row_uid[:, None] * 1000 + np.arange(seq_len)[None, :]).astype(np.int32),

@@ -43,34 +43,34 @@ def test_sil_weight_spec_points():
 
 
 def test_agent_bonus_spec_examples():
-    assert cur.agent_toolcall_bonus(4, 0, "cosine", 200) == pytest.approx(0.4)
-    assert cur.agent_toolcall_bonus(50, 0, "cosine", 200) == pytest.approx(1.0)
-    assert cur.agent_toolcall_bonus(10, 0, "cosine", 200) == pytest.approx(1.0)
-    assert cur.agent_toolcall_bonus(4, 100, "cosine", 200) == pytest.approx(0.2)
-    assert cur.agent_toolcall_bonus(4, 250, "cosine", 200) == 0.0
-    assert cur.agent_toolcall_bonus(4, 250, "constant", 200) == pytest.approx(0.4)
-    assert cur.agent_toolcall_bonus(4, 0, "none", 200) == 0.0
+    assert cur.agent_toolcall_bonus(4, cur.toolcall_reward_factor(0, "cosine", 200)) == pytest.approx(0.4)
+    assert cur.agent_toolcall_bonus(50, cur.toolcall_reward_factor(0, "cosine", 200)) == pytest.approx(1.0)
+    assert cur.agent_toolcall_bonus(10, cur.toolcall_reward_factor(0, "cosine", 200)) == pytest.approx(1.0)
+    assert cur.agent_toolcall_bonus(4, cur.toolcall_reward_factor(100, "cosine", 200)) == pytest.approx(0.2)
+    assert cur.agent_toolcall_bonus(4, cur.toolcall_reward_factor(250, "cosine", 200)) == 0.0
+    assert cur.agent_toolcall_bonus(4, cur.toolcall_reward_factor(250, "constant", 200)) == pytest.approx(0.4)
+    assert cur.agent_toolcall_bonus(4, cur.toolcall_reward_factor(0, "none", 200)) == 0.0
     np.testing.assert_allclose(
-        cur.agent_toolcall_bonus(np.array([0, 1, 4, 9, 10, 50]), 0, "cosine", 200),
+        cur.agent_toolcall_bonus(np.array([0, 1, 4, 9, 10, 50]), cur.toolcall_reward_factor(0, "cosine", 200)),
         [0.0, 0.1, 0.4, 0.9, 1.0, 1.0],
     )
 
 
 def test_math_qwen25_recipe():
-    assert cur.math_toolcall_score(-1.0, 3, 0, "cosine", 200, "qwen2.5") == pytest.approx(-1 + 0.3)
-    assert cur.math_toolcall_score(-1.0, 15, 0, "cosine", 200, "qwen2.5") == pytest.approx(-1 + 1.0)
-    assert cur.math_toolcall_score(1.0, 15, 0, "cosine", 200, "qwen2.5") == pytest.approx(2.0)
-    assert cur.math_toolcall_score(1.0, 3, 100, "cosine", 200, "qwen2.5") == pytest.approx(1.15)
-    assert cur.math_toolcall_score(1.0, 3, 201, "cosine", 200, "qwen2.5") == 1.0
+    assert cur.math_toolcall_score(-1.0, 3, cur.toolcall_reward_factor(0, "cosine", 200), "qwen2.5") == pytest.approx(-1 + 0.3)
+    assert cur.math_toolcall_score(-1.0, 15, cur.toolcall_reward_factor(0, "cosine", 200), "qwen2.5") == pytest.approx(-1 + 1.0)
+    assert cur.math_toolcall_score(1.0, 15, cur.toolcall_reward_factor(0, "cosine", 200), "qwen2.5") == pytest.approx(2.0)
+    assert cur.math_toolcall_score(1.0, 3, cur.toolcall_reward_factor(100, "cosine", 200), "qwen2.5") == pytest.approx(1.15)
+    assert cur.math_toolcall_score(1.0, 3, cur.toolcall_reward_factor(201, "cosine", 200), "qwen2.5") == 1.0
 
 
 def test_math_qwen3_recipe():
-    assert cur.math_toolcall_score(1.0, 1, 0, "cosine", 200, "qwen3") == pytest.approx(2.0)
-    assert cur.math_toolcall_score(1.0, 3, 0, "cosine", 200, "qwen3") == pytest.approx(2.0)
-    assert cur.math_toolcall_score(1.0, 0, 0, "cosine", 200, "qwen3") == 1.0
-    assert cur.math_toolcall_score(-1.0, 3, 0, "cosine", 200, "qwen3") == pytest.approx(-0.7)
-    assert cur.math_toolcall_score(-1.0, 30, 0, "cosine", 200, "qwen3") == pytest.approx(0.0)
-    scores = cur.math_toolcall_score(np.array([1.0, -1.0, 1.0]), np.array([2, 2, 0]), 100, "cosine", 200, "qwen3")
+    assert cur.math_toolcall_score(1.0, 1, cur.toolcall_reward_factor(0, "cosine", 200), "qwen3") == pytest.approx(2.0)
+    assert cur.math_toolcall_score(1.0, 3, cur.toolcall_reward_factor(0, "cosine", 200), "qwen3") == pytest.approx(2.0)
+    assert cur.math_toolcall_score(1.0, 0, cur.toolcall_reward_factor(0, "cosine", 200), "qwen3") == 1.0
+    assert cur.math_toolcall_score(-1.0, 3, cur.toolcall_reward_factor(0, "cosine", 200), "qwen3") == pytest.approx(-0.7)
+    assert cur.math_toolcall_score(-1.0, 30, cur.toolcall_reward_factor(0, "cosine", 200), "qwen3") == pytest.approx(0.0)
+    scores = cur.math_toolcall_score(np.array([1.0, -1.0, 1.0]), np.array([2, 2, 0]), cur.toolcall_reward_factor(100, "cosine", 200), "qwen3")
     np.testing.assert_allclose(scores, [1.5, -0.9, 1.0])
 
 
@@ -82,11 +82,27 @@ def test_math_qwen3_recipe():
         (lambda: cur.toolcall_reward_factor(-1, "cosine", 10), "step"),
         (lambda: cur.sil_loss_weight(1, 1.0, 0), "max_replay_loss_steps"),
         (lambda: cur.sil_loss_weight(1, float("nan"), 10), "replay_loss_coef"),
-        (lambda: cur.math_toolcall_score(1, 1, 0, "cosine", 10, "qwen4"), "math recipe 'qwen4'"),
-        (lambda: cur.math_toolcall_score(1, -1, 0, "cosine", 10), "num_tool_calls"),
-        (lambda: cur.agent_toolcall_bonus(-3, 0, "cosine", 10), "episode_length"),
+        (lambda: cur.math_toolcall_score(1, 1, cur.toolcall_reward_factor(0, "cosine", 10), "qwen4"), "math recipe 'qwen4'"),
+        (lambda: cur.math_toolcall_score(1, -1, cur.toolcall_reward_factor(0, "cosine", 10)), "num_tool_calls"),
+        (lambda: cur.agent_toolcall_bonus(-3, cur.toolcall_reward_factor(0, "cosine", 10)), "episode_length"),
     ],
 )
 def test_bad_input_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_step_schedule_computes_each_value_once_per_step():
+    lr_ticks = []
+
+    def learning_rate(tick):
+        lr_ticks.append(tick)
+        return 0.5 / (tick + 1)
+
+    config = cur.ScheduleConfig("cosine", 200, 2.0, 100, learning_rate)
+    schedule = cur.step_schedule(100, config)
+    assert schedule.toolcall_factor == cur.toolcall_reward_factor(100, "cosine", 200) == pytest.approx(0.5)
+    assert schedule.sil_weight == cur.sil_loss_weight(100, 2.0, 100) == 2.0
+    assert schedule.learning_rate == 0.5 / 100 and lr_ticks == [99]  # step t trains at lr(t - 1)
+    without_replay = cur.step_schedule(100, cur.ScheduleConfig("cosine", 200, None, 100, learning_rate))
+    assert without_replay.sil_weight == 0.0

@@ -127,7 +127,7 @@ def test_p50_recalibration_and_sign_filter():
     assert metrics["replay/sign_filtered"] == 4
     assert replay["scores"].shape == (2,)  # min(npo2(5), buffer_size 2)
     assert set(replay["scores"].tolist()) <= {3.75, 5.5, 6.0, 11.0, 12.0}
-    np.testing.assert_allclose(replay["advantages"], replay["scores"] - 3.75)
+    np.testing.assert_allclose(replay["row_advantage"], replay["scores"] - 3.75)
     assert buffer.num_rows == 0
 
 
@@ -154,7 +154,7 @@ def test_std_normalised_recalibration():
     p50_std = buffer.history.statistics()["p50_std"]
     assert p50_std == 0.0  # 13 groups, 9 of which are singletons with std 0
     replay, _ = buffer.replay_if_ready(2, _rng())
-    np.testing.assert_allclose(replay["advantages"], (replay["scores"] - 3.75) / (0.0 + 1e-6))
+    np.testing.assert_allclose(replay["row_advantage"], (replay["scores"] - 3.75) / (0.0 + 1e-6))
 
 
 def test_std_normalised_with_nonzero_p50_std():
@@ -167,7 +167,7 @@ def test_std_normalised_with_nonzero_p50_std():
     buffer.add_step(make_batch([8.0, 9.0], [1, 1], group_ids=[7, 7], row_uid_start=10), 2)
     stats = buffer.history.statistics()
     replay, _ = buffer.replay_if_ready(3, _rng())
-    np.testing.assert_allclose(replay["advantages"], (replay["scores"] - stats["p50_mean"]) / (stats["p50_std"] + 1e-6))
+    np.testing.assert_allclose(replay["row_advantage"], (replay["scores"] - stats["p50_mean"]) / (stats["p50_std"] + 1e-6))
 
 
 @pytest.mark.parametrize("weight, mode", [(0.5, "decay"), (1.0, "decay"), (0.0, "p50"), (-1.0, "p50"), (1.5, "p50")])
@@ -181,7 +181,7 @@ def test_decay_mode_scales_stored_advantages_without_refiltering():
     replay, metrics = buffer.replay_if_ready(2, _rng())
     assert metrics["replay/candidates"] == 4 and replay["scores"].shape == (2,)
     stored = {0: 0.2, 1: 0.4, 2: 0.8, 3: 1.6}
-    for uid, adv in zip(replay["row_uid"], replay["advantages"]):
+    for uid, adv in zip(replay["row_uid"], replay["row_advantage"]):
         assert adv == pytest.approx(0.5 * stored[int(uid)])
 
 
@@ -193,8 +193,8 @@ def test_gigpo_recalibrated_advantage_is_episode_level_only():
     buffer.add_step(batch, 1)
     p50 = buffer.history.statistics()["p50_mean"]
     replay, _ = buffer.replay_if_ready(2, _rng())
-    assert replay["advantages"].shape == (1,)
-    np.testing.assert_allclose(replay["advantages"], [10.0 - p50])  # not 5.3, 4.8 or 6.0
+    assert replay["row_advantage"].shape == (1,)
+    np.testing.assert_allclose(replay["row_advantage"], [10.0 - p50])  # not 5.3, 4.8 or 6.0
 
 
 def test_subsample_size_rule():
@@ -305,7 +305,7 @@ def test_simulated_training_loop_follows_call_order():
                 assert collected_at[int(row_uid)] == collected < step
                 replayed.append(int(row_uid))
         batch = make_batch(rng.normal(size=6), rng.normal(size=6), row_uid_start=uid)
-        for k, a in zip(batch["row_uid"], batch["advantages"]):
+        for k, a in zip(batch["row_uid"], batch["row_advantage"]):
             if a > 0:
                 collected_at[int(k)] = step
         uid += 6
@@ -339,21 +339,21 @@ def test_bad_batches_name_the_key():
     good = make_batch([1.0, 2.0], [1.0, 1.0])
     validate_row_batch(good)
     missing = dict(good)
-    del missing["traj_ids"]
-    with pytest.raises(KeyError, match="traj_ids"):
+    del missing["traj_id"]
+    with pytest.raises(KeyError, match="traj_id"):
         validate_row_batch(missing)
     with pytest.raises(ValueError, match=r"batch\['input_ids'\] has 1 rows"):
         validate_row_batch({**good, "input_ids": good["input_ids"][:1]})
     with pytest.raises(TypeError, match=r"batch\['scores'\] must be a 1-D float"):
         validate_row_batch({**good, "scores": np.array([1, 2])})
-    with pytest.raises(TypeError, match=r"batch\['group_ids'\] must be a 1-D integer"):
-        validate_row_batch({**good, "group_ids": np.array([0.0, 1.0])})
+    with pytest.raises(TypeError, match=r"batch\['group_id'\] must be a 1-D integer"):
+        validate_row_batch({**good, "group_id": np.array([0.0, 1.0])})
     with pytest.raises(ValueError, match=r"batch\['loss_mask'\] must be \[B, T\]"):
         validate_row_batch({**good, "loss_mask": np.ones(2)})
     with pytest.raises(TypeError, match=r"batch\['messages'\] must be numeric"):
         validate_row_batch({**good, "messages": np.array(["a", "b"], dtype=object)})
-    with pytest.raises(ValueError, match=r"batch\['advantages'\] contains non-finite"):
-        validate_row_batch({**good, "advantages": np.array([np.nan, 1.0])})
+    with pytest.raises(ValueError, match=r"batch\['row_advantage'\] contains non-finite"):
+        validate_row_batch({**good, "row_advantage": np.array([np.nan, 1.0])})
     with pytest.raises(KeyError, match="collection_step"):
         validate_row_batch({**good, "collection_step": np.zeros(2, int)})
     buffer = _buffer()
@@ -368,3 +368,29 @@ def test_bad_batches_name_the_key():
         buffer.replay_if_ready(5, _rng(), min_rows=0)
     with pytest.raises(KeyError, match="state is missing"):
         ReplayBuffer.from_state_dict(buffer.config, {"num_entries": np.asarray(0)})
+
+
+def test_replay_rows_use_the_batch_schema_names():
+    from spear_jax import batch_schema, replay
+    assert replay.REQUIRED_ROW_KEYS == batch_schema.REPLAY_ROW_FIELDS
+    assert all(key in batch_schema.FIELDS for key in replay.REQUIRED_ROW_KEYS)
+    batch = make_batch([1.0, 2.0], [1.0, 1.0])
+    earlier = {"row_advantage": "advantages", "group_id": "group_ids", "traj_id": "traj_ids"}
+    with pytest.raises(KeyError, match="missing required row keys"):
+        validate_row_batch({earlier.get(k, k): v for k, v in batch.items()})
+
+
+def test_a_replay_state_with_the_earlier_row_names_is_read_under_the_schema_names():
+    buffer = _buffer()
+    buffer.add_step(make_batch([1.0, 2.0], [1.0, 1.0]), 1)
+    state = buffer.state_dict()
+    earlier = {"entry0_row_row_advantage": "entry0_row_advantages", "entry0_row_group_id": "entry0_row_group_ids",
+               "entry0_row_traj_id": "entry0_row_traj_ids"}
+    old_state = {earlier.get(k, k): v for k, v in state.items()}
+    assert "entry0_row_advantages" in old_state and "entry0_row_row_advantage" not in old_state
+    restored = ReplayBuffer.from_state_dict(buffer.config, old_state)
+    assert restored.state_dict().keys() == state.keys()
+    for key, value in state.items():
+        np.testing.assert_array_equal(restored.state_dict()[key], value)
+    with pytest.raises(KeyError, match="hold both"):
+        ReplayBuffer.from_state_dict(buffer.config, {**state, "entry0_row_advantages": state["entry0_row_row_advantage"]})

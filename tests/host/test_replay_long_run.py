@@ -27,7 +27,7 @@ def _run(buffer, steps, success_rate=0.3, check=None):
         buffer.add_step(_batch_for(step, success_rate), step)
         if check is not None:
             check(buffer, step)
-        log.append((None if replay is None else (replay["row_uid"].copy(), replay["advantages"].copy()),
+        log.append((None if replay is None else (replay["row_uid"].copy(), replay["row_advantage"].copy()),
                     metrics))
     return log
 
@@ -88,7 +88,7 @@ def test_empty_buffer_never_triggers():
         replay, metrics = empty.replay_if_ready(step, np.random.default_rng(step))
         assert replay is None and metrics["replay/buffer_rows"] == 0
         batch = _batch_for(step)
-        batch["advantages"] = -np.abs(batch["advantages"])
+        batch["row_advantage"] = -np.abs(batch["row_advantage"])
         empty.remove_old()
         empty.add_step(batch, step)
     assert empty.num_rows == 0 and empty.history.num_values <= 30 + MAX_GROUPS
@@ -102,7 +102,7 @@ def test_staleness_in_a_run_with_gaps():
         buffer.remove_old()
         batch = _batch_for(step)
         if step not in contributing:
-            batch["advantages"] = -np.abs(batch["advantages"]) - 1.0
+            batch["row_advantage"] = -np.abs(batch["row_advantage"]) - 1.0
         buffer.add_step(batch, step)
         if step == 10:
             assert buffer.entry_steps == [4, 9, 10]  # remove_old at 10 saw newest 9: drops 1, 2

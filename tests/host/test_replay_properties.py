@@ -67,21 +67,21 @@ def test_buffer_invariants_along_a_run(config, steps, seed):
                 assert replay["scores"][i] == stored["scores"]
                 assert replay["collection_step"][i] < step
                 if config.mode == "p50":
-                    assert replay["advantages"][i] >= 0
+                    assert replay["row_advantage"][i] >= 0
                 else:
-                    assert replay["advantages"][i] == config.weight_decay * stored["advantages"]
+                    assert replay["row_advantage"][i] == config.weight_decay * stored["row_advantage"]
         seq_len = 3 + step % 4  # T varies between steps
         batch = _batch(rows, uid, seq_len)
         uid += len(rows)
         buffer.remove_old()
         buffer.add_step(batch, step)
-        admitted = (batch["advantages"] > 0) & (batch["loss_mask"].sum(1) > 0)
+        admitted = (batch["row_advantage"] > 0) & (batch["loss_mask"].sum(1) > 0)
         if config.require_tool_call:
             admitted &= batch["num_tool_calls"] > 0
         newest = {k: v for k, v in _stored_rows(buffer).items() if k >= uid - len(rows)}
         assert sorted(newest) == batch["row_uid"][admitted].tolist()
         for row in _stored_rows(buffer).values():
-            assert row["advantages"] > 0 and row["loss_mask"].sum() > 0
+            assert row["row_advantage"] > 0 and row["loss_mask"].sum() > 0
         tolerate = config.effective_tolerate_steps
         assert len(buffer.entry_steps) <= tolerate + 2
         restored = ReplayBuffer.from_state_dict(config, buffer.state_dict())

@@ -348,7 +348,7 @@ def test_registry_and_config_errors():
     with pytest.raises(ValueError, match="stats_over"):
         AdvantageConfig("grpo", 2, stats_over="tokens")
     with pytest.raises(ValueError, match="num_step_groups"):
-        AdvantageConfig("gigpo", 2, num_trajectories=2)
+        AdvantageConfig("gigpo", 2, num_trajectories=2, num_step_groups=0)
     with pytest.raises(ValueError, match="gamma"):
         AdvantageConfig("gigpo", 2, num_trajectories=2, num_step_groups=2, gamma=1.5)
 
@@ -398,3 +398,21 @@ def test_explicit_axis_mesh_inputs_give_the_same_advantages(estimator):
             lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))), batch)
         sharded, _ = jitted(cfg)(sharded_batch)
     np.testing.assert_allclose(sharded, single, rtol=1e-6, atol=1e-6)
+
+
+def test_gigpo_without_num_step_groups_allows_one_step_group_per_row():
+    batch = to_grouped(random_batch(5))
+    sized = AdvantageConfig("gigpo", NUM_GROUPS, True, num_trajectories=NUM_TRAJ, num_step_groups=N)
+    per_row = AdvantageConfig("gigpo", NUM_GROUPS, True, num_trajectories=NUM_TRAJ)
+    np.testing.assert_array_equal(adv_lib.compute_advantages(batch, per_row)[0],
+                                  adv_lib.compute_advantages(batch, sized)[0])
+
+
+def test_registered_estimators_declare_their_inputs():
+    assert adv_lib.ADVANTAGE_ESTIMATORS["gigpo"].inputs == (
+        "step_index", "step_rewards", "step_group_ids", "step_return_offsets")
+    assert adv_lib.ADVANTAGE_ESTIMATORS["grpo"].inputs == ()
+    with pytest.raises(ValueError, match="already registered"):
+        adv_lib.register_advantage_estimator("grpo", adv_lib.grpo_advantages)
+    with pytest.raises(ValueError, match="given to every estimator"):
+        adv_lib.register_advantage_estimator("grpo_again", adv_lib.grpo_advantages, inputs=("scores",))

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from environments.math_env import problem_text
-from spear_jax import sft, sft_data
+from spear_jax import sft, sft_data, train_step
 from spear_jax.batching import bucket_length
+from spear_jax.minibatches import micro_split
 from spear_jax.sft_data import Example, conversation_example, solution_text
 from spear_jax.model.chat_template import ChatTemplate
 from spear_jax.model.tokenizer import tiny_tokenizer
@@ -104,7 +105,7 @@ def test_pack_examples_and_minibatch_cut_only_padding():
     np.testing.assert_array_equal(data["loss_mask"], [[0, 0, 0, 1, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0]])
     cut = sft.pack_examples(examples, 4, pad_id=0)  # the long prompt loses its first token
     np.testing.assert_array_equal(cut["tokens"][0], [6, 7, 8, 9])
-    batch = sft._minibatch(data, np.array([1, 0, 1, 0]), length=5, micro=2)
+    batch = micro_split(data, np.array([1, 0, 1, 0]), train_step.SFT_KEYS, micro=2, length=5)
     assert batch["tokens"].shape == (2, 2, 5) and batch["row_valid"].shape == (2, 2)
     np.testing.assert_array_equal(batch["tokens"][0, 1], [5, 6, 7, 8, 9])
     assert bucket_length(5, (4, 8, 16)) == 8 and bucket_length(40, (4, 8, 16)) == 16

@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-import types
 
 import re
 
@@ -236,10 +235,10 @@ def test_readme_main_command_on_a_short_schedule(tmp_path):
 
 def test_eval_temperature_zero_decodes_greedily():
     c = _config("spear")
-    holder, chat = types.SimpleNamespace(config=c), types.SimpleNamespace(assistant_end_ids=[7])
-    greedy = Trainer._sampling(holder, 0.0, 1.0, chat)
-    assert greedy.greedy and greedy.temperature == 1.0
-    sampled = Trainer._sampling(holder, 0.4, 1.0, chat)
+    c.rollout.eval_temperature, c.rollout.temperature = 0.0, 0.4
+    greedy = run_config.sampling_params(c, [7], evaluation=True)
+    assert greedy.greedy and greedy.temperature == 1.0 and greedy.stop_sequences == ((7,),)
+    sampled = run_config.sampling_params(c, [7], evaluation=False)
     assert not sampled.greedy and sampled.temperature == 0.4
 
 

@@ -10,7 +10,9 @@ import pytest
 
 from spear_jax import rewards, run_config, sharding, train_step
 from spear_jax.run_config import ConfigError
-from spear_jax.trainer import Trainer, _epoch_order, reference_params
+from spear_jax.minibatches import epoch_order as _epoch_order
+from spear_jax.trainer import Trainer
+from spear_jax.trainer_setup import reference_params
 
 
 def _config(method="grpo", arg=None):
@@ -62,7 +64,7 @@ def _optimize_rows(shuffle: bool, epochs: int = 2) -> list[list[int]]:
     batch = {key: np.zeros((48, length), np.float32) for key in train_step.MINIBATCH_KEYS}
     batch["tokens"] = np.repeat(np.arange(48, dtype=np.int32)[:, None], length, axis=1)
     batch["row_valid"] = np.arange(48) < rows
-    metrics = trainer._optimize(batch, step=3, replay_rows=None)
+    metrics = trainer._optimize(batch, step=3, sil_weight=None)
     assert metrics["actor/optimizer_steps"] == 3 * epochs
     return seen
 

@@ -1,0 +1,115 @@
+"""Building the trainer's parts from a validated run config: device placement, the frozen KL
+reference, the sampler and rollout engines, the environments and the chunked log-prob pass."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from environments.registry import make_env
+from spear_jax import run_config, train_step
+from spear_jax.policy import Policy
+from spear_jax.rollout import RolloutEngine, TemplateChatTokenizer
+from spear_jax.sampling import Sampler, SamplingParams
+
+
+def on_mesh(tree, mesh):
+    """Every leaf on ``mesh``: sharded leaves keep their layout, the rest (e.g. the optimizer's
+    step count) are replicated, so each jitted update sees one device set."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(leaf):
+        sharding = leaf.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
+            return leaf
+        return jax.device_put(leaf, replicated)
+
+    return jax.tree.map(place, tree)
+
+
+def batch_sharding(mesh, leading: int) -> jax.sharding.NamedSharding:
+    """Rows split over the batch-parallel mesh axes; ``leading`` unsharded axes come first."""
+    spec = jax.sharding.PartitionSpec(*([None] * leading), ("data", "fsdp"))
+    return jax.sharding.NamedSharding(mesh, spec)
+
+
+def reference_params(params, compute_dtype: str):
+    """A frozen copy of ``params`` for the KL reference: floating leaves in the compute dtype
+    (the model casts every weight to it, so the reference's log-probs are those of ``params``),
+    on their own buffers (the policy's are donated to every update) with the same sharding."""
+    dtype = jnp.dtype(compute_dtype)
+
+    def copy(leaf):
+        return jnp.copy(leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf)
+
+    shardings = jax.tree.map(lambda leaf: leaf.sharding, params)
+    return jax.jit(lambda tree: jax.tree.map(copy, tree), out_shardings=shardings)(params)
+
+
+@dataclasses.dataclass
+class RolloutParts:
+    """The sampler, the train / eval engines and their sampling parameters."""
+
+    sampler: Sampler
+    engine: RolloutEngine
+    eval_engine: RolloutEngine
+    sampling: SamplingParams
+    eval_sampling: SamplingParams
+
+
+def build_rollout(c: ml_collections.ConfigDict, policy: Policy, mesh) -> RolloutParts:
+    """One sampler (rows of ``run_config.sequence_length`` tokens) shared by the train engine
+    (``group_size`` episodes per task) and the eval engine (one per task)."""
+    chat = TemplateChatTokenizer(policy.chat)
+    episodes = c.data.train_tasks_per_step * c.data.group_size
+    sampler = Sampler(
+        policy.graphdef, policy.params, policy.model_config, max_len=run_config.sequence_length(c),
+        max_batch=max(episodes, c.data.eval_episodes), cache_dtype=jnp.dtype(c.rollout.kv_cache_dtype),
+        weight_dtype=None if c.rollout.weight_dtype == "param" else jnp.dtype(c.rollout.weight_dtype),
+        mesh=mesh)
+    return RolloutParts(
+        sampler=sampler,
+        engine=RolloutEngine(sampler, chat, run_config.rollout_config(c, group_size=c.data.group_size)),
+        eval_engine=RolloutEngine(sampler, chat, run_config.rollout_config(c, group_size=1)),
+        sampling=run_config.sampling_params(c, chat.assistant_end_ids, evaluation=False),
+        eval_sampling=run_config.sampling_params(c, chat.assistant_end_ids, evaluation=True))
+
+
+def make_envs(c: ml_collections.ConfigDict) -> tuple[list, list]:
+    """(one training environment per episode of a step, one evaluation environment per episode)."""
+    kwargs = dict(c.env.kwargs.to_dict(), max_steps=c.env.max_steps)
+    episodes = c.data.train_tasks_per_step * c.data.group_size
+    train = [make_env(c.env.name, split="train", seed=c.seed + i, **kwargs) for i in range(episodes)]
+    evaluation = [make_env(c.env.name, split=c.data.eval_split, seed=c.seed + i, **kwargs)
+                  for i in range(c.data.eval_episodes)]
+    return train, evaluation
+
+
+class LogProbPass:
+    """Token log-probs (and entropies) of a packed batch under given params, one micro-batch of
+    rows at a time on the mesh (``prepare.old_logprobs`` takes its bound calls)."""
+
+    def __init__(self, graphdef, c: ml_collections.ConfigDict, mesh):
+        temperature, chunk = c.rollout.temperature, c.model.logprob_chunk_size
+        self._with_entropy = train_step.make_token_stats_fn(graphdef, temperature, chunk)
+        self._logprobs = train_step.make_token_stats_fn(graphdef, temperature, chunk, entropy=False)
+        self.micro = c.actor.ppo_micro_batch_size
+        self.sharding = batch_sharding(mesh, leading=0)
+
+    def _chunks(self, fn, params, tokens: np.ndarray, valid: np.ndarray):
+        for start in range(0, tokens.shape[0], self.micro):
+            yield fn(params, jax.device_put(tokens[start:start + self.micro], self.sharding),
+                     jax.device_put(valid[start:start + self.micro], self.sharding))
+
+    def with_entropy(self, params, tokens: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(log-probs [B, L], entropies [B, L]) of ``tokens`` [B, L] under ``params``."""
+        outs = [(np.asarray(logp), np.asarray(ent)) for logp, ent in self._chunks(self._with_entropy, params,
+                                                                                  tokens, valid)]
+        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+    def logprobs(self, params, tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Log-probs [B, L] of ``tokens`` under ``params`` (the compiled pass skips the entropy)."""
+        return np.concatenate([np.asarray(logp) for logp in self._chunks(self._logprobs, params, tokens, valid)])
