@@ -55,8 +55,6 @@ class QualityFilterConfig:
     """``enabled``: the ``filters.QUALITY_FLAGS`` that exclude a row from the loss."""
 
     enabled: tuple[str, ...] = ()
-    max_response_length: int = 1
-    domain: str = "agent"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +124,7 @@ def filter_groups(rows: Sequence[Row], scores: np.ndarray, config: GroupFilterCo
 def mask_low_quality(rows: Sequence[Row], config: QualityFilterConfig
                      ) -> tuple[np.ndarray, dict[str, np.ndarray], Metrics]:
     """(rows excluded from the loss [n] bool, every quality flag [n] bool by name, metrics)."""
-    flags = rewards.quality_flags(rows, config.max_response_length, config.domain)
+    flags = rewards.quality_flags(rows)
     masked, metrics = filters.low_quality_rows(flags, config.enabled)
     return masked, flags.as_dict(), metrics
 

@@ -757,8 +757,7 @@ def quality_filter_config(c: ml_collections.ConfigDict) -> QualityFilterConfig:
     """The quality flags whose ``algorithm.filter_<flag>_responses`` switch is on."""
     enabled = tuple(name for name in ("overlong", "incomplete", "repetitive", "unreadable")
                     if c.algorithm[f"filter_{name}_responses"])
-    return QualityFilterConfig(enabled=enabled, max_response_length=c.rollout.max_response_length,
-                               domain=c.env.domain)
+    return QualityFilterConfig(enabled=enabled)
 
 
 def penalty_config(c: ml_collections.ConfigDict) -> PenaltyConfig:

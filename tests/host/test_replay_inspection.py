@@ -52,7 +52,7 @@ def test_a_triggered_replay_draws_from_the_inspected_recalibration():
     replay, metrics = buffer.replay_if_ready(3, np.random.default_rng(0))
     assert metrics["replay/triggered"] == 1.0
     assert metrics["replay/candidates"] == recalibration.keep.sum()
-    for uid, advantage in zip(replay["row_uid"], replay["advantages"]):
+    for uid, advantage in zip(replay["row_uid"], replay["row_advantage"]):
         assert by_uid[int(uid)][1]  # only rows that pass the sign filter are drawn
         assert advantage == pytest.approx(by_uid[int(uid)][0])
     assert buffer.rows() == {}  # emptied by the trigger

@@ -79,17 +79,17 @@ def test_filter_groups_power_of_two_truncation_draws_from_the_rng():
 def test_mask_low_quality_masks_only_enabled_flags():
     rows = [_row(response=(3, 4, 5), overlong=True, response_text=ACTION),
             _row(response=(3, 4), incomplete=True, response_text="no action here")]
-    config = QualityFilterConfig(enabled=("overlong",), max_response_length=3, domain="agent")
+    config = QualityFilterConfig(enabled=("overlong",))
     masked, flags, metrics = prepare.mask_low_quality(rows, config)
     np.testing.assert_array_equal(masked, [True, False])
     np.testing.assert_array_equal(flags["overlong"], [True, False])
     np.testing.assert_array_equal(flags["incomplete"], [False, True])  # flagged, not enabled
     assert metrics["quality/frac_masked"] == 0.5
     assert metrics["quality/frac_overlong"] == metrics["quality/frac_incomplete"] == 0.5
-    both = QualityFilterConfig(enabled=("overlong", "incomplete"), max_response_length=3, domain="agent")
+    both = QualityFilterConfig(enabled=("overlong", "incomplete"))
     np.testing.assert_array_equal(prepare.mask_low_quality(rows, both)[0], [True, True])
     with pytest.raises(ValueError, match="unknown quality flags"):
-        prepare.mask_low_quality(rows, QualityFilterConfig(enabled=("long",), max_response_length=3))
+        prepare.mask_low_quality(rows, QualityFilterConfig(enabled=("long",)))
 
 
 # -- 3. pack ---------------------------------------------------------------------------------------
