@@ -25,6 +25,7 @@ import math
 import numbers
 import os
 import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -33,7 +34,7 @@ import ml_collections
 from configs.base import PRESETS as RUN_PRESETS
 from environments.base import HasGoldActions
 from environments.prompts import TEMPLATES as PROMPT_TEMPLATES
-from environments.registry import ENVIRONMENTS, env_class, env_type, split_names
+from environments.registry import env_class, env_names, env_type, split_names
 from spear_jax.sft_data import SOURCES as SFT_SOURCES
 from spear_jax.batching import ROW_FIELDS
 from spear_jax.curriculum import TOOLCALL_REWARD_MODES
@@ -123,16 +124,17 @@ class OneOf:
 
 @dataclasses.dataclass(frozen=True)
 class Registered:
-    """A name in a registry that grows at import time (checked against its entries then)."""
+    """A name in a registry that grows at import time: ``names()`` is read when a config is
+    checked, so entries registered after this module was imported count."""
 
-    registry: dict
+    names: Callable[[], Iterable[str]]
     what: str
 
     def __contains__(self, value: Any) -> bool:
-        return value in self.registry
+        return value in tuple(self.names())
 
     def describe(self) -> str:
-        return f"one of the registered {self.what}, {', '.join(repr(v) for v in sorted(self.registry))}"
+        return f"one of the registered {self.what}, {', '.join(repr(v) for v in sorted(self.names()))}"
 
 
 def _at_least(low: float) -> Interval:
@@ -174,7 +176,7 @@ RULES: tuple[Rule, ...] = (
     Rule("model.logprob_chunk_size", _at_least(1), "512 tokens per chunk is the default"),
     Rule("model.lora.rank", _at_least(0), "0 trains every weight; 8-64 for adapters"),
     Rule("model.lora.alpha", _above(0), "the adapters are scaled by alpha / rank; e.g. 2 x rank"),
-    Rule("env.name", Registered(ENVIRONMENTS, "environments")),
+    Rule("env.name", Registered(env_names, "environments")),
     Rule("env.max_steps", _at_least(1), "ALFWorld 50, WebShop 15"),
     Rule("env.history_length", _at_least(0), "0 shows no past (observation, action) pairs"),
     Rule("env.prompt_template", _one_of(PROMPT_TEMPLATES)),
@@ -195,7 +197,7 @@ RULES: tuple[Rule, ...] = (
     Rule("rollout.eval_top_p", UNIT, "use 1.0 to disable nucleus sampling"),
     Rule("rollout.kv_cache_dtype", _one_of(DTYPES)),
     Rule("rollout.weight_dtype", _one_of(("param",) + DTYPES)),
-    Rule("algorithm.adv_estimator", Registered(ADVANTAGE_ESTIMATORS, "estimators"),
+    Rule("algorithm.adv_estimator", Registered(lambda: ADVANTAGE_ESTIMATORS, "estimators"),
          "register more with spear_jax.objectives.advantages.register_advantage_estimator"),
     Rule("algorithm.grpo_statistics_over", _one_of(GRPO_STATISTICS)),
     Rule("algorithm.gigpo_gamma", CLOSED_UNIT, "the reference discounts step returns by 0.95"),
