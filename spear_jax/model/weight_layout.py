@@ -2,6 +2,8 @@
 
 HF stores linear weights as [out, in]; this model stores [in, out] with attention heads split
 out: q_proj [D, H, hd], k/v_proj [D, KVH, hd], o_proj [H, hd, D], q/k/v biases [heads, hd].
+The blocks' parameters are stacked over the layers: HF's ``model.layers.{i}.<name>`` is slice
+``i`` of the leading [num_layers] axis of the parameter at ``("blocks", ...)``.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import numpy as np
 
 from spear_jax.model.config import ModelConfig
 
-ParamPath = tuple  # e.g. ("blocks", 3, "attention", "q_proj", "..."), as in nnx.to_flat_state
+ParamPath = tuple  # e.g. ("blocks", "attention", "q_proj"), as in nnx.to_flat_state
 
 
 class TensorSpec(NamedTuple):
@@ -20,6 +22,7 @@ class TensorSpec(NamedTuple):
     to_model: Callable[[np.ndarray], np.ndarray]  # HF layout -> model layout
     to_hf: Callable[[np.ndarray], np.ndarray]  # model layout -> HF layout
     hf_shape: tuple[int, ...]  # the tensor's shape in HF layout, as the config implies it
+    layer: int | None = None  # the slice of the stacked parameter at ``path`` (None: not stacked)
 
 
 def _identity(x):
@@ -60,18 +63,18 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
         specs.append(TensorSpec("lm_head.weight", ("lm_head",), _transpose, _transpose, (v, d)))
     for i in range(cfg.num_layers):
         hf = f"model.layers.{i}."
-        attn = ("blocks", i, "attention")
+        attn = ("blocks", "attention")
         layer = [
-            (hf + "input_layernorm.weight", ("blocks", i, "input_norm", "weight"), _identity, _identity, (d,)),
-            (hf + "post_attention_layernorm.weight", ("blocks", i, "post_attention_norm", "weight"),
+            (hf + "input_layernorm.weight", ("blocks", "input_norm", "weight"), _identity, _identity, (d,)),
+            (hf + "post_attention_layernorm.weight", ("blocks", "post_attention_norm", "weight"),
              _identity, _identity, (d,)),
             (hf + "self_attn.q_proj.weight", attn + ("q_proj",), *_in_heads(h, hd), (h * hd, d)),
             (hf + "self_attn.k_proj.weight", attn + ("k_proj",), *_in_heads(kv, hd), (kv * hd, d)),
             (hf + "self_attn.v_proj.weight", attn + ("v_proj",), *_in_heads(kv, hd), (kv * hd, d)),
             (hf + "self_attn.o_proj.weight", attn + ("o_proj",), *_out_heads(h, hd), (d, h * hd)),
-            (hf + "mlp.gate_proj.weight", ("blocks", i, "mlp", "gate_proj"), _transpose, _transpose, (f, d)),
-            (hf + "mlp.up_proj.weight", ("blocks", i, "mlp", "up_proj"), _transpose, _transpose, (f, d)),
-            (hf + "mlp.down_proj.weight", ("blocks", i, "mlp", "down_proj"), _transpose, _transpose, (d, f)),
+            (hf + "mlp.gate_proj.weight", ("blocks", "mlp", "gate_proj"), _transpose, _transpose, (f, d)),
+            (hf + "mlp.up_proj.weight", ("blocks", "mlp", "up_proj"), _transpose, _transpose, (f, d)),
+            (hf + "mlp.down_proj.weight", ("blocks", "mlp", "down_proj"), _transpose, _transpose, (d, f)),
         ]
         if cfg.qkv_bias:
             layer += [
@@ -84,5 +87,5 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
                 (hf + "self_attn.q_norm.weight", attn + ("q_norm", "weight"), _identity, _identity, (hd,)),
                 (hf + "self_attn.k_norm.weight", attn + ("k_norm", "weight"), _identity, _identity, (hd,)),
             ]
-        specs += [TensorSpec(*entry) for entry in layer]
+        specs += [TensorSpec(*entry, layer=i) for entry in layer]
     return specs
