@@ -3,13 +3,19 @@
 HF stores linear weights as [out, in]; this model stores [in, out] with attention heads split
 out: q_proj [D, H, hd], k/v_proj [D, KVH, hd], o_proj [H, hd, D], q/k/v biases [heads, hd].
 The blocks' parameters are stacked over the layers: HF's ``model.layers.{i}.<name>`` is slice
-``i`` of the leading [num_layers] axis of the parameter at ``("blocks", ...)``.
+``i`` of the leading [num_layers] axis of the parameter at ``("blocks", ...)``. Checkpoints of
+the earlier layout (one ``("blocks", i, ...)`` entry per layer) convert with ``unstacked_blocks``
+(the restore target) and ``stacked_blocks``.
 """
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from spear_jax.model.config import ModelConfig
 
@@ -89,3 +95,46 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
             ]
         specs += [TensorSpec(*entry, layer=i) for entry in layer]
     return specs
+
+
+def _layer_slice(x, layer: int):
+    """Slice ``layer`` of a stacked leaf: an array, or a ``jax.ShapeDtypeStruct`` (restore target)
+    whose sharding loses its leading (unsharded "layers") dimension."""
+    if not isinstance(x, jax.ShapeDtypeStruct):
+        return x[layer]
+    sharding = x.sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+
+
+def unstacked_blocks(params: nnx.State, num_layers: int) -> nnx.State:
+    """``params`` in the layout of models that kept one block per layer: every leaf at
+    ("blocks", *rest) [num_layers, ...] becomes ``num_layers`` leaves at ("blocks", i, *rest).
+    Leaves may be arrays or ``jax.ShapeDtypeStruct`` (to restore such a checkpoint)."""
+    flat = {}
+    for path, variable in nnx.to_flat_state(params):
+        if path[0] != "blocks":
+            flat[path] = variable
+            continue
+        for i in range(num_layers):
+            flat[("blocks", i) + path[1:]] = variable.replace(_layer_slice(variable.get_value(), i))
+    return nnx.from_flat_state(flat)
+
+
+def stacked_blocks(params: nnx.State, like: nnx.State) -> nnx.State:
+    """Inverse of ``unstacked_blocks``: the ("blocks", i, *rest) leaves of ``params`` stacked
+    into ("blocks", *rest), placed with the sharding of that leaf of ``like`` (arrays or
+    ``jax.ShapeDtypeStruct`` of the stacked layout)."""
+    flat = dict(nnx.to_flat_state(params))
+    stacked = {}
+    for path, variable in nnx.to_flat_state(like):
+        if path[0] != "blocks":
+            stacked[path] = flat[path]
+            continue
+        layers = sorted(p[1] for p in flat if p[0] == "blocks" and p[2:] == path[1:])
+        slices = [flat[("blocks", i) + path[1:]].get_value() for i in layers]
+        value = np.stack(slices) if isinstance(slices[0], np.ndarray) else jnp.stack(slices)
+        sharding = getattr(variable.get_value(), "sharding", None)
+        stacked[path] = variable.replace(value if sharding is None else jax.device_put(value, sharding))
+    return nnx.from_flat_state(stacked)
