@@ -87,8 +87,8 @@ class Transformer(nnx.Module):
     """Embedding, ``num_layers`` pre-norm blocks, final RMSNorm and (tied or untied) LM head.
 
     ``blocks`` is one ``Block`` whose parameters are stacked over the layers ([num_layers, ...],
-    see ``stack_blocks``); layer i's weights are drawn in the same order as the blocks of an
-    unstacked model, so a seed gives the same weights with or without ``scan_layers``."""
+    see ``stack_blocks``): layer i's weights are drawn as the i-th of ``num_layers`` separate
+    blocks would be, then stacked. The layout does not depend on ``scan_layers``."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
