@@ -12,7 +12,8 @@ lowers and compiles, on ``jax.ShapeDtypeStruct`` inputs laid out on that mesh (n
 materialised):
 
 * the update step (``train_step.make_update_fn``, on-policy, default objective, AdamW) on one
-  micro-batch of ``actor.ppo_micro_batch_size`` rows x (``rollout.max_prompt_length`` +
+  micro-batch of ``actor.ppo_micro_batch_size`` rows (rounded up to a multiple of the data x fsdp
+  devices, at least one row each) x (``rollout.max_prompt_length`` +
   ``rollout.max_response_length``) tokens, with ``--remat``;
 * the decode program (``decode.extend_and_decode``) for the rollout batch
   (``data.train_tasks_per_step`` x ``data.group_size`` rows) on a cache of prompt + response
@@ -93,7 +94,9 @@ def update_plan(c, cfg, mesh) -> dict:
     graphdef, params = abstract_params(cfg, mesh)
     optimizer = train_step.make_optimizer(train_step.OptimizerConfig())
     opt_state = optimizer_layout(jax.eval_shape(optimizer.init, params), params, mesh)
-    rows, length = int(c.actor.ppo_micro_batch_size), int(c.rollout.max_prompt_length + c.rollout.max_response_length)
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = -(-int(c.actor.ppo_micro_batch_size) // batch_devices) * batch_devices  # whole rows per device
+    length = int(c.rollout.max_prompt_length + c.rollout.max_response_length)
     batch = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
     dtypes = {"tokens": jnp.int32, "valid": bool, "loss_mask": jnp.float32, "old_logprobs": jnp.float32,
               "advantages": jnp.float32}
@@ -179,10 +182,11 @@ def format_row(row: dict) -> str:
     gib = [row["params"], row["optimizer"], row["update"]["temp"], row["update"]["total"], row["kv_cache"],
            row["decode"]["temp"], row["decode"]["total"]]
     return (f"{row['preset']:<24} {row['devices']:>4} {mesh:>8} {row['remat']:>5} "
+            f"{row['rows']:>4}x{row['length']:<6} "
             + " ".join(f"{b / GIB:>8.2f}" for b in gib) + f" {fits}")
 
 
-HEADER = (f"{'preset':<24} {'devs':>4} {'d x f x t':>8} {'remat':>5} {'params':>8} {'optim':>8} "
+HEADER = (f"{'preset':<24} {'devs':>4} {'d x f x t':>8} {'remat':>5} {'micro':>11} {'params':>8} {'optim':>8} "
           f"{'upd_tmp':>8} {'update':>8} {'kv':>8} {'dec_tmp':>8} {'decode':>8} "
           + " ".join(f"{name:>5}" for name in DEVICE_BYTES))
 

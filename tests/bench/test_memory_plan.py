@@ -33,9 +33,10 @@ def test_shard_bytes_count_one_device_share():
 def test_row_reports_gib_and_which_devices_hold_the_larger_program():
     gib = memory_plan.GIB
     row = {"preset": "p", "devices": 8, "mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "remat": "full",
+           "rows": 16, "length": 2560,
            "params": gib, "optimizer": 2 * gib, "update": {"temp": 3 * gib, "total": 40 * gib},
            "kv_cache": gib, "decode": {"temp": gib, "total": 31 * gib}}
     fields = memory_plan.format_row(row).split()
-    assert fields[:4] == ["p", "8", "1x8x1", "full"]
-    assert fields[4:11] == ["1.00", "2.00", "3.00", "40.00", "1.00", "1.00", "31.00"]
-    assert fields[11:] == ["yes", "yes", "no"]  # 40 GiB = 42.9 GB: H100 80 GB, v5p 95 GB, not v6e 32 GB
+    assert fields[:5] == ["p", "8", "1x8x1", "full", "16x2560"]
+    assert fields[5:12] == ["1.00", "2.00", "3.00", "40.00", "1.00", "1.00", "31.00"]
+    assert fields[12:] == ["yes", "yes", "no"]  # 40 GiB = 42.9 GB: H100 80 GB, v5p 95 GB, not v6e 32 GB
