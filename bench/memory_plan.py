@@ -16,7 +16,8 @@ materialised):
   devices, at least one row each) x (``rollout.max_prompt_length`` +
   ``rollout.max_response_length``) tokens, with ``--remat``;
 * the decode program (``decode.extend_and_decode``) for the rollout batch
-  (``data.train_tasks_per_step`` x ``data.group_size`` rows) on a cache of prompt + response
+  (``data.train_tasks_per_step`` x ``data.group_size`` rows, all decoded at once as the trainer
+  does; ``--decode_rows`` plans a smaller batch) on a cache of prompt + response
   slots in ``rollout.kv_cache_dtype``: a prompt-length append, then ``max_response_length`` steps.
 
 The optimizer state is laid out like the params (each AdamW moment sharded as its parameter).
@@ -111,8 +112,9 @@ def update_plan(c, cfg, mesh) -> dict:
             "update": _program_bytes(compiled)}
 
 
-def decode_plan(c, cfg, mesh) -> dict:
-    """Per-device bytes of the KV cache and of the compiled decode program."""
+def decode_plan(c, cfg, mesh, decode_rows: int = 0) -> dict:
+    """Per-device bytes of the KV cache and of the compiled decode program for ``decode_rows``
+    rows (0: the whole rollout batch, as the trainer decodes it)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
@@ -126,7 +128,7 @@ def decode_plan(c, cfg, mesh) -> dict:
 
     graphdef, params = abstract_params(cfg, mesh)
     rules = cfg.sharding_rules
-    batch = int(c.data.train_tasks_per_step * c.data.group_size)
+    batch = decode_rows or int(c.data.train_tasks_per_step * c.data.group_size)
     prompt, response = int(c.rollout.max_prompt_length), int(c.rollout.max_response_length)
     shape = (cfg.num_layers, batch, prompt + response, cfg.num_kv_heads, cfg.head_dim)
     kv = jax.ShapeDtypeStruct(shape, jnp.dtype(c.rollout.kv_cache_dtype),
@@ -145,7 +147,7 @@ def decode_plan(c, cfg, mesh) -> dict:
     return {"kv_cache": 2 * shard_bytes(kv), "decode_rows": batch, "decode": _program_bytes(compiled)}
 
 
-def plan_one(preset: str, fsdp: int, tensor: int, remat: str) -> dict:
+def plan_one(preset: str, fsdp: int, tensor: int, remat: str, decode_rows: int = 0) -> dict:
     """The plan of one preset on this process's (simulated) devices."""
     import jax
 
@@ -158,16 +160,16 @@ def plan_one(preset: str, fsdp: int, tensor: int, remat: str) -> dict:
     row = {"preset": preset, "model": c.model.preset, "devices": jax.device_count(), "mesh": dict(mesh.shape),
            "remat": remat}
     row.update(update_plan(c, cfg, mesh))
-    row.update(decode_plan(c, cfg, mesh))
+    row.update(decode_plan(c, cfg, mesh, decode_rows))
     return row
 
 
-def run_plan(preset: str, devices: int, fsdp: int, tensor: int, remat: str) -> dict:
+def run_plan(preset: str, devices: int, fsdp: int, tensor: int, remat: str, decode_rows: int = 0) -> dict:
     """``plan_one`` in a subprocess with ``devices`` simulated CPU devices."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
     command = [sys.executable, "-m", "bench.memory_plan", "--one", preset, "--fsdp", str(fsdp),
-               "--tensor", str(tensor), "--remat", remat]
+               "--tensor", str(tensor), "--remat", remat, "--decode_rows", str(decode_rows)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"plan {preset} on {devices} devices failed:\n{done.stderr[-3000:]}")
@@ -195,12 +197,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", default=",".join(p[0] for p in PLANS))
     parser.add_argument("--remat", default="full")
+    parser.add_argument("--decode_rows", type=int, default=0,
+                        help="rows of the decode program (0: the preset's whole rollout batch)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--fsdp", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--tensor", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(plan_one(args.one, args.fsdp, args.tensor, args.remat)))
+        print(json.dumps(plan_one(args.one, args.fsdp, args.tensor, args.remat, args.decode_rows)))
         return
     wanted = args.presets.split(",")
     unknown = sorted(set(wanted) - {p[0] for p in PLANS})
@@ -210,7 +214,8 @@ def main(argv=None) -> None:
     print(HEADER, flush=True)
     for preset, devices, fsdp, tensor in PLANS:
         if preset in wanted:
-            print(format_row(run_plan(preset, devices, fsdp, tensor, args.remat)), flush=True)
+            row = run_plan(preset, devices, fsdp, tensor, args.remat, args.decode_rows)
+            print(format_row(row) + f"  (decode rows {row['decode_rows']})", flush=True)
 
 
 if __name__ == "__main__":
