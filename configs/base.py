@@ -36,7 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.chat_format = "chatml"  # chatml | llama3
     c.model.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32)
     c.model.logprob_chunk_size = 512  # tokens per chunk of the chunked logprob pass
-    c.model.remat = False  # rematerialise each transformer block in the backward of training
+    c.model.remat = "none"  # remat policy of each block in training: none | full | dots_saveable | ...
+    c.model.scan_layers = True  # one lax.scan over the stacked blocks (compile time flat in depth)
     c.model.lora = ml_collections.ConfigDict()  # low-rank adapters; the loaded weights stay frozen
     c.model.lora.rank = 0  # 0 = off (full fine-tuning)
     c.model.lora.alpha = 16.0  # the adapters' product is scaled by alpha / rank

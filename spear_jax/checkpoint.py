@@ -12,6 +12,12 @@ the previous checkpoint as the latest one):
   restore, with dtypes and shapes exact.
 * ``meta``: JSON-able values: step, the run's full config.
 
+Layout of older steps: a step whose ``params`` keep one ``blocks/<i>`` entry per decoder layer
+(written before the blocks were stacked over layers) restores its params alone (``partial``
+restores of ``{"params": ...}``: warm starts, ``init_from``, export), converted to the stacked
+layout; a full restore of such a step (a resume with its optimizer state) raises
+``CheckpointError`` naming the cause.
+
 Integrity: once orbax has finished a step, ``integrity.json`` (size and sha256 of every file of
 the step) is written into it atomically; only then does the step count as complete. Restore
 re-hashes the files; a damaged step (a file missing, truncated or changed) is refused with a
@@ -35,6 +41,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from spear_jax.model.weight_layout import stacked_blocks, unstacked_blocks
 
 _SEPARATOR = "/"
 MANIFEST_FILE = "integrity.json"  # in each step directory: size and sha256 of its other files
@@ -335,6 +344,9 @@ class RunCheckpointer:
 
     def _restore_step(self, abstract_device: Any, step: int, partial: bool) -> RunState:
         target = jax.tree.map(_abstract, abstract_device)
+        layers = self._unstacked_layers(step)
+        if layers:
+            target = self._unstacked_target(target, step, partial, layers)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -343,11 +355,36 @@ class RunCheckpointer:
                 meta=ocp.args.JsonRestore(),
             ),
         )
+        device = restored.device
+        if layers:
+            device = {"params": stacked_blocks(device["params"], abstract_device["params"])}
         return RunState(
-            device=restored.device,
+            device=device,
             host=unpack_host_arrays(np.asarray(restored.host)),
             meta=dict(restored.meta),
         )
+
+    def _unstacked_layers(self, step: int) -> int:
+        """How many ``params/blocks/<i>`` entries step ``step`` holds: checkpoints written before
+        the decoder blocks were stacked over layers keep one per layer (0: the stacked layout)."""
+        saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.step_directory(step), "device"))
+        tree = getattr(saved, "tree", saved)
+        blocks = tree.get("params", {}).get("blocks", {}) if isinstance(tree, dict) else {}
+        keys = list(blocks) if isinstance(blocks, dict) else []
+        return len(keys) if keys and all(str(k).isdigit() for k in keys) else 0
+
+    def _unstacked_target(self, target: Any, step: int, partial: bool, layers: int) -> Any:
+        """The restore target of an unstacked-layout step: its params alone, one entry per layer
+        (they are stacked after the restore). Anything else (a resume's optimizer state) cannot
+        be converted: ``CheckpointError`` names the cause and the way on."""
+        if not partial or set(target) != {"params"}:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} stores the decoder blocks one per layer "
+                f"(params/blocks/0 ... /{layers - 1}), the layout before the blocks were stacked over "
+                f"layers; its optimizer state cannot be resumed in the stacked layout. Start a new run "
+                f"from its weights instead: config.trainer.init_from=<its workdir> (params convert on "
+                f"load), or export them with python -m spear_jax.export.")
+        return {"params": unstacked_blocks(target["params"], layers)}
 
     def set_aside_after(self, step: int) -> str | None:
         """Moves every step directory newer than ``step`` (complete or not) into

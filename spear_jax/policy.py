@@ -53,7 +53,8 @@ class Policy:
 
 def _model_overrides(c: ml_collections.ConfigDict) -> dict:
     """Run-config fields that adjust the architecture read from a preset or checkpoint."""
-    return {"compute_dtype": c.model.compute_dtype, "remat": c.model.remat}
+    return {"compute_dtype": c.model.compute_dtype, "remat": c.model.remat,
+            "scan_layers": c.model.get("scan_layers", True)}
 
 
 def _init_from_hf(c: ml_collections.ConfigDict) -> bool:

@@ -42,7 +42,7 @@ from spear_jax.init_from import InitFromError, resolve_init_from
 from spear_jax.model import PRESETS as MODEL_PRESETS
 from spear_jax.model.chat_template import FORMATS as CHAT_FORMATS
 from spear_jax.model.hf_checkpoint import read_hf_config
-from spear_jax.model.config import LORA_TARGETS
+from spear_jax.model.config import LORA_TARGETS, REMAT_POLICIES
 from spear_jax.objectives import (
     ADVANTAGE_ESTIMATORS,
     POLICY_LOSSES,
@@ -173,6 +173,7 @@ RULES: tuple[Rule, ...] = (
     Rule("model.checkpoint_format", _one_of(CHECKPOINT_FORMATS)),
     Rule("model.chat_format", _one_of(CHAT_FORMATS)),
     Rule("model.compute_dtype", _one_of(DTYPES)),
+    Rule("model.remat", _one_of(REMAT_POLICIES), "'full' is the former True, 'none' the former False"),
     Rule("model.logprob_chunk_size", _at_least(1), "512 tokens per chunk is the default"),
     Rule("model.lora.rank", _at_least(0), "0 trains every weight; 8-64 for adapters"),
     Rule("model.lora.alpha", _above(0), "the adapters are scaled by alpha / rank; e.g. 2 x rank"),

@@ -7,17 +7,30 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # LoRA target name -> the projection it adapts (``<name>_proj`` of the attention or the MLP).
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
+# Rematerialisation policies of the decoder blocks in the backward (``ModelConfig.remat``): the
+# name -> the ``jax.checkpoint`` policy saying which intermediates of a block are kept; "none" runs
+# no ``jax.checkpoint`` (everything is kept), "full" keeps only the block's input.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 # Logical axis name -> mesh axis (or tuple of mesh axes, or None = replicated).
-# Parameter axes: vocab, embed, heads, kv_heads, head_dim, mlp, norm.
+# Parameter axes: layers (the leading axis of the stacked blocks), vocab, embed, heads, kv_heads,
+# head_dim, mlp, norm.
 # Activation axes: act_batch, act_length, act_embed, act_heads, act_mlp, act_vocab.
 # A dimension whose size is not divisible by its mesh axes' size is replicated instead.
 DEFAULT_SHARDING_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("layers", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -51,9 +64,13 @@ class ModelConfig:
 
     ``param_dtype`` is the storage dtype of the parameters (float32 master weights by default);
     ``compute_dtype`` is the dtype of matmuls and activations (``"bfloat16"`` for mixed
-    precision). Norm statistics, softmax, RoPE and logits are always float32. ``remat``
-    rematerialises each block in the backward; ``attention_query_chunk`` (0 = off) bounds the
-    attention scores to [B, heads, chunk, keys] by processing queries in chunks.
+    precision). Norm statistics, softmax, RoPE and logits are always float32.
+    ``scan_layers`` runs the blocks (whose weights are always stacked along a leading
+    [num_layers] axis) under one ``lax.scan``, so compile time does not grow with depth; False
+    unrolls them (one traced copy per layer, same values). ``remat`` names the
+    rematerialisation policy of each block in the backward (``REMAT_POLICIES``; the booleans of
+    older configs map True -> "full", False -> "none"). ``attention_query_chunk`` (0 = off)
+    bounds the attention scores to [B, heads, chunk, keys] by processing queries in chunks.
     """
 
     architecture: str
@@ -71,7 +88,8 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"
+    scan_layers: bool = True
     attention_query_chunk: int = 1024
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -97,10 +115,25 @@ class ModelConfig:
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16"):
                 raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+        self._check_remat()
         self._check_lora()
         logical = [name for name, _ in self.sharding_rules]
         if len(set(logical)) != len(logical):
             raise ValueError(f"sharding_rules repeat a logical axis: {logical}")
+
+    def _check_remat(self) -> None:
+        if isinstance(self.remat, bool):  # the boolean field of older configs
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)} (a policy name; the former "
+                             f"remat=True is 'full', remat=False is 'none'), got {self.remat!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"scan_layers must be True or False, got {self.scan_layers!r}")
+
+    @property
+    def remat_policy(self):
+        """The ``jax.checkpoint`` policy of ``remat`` (None for "none": no rematerialisation)."""
+        return REMAT_POLICIES[self.remat]
 
     def _check_lora(self) -> None:
         if self.lora_rank < 0:

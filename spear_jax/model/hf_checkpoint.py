@@ -2,10 +2,12 @@
 
 Loading places each tensor directly into its sharded layout: one tensor at a time is read from
 disk (memory-mapped), converted to this model's layout on the host and ``jax.device_put`` to its
-``NamedSharding``, so host memory holds at most one tensor's worth of extra data.
+``NamedSharding``, so host memory holds at most one tensor's worth of extra data. A layer's tensor
+is written into its slice of the stacked [num_layers, ...] parameter on the device (in place).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -77,6 +79,31 @@ def _shape_error(cfg: ModelConfig, name: str, shape, expected, file: str) -> Val
     )
 
 
+def _slice_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of one layer's slice of a stacked parameter laid out with ``sharding``."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+    return sharding
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, value: jax.Array, layer: jax.Array) -> jax.Array:
+    """stacked [num_layers, ...] with slice ``layer`` replaced by value [...] (in place)."""
+    return jax.lax.dynamic_update_index_in_dim(stacked, value.astype(stacked.dtype), layer, 0)
+
+
+def _place(placed: dict, spec, value: np.ndarray, variable, sharding) -> None:
+    """Puts ``value`` (model layout) at ``spec.path`` of ``placed``: the whole array, or slice
+    ``spec.layer`` of the stacked parameter (created as zeros on first use)."""
+    if spec.layer is None:
+        placed[spec.path] = jax.device_put(value, sharding)
+        return
+    if spec.path not in placed:
+        placed[spec.path] = jax.jit(lambda: jnp.zeros(variable.shape, variable.dtype), out_shardings=sharding)()
+    value = jax.device_put(value, _slice_sharding(sharding))
+    placed[spec.path] = _set_layer(placed[spec.path], value, jnp.int32(spec.layer))
+
+
 def place_tensors(
     cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray, str]], mesh: Mesh | None = None,
     source: str = "checkpoint",
@@ -94,7 +121,7 @@ def place_tensors(
     flat_abstract = dict(nnx.to_flat_state(abstract))
     flat_shardings = dict(nnx.to_flat_state(shardings))
     specs = {spec.hf_name: spec for spec in tensor_specs(cfg)}
-    placed = {}
+    placed, seen = {}, set()
     for name, array, file in tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_embeddings):
             continue
@@ -105,12 +132,13 @@ def place_tensors(
             raise _shape_error(cfg, name, array.shape, spec.hf_shape, file)
         variable = flat_abstract[spec.path]
         value = np.asarray(spec.to_model(array), dtype=variable.dtype)
-        placed[spec.path] = variable.replace(jax.device_put(value, flat_shardings[spec.path].get_value()))
+        _place(placed, spec, value, variable, flat_shardings[spec.path].get_value())
+        seen.add(name)
         del array, value
-    missing = [name for name, spec in specs.items() if spec.path not in placed]
+    missing = [name for name in specs if name not in seen]
     if missing:
         raise ValueError(f"tensors missing from {source}: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    return graphdef, nnx.from_flat_state(placed)
+    return graphdef, nnx.from_flat_state({path: flat_abstract[path].replace(value) for path, value in placed.items()})
 
 
 def load_hf_checkpoint(
@@ -128,6 +156,12 @@ def load_hf_checkpoint(
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16)}
 
 
+@jax.jit
+def _layer_of(stacked: jax.Array, layer: jax.Array) -> jax.Array:
+    """Slice ``layer`` of stacked [num_layers, ...] (one compile per shape, not per layer)."""
+    return jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False)
+
+
 def _shard_tensors(
     cfg: ModelConfig, state: nnx.State, dtype: np.dtype, max_shard_bytes: int
 ) -> list[dict[str, np.ndarray]]:
@@ -141,7 +175,10 @@ def _shard_tensors(
     for spec in tensor_specs(cfg):
         if spec.path not in flat:
             raise ValueError(f"state has no parameter {'.'.join(map(str, spec.path))}")
-        value = np.asarray(jax.device_get(flat[spec.path].get_value()), np.float32)
+        value = flat[spec.path].get_value()
+        if spec.layer is not None:
+            value = _layer_of(value, jnp.int32(spec.layer))
+        value = np.asarray(jax.device_get(value), np.float32)
         array = np.ascontiguousarray(spec.to_hf(value).astype(dtype))
         if size and size + array.nbytes > max_shard_bytes:
             shards.append({})

@@ -5,6 +5,10 @@ Row ``b`` holds ``lengths[b]`` valid positions in slots ``[0, lengths[b])`` of e
 A forward with a cache appends each row's valid new tokens at slots ``lengths[b], ...`` and
 returns a new cache; jit the caller with ``donate_argnames=("cache",)`` so XLA updates the
 buffers in place.
+
+The buffers are stacked over layers, [num_layers, batch, max_len, kv_heads, head_dim], like the
+blocks' weights: the scanned forward carries them through its ``lax.scan`` and writes layer
+``i``'s new keys and values into slice ``i`` in place.
 """
 from __future__ import annotations
 
@@ -19,35 +23,41 @@ from spear_jax.model.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """k, v: tuples of one [batch, max_len, kv_heads, head_dim] buffer per layer; lengths:
-    [batch] int32. One buffer per layer (not a stacked [layers, ...] array) so that a layer's
-    write and its attention read touch that buffer only: slicing a layer out of a stacked
-    cache makes XLA copy it every decode step."""
+    """k, v: [num_layers, batch, max_len, kv_heads, head_dim]; lengths: [batch] int32."""
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: jax.Array
+    v: jax.Array
     lengths: jax.Array
 
     @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k.shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.k[0].shape[0]
+        return self.k.shape[1]
 
     def map_buffers(self, fn) -> "KVCache":
-        """The cache with ``fn`` applied to every layer's k and v buffer (same lengths)."""
-        return KVCache(k=tuple(map(fn, self.k)), v=tuple(map(fn, self.v)), lengths=self.lengths)
+        """The cache with ``fn`` applied to the stacked k and v buffers (same lengths)."""
+        return KVCache(k=fn(self.k), v=fn(self.v), lengths=self.lengths)
 
-    def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, slots: jax.Array) -> "KVCache":
-        """Store k_new, v_new [B, L, KVH, hd] of ``layer`` at ``slots`` [B, L]; slots >= max_len
-        (used for padding tokens) are dropped. ``lengths`` is not changed."""
+    def layer(self, layer) -> tuple[jax.Array, jax.Array]:
+        """(k, v) [B, max_len, KVH, hd] of ``layer`` (a Python int or a traced int32 scalar)."""
+        return (jax.lax.dynamic_index_in_dim(self.k, layer, keepdims=False),
+                jax.lax.dynamic_index_in_dim(self.v, layer, keepdims=False))
+
+    def write(self, layer, k_new: jax.Array, v_new: jax.Array, slots: jax.Array) -> "KVCache":
+        """Store k_new, v_new [B, L, KVH, hd] of ``layer`` (int or traced int32 scalar) at
+        ``slots`` [B, L]; slots >= max_len (used for padding tokens) are dropped. ``lengths`` is
+        not changed."""
         rows = jnp.broadcast_to(jnp.arange(slots.shape[0])[:, None], slots.shape)
 
-        def store(buffers, new):
-            updated = buffers[layer].at[rows, slots].set(new.astype(buffers[layer].dtype), mode="drop")
-            return buffers[:layer] + (updated,) + buffers[layer + 1:]
+        def store(buffer, new):
+            return buffer.at[layer, rows, slots].set(new.astype(buffer.dtype), mode="drop")
 
         return KVCache(k=store(self.k, k_new), v=store(self.v, v_new), lengths=self.lengths)
 
@@ -56,9 +66,6 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float3
     """Empty cache (all lengths 0) for ``batch_size`` rows of up to ``max_len`` tokens."""
     if batch_size <= 0 or max_len <= 0:
         raise ValueError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
-    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(
-        k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-        v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-        lengths=jnp.zeros((batch_size,), jnp.int32),
-    )
+    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   lengths=jnp.zeros((batch_size,), jnp.int32))

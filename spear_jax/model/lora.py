@@ -2,12 +2,13 @@
 
 A LoRA model (``ModelConfig.lora_rank > 0``) is the base transformer whose adapted projections
 (``ModelConfig.lora_targets``) each carry a ``layers.LowRankAdapter``: ``<target>_lora.a``
-[*in, rank] and ``<target>_lora.b`` [rank, *out], both ``nnx.LoRAParam``. Its state is the base
+[*in, rank] and ``<target>_lora.b`` [rank, *out], both ``nnx.LoRAParam``, stacked over the
+layers like the weights they adapt (a [num_layers, *in, rank], b [num_layers, rank, *out]). Its state is the base
 state plus those leaves, so every function over params pytrees (the forward, log-probs, the
 reference copy, checkpoints) takes it unchanged; only the optimizer and the gradient see the
 adapters alone (``split_trainable``). Merging folds each adapter into its weight,
 
-    W' = W + (alpha / rank) A . B        (W' [*in, *out], the layout of ``W``)
+    W'_i = W_i + (alpha / rank) A_i . B_i        (layer i; W' [num_layers, *in, *out], W's layout)
 
 and returns the base model's state (no adapter leaves), which the sampler decodes with and the
 Hugging Face writer exports.
@@ -63,7 +64,7 @@ def base_graphdef(cfg: ModelConfig) -> nnx.GraphDef:
 
 
 def merge_lora(params: nnx.State, cfg: ModelConfig) -> nnx.State:
-    """The base model's state with every adapter folded in: W' = W + (alpha / rank) A . B,
+    """The base model's state with every adapter folded in: W'_i = W_i + (alpha / rank) A_i . B_i,
     computed in float32 and stored in W's dtype, W's layout (so HF export transposes it like
     any base weight). Adapter leaves are dropped; a state without adapters is returned as is.
     Pure: jit it for sharded states."""
@@ -75,11 +76,17 @@ def merge_lora(params: nnx.State, cfg: ModelConfig) -> nnx.State:
         if _in_adapter(path) and path[-1] == "a":
             weight_path = path[:-2] + (path[-2][: -len(_ADAPTER_SUFFIX)] + "_proj",)
             weight = merged[weight_path]
-            delta = jnp.tensordot(a[...].astype(jnp.float32), flat[path[:-1] + ("b",)][...].astype(jnp.float32),
-                                  axes=1)
+            delta = _stacked_product(a[...], flat[path[:-1] + ("b",)][...])
             value = weight[...].astype(jnp.float32) + cfg.lora_scale * delta
             merged[weight_path] = weight.replace(value.astype(weight.dtype))
     return nnx.from_flat_state(list(merged.items()))
+
+
+def _stacked_product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [num_layers, *in, rank], b [num_layers, rank, *out] -> A_i . B_i [num_layers, *in, *out],
+    float32."""
+    return jax.vmap(lambda a_i, b_i: jnp.tensordot(a_i, b_i, axes=1))(a.astype(jnp.float32),
+                                                                       b.astype(jnp.float32))
 
 
 def _in_adapter(path: tuple) -> bool:

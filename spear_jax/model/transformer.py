@@ -24,31 +24,76 @@ from spear_jax.model.layers import Block, RMSNorm, make_param
 from spear_jax.sharding import constrain, state_shardings
 
 
-def _block_forward(block: Block, x, positions, mask, cache: KVCache | None, layer: int, slots):
+def _block_forward(block: Block, x, positions, mask, cache: KVCache | None, layer, slots):
+    """One pre-norm block on x [B, L, D]; with a cache, this layer's keys and values are written
+    at ``slots`` [B, L] of cache layer ``layer`` and attention reads all of that layer's slots."""
     h = block.input_norm(x)
     q, k, v = block.attention.project_qkv(h, positions)
     if cache is not None:
         cache = cache.write(layer, k, v, slots)
-        k, v = cache.k[layer], cache.v[layer]
+        k, v = cache.layer(layer)
     x = x + block.attention.attend(q, k, v, mask).astype(x.dtype)
     x = x + block.mlp(block.post_attention_norm(x)).astype(x.dtype)
     return x, cache
 
 
-def _block_forward_no_cache(block: Block, x, positions, mask):
-    return _block_forward(block, x, positions, mask, None, 0, None)[0]
+def stack_blocks(blocks: list[Block]) -> Block:
+    """One Block whose every parameter is its layers' parameters stacked along a new leading
+    [num_layers] axis (logical axis "layers"): blocks[i]'s weights are slice i."""
+    graphdef = nnx.graphdef(blocks[0])
+    states = [nnx.state(block) for block in blocks]
+
+    def stack(*variables):
+        first = variables[0]
+        return first.replace(jnp.stack([v.get_value() for v in variables]),
+                             out_sharding=("layers",) + tuple(first.get_metadata()["out_sharding"]))
+
+    stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, stacked)
 
 
-_block_forward_remat = nnx.remat(_block_forward_no_cache)
+def _layer_step(cfg: ModelConfig, graphdef: nnx.GraphDef, positions, mask, slots, with_cache: bool):
+    """(x, cache, layer params, layer index) -> (x, cache): one block given its own weights
+    (slice i of the stacked ones), rematerialised per ``cfg.remat`` in a forward without cache."""
+
+    def step(x, cache, params, layer):
+        return _block_forward(nnx.merge(graphdef, params), x, positions, mask, cache, layer, slots)
+
+    if with_cache or cfg.remat == "none":
+        return step
+    return jax.checkpoint(step, policy=cfg.remat_policy, prevent_cse=not cfg.scan_layers)
+
+
+def run_blocks(cfg: ModelConfig, blocks: Block, x, positions, mask, cache: KVCache | None, slots):
+    """x [B, L, D] through every block of the stacked ``blocks``: one ``lax.scan`` over the
+    layer axis when ``cfg.scan_layers`` (the traced program holds one block whatever the depth),
+    else a Python loop over the slices. Returns (x, cache with every layer written)."""
+    graphdef, stacked = nnx.split(blocks)
+    step = _layer_step(cfg, graphdef, positions, mask, slots, cache is not None)
+    if not cfg.scan_layers:
+        for layer in range(cfg.num_layers):
+            x, cache = step(x, cache, jax.tree.map(lambda w: w[layer], stacked), layer)
+        return x, cache
+
+    def body(carry, xs):
+        return step(*carry, *xs), None
+
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layers))
+    return x, cache
 
 
 class Transformer(nnx.Module):
-    """Embedding, ``num_layers`` pre-norm blocks, final RMSNorm and (tied or untied) LM head."""
+    """Embedding, ``num_layers`` pre-norm blocks, final RMSNorm and (tied or untied) LM head.
+
+    ``blocks`` is one ``Block`` whose parameters are stacked over the layers ([num_layers, ...],
+    see ``stack_blocks``): layer i's weights are drawn as the i-th of ``num_layers`` separate
+    blocks would be, then stacked. The layout does not depend on ``scan_layers``."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = make_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.blocks = stack_blocks([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
         if not cfg.tie_embeddings:
             self.lm_head = make_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
@@ -89,11 +134,7 @@ class Transformer(nnx.Module):
 
         x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_jnp_dtype)
         x = constrain(x, ("act_batch", "act_length", "act_embed"), cfg.sharding_rules)
-        for layer, block in enumerate(self.blocks):
-            if cache is None and cfg.remat:
-                x = _block_forward_remat(block, x, positions, mask)
-            else:
-                x, cache = _block_forward(block, x, positions, mask, cache, layer, slots)
+        x, cache = run_blocks(cfg, self.blocks, x, positions, mask, cache, slots)
         if cache is not None:
             cache = KVCache(k=cache.k, v=cache.v, lengths=new_lengths)
         return self.final_norm(x), cache

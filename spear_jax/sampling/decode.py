@@ -40,7 +40,7 @@ from spear_jax.sharding import constrain
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 FINISH_CODES = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 
-CACHE_AXES = ("act_batch", "act_length", "act_kv_heads", None)  # one layer's k or v buffer
+CACHE_AXES = ("layers", "act_batch", "act_length", "act_kv_heads", None)  # the stacked k or v buffer
 
 
 def _constrain_cache(cache: KVCache, rules) -> KVCache:
@@ -49,7 +49,7 @@ def _constrain_cache(cache: KVCache, rules) -> KVCache:
 
 def _prefix(cache: KVCache, window: int) -> KVCache:
     """The first ``window`` slots of every row (same lengths)."""
-    return cache.map_buffers(lambda x: x[:, :window])
+    return cache.map_buffers(lambda x: x[:, :, :window])
 
 
 def _write_prefix(full: KVCache, prefix: KVCache) -> KVCache:
@@ -58,8 +58,7 @@ def _write_prefix(full: KVCache, prefix: KVCache) -> KVCache:
     def put(whole, part):
         return jax.lax.dynamic_update_slice(whole, part, (0,) * whole.ndim)
 
-    return KVCache(k=tuple(map(put, full.k, prefix.k)), v=tuple(map(put, full.v, prefix.v)),
-                   lengths=prefix.lengths)
+    return KVCache(k=put(full.k, prefix.k), v=put(full.v, prefix.v), lengths=prefix.lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules"),

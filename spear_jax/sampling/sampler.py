@@ -141,18 +141,17 @@ class Sampler:
         return min(1 << (max(n, data_parallel) - 1).bit_length(), self.max_batch)
 
     def new_cache(self, batch: int, length: int) -> KVCache:
-        """Empty cache (per layer [batch, length, kv_heads, head_dim]), laid out on the mesh."""
+        """Empty cache ([layers, batch, length, kv_heads, head_dim]), laid out on the mesh."""
         if self.mesh is None:
             return init_cache(self.config, batch, length, self.cache_dtype)
-        shape = (batch, length, self.config.num_kv_heads, self.config.head_dim)
+        shape = (self.config.num_layers, batch, length, self.config.num_kv_heads, self.config.head_dim)
         if (batch, length) not in self._cache_makers:
             rules = self.config.sharding_rules
-            kv = (NamedSharding(self.mesh, logical_to_pspec(decode.CACHE_AXES, shape, rules, self.mesh)),)
+            kv = NamedSharding(self.mesh, logical_to_pspec(decode.CACHE_AXES, shape, rules, self.mesh))
             lengths = NamedSharding(self.mesh, logical_to_pspec(("act_batch",), (batch,), rules, self.mesh))
-            layers = self.config.num_layers
             self._cache_makers[batch, length] = jax.jit(
                 lambda: init_cache(self.config, batch, length, self.cache_dtype),
-                out_shardings=KVCache(k=kv * layers, v=kv * layers, lengths=lengths))
+                out_shardings=KVCache(k=kv, v=kv, lengths=lengths))
         return self._cache_makers[batch, length]()
 
     # -- generation --------------------------------------------------------------------------

@@ -36,7 +36,11 @@ def tiny_params(seed):
     """Random tiny-preset params with norms moved away from 1 (so a dropped or mis-laid norm shows)."""
     _, state = nnx.split(init_model(get_model_config("tiny"), seed=seed))
     key = jax.random.key(seed)
-    return jax.tree.map(lambda x: x + 0.1 * jax.random.normal(key, x.shape) if x.ndim == 1 else x, state)
+
+    def moved(path, x):  # the norms' weights, [D] or stacked [layers, D]
+        return x + 0.1 * jax.random.normal(key, x.shape) if "norm" in jax.tree_util.keystr(path) else x
+
+    return jax.tree_util.tree_map_with_path(moved, state)
 
 
 def make_run(workdir, steps=(1, 2), record_config=True, **overrides):

@@ -89,8 +89,8 @@ def test_loading_onto_a_mesh_places_sharded_tensors(tmp_path):
     model.save_pretrained(tmp_path)
     mesh = make_mesh(2, 2, 2)
     cfg, graphdef, state = load_hf_checkpoint(str(tmp_path), mesh=mesh)
-    q = state["blocks"][0]["attention"]["q_proj"].get_value()
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    q = state["blocks"]["attention"]["q_proj"].get_value()  # [layers, D, H, hd]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     with jax.set_mesh(mesh):
         got, _ = jax.jit(forward, static_argnums=0)(graphdef, state, jnp.asarray(TOKENS), jnp.asarray(MASK))
     np.testing.assert_allclose(np.asarray(got)[MASK], hf_logits(model, TOKENS, MASK)[MASK], atol=1e-4)

@@ -118,8 +118,8 @@ def test_sharded_adapters_follow_their_weights_and_update_like_unsharded():
     mesh = sharding.make_mesh(data=2, fsdp=4)
     _, _, cfg, lora_graphdef, params = _lora_model(mesh=mesh)
     adapters = lora.trainable_params(params)
-    q = adapters["blocks"][0]["attention"]["q_lora"]
-    assert q.a[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)  # embed over fsdp
+    q = adapters["blocks"]["attention"]["q_lora"]  # a [layers, D, rank]
+    assert q.a[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)  # embed over fsdp
     placed = sharding.shard_state(params, cfg.sharding_rules, mesh)
     optimizer = optax.sgd(1.0)  # Adam's first step would amplify rounding in tiny gradients
     update = train_step.make_sft_update_fn(lora_graphdef, optimizer, chunk_size=16)

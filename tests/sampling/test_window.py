@@ -27,16 +27,15 @@ def test_attention_window_is_the_bucket_of_the_most_an_active_row_will_hold():
 
 def _random_cache(cfg, batch, max_len, lengths, seed):
     """A cache with arbitrary finite contents in every slot (also beyond the lengths)."""
-    ks = iter(jax.random.split(jax.random.key(seed), 2 * cfg.num_layers))
-    shape = init_cache(cfg, batch, max_len).k[0].shape
-    return KVCache(k=tuple(jax.random.normal(next(ks), shape) for _ in range(cfg.num_layers)),
-                   v=tuple(jax.random.normal(next(ks), shape) for _ in range(cfg.num_layers)),
+    k_key, v_key = jax.random.split(jax.random.key(seed))
+    shape = init_cache(cfg, batch, max_len).k.shape
+    return KVCache(k=jax.random.normal(k_key, shape), v=jax.random.normal(v_key, shape),
                    lengths=jnp.asarray(lengths, jnp.int32))
 
 
 def _stacked(cache):
     """k, v as [layers, B, S, KVH, hd] numpy arrays, and lengths."""
-    return dict(k=np.stack(cache.k), v=np.stack(cache.v), lengths=np.asarray(cache.lengths))
+    return dict(k=np.asarray(cache.k), v=np.asarray(cache.v), lengths=np.asarray(cache.lengths))
 
 
 def test_windowed_program_equals_whole_cache_program_and_leaves_the_rest_alone(cfg, model):

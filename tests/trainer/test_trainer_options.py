@@ -131,21 +131,26 @@ def test_removed_and_flag_fields_are_checked():
     c.trainer.log_every = 0
     with pytest.raises(ConfigError, match="config.trainer.log_every=0: must be >= 1"):
         run_config.validate(c, num_devices=8)
-    with pytest.raises(TypeError, match="remat"):  # the typed config: True or False only
-        c.model.remat = "full"
+    with pytest.raises(TypeError, match="remat"):  # the typed config: a policy name only
+        c.model.remat = True
+    c.trainer.log_every = 1
+    c.model.remat = "True"  # what --config.model.remat=True gives
+    with pytest.raises(ConfigError, match="config.model.remat='True'.*'full' is the former True"):
+        run_config.validate(c, num_devices=8)
 
 
 def test_model_remat_reaches_the_training_forward_and_keeps_the_loss():
     """config.model.remat builds the policy with rematerialised blocks: the differentiated
-    log-prob pass of the update holds one remat per layer more, with the same value and grads."""
+    log-prob pass of the update holds one remat more (the scanned block's), with the same value
+    and grads."""
     from spear_jax.model.logprobs import sequence_token_stats
     from spear_jax.policy import load_policy
 
     mesh = sharding.make_mesh(data=8)
     c = _config()
-    c.model.remat = True
+    c.model.remat = "full"
     remat, plain = load_policy(c, mesh), load_policy(_config(), mesh)
-    assert remat.model_config.remat and not plain.model_config.remat
+    assert (remat.model_config.remat, plain.model_config.remat) == ("full", "none")
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 4000, (8, 24)), jnp.int32)
     valid = jnp.ones((8, 24), bool)
 
@@ -157,9 +162,9 @@ def test_model_remat_reaches_the_training_forward_and_keeps_the_loss():
     for name, policy in (("remat", remat), ("plain", plain)):
         jaxpr = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(plain.params, policy.graphdef))
         count[name] = jaxpr.count("remat2[") + jaxpr.count("checkpoint[")
-    assert count["remat"] == count["plain"] + remat.model_config.num_layers
+    assert count["remat"] == count["plain"] + 1
     value, grads = grad_fn(plain.params, remat.graphdef)
     value_plain, grads_plain = grad_fn(plain.params, plain.graphdef)
     np.testing.assert_allclose(float(value), float(value_plain), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_plain)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-6)  # float32 rounding

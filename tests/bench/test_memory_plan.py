@@ -1,0 +1,42 @@
+"""bench.memory_plan: the optimizer-state layout it plans with, per-device shard bytes and the
+table row (the compiles themselves run in ``python -m bench.memory_plan``)."""
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bench import memory_plan
+from spear_jax import sharding, train_step
+from spear_jax.model import get_model_config
+from spear_jax.policy import abstract_params
+
+
+def test_adam_moments_are_laid_out_like_their_params_and_the_count_replicated():
+    mesh = sharding.make_mesh(data=1, fsdp=8)
+    _, params = abstract_params(get_model_config("tiny"), mesh)
+    optimizer = train_step.make_optimizer(train_step.OptimizerConfig())
+    opt_state = memory_plan.optimizer_layout(jax.eval_shape(optimizer.init, params), params, mesh)
+    adam = opt_state[1][0]
+    assert adam.mu["embed"].get_value().sharding.spec == PartitionSpec(None, "fsdp")
+    assert adam.nu["blocks"]["mlp"]["up_proj"].get_value().sharding == params["blocks"]["mlp"]["up_proj"].get_value().sharding
+    assert adam.count.sharding == NamedSharding(mesh, PartitionSpec())
+    # AdamW's two moments: twice the params' bytes per device, plus a few replicated scalars
+    extra = memory_plan.shard_bytes(opt_state) - 2 * memory_plan.shard_bytes(params)
+    assert 0 < extra <= 16
+
+
+def test_shard_bytes_count_one_device_share():
+    mesh = sharding.make_mesh(data=1, fsdp=8)
+    leaf = jax.ShapeDtypeStruct((16, 4), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec("fsdp")))
+    assert memory_plan.shard_bytes({"w": leaf}) == 2 * 4 * 2
+
+
+def test_row_reports_gib_and_which_devices_hold_the_larger_program():
+    gib = memory_plan.GIB
+    row = {"preset": "p", "devices": 8, "mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "remat": "full",
+           "rows": 16, "length": 2560,
+           "params": gib, "optimizer": 2 * gib, "update": {"temp": 3 * gib, "total": 40 * gib},
+           "kv_cache": gib, "decode": {"temp": gib, "total": 31 * gib}}
+    fields = memory_plan.format_row(row).split()
+    assert fields[:5] == ["p", "8", "1x8x1", "full", "16x2560"]
+    assert fields[5:12] == ["1.00", "2.00", "3.00", "40.00", "1.00", "1.00", "31.00"]
+    assert fields[12:] == ["yes", "yes", "no"]  # 40 GiB = 42.9 GB: H100 80 GB, v5p 95 GB, not v6e 32 GB
