@@ -337,7 +337,8 @@ def test_step_group_ids_are_per_group_and_anchor():
 
 def test_registry_and_config_errors():
     assert adv_lib.get_advantage_estimator("rloo") is adv_lib.rloo_advantages
-    with pytest.raises(ValueError, match=r"valid: \['gigpo', 'grpo', 'rloo'\]"):
+    # the built-in names are listed (test modules may have registered more)
+    with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo'; valid: \[.*'gigpo', 'grpo'.*'rloo'"):
         adv_lib.get_advantage_estimator("ppo")
     with pytest.raises(ValueError, match="estimator"):
         AdvantageConfig("gae", 4)
