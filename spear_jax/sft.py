@@ -92,7 +92,8 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
         lr=s.lr, schedule="cosine", warmup_steps=min(10, s.steps // 10), total_steps=max(s.steps, 1),
         weight_decay=c.actor.weight_decay, grad_clip=c.actor.grad_clip))
     update = train_step.make_sft_update_fn(policy.graphdef, optimizer, c.model.logprob_chunk_size)
-    params, opt_state = policy.params, jax.jit(optimizer.init)(lora.trainable_params(policy.params))
+    params = policy.params
+    opt_state = train_step.init_optimizer_state(optimizer, lora.trainable_params(params), mesh)
     micro = c.actor.ppo_micro_batch_size
     batch_rows = -(-s.batch_size // micro) * micro
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))

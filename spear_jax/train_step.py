@@ -122,6 +122,24 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
 
 
+def init_optimizer_state(optimizer: optax.GradientTransformation, trainable, mesh):
+    """``optimizer.init(trainable)`` computed on ``mesh`` with every per-parameter leaf of the
+    state (AdamW's first and second moments) sharded like its parameter, and the other leaves
+    (the step count, the injected learning rate) replicated; so an fsdp / tensor-sharded model's
+    optimizer state is split like the model rather than held whole on every device."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def like_parameter(_, parameter):
+        sharding = getattr(parameter, "sharding", None)
+        on_mesh = isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh
+        return sharding if on_mesh else replicated
+
+    shardings = optax.tree_map_params(
+        optimizer, like_parameter, jax.eval_shape(optimizer.init, trainable), trainable,
+        transform_non_params=lambda subtree: jax.tree.map(lambda _: replicated, subtree))
+    return jax.jit(optimizer.init, out_shardings=shardings)(trainable)
+
+
 def set_learning_rate(opt_state, lr: float):
     """The state of a ``schedule_clock="external"`` optimizer with the rate of the coming
     updates set to ``lr`` (placed like the rate it replaces, so the jitted update sees one

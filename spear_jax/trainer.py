@@ -44,7 +44,7 @@ from spear_jax.outcomes import outcome_metrics
 from spear_jax.policy import CHECKPOINT_SUBDIR, Policy, load_policy
 from spear_jax.replay import ReplayBuffer
 from spear_jax.rng_streams import Stream, jax_key, numpy_rng, shuffle_rng, update_key
-from spear_jax.trainer_setup import (LogProbPass, batch_sharding, build_rollout, make_envs, on_mesh,
+from spear_jax.trainer_setup import (LogProbPass, batch_sharding, build_rollout, make_envs,
                                      reference_params)
 
 
@@ -69,7 +69,8 @@ class Trainer:
         self.schedule = run_config.schedule_config(c, train_step.learning_rate_schedule(optimizer_config))
         self.prep = run_config.preparation_config(c, pad_id=self.policy.chat.stop_id)
         # Adapters only for a LoRA policy (train_step differentiates w.r.t. them alone).
-        self.opt_state = on_mesh(jax.jit(self.optimizer.init)(lora.trainable_params(self.policy.params)), self.mesh)
+        self.opt_state = train_step.init_optimizer_state(self.optimizer, lora.trainable_params(self.policy.params),
+                                                         self.mesh)
         self._update, self._update_replay = (
             train_step.make_update_fn(self.policy.graphdef, self.optimizer, self.update_config, replay=replay,
                                       mesh=self.mesh) for replay in (False, True))

@@ -265,3 +265,25 @@ def test_logprobs_only_pass_equals_the_stats_pass_and_drops_the_entropy():
     assert entropy.shape == only.shape
     outputs = jax.eval_shape(logprobs_only, params, tokens, valid)
     assert isinstance(outputs, jax.ShapeDtypeStruct)  # one output: the log-probs
+
+
+@pytest.mark.parametrize("clock", ["update", "external"])
+def test_optimizer_state_is_sharded_like_the_parameters(clock):
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    graphdef, params = _model()
+    params = sharding.shard_state(params, CFG.sharding_rules, mesh)
+    optimizer = train_step.make_optimizer(train_step.OptimizerConfig(lr=1e-3, schedule_clock=clock))
+    state = train_step.init_optimizer_state(optimizer, params, mesh)
+    adamw = state[1] if clock == "update" else state[1].inner_state
+    moments = [leaf for part in adamw if hasattr(part, "mu") for leaf in (part.mu, part.nu)]
+    assert moments, "AdamW's moments were not found in the state"
+    split = 0
+    for moment in moments:
+        for param, leaf in zip(jax.tree.leaves(params), jax.tree.leaves(moment)):
+            assert leaf.sharding == param.sharding
+            split += not leaf.sharding.is_fully_replicated
+            np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+    assert split > 0  # fsdp splits the model, and so its moments
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    counts = [leaf for leaf in jax.tree.leaves(state) if leaf.ndim == 0]
+    assert counts and all(leaf.sharding == replicated for leaf in counts)
