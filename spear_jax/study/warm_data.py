@@ -134,7 +134,7 @@ def _tool_solution(env, task) -> list[tuple[str, str]] | None:
         return None
     call = f"```python\nprint({expression})\n```"
     tool = env.step(call)
-    if tool.done or not tool.info.get("num_tool_calls"):
+    if tool.done or not tool.num_tool_calls:
         return None
     final = f"The answer is \\boxed{{{printed_number(tool.observation.text)}}}."
     if not env.step(final).won:
