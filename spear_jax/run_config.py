@@ -183,6 +183,10 @@ RULES: tuple[Rule, ...] = (
     Rule("env.row_layout", _one_of(ROW_LAYOUTS)),
     Rule("env.domain", _one_of(DOMAINS), "agent for ALFWorld / WebShop / TextWorldExpress, math for the "
          "code-interpreter tasks"),
+    Rule("env.num_workers", _at_least(0), "0 or 1 steps environments in the trainer's process; N > 1 starts "
+         "N worker processes (about one per free core)"),
+    Rule("env.step_timeout_s", _above(0), "seconds one environment step may take in a worker; ALFWorld "
+         "steps take ~0.1 s"),
     Rule("data.train_tasks_per_step", _at_least(1)),
     Rule("data.group_size", _at_least(2), "group advantages need >= 2 samples per task (a singleton "
          "group's advantage is its raw score)"),
