@@ -34,7 +34,7 @@ import time
 from typing import Any, Protocol, Sequence
 
 from environments.base import Env, Observation, StepResult
-from environments.registry import ENVIRONMENTS, make_env
+from environments import registry
 
 # The start method of worker processes ("fork" is unsafe once JAX has started threads).
 START_METHOD = "spawn"
@@ -153,9 +153,9 @@ def _worker_main(connection, specs: dict[int, EnvSpec], entries: dict) -> None:
     process registered at run time), build its environments, report them, then answer batches
     of ``(method, [(index, argument), ...])`` until ``("close", None)`` or the pool goes away."""
     for name, entry in entries.items():
-        ENVIRONMENTS.setdefault(name, entry)
+        registry.ENVIRONMENTS.setdefault(name, entry)
     try:
-        envs = {i: make_env(spec.name, **spec.kwargs) for i, spec in specs.items()}
+        envs = {i: registry.make_env(spec.name, **spec.kwargs) for i, spec in specs.items()}
     except Exception as error:  # reported to the pool, which raises it
         connection.send(EnvFailure(error_text(error)))
         return
@@ -185,7 +185,8 @@ class _Worker:
     def __init__(self, context, number: int, specs: dict[int, EnvSpec]):
         self.number, self.indices = number, sorted(specs)
         self.connection, child = context.Pipe()
-        entries = {spec.name: ENVIRONMENTS[spec.name] for spec in specs.values() if spec.name in ENVIRONMENTS}
+        entries = {spec.name: registry.ENVIRONMENTS[spec.name] for spec in specs.values()
+                   if spec.name in registry.ENVIRONMENTS}
         self.process = context.Process(target=_worker_main, args=(child, specs, entries), daemon=True,
                                        name=f"env-worker-{number}")
         self.process.start()
