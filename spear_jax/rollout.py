@@ -6,7 +6,10 @@ group_size]`` and belongs to group ``i // group_size`` (the GRPO ``uid``); its t
 once for all of them, decodes the responses, steps each environment with its response text, and
 drops environments whose episode ended. An environment that raises in ``reset`` or ``step`` is
 isolated: its episode is marked failed (``EpisodeSummary.error``), its rows are dropped, it is
-counted in ``metrics["rollout/failed_episodes"]``, and the others go on.
+counted in ``metrics["rollout/failed_episodes"]``, and the others go on. Environments are reset
+and stepped through one batched call per turn (``spear_jax.env_pool``): a list is stepped
+in this process one after another, an ``EnvPool`` by worker processes concurrently, with the
+same results; a worker that dies or hangs fails its episodes the same way.
 
 Two row layouts (``RolloutConfig.layout``):
 
