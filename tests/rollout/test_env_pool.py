@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from environments import registry
-from environments.base import Observation
+from environments.base import Observation, StepResult
 from rollout_scripted import SayNumberEnv, ScriptedSampler, chatml_tokenizer, say_number_policy
 from spear_jax.env_pool import EnvPool, EnvSpec, EnvWorkerError, SequentialEnvs
 from spear_jax.rollout import RolloutConfig, RolloutEngine
@@ -71,6 +71,21 @@ def test_workers_give_the_in_process_rows(tok, say_number, layout):
             result = run(tok, pool, [3, 5, 7, 9], wrong, **config)
         assert rows_as_data(result) == rows_as_data(reference), workers
         assert without_times(result.metrics) == without_times(reference.metrics)
+
+
+def test_workers_step_their_shares_concurrently(say_number):
+    """Four environments whose first step takes 0.6 s (a sleep, so CPU load does not matter):
+    one worker answers the turn in 2.4 s, two in 1.2 s."""
+    options = [{"hang_at_step": 0, "hang_s": 0.6}] * 4
+    elapsed = {}
+    for workers in (1, 2):
+        with EnvPool(specs(options), workers, step_timeout_s=10.0) as pool:
+            pool.reset_batch([(i, i) for i in range(4)])
+            start = time.monotonic()
+            answers = pool.step_batch([(i, "<think>x</think><action>say 1</action>") for i in range(4)])
+            elapsed[workers] = time.monotonic() - start
+            assert all(isinstance(a, StepResult) for a in answers)
+    assert elapsed[1] >= 2.4 and elapsed[2] < 1.9, elapsed
 
 
 def test_killed_worker_fails_only_its_episodes_and_is_replaced(tok, say_number):
