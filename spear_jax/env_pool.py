@@ -38,6 +38,8 @@ from environments import registry
 
 # The start method of worker processes ("fork" is unsafe once JAX has started threads).
 START_METHOD = "spawn"
+# Where the workers run: local processes, or Ray actors (``spear_jax.env_pool_ray``).
+BACKENDS = ("process", "ray")
 # Seconds ``close`` waits for a worker to exit after asking it to, before killing it.
 _EXIT_GRACE_S = 5.0
 
@@ -148,47 +150,73 @@ def _describe(env: Env) -> _Description:
                         task_ids=env.task_ids, prompt_style=getattr(env, "prompt_style", None))
 
 
-def _worker_main(connection, specs: dict[int, EnvSpec], entries: dict) -> None:
-    """A worker's life: register the ``entries`` its registry lacks (environments the pool's
-    process registered at run time), build its environments, report them, then answer batches
-    of ``(method, [(index, argument), ...])`` until ``("close", None)`` or the pool goes away."""
-    for name, entry in entries.items():
-        registry.ENVIRONMENTS.setdefault(name, entry)
-    try:
-        envs = {i: registry.make_env(spec.name, **spec.kwargs) for i, spec in specs.items()}
-    except Exception as error:  # reported to the pool, which raises it
-        connection.send(EnvFailure(error_text(error)))
-        return
-    connection.send({i: _describe(env) for i, env in envs.items()})
-    try:
-        while True:
-            try:
-                method, requests = connection.recv()
-            except EOFError:  # the pool's process ended
-                break
-            if method == "close":
-                break
-            connection.send([_call(envs[i], method, argument) for i, argument in requests])
-    finally:
-        for env in envs.values():
+def registry_entries(specs: dict[int, EnvSpec]) -> dict:
+    """The registry entries of the environments ``specs`` name (handed to the workers, whose
+    registry lacks the environments registered at run time)."""
+    return {spec.name: registry.ENVIRONMENTS[spec.name] for spec in specs.values()
+            if spec.name in registry.ENVIRONMENTS}
+
+
+class Shard:
+    """The environments of one worker, whatever runs it: built from ``specs`` after
+    registering the ``entries`` the registry lacks; a build error is kept, not raised."""
+
+    def __init__(self, specs: dict[int, EnvSpec], entries: dict):
+        for name, entry in entries.items():
+            registry.ENVIRONMENTS.setdefault(name, entry)
+        self.envs: dict[int, Env] = {}
+        self.failure: EnvFailure | None = None
+        try:
+            self.envs = {i: registry.make_env(spec.name, **spec.kwargs) for i, spec in specs.items()}
+        except Exception as error:  # reported to the pool, which raises it
+            self.failure = EnvFailure(error_text(error))
+
+    def describe(self) -> dict[int, _Description] | EnvFailure:
+        """What the pool's proxies answer for each environment, or the build's failure."""
+        return self.failure or {i: _describe(env) for i, env in self.envs.items()}
+
+    def call(self, method: str, requests: Sequence[tuple[int, Any]]) -> list:
+        """The answers to ``(index, argument)`` requests of ``method`` (``"reset"`` / ``"step"``)."""
+        return [_call(self.envs[i], method, argument) for i, argument in requests]
+
+    def close(self) -> None:
+        for env in self.envs.values():
             try:
                 env.close()
             except Exception:  # closing is best effort on the way out
                 pass
 
 
+def _worker_main(connection, specs: dict[int, EnvSpec], entries: dict) -> None:
+    """A worker process's life: build its ``Shard``, report it, then answer batches of
+    ``(method, [(index, argument), ...])`` until ``("close", None)`` or the pool goes away."""
+    shard = Shard(specs, entries)
+    connection.send(shard.describe())
+    try:
+        while shard.failure is None:
+            try:
+                method, requests = connection.recv()
+            except EOFError:  # the pool's process ended
+                break
+            if method == "close":
+                break
+            connection.send(shard.call(method, requests))
+    finally:
+        shard.close()
+
+
 # -- the pool -------------------------------------------------------------------------------------
 
 class _Worker:
-    """One worker process, its end of the pipe and the environments it owns."""
+    """One worker process, its end of the pipe and the environments it owns. The Ray backend's
+    worker (``spear_jax.env_pool_ray.RayWorker``) has the same members."""
 
-    def __init__(self, context, number: int, specs: dict[int, EnvSpec]):
+    def __init__(self, number: int, specs: dict[int, EnvSpec]):
         self.number, self.indices = number, sorted(specs)
+        context = multiprocessing.get_context(START_METHOD)
         self.connection, child = context.Pipe()
-        entries = {spec.name: registry.ENVIRONMENTS[spec.name] for spec in specs.values()
-                   if spec.name in registry.ENVIRONMENTS}
-        self.process = context.Process(target=_worker_main, args=(child, specs, entries), daemon=True,
-                                       name=f"env-worker-{number}")
+        self.process = context.Process(target=_worker_main, args=(child, specs, registry_entries(specs)),
+                                       daemon=True, name=f"env-worker-{number}")
         self.process.start()
         child.close()
         self.failure: str | None = None
@@ -205,6 +233,10 @@ class _Worker:
             raise EnvWorkerError(f"environment worker {self.number} could not build its environments: "
                                  f"{descriptions.error}")
         return descriptions
+
+    def send(self, method: str, requests: list) -> None:
+        """Hands the worker a batch (answered by ``receive``); raises ``OSError`` when it is gone."""
+        self.connection.send((method, requests))
 
     def receive(self, deadline: float) -> list | None:
         """The worker's answers, or None (and ``failure`` set) when it dies or passes ``deadline``."""
@@ -237,17 +269,21 @@ class _Worker:
 
 
 class EnvPool:
-    """``EnvBatch`` over environments owned by ``num_workers`` worker processes (module
-    docstring). Environment ``i`` is ``specs[i]``, in worker ``i % num_workers``."""
+    """``EnvBatch`` over environments owned by ``num_workers`` workers (module docstring).
+    Environment ``i`` is ``specs[i]``, in worker ``i % num_workers``; ``backend`` is
+    ``"process"`` (local processes) or ``"ray"`` (Ray actors, ``spear_jax.env_pool_ray``)."""
 
-    def __init__(self, specs: Sequence[EnvSpec], num_workers: int, step_timeout_s: float):
+    def __init__(self, specs: Sequence[EnvSpec], num_workers: int, step_timeout_s: float,
+                 backend: str = "process"):
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"EnvPool num_workers must be a positive int, got {num_workers!r}")
         if not step_timeout_s > 0:
             raise ValueError(f"EnvPool step_timeout_s must be > 0, got {step_timeout_s!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"EnvPool backend must be one of {BACKENDS}, got {backend!r}")
         self.specs, self.step_timeout_s = list(specs), float(step_timeout_s)
         self.num_workers = min(num_workers, len(self.specs))
-        self._context = multiprocessing.get_context(START_METHOD)
+        self._worker_type = _Worker if backend == "process" else _ray_worker_type()
         self._workers = [self._start(w) for w in range(self.num_workers)]
         self._proxies: list[_EnvProxy] = []
         for worker in self._workers:
@@ -257,7 +293,7 @@ class EnvPool:
 
     def _start(self, number: int) -> _Worker:
         specs = {i: self.specs[i] for i in range(number, len(self.specs), self.num_workers)}
-        return _Worker(self._context, number, specs)
+        return self._worker_type(number, specs)
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -269,8 +305,8 @@ class EnvPool:
 
     @property
     def processes(self) -> list:
-        """The live worker processes (for monitoring and tests)."""
-        return [worker.process for worker in self._workers]
+        """The worker processes of the process backend (for monitoring and tests)."""
+        return [worker.process for worker in self._workers if isinstance(worker, _Worker)]
 
     def reset_batch(self, requests: Sequence[tuple[int, Any]]) -> list[Observation | EnvFailure]:
         """Replaces the workers that failed since the last reset, then resets."""
@@ -294,7 +330,7 @@ class EnvPool:
             worker = self._workers[number]
             if worker.failure is None:
                 try:
-                    worker.connection.send((method, [requests[p] for p in positions]))
+                    worker.send(method, [requests[p] for p in positions])
                     sent.append((worker, positions, time.monotonic() + self.step_timeout_s * len(positions)))
                     continue
                 except (BrokenPipeError, OSError):
@@ -310,7 +346,7 @@ class EnvPool:
     def close(self) -> None:
         """Ends every worker (they close their environments); the pool is unusable after."""
         for worker in self._workers:
-            if worker.process.pid is not None and worker.process.exitcode is None:
+            if worker.failure is None:
                 worker.stop()
         self._workers = []
 
@@ -319,6 +355,16 @@ class EnvPool:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _ray_worker_type() -> type:
+    """The Ray backend's worker class; a clear error when Ray is not installed."""
+    try:
+        from spear_jax.env_pool_ray import RayWorker
+    except ImportError as error:
+        raise ImportError(f"the ray environment-worker backend needs the ray package ({error}); "
+                          "install it (pip install ray) or set config.env.worker_backend='process'") from None
+    return RayWorker
 
 
 class _PoolView:
