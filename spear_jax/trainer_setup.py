@@ -88,11 +88,12 @@ def env_specs(c: ml_collections.ConfigDict, split: str, count: int) -> list[EnvS
 def make_envs(c: ml_collections.ConfigDict) -> tuple:
     """(one training environment per episode of a step, one evaluation environment per episode):
     lists of in-process environments, or with ``env.num_workers > 1`` two ``EnvPool``s of that
-    many worker processes each (the same environments, built inside the workers)."""
+    many workers each (processes or Ray actors, ``env.worker_backend``; the same environments,
+    built inside the workers)."""
     episodes = c.data.train_tasks_per_step * c.data.group_size
     specs = env_specs(c, "train", episodes), env_specs(c, c.data.eval_split, c.data.eval_episodes)
     if c.env.num_workers > 1:
-        return tuple(EnvPool(s, c.env.num_workers, c.env.step_timeout_s) for s in specs)
+        return tuple(EnvPool(s, c.env.num_workers, c.env.step_timeout_s, c.env.worker_backend) for s in specs)
     return tuple([make_env(spec.name, **spec.kwargs) for spec in s] for s in specs)
 
 

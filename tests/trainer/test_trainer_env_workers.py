@@ -45,3 +45,6 @@ def test_env_worker_fields_are_checked():
     c.env.num_workers, c.env.step_timeout_s = 2, 0.0
     with pytest.raises(run_config.ConfigError, match="env.step_timeout_s"):
         run_config.validate(c)
+    c.env.step_timeout_s, c.env.worker_backend = 10.0, "threads"
+    with pytest.raises(run_config.ConfigError, match="env.worker_backend"):
+        run_config.validate(c)
