@@ -6,7 +6,9 @@ Each domain's ``--envs`` environments (environment ``i`` built with seed ``i``) 
 naming an admissible action drawn from a fixed-seed generator); an environment whose episode
 ends drops out. steps/s counts steps over the stepping time (resets are timed apart). The
 "in-process" row steps the same environments one after another in this process, for the
-pool's overhead. The last line is ``speedup=<ALFWorld steps/s with 2 workers / 1 worker>``.
+pool's overhead. The ``cpu_reference`` domain (``CpuBoundEnv``: a fixed 20 ms of CPU per step, no
+I/O) shows what the machine's free cores allow: its speedup is the ceiling for CPU-bound
+environments such as ALFWorld on this machine at this moment. The last line is ``speedup=<ALFWorld steps/s with 2 workers / 1 worker>``.
 
     python -m bench.env_workers
     python -m bench.env_workers --domains textworld_express --envs 64 --workers 1 2 4
@@ -19,15 +21,39 @@ import time
 
 import numpy as np
 
+from environments.base import Observation, StepResult
+from environments.registry import ENVIRONMENTS, make_env, register_env
 from spear_jax.env_pool import EnvFailure, EnvPool, EnvSpec, SequentialEnvs
-from environments.registry import make_env
 
 # Constructor options per domain (ALFWorld: the unseen validation games shipped with the repo).
 DOMAINS: dict[str, dict] = {
     "alfworld": {"split": "valid_unseen", "max_steps": 50},
     "webshop": {"split": "train", "max_steps": 15},
     "textworld_express": {"game": "cookingworld", "split": "train", "max_steps": 50},
+    "cpu_reference": {"split": "train", "max_steps": 50},
 }
+
+
+class CpuBoundEnv:
+    """A reference environment: every step spins ``step_cpu_s`` of this thread's CPU time."""
+
+    name, domain, task_ids = "cpu_reference", "agent", range(1000)
+
+    def __init__(self, split: str = "train", seed: int = 0, max_steps: int = 50, step_cpu_s: float = 0.02):
+        self.max_steps, self.step_cpu_s = max_steps, step_cpu_s
+        self.observation = Observation(text="spin", task="spin", admissible_actions=("spin",))
+
+    def reset(self, task_id=None, seed=None) -> Observation:
+        return self.observation
+
+    def step(self, response_text: str) -> StepResult:
+        start = time.thread_time()
+        while time.thread_time() - start < self.step_cpu_s:
+            pass
+        return StepResult(observation=self.observation, reward=0.0, done=False, won=False, action_valid=True)
+
+    def close(self) -> None:
+        pass
 
 
 def react(action: str) -> str:
@@ -87,6 +113,8 @@ def main(argv=None) -> None:
     parser.add_argument("--turns", type=int, default=10, help="lockstep turns after the reset")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if "cpu_reference" not in ENVIRONMENTS:
+        register_env("cpu_reference", "bench.env_workers:CpuBoundEnv", ("train",))
 
     print(f"{args.envs} environments, {args.turns} lockstep turns; {os.cpu_count()} CPUs, load average "
           f"before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
