@@ -8,7 +8,8 @@ ends drops out. steps/s counts steps over the stepping time (resets are timed ap
 "in-process" row steps the same environments one after another in this process, for the
 pool's overhead. The ``cpu_reference`` domain (``CpuBoundEnv``: a fixed 20 ms of CPU per step, no
 I/O) shows what the machine's free cores allow: its speedup is the ceiling for CPU-bound
-environments such as ALFWorld on this machine at this moment. The last line is ``speedup=<ALFWorld steps/s with 2 workers / 1 worker>``.
+environments such as ALFWorld on this machine at this moment. The last line is
+``speedup=<ALFWorld steps/s with 2 workers / 1 worker>``.
 
     python -m bench.env_workers
     python -m bench.env_workers --domains textworld_express --envs 64 --workers 1 2 4

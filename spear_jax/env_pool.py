@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import multiprocessing.connection
 import time
 from typing import Any, Protocol, Sequence
 
-from environments.base import Env, Observation, StepResult
 from environments import registry
+from environments.base import Env, Observation, StepResult
 
 # The start method of worker processes ("fork" is unsafe once JAX has started threads).
 START_METHOD = "spawn"
