@@ -1,4 +1,4 @@
-"""Environment workers: a pool of processes that own the environments and step them in parallel.
+"""Environment workers: a pool of workers that own the environments and step them in parallel.
 
 The rollout engine steps environments through a batched interface (``EnvBatch``): one
 ``reset_batch`` per rollout and one ``step_batch`` per turn, each a list of ``(env index,
@@ -7,7 +7,8 @@ argument)`` requests whose answers come back in request order, as the call's res
 
 * ``SequentialEnvs``: a list of in-process environments, stepped one after another (the
   default, ``config.env.num_workers <= 1``).
-* ``EnvPool``: ``num_workers`` worker processes (start method ``"spawn"``: JAX is not fork-safe).
+* ``EnvPool``: ``num_workers`` workers, local processes (start method ``"spawn"``: JAX is not
+  fork-safe) or, with ``backend="ray"``, Ray actors (``spear_jax.env_pool_ray``).
   Environment ``i`` is built inside worker ``i % num_workers`` from its ``EnvSpec`` (registry
   name and constructor options, seed included), so nothing unpicklable crosses a process
   boundary, and each environment sees the same calls in the same order whatever the worker
@@ -23,7 +24,7 @@ environment does), answering ``name``, ``domain``, ``max_steps``, ``prompt_style
 ``task_ids`` from what the worker reported after building it; its ``reset`` / ``step`` are
 one-request batches that raise ``EnvWorkerError`` on failure.
 
-This module does not import JAX, so spawned workers start without it.
+This module imports neither JAX nor Ray, so spawned workers start without them.
 """
 from __future__ import annotations
 
@@ -285,9 +286,13 @@ class EnvPool:
         self._worker_type = _Worker if backend == "process" else _ray_worker_type()
         self._workers = [self._start(w) for w in range(self.num_workers)]
         self._proxies: list[_EnvProxy] = []
-        for worker in self._workers:
-            descriptions = worker.wait_ready()
-            self._proxies.extend(_EnvProxy(self, i, descriptions[i]) for i in worker.indices)
+        try:
+            for worker in self._workers:
+                descriptions = worker.wait_ready()
+                self._proxies.extend(_EnvProxy(self, i, descriptions[i]) for i in worker.indices)
+        except BaseException:  # no worker outlives a pool that could not start
+            self.close()
+            raise
         self._proxies.sort(key=lambda proxy: proxy.index)
 
     def _start(self, number: int) -> _Worker:

@@ -1,6 +1,7 @@
 """Environment workers (spear_jax.env_pool): same rows as in-process stepping whatever the worker
 count, failures isolated to a dead or hung worker's episodes, the worker replaced, clean shutdown."""
 import dataclasses
+import multiprocessing
 import os
 import re
 import shutil
@@ -145,7 +146,8 @@ def test_pool_errors_name_their_cause(say_number):
     with pytest.raises(ValueError, match="step_timeout_s must be > 0"):
         EnvPool(specs([{}]), 1, step_timeout_s=0.0)
     with pytest.raises(EnvWorkerError, match="could not build its environments: TypeError: .*no_such_option"):
-        EnvPool(specs([{"no_such_option": 1}]), 1, step_timeout_s=1.0)
+        EnvPool(specs([{}, {"no_such_option": 1}]), 2, step_timeout_s=1.0)
+    assert multiprocessing.active_children() == []  # the worker that did build was ended too
 
 
 def test_pooled_env_is_an_env(say_number):
