@@ -58,6 +58,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.env.prompt_template = "verl_agent"  # step-row prompt: verl_agent (reference) | compact
     c.env.row_layout = "step"  # step (one row per env step) | trajectory (one row per episode)
     c.env.domain = "agent"  # agent (ReAct actions) | math (answers and code-tool calls)
+    # Environment worker processes per host: 0 or 1 steps environments in the trainer's process;
+    # N > 1 spreads them over N processes stepped concurrently (docs/rollout.md).
+    c.env.num_workers = 0
+    c.env.worker_backend = "process"  # process (local processes) | ray (Ray actors; needs ray)
+    # A worker that takes longer than this per environment request of a turn is declared hung:
+    # its episodes fail and it is replaced at the next rollout.
+    c.env.step_timeout_s = 300.0
 
     # --- data: tasks x group ----------------------------------------------------------------
     c.data = ml_collections.ConfigDict()

@@ -6,7 +6,10 @@ group_size]`` and belongs to group ``i // group_size`` (the GRPO ``uid``); its t
 once for all of them, decodes the responses, steps each environment with its response text, and
 drops environments whose episode ended. An environment that raises in ``reset`` or ``step`` is
 isolated: its episode is marked failed (``EpisodeSummary.error``), its rows are dropped, it is
-counted in ``metrics["rollout/failed_episodes"]``, and the others go on.
+counted in ``metrics["rollout/failed_episodes"]``, and the others go on. Environments are reset
+and stepped through one batched call per turn (``spear_jax.env_pool``): a list is stepped
+in this process one after another, an ``EnvPool`` by worker processes concurrently, with the
+same results; a worker that dies or hangs fails its episodes the same way.
 
 Two row layouts (``RolloutConfig.layout``):
 
@@ -60,6 +63,7 @@ import numpy as np
 from environments.base import DOMAINS, AgentEnv, Env, Observation, StepResult, declared_domain
 from environments.prompts import DEFAULT_HISTORY_LENGTH, TEMPLATES, AgentPromptStyle, render_agent_prompt
 from environments.react import has_action_after_last_think, parse_react_action
+from spear_jax.env_pool import EnvBatch, EnvFailure, as_batch
 from spear_jax.outcomes import summarize as summarize_outcomes
 
 LAYOUTS = ("step", "trajectory")
@@ -321,7 +325,7 @@ def task_type_of(env: Env, result: StepResult) -> str:
     return env.name if result.task_type is None else str(result.task_type)
 
 
-def _check_inputs(envs: Sequence[Env], task_ids: Sequence[Any], config: RolloutConfig) -> None:
+def _check_inputs(envs: EnvBatch, task_ids: Sequence[Any], config: RolloutConfig) -> None:
     if len(task_ids) == 0:
         raise ValueError("task_ids is empty")
     if len(envs) != len(task_ids) * config.group_size:
@@ -329,7 +333,8 @@ def _check_inputs(envs: Sequence[Env], task_ids: Sequence[Any], config: RolloutC
             f"envs has {len(envs)} environments; expected len(task_ids) x group_size = "
             f"{len(task_ids)} x {config.group_size} = {len(task_ids) * config.group_size}"
         )
-    for i, env in enumerate(envs):
+    for i in range(len(envs)):
+        env = envs[i]
         domain = declared_domain(type(env))
         if domain != config.domain:
             raise ValueError(f"envs[{i}] ({type(env).__name__}) declares domain = {domain!r}; the "
@@ -338,10 +343,6 @@ def _check_inputs(envs: Sequence[Env], task_ids: Sequence[Any], config: RolloutC
             raise TypeError(f"envs[{i}] ({type(env).__name__}) is not an environments.base.AgentEnv: "
                             "step rows render prompts with its prompt_style (an AgentPromptStyle), "
                             "besides the Env members (name, domain, max_steps, task_ids, reset, step, close)")
-
-
-def _error_text(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
 
 
 @dataclasses.dataclass
@@ -383,18 +384,21 @@ class RolloutEngine:
             raise ValueError("tokenizer.assistant_end_ids is empty: the engine needs the id sequence "
                              "that ends an assistant turn")
 
-    def run(self, envs: Sequence[Env], task_ids: Sequence[Any], sampling: Any,
+    def run(self, envs: Sequence[Env] | EnvBatch, task_ids: Sequence[Any], sampling: Any,
             key: jax.Array) -> RolloutResult:
         """Plays ``len(task_ids) x group_size`` episodes (env ``i`` plays ``task_ids[i //
         group_size]``) and returns their rows.
 
         Args:
-          envs: the environments, ``len(task_ids) * group_size`` of them (reset here).
+          envs: the environments, ``len(task_ids) * group_size`` of them (reset here): a list,
+            stepped one after another, or a ``spear_jax.env_pool.EnvPool`` (or a slice of one),
+            whose workers step each turn's environments concurrently.
           task_ids: one task per group.
           sampling: the sampler's ``SamplingParams`` (passed through; ``max_new_tokens`` is read).
           key: PRNG key; turn ``t`` samples with ``fold_in(key, t)``.
         """
         config = self.config
+        envs = as_batch(envs)
         _check_inputs(envs, task_ids, config)
         self._check_sampling(sampling)
         self._timers = {"env": 0.0, "sampler": 0.0}
@@ -403,11 +407,10 @@ class RolloutEngine:
             EpisodeSummary(group_id=i // config.group_size, traj_id=i, task_id=task_ids[i // config.group_size])
             for i in range(len(envs))
         ]
-        live: list[_Live] = []
-        for i, env in enumerate(envs):
-            observation = self._env_call(episodes[i], lambda: env.reset(task_id=episodes[i].task_id))
-            if observation is not None:
-                live.append(_Live(index=i, observation=observation, anchor=observation.text))
+        requests = [(i, episodes[i].task_id) for i in range(len(envs))]
+        live = [_Live(index=i, observation=observation, anchor=observation.text)
+                for (i, _), observation in zip(requests, self._env_calls(envs, "reset", requests, episodes))
+                if observation is not None]
         if config.layout == "step":
             finished = self._run_step_rows(envs, live, episodes, sampling, key)
         else:
@@ -419,16 +422,17 @@ class RolloutEngine:
 
     # -- shared ---------------------------------------------------------------------------------
 
-    def _env_call(self, episode: EpisodeSummary, call: Callable[[], Any]) -> Any:
-        """Runs ``call``; on an exception marks the episode failed and returns None."""
+    def _env_calls(self, envs: EnvBatch, method: str, requests: Sequence[tuple[int, Any]],
+                   episodes: list[EpisodeSummary]) -> list[Any]:
+        """``envs.reset_batch`` / ``step_batch`` of ``requests``; an answer that is an
+        ``EnvFailure`` marks its episode failed and becomes None."""
         start = self.clock()
-        try:
-            return call()
-        except Exception as error:  # an environment bug must not end the batch
-            episode.error = _error_text(error)
-            return None
-        finally:
-            self._timers["env"] += self.clock() - start
+        answers = (envs.reset_batch if method == "reset" else envs.step_batch)(requests)
+        self._timers["env"] += self.clock() - start
+        for (i, _), answer in zip(requests, answers):
+            if isinstance(answer, EnvFailure):
+                episodes[i].error = answer.error
+        return [None if isinstance(answer, EnvFailure) else answer for answer in answers]
 
     def _check_sampling(self, sampling: Any) -> None:
         """The assistant's end sequence must end a generation, else turns run to the limit."""
@@ -480,12 +484,12 @@ class RolloutEngine:
             self._timers["sampler"] += self.clock() - start
             if len(generations) != len(live):
                 raise RuntimeError(f"sampler returned {len(generations)} generations for {len(live)} prompts")
+            texts = [self._decode_response(generation) for generation in generations]
+            results = self._env_calls(envs, "step", [(s.index, t) for s, t in zip(live, texts)], episodes)
             still_live = []
-            for state, prompt, generation in zip(live, prompts, generations):
+            for state, prompt, generation, text, result in zip(live, prompts, generations, texts, results):
                 env, episode = envs[state.index], episodes[state.index]
                 tokens = np.asarray(generation.tokens, dtype=np.int32)
-                text = self._decode_response(generation)
-                result: StepResult | None = self._env_call(episode, lambda: env.step(text))
                 if result is None:
                     continue
                 self._env_steps += 1
@@ -564,9 +568,11 @@ class RolloutEngine:
             generations = session.extend_and_generate(new_tokens, sampling, jax.random.fold_in(key, turn),
                                                       max_new_tokens=turn_limits)
             self._timers["sampler"] += self.clock() - start
+            texts = [self._record_turn(state, generations[state.index]) for state in live]
+            results = self._env_calls(envs, "step", [(s.index, t) for s, t in zip(live, texts)], episodes)
             still_live = []
-            for state in live:
-                if self._trajectory_turn(envs, episodes, state, generations[state.index]):
+            for state, result in zip(live, results):
+                if self._trajectory_turn(envs, episodes, state, result, generations[state.index]):
                     still_live.append(state)
                 else:
                     finished.append(state)
@@ -574,22 +580,27 @@ class RolloutEngine:
             turn += 1
         return [s for s in finished if s.rows]  # an env that raised leaves no row
 
-    def _trajectory_turn(self, envs, episodes, state: _Live, generation) -> bool:
-        """Records one generated turn of a trajectory row and steps its env; True while the
-        episode goes on. It ends when the env is done, after ``max_turns`` turns, or when the
-        next observation would leave no response token to generate (verl's agent loop)."""
-        env, episode = envs[state.index], episodes[state.index]
+    def _record_turn(self, state: _Live, generation) -> str:
+        """Appends one generated turn (after the observation that preceded it) to a trajectory
+        row; returns the text its environment is stepped with."""
         if generation is None:
             raise RuntimeError(f"session returned no generation for live row {state.index}")
         if state.texts:  # after the first turn, what was appended is an observation
             self._add_piece(state, state.pending, model=False)
-        tokens = np.asarray(generation.tokens, dtype=np.int32)
-        self._add_piece(state, tokens, model=True, logprobs=generation.logprobs)
-        text = self._decode_response(generation)
-        state.texts.append(text)
-        result: StepResult | None = self._env_call(episode, lambda: env.step(text))
+        self._add_piece(state, np.asarray(generation.tokens, dtype=np.int32), model=True,
+                        logprobs=generation.logprobs)
+        state.texts.append(self._decode_response(generation))
+        return state.texts[-1]
+
+    def _trajectory_turn(self, envs, episodes, state: _Live, result: StepResult | None, generation) -> bool:
+        """Takes the env's answer to a recorded turn of a trajectory row (None: the env failed);
+        True while the episode goes on. It ends when the env is done, after ``max_turns`` turns,
+        or when the next observation would leave no response token to generate (verl's agent
+        loop)."""
+        env, episode = envs[state.index], episodes[state.index]
         if result is None:
             return False
+        tokens = np.asarray(generation.tokens, dtype=np.int32)
         self._env_steps += 1
         state.rewards.append(float(result.reward))
         state.invalid_turns += int(not result.action_valid)

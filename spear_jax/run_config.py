@@ -38,6 +38,7 @@ from environments.registry import env_class, env_names, env_type, split_names
 from spear_jax.sft_data import SOURCES as SFT_SOURCES
 from spear_jax.batching import ROW_FIELDS
 from spear_jax.curriculum import TOOLCALL_REWARD_MODES
+from spear_jax.env_pool import BACKENDS as ENV_WORKER_BACKENDS
 from spear_jax.init_from import InitFromError, resolve_init_from
 from spear_jax.model import PRESETS as MODEL_PRESETS
 from spear_jax.model.chat_template import FORMATS as CHAT_FORMATS
@@ -184,6 +185,12 @@ RULES: tuple[Rule, ...] = (
     Rule("env.row_layout", _one_of(ROW_LAYOUTS)),
     Rule("env.domain", _one_of(DOMAINS), "agent for ALFWorld / WebShop / TextWorldExpress, math for the "
          "code-interpreter tasks"),
+    Rule("env.num_workers", _at_least(0), "0 or 1 steps environments in the trainer's process; N > 1 starts "
+         "N worker processes (about one per free core)"),
+    Rule("env.worker_backend", _one_of(ENV_WORKER_BACKENDS), "process runs the workers on this host; ray "
+         "as Ray actors on the cluster ray.init() joins (pip install ray)"),
+    Rule("env.step_timeout_s", _above(0), "seconds one environment step may take in a worker; ALFWorld "
+         "steps take ~0.1 s"),
     Rule("data.train_tasks_per_step", _at_least(1)),
     Rule("data.group_size", _at_least(2), "group advantages need >= 2 samples per task (a singleton "
          "group's advantage is its raw score)"),

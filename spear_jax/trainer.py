@@ -39,6 +39,7 @@ from spear_jax import (curriculum, minibatches, prepare, replay_rows, resume, ru
                        sharding, throughput, tracking, train_step, trajectories, workdir_lock)
 from spear_jax import metrics as run_metrics
 from spear_jax.checkpoint import RunCheckpointer
+from spear_jax.env_pool import close_envs
 from spear_jax.model import lora
 from spear_jax.outcomes import outcome_metrics
 from spear_jax.policy import CHECKPOINT_SUBDIR, Policy, load_policy
@@ -243,8 +244,8 @@ class Trainer:
         return True
 
     def close(self) -> None:
-        for env in self.train_envs + self.eval_envs:
-            env.close()
+        close_envs(self.train_envs)
+        close_envs(self.eval_envs)
         self.checkpointer.close()
         workdir_lock.release(self.workdir)
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from environments.registry import make_env
 from spear_jax import run_config, train_step
+from spear_jax.env_pool import EnvPool, EnvSpec
 from spear_jax.policy import Policy
 from spear_jax.rollout import RolloutEngine, TemplateChatTokenizer
 from spear_jax.sampling import Sampler, SamplingParams
@@ -78,14 +79,22 @@ def build_rollout(c: ml_collections.ConfigDict, policy: Policy, mesh) -> Rollout
         eval_sampling=run_config.sampling_params(c, chat.assistant_end_ids, evaluation=True))
 
 
-def make_envs(c: ml_collections.ConfigDict) -> tuple[list, list]:
-    """(one training environment per episode of a step, one evaluation environment per episode)."""
+def env_specs(c: ml_collections.ConfigDict, split: str, count: int) -> list[EnvSpec]:
+    """What builds environment ``i`` of ``count`` on ``split``: seed ``c.seed + i``."""
     kwargs = dict(c.env.kwargs.to_dict(), max_steps=c.env.max_steps)
+    return [EnvSpec(c.env.name, dict(kwargs, split=split, seed=c.seed + i)) for i in range(count)]
+
+
+def make_envs(c: ml_collections.ConfigDict) -> tuple:
+    """(one training environment per episode of a step, one evaluation environment per episode):
+    lists of in-process environments, or with ``env.num_workers > 1`` two ``EnvPool``s of that
+    many workers each (processes or Ray actors, ``env.worker_backend``; the same environments,
+    built inside the workers)."""
     episodes = c.data.train_tasks_per_step * c.data.group_size
-    train = [make_env(c.env.name, split="train", seed=c.seed + i, **kwargs) for i in range(episodes)]
-    evaluation = [make_env(c.env.name, split=c.data.eval_split, seed=c.seed + i, **kwargs)
-                  for i in range(c.data.eval_episodes)]
-    return train, evaluation
+    specs = env_specs(c, "train", episodes), env_specs(c, c.data.eval_split, c.data.eval_episodes)
+    if c.env.num_workers > 1:
+        return tuple(EnvPool(s, c.env.num_workers, c.env.step_timeout_s, c.env.worker_backend) for s in specs)
+    return tuple([make_env(spec.name, **spec.kwargs) for spec in s] for s in specs)
 
 
 class LogProbPass:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -136,7 +137,8 @@ class SayNumberEnv:
 
     Task ``t`` shows ``numbers_of_task(t, episode_length)``; the episode ends after them
     (won = every step right) or after ``max_steps``. ``fail_on_reset`` / ``fail_at_step``
-    make it raise, to test isolation.
+    make it raise, to test isolation; ``hang_at_step`` makes that step sleep ``hang_s`` seconds
+    first (a hung environment).
     """
 
     name = "say_number"
@@ -145,8 +147,10 @@ class SayNumberEnv:
     task_ids = range(1000)  # any int seeds a task
 
     def __init__(self, episode_length: int = 3, max_steps: int = 10, fail_on_reset: bool = False,
-                 fail_at_step: int | None = None, tool_observations: bool = False):
+                 fail_at_step: int | None = None, tool_observations: bool = False,
+                 hang_at_step: int | None = None, hang_s: float = 60.0):
         self.episode_length, self.max_steps = episode_length, max_steps
+        self.hang_at_step, self.hang_s = hang_at_step, hang_s
         self.fail_on_reset, self.fail_at_step = fail_on_reset, fail_at_step
         self.tool_observations = tool_observations
 
@@ -165,6 +169,8 @@ class SayNumberEnv:
     def step(self, response_text: str) -> StepResult:
         if self.fail_at_step is not None and self.t == self.fail_at_step:
             raise RuntimeError("scripted step failure")
+        if self.hang_at_step is not None and self.t == self.hang_at_step:
+            time.sleep(self.hang_s)
         match = re.search(r"<action>say (\d+)</action>", response_text)
         valid = match is not None and "<think>" in response_text
         right = match is not None and int(match.group(1)) == self.numbers[self.t]
