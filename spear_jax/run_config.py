@@ -38,6 +38,7 @@ from environments.registry import env_class, env_names, env_type, split_names
 from spear_jax.sft_data import SOURCES as SFT_SOURCES
 from spear_jax.batching import ROW_FIELDS
 from spear_jax.curriculum import TOOLCALL_REWARD_MODES
+from spear_jax.filters import QUALITY_FLAGS
 from spear_jax.env_pool import BACKENDS as ENV_WORKER_BACKENDS
 from spear_jax.init_from import InitFromError, resolve_init_from
 from spear_jax.model import PRESETS as MODEL_PRESETS
@@ -765,8 +766,7 @@ def group_filter_config(c: ml_collections.ConfigDict) -> GroupFilterConfig:
 
 def quality_filter_config(c: ml_collections.ConfigDict) -> QualityFilterConfig:
     """The quality flags whose ``algorithm.filter_<flag>_responses`` switch is on."""
-    enabled = tuple(name for name in ("overlong", "incomplete", "repetitive", "unreadable")
-                    if c.algorithm[f"filter_{name}_responses"])
+    enabled = tuple(name for name in QUALITY_FLAGS if c.algorithm[f"filter_{name}_responses"])
     return QualityFilterConfig(enabled=enabled)
 
 
