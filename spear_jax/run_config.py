@@ -36,7 +36,7 @@ from environments.base import HasGoldActions
 from environments.prompts import TEMPLATES as PROMPT_TEMPLATES
 from environments.registry import env_class, env_names, env_type, split_names
 from spear_jax.sft_data import SOURCES as SFT_SOURCES
-from spear_jax.batching import ROW_FIELDS
+from spear_jax.batch_schema import FIELDS
 from spear_jax.curriculum import TOOLCALL_REWARD_MODES
 from spear_jax.filters import QUALITY_FLAGS
 from spear_jax.env_pool import BACKENDS as ENV_WORKER_BACKENDS
@@ -531,16 +531,10 @@ def _check_kl(c: ml_collections.ConfigDict) -> None:
                               f"cost of the reference policy; set config.{coef} > 0 (e.g. 0.001)")
 
 
-# Arrays of the packed training batch (spear_jax.batching) and those the trainer adds to it.
-_PACKED_ARRAYS = ("tokens", "valid", "loss_mask", "logprobs", "prompt_length", "response_length",
-                  "prompt_truncated", "row_valid", "row_index") + tuple(ROW_FIELDS)
-_PREPARED_ARRAYS = ("old_logprobs", "scores", "advantages", "row_advantage")
-
-
 def batch_arrays(c: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The arrays of a training batch that a loss term may declare as inputs ([B] or [B, L])."""
-    reference = (REFERENCE_INPUT,) if uses_reference_policy(c) else ()
-    return _PACKED_ARRAYS + _PREPARED_ARRAYS + reference
+    """The arrays of a training batch that a loss term may declare as inputs ([B] or [B, L]):
+    the ``batch_schema`` fields, the reference log-probs only when a reference policy runs."""
+    return tuple(name for name in FIELDS if name != REFERENCE_INPUT or uses_reference_policy(c))
 
 
 def _check_loss_terms(c: ml_collections.ConfigDict) -> None:
