@@ -187,11 +187,26 @@ def check_minibatch(minibatch: dict[str, jax.Array],
     return n, b, length
 
 
+def _real_rows_token_stats(graphdef, params, micro, temperature: float, chunk_size: int):
+    """``sequence_token_stats`` of micro-batch ``micro`` ([b, L] arrays), or zeros when it holds
+    no real row (``row_valid`` all False), the model's forward and backward passes then skipped
+    at run time by ``lax.cond`` (no new shape, no recompilation). Exact: a micro-batch of padding
+    rows alone (the tail of a step's last minibatch, of a replay batch) has an all-zero loss
+    mask, so every term, normaliser and metric reads none of its log-probs or entropies, and
+    its gradient is 0 either way."""
+
+    def compute():
+        return sequence_token_stats(graphdef, params, micro["tokens"], micro["valid"], temperature, chunk_size)
+
+    def zeros():
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(compute))
+
+    return jax.lax.cond(jnp.any(micro["row_valid"]), compute, zeros)
+
+
 def _micro_batch_objective(graphdef, params, micro, key, sil_weight, config: UpdateConfig, replay: bool, mesh):
     """(S_j, N_j, scalar metrics) of one micro-batch; differentiable in ``params``."""
-    logp, entropy = sequence_token_stats(
-        graphdef, params, micro["tokens"], micro["valid"], config.temperature, config.logprob_chunk_size
-    )
+    logp, entropy = _real_rows_token_stats(graphdef, params, micro, config.temperature, config.logprob_chunk_size)
     arrays = dict(logp=logp, old_logp=micro["old_logprobs"], advantages=micro["advantages"],
                   mask=micro["loss_mask"], key=key, entropy=entropy, row_valid=micro["row_valid"],
                   inputs={k: micro[k] for k in declared_inputs(_terms(config, replay))}, mesh=mesh)

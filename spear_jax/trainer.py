@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from spear_jax import (curriculum, minibatches, prepare, replay_rows, resume, run_config, run_state,
                        sharding, throughput, tracking, train_step, trajectories, workdir_lock)
@@ -96,7 +98,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         """One SPEAR / GRPO-family step (module docstring); returns its metrics."""
-        c, p, clock = self.config, self.prep, _Clock()
+        c, clock = self.config, _Clock()
         schedule = curriculum.step_schedule(step, self.schedule)
         self.opt_state = train_step.set_learning_rate(self.opt_state, schedule.learning_rate)
         # 1. rollout
@@ -104,44 +106,34 @@ class Trainer:
                                  jax_key(c.seed, Stream.ROLLOUT, step))
         metrics = dict(result.metrics)
         clock.lap("rollout")
-        # 2-3. rewards, filters, packing
-        scores, m_reward = prepare.shape_rewards(result.rows, schedule.toolcall_factor, p.reward_recipe)
-        rows, scores, m_filter = prepare.filter_groups(result.rows, scores, p.group_filter,
-                                                       numpy_rng(c.seed, Stream.GROUP_FILTER, step))
-        masked, flags, m_quality = prepare.mask_low_quality(rows, p.quality)
-        batch = prepare.pack(rows, masked, p.pack)
-        # 4. old (and reference) log-probs
-        arrays, m_logp = prepare.old_logprobs(batch, *self._logprob_fns())
-        batch.update(arrays)
-        # 5. penalties and advantages
-        arrays, m_penalty = prepare.penalties(batch, scores, p.penalties)
-        batch.update(arrays)
-        arrays, m_adv = prepare.advantages(batch, rows, p.advantages, all(e.error is None for e in result.episodes))
-        batch.update(arrays)
-        for part in (m_reward, m_filter, m_quality, m_logp, m_penalty, m_adv):
-            metrics.update(part)
-        metrics.update(outcome_metrics(result.episodes, result.rows))
-        self.trajectories.record(step, rows, scores, flags, batch, numpy_rng(c.seed, Stream.TRAJECTORY_SAMPLE, step))
-        clock.lap("prepare")
+        # 2-5. rewards, filters, packing, old log-probs, advantages
+        prepared = _prepare_batch(result, schedule, step, c.seed, self.prep, self._logprob_fns(), clock)
+        batch = prepared.batch
+        metrics.update(prepared.metrics)
+        self.trajectories.record(step, prepared.rows, prepared.scores, prepared.flags, batch,
+                                 numpy_rng(c.seed, Stream.TRAJECTORY_SAMPLE, step))
+        clock.lap("prepare/metrics")
         # 6. replay check, before this step's rows enter the buffer
         replay = None
         if self.buffer is not None:
             replay, replay_metrics = self.buffer.replay_if_ready(
                 step, numpy_rng(c.seed, Stream.REPLAY_SUBSAMPLE, step), min_rows=self.num_batch_devices)
             metrics.update(replay_metrics)
+        clock.lap("replay/draw")
         # 7. updates: on-policy, then replay weighted by lambda(t)
         metrics.update(self._optimize(batch, step, sil_weight=None))
         clock.lap("update")
         if replay is not None:
             replay_batch = replay_rows.replay_batch(replay, self.carried, c.actor.ppo_mini_batch_size)
             metrics.update(self._optimize(replay_batch, step, sil_weight=schedule.sil_weight))
-        clock.lap("replay")
+        clock.lap("replay/update")
         # 8. buffer: staleness, then this step's rows
         if self.buffer is not None:
             self.buffer.remove_old()
             self.buffer.add_step(replay_rows.buffer_rows(batch, self.carried), step)
             metrics.update(self.buffer.metrics())
         self.sampler.set_params(self.policy.params)
+        clock.lap("buffer")
         metrics.update({"replay/sil_weight": schedule.sil_weight, "actor/lr": schedule.learning_rate})
         metrics.update(clock.metrics())
         metrics.update(throughput.step_metrics(
@@ -251,7 +243,9 @@ class Trainer:
 
 
 class _Clock:
-    """Wall-clock laps of a step's phases, reported as ``time/<phase>`` and ``time/step``."""
+    """Wall-clock laps of a step's phases, reported as ``time/<phase>`` and ``time/step``. A
+    lap named ``<phase>/<stage>`` is a stage of a phase: reported as ``time/<phase>/<stage>``,
+    and ``time/<phase>`` is the sum of its stages' laps."""
 
     def __init__(self):
         self.start = self.last = time.perf_counter()
@@ -262,4 +256,46 @@ class _Clock:
         self.laps[phase], self.last = now - self.last, now
 
     def metrics(self) -> dict[str, float]:
-        return {**{f"time/{k}": v for k, v in self.laps.items()}, "time/step": time.perf_counter() - self.start}
+        out = {f"time/{k}": v for k, v in self.laps.items()}
+        for name, seconds in self.laps.items():
+            if "/" in name:
+                phase = f"time/{name.split('/')[0]}"
+                out[phase] = out.get(phase, 0.0) + seconds
+        return {**out, "time/step": time.perf_counter() - self.start}
+
+
+class _Prepared(NamedTuple):
+    """The kept rows [n], their shaped rewards R [n] and quality flags (name -> [n] bool), the
+    packed batch with every prepared array, and the stages' metrics."""
+
+    rows: list
+    scores: np.ndarray
+    flags: dict[str, np.ndarray]
+    batch: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+def _prepare_batch(result, schedule, step: int, seed: int, p: prepare.PrepareConfig, logprob_fns,
+                   clock: _Clock) -> _Prepared:
+    """Steps 2-5 of a step (module docstring) on the rollout ``result``, each stage timed as a
+    ``prepare/<stage>`` lap of ``clock``; ``logprob_fns``: ``Trainer._logprob_fns()``."""
+    scores, m_reward = prepare.shape_rewards(result.rows, schedule.toolcall_factor, p.reward_recipe)
+    rows, scores, m_filter = prepare.filter_groups(result.rows, scores, p.group_filter,
+                                                   numpy_rng(seed, Stream.GROUP_FILTER, step))
+    masked, flags, m_quality = prepare.mask_low_quality(rows, p.quality)
+    clock.lap("prepare/filters")
+    batch = prepare.pack(rows, masked, p.pack)
+    clock.lap("prepare/pack")
+    arrays, m_logp = prepare.old_logprobs(batch, *logprob_fns)
+    batch.update(arrays)
+    clock.lap("prepare/old_logprobs")
+    arrays, m_penalty = prepare.penalties(batch, scores, p.penalties)
+    batch.update(arrays)
+    arrays, m_adv = prepare.advantages(batch, rows, p.advantages, all(e.error is None for e in result.episodes))
+    batch.update(arrays)
+    clock.lap("prepare/advantages")
+    metrics = {}
+    for part in (m_reward, m_filter, m_quality, m_logp, m_penalty, m_adv):
+        metrics.update(part)
+    metrics.update(outcome_metrics(result.episodes, result.rows))
+    return _Prepared(rows, scores, flags, batch, metrics)

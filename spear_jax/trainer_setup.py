@@ -99,7 +99,14 @@ def make_envs(c: ml_collections.ConfigDict) -> tuple:
 
 class LogProbPass:
     """Token log-probs (and entropies) of a packed batch under given params, one micro-batch of
-    rows at a time on the mesh (``prepare.old_logprobs`` takes its bound calls)."""
+    rows at a time on the mesh (``prepare.old_logprobs`` takes its bound calls).
+
+    Only the micro-batches holding a real row (one with a valid token) are computed, each
+    dispatched before the first result is fetched (the host slices and copies the next while
+    the device runs one); a chunk of padding rows alone gets 0 log-probs and entropies. Exact:
+    the padding rows come last in a packed batch and carry no loss mask, so nothing downstream
+    reads their values.
+    """
 
     def __init__(self, graphdef, c: ml_collections.ConfigDict, mesh):
         temperature, chunk = c.rollout.temperature, c.model.logprob_chunk_size
@@ -108,17 +115,26 @@ class LogProbPass:
         self.micro = c.actor.ppo_micro_batch_size
         self.sharding = batch_sharding(mesh, leading=0)
 
-    def _chunks(self, fn, params, tokens: np.ndarray, valid: np.ndarray):
-        for start in range(0, tokens.shape[0], self.micro):
-            yield fn(params, jax.device_put(tokens[start:start + self.micro], self.sharding),
-                     jax.device_put(valid[start:start + self.micro], self.sharding))
+    def _chunks(self, fn, params, tokens: np.ndarray, valid: np.ndarray) -> list[tuple[int, object]]:
+        """(first row, device output) of every micro-batch of rows holding a valid token."""
+        real = valid.any(axis=1)
+        return [(start, fn(params, jax.device_put(tokens[start:start + self.micro], self.sharding),
+                           jax.device_put(valid[start:start + self.micro], self.sharding)))
+                for start in range(0, tokens.shape[0], self.micro) if real[start:start + self.micro].any()]
+
+    def _gather(self, chunks, shape) -> np.ndarray:
+        """The chunks' [micro, L] outputs in a zero [B, L] float32 array."""
+        out = np.zeros(shape, np.float32)
+        for start, chunk in chunks:
+            out[start:start + self.micro] = np.asarray(chunk)
+        return out
 
     def with_entropy(self, params, tokens: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(log-probs [B, L], entropies [B, L]) of ``tokens`` [B, L] under ``params``."""
-        outs = [(np.asarray(logp), np.asarray(ent)) for logp, ent in self._chunks(self._with_entropy, params,
-                                                                                  tokens, valid)]
-        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+        chunks = self._chunks(self._with_entropy, params, tokens, valid)
+        return (self._gather([(s, out[0]) for s, out in chunks], tokens.shape),
+                self._gather([(s, out[1]) for s, out in chunks], tokens.shape))
 
     def logprobs(self, params, tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Log-probs [B, L] of ``tokens`` under ``params`` (the compiled pass skips the entropy)."""
-        return np.concatenate([np.asarray(logp) for logp in self._chunks(self._logprobs, params, tokens, valid)])
+        return self._gather(self._chunks(self._logprobs, params, tokens, valid), tokens.shape)
