@@ -33,6 +33,18 @@ SETTINGS = (
     ("coin7", "coin, 7 rooms, max 16 steps", coin(7, 0, 0, 16), 0),
 )
 
+# The setting the studies play (twx_methods.OVERRIDES): the one candidate whose warm start is
+# neither hopeless nor saturated (results/twx_pilot/report.md; the reasons: docs/results.md).
+CHOSEN = "coin3"
+
+
+def setting_overrides(name: str) -> tuple:
+    """The overrides of the setting ``name`` of ``SETTINGS``."""
+    found = {setting: overrides for setting, _, overrides, _ in SETTINGS}
+    if name not in found:
+        raise ValueError(f"no pilot setting {name!r}; the settings are {sorted(found)}")
+    return found[name]
+
 
 def setting_study(name: str, overrides: tuple, rl_steps: int) -> ml_collections.ConfigDict:
     """The one-method study of one setting: ``rl_steps`` Dr.BoT (GRPO) steps, held-out success

@@ -149,7 +149,7 @@ def setting_row(setting_results: str) -> dict:
         "mean_gold_steps": gold["rows"] / gold["episodes"] if gold else None,
         "eval_steps": eval_steps, "eval_success": eval_success, "eval_episode_length": eval_length,
         "warm_start_success": eval_success[0] if eval_steps and eval_steps[0] == 0 else None,
-        "rl_success": eval_success[-1] if eval_steps and eval_steps[-1] == total else None,
+        "rl_success": eval_success[-1] if total and eval_steps and eval_steps[-1] == total else None,
         "train_steps": train_steps, "train_success": train_success,
         "warm_start_minutes": sum(walls["warm_start"]) / 60 if walls.get("warm_start") else None,
         "rl_minutes": rl_s / 60 if rl_s else None,

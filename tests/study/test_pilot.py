@@ -61,6 +61,20 @@ def test_setting_row_reads_gold_length_success_and_minutes(tmp_path):
     assert row["warm_start_minutes"] == 2.5 and row["rl_minutes"] == 5.0 and row["rl_steps"] == 10
 
 
+def test_a_setting_of_no_rl_steps_has_a_warm_start_success_and_no_rl_result(tmp_path):
+    _write_setting(tmp_path, metrics=False)
+    study = json.loads((tmp_path / "study.json").read_text())
+    study["budget"]["total_steps"] = 0
+    (tmp_path / "study.json").write_text(json.dumps(study))
+    path = report.compact_path(str(tmp_path), "drbot_grpo", 0)
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as handle:
+        handle.write(json.dumps({"split": "eval", "step": 0, "success_rate": 0.25, "episode_length": 9.0}) + "\n")
+    row = pilot.setting_row(str(tmp_path))
+    assert row["warm_start_success"] == 0.25 and row["rl_success"] is None and row["rl_steps"] == 0
+    assert pilot._row({"label": "x", "results": row})[4:7] == (0, "-", "-")
+
+
 def test_report_row_of_a_setting_and_of_one_not_run_yet(tmp_path):
     results = tmp_path / "results"
     _write_setting(results / "coin5")
@@ -116,7 +130,7 @@ def test_report_command_rewrites_the_committed_pilot_byte_for_byte(tmp_path):
 
 
 def test_the_studies_play_the_chosen_setting_and_it_is_neither_hopeless_nor_saturated():
-    chosen = {name: overrides for name, _, overrides, _ in twx_pilot.SETTINGS}[twx_pilot.CHOSEN]
+    chosen = twx_pilot.setting_overrides(twx_pilot.CHOSEN)
     assert twx_methods.OVERRIDES == chosen and twx_ablations.OVERRIDES == chosen
     results = json.load(open(os.path.join(COMMITTED, "pilot.json")))
     (row,) = [s["results"] for s in results["settings"] if s["name"] == twx_pilot.CHOSEN]
