@@ -51,7 +51,7 @@ def setting_study(name: str, overrides: tuple, rl_steps: int) -> ml_collections.
     before and after them (with 0 steps, one evaluation of the warm start)."""
     only_evaluate = (("trainer.eval_before_train", False),) if rl_steps == 0 else ()
     drbot = method("drbot_grpo", "Dr.BoT (GRPO)", "configs/drbot.py:twx_tiny", only_evaluate)
-    return study(f"twx_pilot_{name}", f"TextWorldExpress pilot: {name}", (SEED,), baseline="drbot_grpo",
+    return study(f"twx_pilot/{name}", f"TextWorldExpress pilot: {name}", (SEED,), baseline="drbot_grpo",
                  methods=(drbot,), warm_start_config="configs/sft.py:twx_tiny", warm_start_data="gold",
                  total_steps=rl_steps, eval_every=max(rl_steps, 1), eval_episodes=EVAL_EPISODES,
                  overrides=overrides)
