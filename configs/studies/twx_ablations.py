@@ -9,7 +9,7 @@ the full method.
 * no Clip-Cov: ``actor.loss_mode = "vanilla"`` (the clipped surrogate on every token).
 """
 from configs.studies._common import method, study
-from configs.studies.twx_methods import OVERRIDES
+from configs.studies.twx_methods import OVERRIDES  # the pilot's setting (results/twx_pilot/)
 
 SEEDS = (0, 1, 2)
 SPEAR = "configs/spear.py:twx_tiny,drbot"

@@ -3,12 +3,16 @@ SPEAR, GiGPO, Dr.BoT (GiGPO) + SPEAR; 5 seeds, 40 RL steps, held-out evaluation 
 every 5 steps, paired differences against Dr.BoT (GRPO).
 
 Every method runs the ``twx_tiny`` preset (its batch, lengths, learning rate and sampling) with
-no per-method tuning; ``OVERRIDES`` (the game setting) apply to every run and to the warm start.
+no per-method tuning; ``OVERRIDES`` (the game setting chosen by the pilot,
+``configs/studies/twx_pilot.py``) apply to every run and to the warm start.
 """
 from configs.studies._common import method, study
+from configs.studies.twx_pilot import CHOSEN, setting_overrides
 
 SEEDS = (0, 1, 2, 3, 4)
-OVERRIDES = ()  # the twx_tiny game: coin, 3 locations, no distractors, no doors
+# The game setting the pilot chose (results/twx_pilot/report.md, docs/results.md): coin, 3
+# locations, no distractors, no doors, 8 steps allowed (the twx_tiny preset's game, set explicitly).
+OVERRIDES = setting_overrides(CHOSEN)
 
 METHODS = (
     method("grpo", "GRPO", "configs/grpo.py:twx_tiny"),

@@ -58,7 +58,12 @@ def run_study(study_path: str, workdir: str, parallel: int, results_dir: str | N
               runner: scheduler.Runner | None = None) -> dict[str, str]:
     """The whole study (module docstring); returns each run's outcome. ``runner`` executes one
     run (default ``scheduler.subprocess_runner``)."""
-    study = study_spec.load_study(study_path)
+    return run_loaded_study(study_spec.load_study(study_path), workdir, parallel, results_dir, runner)
+
+
+def run_loaded_study(study, workdir: str, parallel: int, results_dir: str | None,
+                     runner: scheduler.Runner | None = None) -> dict[str, str]:
+    """``run_study`` of an already loaded and checked study config."""
     specs = study_spec.run_specs(study, workdir)
     check_runs(specs)
     os.makedirs(workdir, exist_ok=True)
