@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from spear_jax.model import forward, get_model_config, init_model
-from spear_jax.model.logprobs import chunked_token_stats, sequence_token_stats
+from spear_jax.model.logprobs import balanced_chunks, chunked_token_stats, sequence_token_stats
 
 
 def numpy_stats(logits, tokens, valid, temperature):
@@ -105,3 +105,25 @@ def test_sharded_stats_equal_single_device():
         got = stats(graphdef, shard_state(state, cfg.sharding_rules, mesh), toks, valid, 1.0, 5)
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+@pytest.mark.parametrize("length,chunk_size,want", [(352, 256, (2, 176)), (352, 512, (1, 352)),
+                                                    (10, 3, (4, 3)), (9, 3, (3, 3)), (5, 1, (5, 1))])
+def test_balanced_chunks_pad_less_than_one_position_per_chunk(length, chunk_size, want):
+    num_chunks, chunk = balanced_chunks(length, chunk_size)
+    assert (num_chunks, chunk) == want
+    assert chunk <= chunk_size and 0 <= num_chunks * chunk - length < num_chunks
+
+
+def test_one_chunk_runs_without_scan_or_recomputation():
+    """A sequence within one chunk: no scan and no checkpoint in the program (the backward reuses
+    the forward's logits); two chunks: a scan of checkpointed chunks."""
+    hidden, targets, w = jnp.zeros((2, 8, 4)), jnp.zeros((2, 8), jnp.int32), jnp.zeros((4, 16))
+
+    def program(chunk_size):
+        def loss(h, w):
+            return jnp.sum(chunked_token_stats(h, targets, w, 1.0, chunk_size)[0])
+        return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, w))
+
+    assert "scan" not in program(8) and "remat" not in program(8) and "checkpoint" not in program(8)
+    assert "scan" in program(4)
