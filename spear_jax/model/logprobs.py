@@ -15,6 +15,8 @@ at small vocabularies the chunking would cost more than it saves).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -96,3 +98,46 @@ def sequence_token_stats(
     valid = valid.astype(bool)
     scored = valid & jnp.pad(valid[:, :-1], ((0, 0), (1, 0)))
     return jnp.where(scored, logprobs, 0.0), jnp.where(scored, entropy, 0.0)
+
+
+def selected_token_stats(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: jax.Array,
+    valid: jax.Array,
+    selected: jax.Array,
+    num_selected: int,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+) -> tuple[jax.Array, jax.Array]:
+    """``sequence_token_stats`` at the ``selected`` [B, L] positions (e.g. a loss mask), 0
+    elsewhere, computing logits at only ``num_selected`` positions per row.
+
+    With keep = selected & scored (scored: token t and t - 1 real) and K = ``num_selected``: when
+    every row keeps at most K positions, the predictors h_{t-1} of each row's kept positions (in
+    order, padded with unkept ones to K) are gathered to [B, K, D], their statistics computed and
+    scattered back, so the LM head runs on B x K positions instead of B x L; otherwise (decided
+    at run time by ``lax.cond``) the full pass runs. Either way the result equals the full pass
+    at the kept positions (up to float32 rounding of the smaller matmul), gradients included."""
+    if tokens.shape != selected.shape:
+        raise ValueError(f"selected {selected.shape} must have the shape of tokens {tokens.shape}")
+    if not 0 < num_selected <= tokens.shape[1]:
+        raise ValueError(f"num_selected must be in [1, {tokens.shape[1]}] (the row length), got {num_selected}")
+    model = nnx.merge(graphdef, state)
+    hidden, _ = model.hidden_states(tokens, valid)
+    predictors = jnp.pad(hidden[:, :-1], ((0, 0), (1, 0), (0, 0)))  # h_{t-1} at index t
+    valid = valid.astype(bool)
+    keep = selected.astype(bool) & valid & jnp.pad(valid[:, :-1], ((0, 0), (1, 0)))
+    stats = functools.partial(chunked_token_stats, output_embedding=model.output_embedding(),
+                              temperature=temperature, chunk_size=chunk_size, rules=model.cfg.sharding_rules)
+
+    def at_kept_positions():
+        order = jnp.argsort(~keep, axis=1, stable=True)[:, :num_selected]  # [B, K] kept first
+        picked = jnp.take_along_axis(predictors, order[..., None], axis=1)
+        rows = jnp.arange(tokens.shape[0])[:, None]
+        return tuple(jnp.zeros(tokens.shape, jnp.float32).at[rows, order].set(out)
+                     for out in stats(picked, jnp.take_along_axis(tokens, order, axis=1)))
+
+    fits = jnp.max(jnp.sum(keep, axis=1)) <= num_selected
+    logprobs, entropy = jax.lax.cond(fits, at_kept_positions, lambda: stats(predictors, tokens))
+    return jnp.where(keep, logprobs, 0.0), jnp.where(keep, entropy, 0.0)
