@@ -6,7 +6,8 @@
     python -m bench.model_throughput --preset qwen2.5-0.5b --batch 16 --seq_len 4096 \
         --compute_dtype bfloat16 --remat --memory_only      # compile only: XLA memory analysis
 
-The step is value_and_grad of the mean token log-likelihood (chunked log-prob pass) over random
+The step is value_and_grad of the mean token log-likelihood (log-prob pass, chunked at the
+update's default ``logprob_chunk_size``) over random
 tokens. Model FLOPs per token (PaLM convention, no rematerialisation counted):
 
     6 * N_matmul + 6 * num_layers * seq_len * num_heads * head_dim
@@ -33,6 +34,7 @@ from spear_jax.sharding import make_mesh
 from spear_jax.throughput import matmul_peak_flops as jax_matmul_peak
 from spear_jax.throughput import time_fn
 from spear_jax.throughput import train_flops_per_token as flops_per_token
+from spear_jax.train_step import UpdateConfig
 
 
 def torch_matmul_peak(n: int) -> float:
@@ -43,11 +45,11 @@ def torch_matmul_peak(n: int) -> float:
     return 2 * n**3 / seconds
 
 
-def make_train_step(graphdef):
+def make_train_step(graphdef, chunk_size: int = UpdateConfig.logprob_chunk_size):
     """value_and_grad of the mean token negative log-likelihood (chunked log-prob pass)."""
 
     def loss(state, tokens, valid):
-        logprobs, _ = sequence_token_stats(graphdef, state, tokens, valid)
+        logprobs, _ = sequence_token_stats(graphdef, state, tokens, valid, 1.0, chunk_size)
         return -jnp.mean(logprobs)
 
     return jax.jit(jax.value_and_grad(loss))

@@ -427,6 +427,7 @@ def update_config(c: ml_collections.ConfigDict) -> UpdateConfig:
         sil=sil_config(c),
         temperature=c.rollout.temperature,
         logprob_chunk_size=c.model.logprob_chunk_size,
+        logprob_positions=c.rollout.max_response_length,  # bounds a row's generated (loss) tokens
     )
 
 

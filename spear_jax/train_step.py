@@ -42,7 +42,7 @@ import optax
 from flax import nnx
 
 from spear_jax.batch_schema import UPDATE_FIELDS
-from spear_jax.model.logprobs import sequence_token_stats
+from spear_jax.model.logprobs import selected_token_stats, sequence_token_stats
 from spear_jax.model.lora import combine, split_trainable
 from spear_jax.objectives import ObjectiveConfig, SILConfig, policy_objective, sil_objective
 from spear_jax.objectives.aggregation import finalize
@@ -61,6 +61,7 @@ class UpdateConfig:
     sil: SILConfig
     temperature: float = 1.0
     logprob_chunk_size: int = 512
+    logprob_positions: int = 0  # K > 0: logits at <= K loss-mask positions per row (_token_stats)
 
 
 SCHEDULE_CLOCKS = ("update", "external")
@@ -187,8 +188,20 @@ def check_minibatch(minibatch: dict[str, jax.Array],
     return n, b, length
 
 
-def _real_rows_token_stats(graphdef, params, micro, temperature: float, chunk_size: int):
-    """``sequence_token_stats`` of micro-batch ``micro`` ([b, L] arrays), or zeros when it holds
+def _token_stats(graphdef, params, micro, config: UpdateConfig):
+    """(logp, entropy) [b, L] of a micro-batch. With ``logprob_positions`` K in (0, L) they are
+    computed at the loss-mask positions only (``selected_token_stats``: the LM head runs on K
+    positions per row when no row has more mask positions, else on all), 0 elsewhere; every term
+    aggregates over the mask, so the loss, its gradient and the metrics equal the full pass's."""
+    tokens, valid = micro["tokens"], micro["valid"]
+    if 0 < config.logprob_positions < tokens.shape[-1]:
+        return selected_token_stats(graphdef, params, tokens, valid, micro["loss_mask"] > 0,
+                                    config.logprob_positions, config.temperature, config.logprob_chunk_size)
+    return sequence_token_stats(graphdef, params, tokens, valid, config.temperature, config.logprob_chunk_size)
+
+
+def _real_rows_token_stats(graphdef, params, micro, config: UpdateConfig):
+    """``_token_stats`` of micro-batch ``micro`` ([b, L] arrays), or zeros when it holds
     no real row (``row_valid`` all False), the model's forward and backward passes then skipped
     at run time by ``lax.cond`` (no new shape, no recompilation). Exact: a micro-batch of padding
     rows alone (the tail of a step's last minibatch, of a replay batch) has an all-zero loss
@@ -196,7 +209,7 @@ def _real_rows_token_stats(graphdef, params, micro, temperature: float, chunk_si
     its gradient is 0 either way."""
 
     def compute():
-        return sequence_token_stats(graphdef, params, micro["tokens"], micro["valid"], temperature, chunk_size)
+        return _token_stats(graphdef, params, micro, config)
 
     def zeros():
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(compute))
@@ -206,7 +219,7 @@ def _real_rows_token_stats(graphdef, params, micro, temperature: float, chunk_si
 
 def _micro_batch_objective(graphdef, params, micro, key, sil_weight, config: UpdateConfig, replay: bool, mesh):
     """(S_j, N_j, scalar metrics) of one micro-batch; differentiable in ``params``."""
-    logp, entropy = _real_rows_token_stats(graphdef, params, micro, config.temperature, config.logprob_chunk_size)
+    logp, entropy = _real_rows_token_stats(graphdef, params, micro, config)
     arrays = dict(logp=logp, old_logp=micro["old_logprobs"], advantages=micro["advantages"],
                   mask=micro["loss_mask"], key=key, entropy=entropy, row_valid=micro["row_valid"],
                   inputs={k: micro[k] for k in declared_inputs(_terms(config, replay))}, mesh=mesh)

@@ -32,7 +32,7 @@ def _block_forward(block: Block, x, positions, mask, cache: KVCache | None, laye
     if cache is not None:
         cache = cache.write(layer, k, v, slots)
         k, v = cache.layer(layer)
-    x = x + block.attention.attend(q, k, v, mask).astype(x.dtype)
+    x = x + block.attention.attend(q, k, v, mask, causal=cache is None).astype(x.dtype)
     x = x + block.mlp(block.post_attention_norm(x)).astype(x.dtype)
     return x, cache
 
@@ -64,10 +64,17 @@ def _layer_step(cfg: ModelConfig, graphdef: nnx.GraphDef, positions, mask, slots
     return jax.checkpoint(step, policy=cfg.remat_policy, prevent_cse=not cfg.scan_layers)
 
 
+SCAN_UNROLLED_MAX_LAYERS = 4  # scans over at most this many layers are unrolled when compiled
+
+
 def run_blocks(cfg: ModelConfig, blocks: Block, x, positions, mask, cache: KVCache | None, slots):
     """x [B, L, D] through every block of the stacked ``blocks``: one ``lax.scan`` over the
     layer axis when ``cfg.scan_layers`` (the traced program holds one block whatever the depth),
-    else a Python loop over the slices. Returns (x, cache with every layer written)."""
+    else a Python loop over the slices. Returns (x, cache with every layer written).
+
+    A scan over at most ``SCAN_UNROLLED_MAX_LAYERS`` layers is compiled unrolled (``unroll``;
+    the traced program is the same): a shallow model skips the loop's per-layer slicing of the
+    stacked weights and activations, while a deep one keeps a program of one block."""
     graphdef, stacked = nnx.split(blocks)
     step = _layer_step(cfg, graphdef, positions, mask, slots, cache is not None)
     if not cfg.scan_layers:
@@ -79,7 +86,8 @@ def run_blocks(cfg: ModelConfig, blocks: Block, x, positions, mask, cache: KVCac
         return step(*carry, *xs), None
 
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layers))
+    unroll = cfg.num_layers <= SCAN_UNROLLED_MAX_LAYERS
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layers), unroll=unroll)
     return x, cache
 
 

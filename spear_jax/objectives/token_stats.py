@@ -21,6 +21,14 @@ def _scaled_logits(logits: jax.Array, temperature: float) -> jax.Array:
     return logits.astype(jnp.float32) / temperature
 
 
+def _picked(z: jax.Array, token_ids: jax.Array) -> jax.Array:
+    """z[..., y] as the masked sum sum_v [v = y] z_v (exact: every other term is 0). Unlike a
+    gather, its gradient is an elementwise select that fuses with the softmax's, not a scatter
+    into a [..., V] array of zeros. z [..., V], token_ids [...] -> [...]."""
+    vocab = jnp.arange(z.shape[-1], dtype=jnp.int32)
+    return jnp.sum(jnp.where(vocab == token_ids[..., None].astype(jnp.int32), z, 0.0), axis=-1)
+
+
 def token_logprobs_and_entropy(
     logits: jax.Array, token_ids: jax.Array, temperature: float = 1.0
 ) -> tuple[jax.Array, jax.Array]:
@@ -42,7 +50,7 @@ def token_logprobs_and_entropy(
     z = _scaled_logits(logits, temperature)
     log_z = jax.nn.logsumexp(z, axis=-1)
     log_probs = z - log_z[..., None]
-    picked = jnp.take_along_axis(log_probs, token_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    picked = _picked(z, token_ids) - log_z
     entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
     return picked, entropy
 
@@ -56,8 +64,7 @@ def token_logprobs(logits: jax.Array, token_ids: jax.Array, temperature: float =
             f"axis {logits.shape[:-1]}"
         )
     z = _scaled_logits(logits, temperature)
-    picked = jnp.take_along_axis(z, token_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(z, axis=-1)
+    return _picked(z, token_ids) - jax.nn.logsumexp(z, axis=-1)
 
 
 def token_entropy(logits: jax.Array, temperature: float = 1.0) -> jax.Array:

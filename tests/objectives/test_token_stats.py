@@ -52,3 +52,12 @@ def test_bad_shapes_and_temperature_raise():
         token_stats.token_logprobs(jnp.zeros((2, 3, 5)), jnp.zeros((2, 4), jnp.int32))
     with pytest.raises(ValueError, match="temperature"):
         token_stats.token_entropy(jnp.zeros((2, 5)), temperature=0.0)
+
+
+def test_gradient_has_no_scatter_into_the_vocabulary():
+    """The target's logit is picked by a masked sum: the backward is elementwise, not a scatter."""
+    logits, ids = jnp.zeros((3, 5, 11)), jnp.zeros((3, 5), jnp.int32)
+    for fn in (lambda z: token_stats.token_logprobs_and_entropy(z, ids)[0],
+               lambda z: token_stats.token_logprobs(z, ids)):
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda z, fn=fn: jnp.sum(fn(z))))(logits))
+        assert "scatter" not in jaxpr and "gather" not in jaxpr

@@ -51,8 +51,8 @@ def _update(update_config, optimizer_config, minibatch, replay):
     return update(params, optimizer.init(params), batch, jax.random.key(3), jnp.float32(0.7))
 
 
-def _computing_every_micro_batch(graphdef, params, micro, temperature, chunk_size):
-    return logprobs.sequence_token_stats(graphdef, params, micro["tokens"], micro["valid"], temperature, chunk_size)
+def _computing_every_micro_batch(graphdef, params, micro, config):
+    return train_step._token_stats(graphdef, params, micro, config)
 
 
 CASES = [("spear", {}, False), ("spear", {"loss_mode": "clip_cov"}, True),

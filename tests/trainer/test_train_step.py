@@ -287,3 +287,19 @@ def test_optimizer_state_is_sharded_like_the_parameters(clock):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     counts = [leaf for leaf in jax.tree.leaves(state) if leaf.ndim == 0]
     assert counts and all(leaf.sharding == replicated for leaf in counts)
+
+
+@pytest.mark.parametrize("positions", [10, 4])
+def test_logits_at_loss_mask_positions_only_give_the_same_update(positions):
+    """logprob_positions = 10 covers every row's mask (<= 10 response tokens of 12: the LM head
+    runs on 10 positions per row); 4 is too few for some rows (the full pass runs). The loss,
+    the metrics and the updated params equal those of the full pass."""
+    rows = _rows()
+    assert np.sum(rows["loss_mask"], axis=1).max() <= 10 < rows["tokens"].shape[1]
+    base = _config(entropy_coef=0.01)
+    want_params, _, want = _run(base, rows, n_micro=2)
+    got_params, _, got = _run(dataclasses.replace(base, logprob_positions=positions), rows, n_micro=2)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
