@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 
 from spear_jax.model import KVCache, forward_last
+from spear_jax.model.kv_cache import LayerKV, merge_layers, split_layers
 from spear_jax.sampling import stops
+from spear_jax.sampling.decode_step import LAYER_CACHE_AXES, decode_step
 from spear_jax.sampling.distribution import SamplingKnobs, sample_tokens
 from spear_jax.sharding import constrain
 
@@ -52,13 +54,11 @@ def _prefix(cache: KVCache, window: int) -> KVCache:
     return cache.map_buffers(lambda x: x[:, :, :window])
 
 
-def _write_prefix(full: KVCache, prefix: KVCache) -> KVCache:
-    """``full`` with its first ``prefix.max_len`` slots replaced by ``prefix`` (in place when
-    ``full`` is donated), lengths taken from ``prefix``."""
-    def put(whole, part):
-        return jax.lax.dynamic_update_slice(whole, part, (0,) * whole.ndim)
+def _constrain_layers(cache: LayerKV, rules) -> LayerKV:
+    def each(buffers):
+        return tuple(constrain(x, LAYER_CACHE_AXES, rules) for x in buffers)
 
-    return KVCache(k=put(full.k, prefix.k), v=put(full.v, prefix.v), lengths=prefix.lengths)
+    return LayerKV(k=each(cache.k), v=each(cache.v), lengths=cache.lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules"),
@@ -80,6 +80,7 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
     full = _constrain_cache(cache, rules)
     cache = full if window == full.max_len else _constrain_cache(_prefix(full, window), rules)
     logits, cache = forward_last(graphdef, state, tokens, valid, cache)
+    cache = _constrain_layers(split_layers(cache, window), rules)
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(batch))
     active = jnp.any(valid, axis=1)
     finish = jnp.where(active & (budget <= 0), LENGTH, RUNNING).astype(jnp.int32)
@@ -105,9 +106,9 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
             stops.is_eos(token, table), EOS,
             jnp.where(stops.ends_with_stop(window, table), STOP,
                       jnp.where(num >= budget, LENGTH, RUNNING)))
-        logits, cache = forward_last(graphdef, state, token[:, None], live[:, None], c["cache"])
+        logits, cache = decode_step(graphdef, state, token, live, c["cache"])
         return dict(
-            step=c["step"] + 1, cache=_constrain_cache(cache, rules), logits=logits,
+            step=c["step"] + 1, cache=_constrain_layers(cache, rules), logits=logits,
             done=c["done"] | (live & (reason != RUNNING)),
             finish=jnp.where(live, reason, c["finish"]).astype(jnp.int32), num=num, window=window,
             out_tokens=jax.lax.dynamic_update_slice_in_dim(c["out_tokens"], token[:, None], c["step"], 1),
@@ -116,6 +117,6 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
         )
 
     c = jax.lax.while_loop(keep_going, step, carry)
-    cache = c["cache"] if window == full.max_len else _constrain_cache(_write_prefix(full, c["cache"]), rules)
+    cache = _constrain_cache(merge_layers(full, c["cache"]), rules)
     return c["out_tokens"], c["out_logprobs"], c["num"], c["finish"], cache
 
