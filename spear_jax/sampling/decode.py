@@ -8,7 +8,7 @@ Per row b, with budget[b] new tokens allowed:
 
     logits <- forward_last(appended tokens of row b)       (prefill / observation append)
     repeat while some row is live and step < max_steps:
-        t, logp <- sample_tokens(fold_in(fold_in(key, b), step), logits[b])
+        t, logp <- sample_tokens(fold_in(fold_in(key, first_row + b), step), logits[b])
         out[b, step] <- t;  row finishes on eos > stop sequence > length (n == budget[b])
         logits, cache <- forward_last(t), written for every row live before this step
                          (the final token of a row also enters its cache, so a later turn
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from spear_jax.model import KVCache, forward_last
 from spear_jax.model.kv_cache import LayerKV, merge_layers, split_layers
 from spear_jax.sampling import stops
-from spear_jax.sampling.decode_step import LAYER_CACHE_AXES, decode_step
+from spear_jax.sampling.decode_step import LAYER_CACHE_AXES, decode_step, layer_blocks
 from spear_jax.sampling.distribution import SamplingKnobs, sample_tokens
 from spear_jax.sharding import constrain
 
@@ -64,11 +64,13 @@ def _constrain_layers(cache: LayerKV, rules) -> LayerKV:
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules"),
                    donate_argnames=("cache",))
 def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, knobs: SamplingKnobs,
-                      table: stops.StopTable, key, *, max_steps: int, window: int, rules):
+                      table: stops.StopTable, key, first_row=0, *, max_steps: int, window: int, rules):
     """Append then decode.
 
     tokens, valid: [B, L] int32 / bool, the tokens appended to each row (any padding layout);
     budget: [B] int32, most tokens row b may generate (0 for inactive rows); key: PRNG key;
+    first_row: int32 scalar, the index of row 0 among all rows of the call (row b draws with
+    fold_in(key, first_row + b), so a batch decoded in chunks draws what it draws at once);
     window: cache slots the program works on (<= cache.max_len; see the module docstring);
     rules: the model's sharding rules (for the cache layout under a mesh).
     Returns (out_tokens [B, max_steps] int32, out_logprobs [B, max_steps] float32,
@@ -81,7 +83,8 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
     cache = full if window == full.max_len else _constrain_cache(_prefix(full, window), rules)
     logits, cache = forward_last(graphdef, state, tokens, valid, cache)
     cache = _constrain_layers(split_layers(cache, window), rules)
-    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(batch))
+    blocks = layer_blocks(graphdef, state)
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first_row + jnp.arange(batch, dtype=jnp.int32))
     active = jnp.any(valid, axis=1)
     finish = jnp.where(active & (budget <= 0), LENGTH, RUNNING).astype(jnp.int32)
     done = ~active | (budget <= 0)
@@ -106,7 +109,7 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
             stops.is_eos(token, table), EOS,
             jnp.where(stops.ends_with_stop(window, table), STOP,
                       jnp.where(num >= budget, LENGTH, RUNNING)))
-        logits, cache = decode_step(graphdef, state, token, live, c["cache"])
+        logits, cache = decode_step(graphdef, state, blocks, token, live, c["cache"])
         return dict(
             step=c["step"] + 1, cache=_constrain_layers(cache, rules), logits=logits,
             done=c["done"] | (live & (reason != RUNNING)),

@@ -68,21 +68,29 @@ def _block_step(block: Block, x, lengths, slots, k_buf, v_buf, rules):
     return x, k_buf, v_buf
 
 
-def decode_step(graphdef: nnx.GraphDef, state: nnx.State, token: jax.Array, live: jax.Array,
-                cache: LayerKV) -> tuple[jax.Array, LayerKV]:
+def layer_blocks(graphdef: nnx.GraphDef, state: nnx.State) -> list[Block]:
+    """The model's blocks as ``num_layers`` separate modules, block i holding slice i of the
+    stacked block weights (computed once, outside the decode loop, so that a step reads each
+    layer's weights where they lie instead of slicing a copy out of the stack)."""
+    model = nnx.merge(graphdef, state)
+    if model.cfg.lora_rank > 0:
+        raise ValueError("the decode step runs the base architecture: merge the LoRA adapters first "
+                         "(spear_jax.model.lora.merge_lora)")
+    block_graphdef, stacked = nnx.split(model.blocks)
+    return [nnx.merge(block_graphdef, jax.tree.map(lambda w: w[layer], stacked))
+            for layer in range(model.cfg.num_layers)]
+
+
+def decode_step(graphdef: nnx.GraphDef, state: nnx.State, blocks: list[Block], token: jax.Array,
+                live: jax.Array, cache: LayerKV) -> tuple[jax.Array, LayerKV]:
     """token [B] int32, live [B] bool -> (float32 logits [B, V] of the next token, the cache
-    with each live row's token appended and its length + 1)."""
+    with each live row's token appended and its length + 1). ``blocks``: ``layer_blocks``."""
     model = nnx.merge(graphdef, state)
     cfg = model.cfg
-    if cfg.lora_rank > 0:
-        raise ValueError("decode_step runs the base architecture: merge the LoRA adapters first "
-                         "(spear_jax.model.lora.merge_lora)")
     slots = jnp.where(live, cache.lengths, cache.window)
     x = jnp.take(model.embed[...], token[:, None], axis=0).astype(cfg.compute_jnp_dtype)  # [B, 1, D]
-    block_graphdef, stacked = nnx.split(model.blocks)
     k_out, v_out = [], []
-    for layer in range(cfg.num_layers):
-        block = nnx.merge(block_graphdef, jax.tree.map(lambda w: w[layer], stacked))
+    for layer, block in enumerate(blocks):
         x, k_buf, v_buf = _block_step(block, x, cache.lengths, slots, cache.k[layer], cache.v[layer],
                                       cfg.sharding_rules)
         k_out.append(k_buf)
