@@ -10,9 +10,13 @@ Per row b, with budget[b] new tokens allowed:
     repeat while some row is live and step < max_steps:
         t, logp <- sample_tokens(fold_in(fold_in(key, first_row + b), step), logits[b])
         out[b, step] <- t;  row finishes on eos > stop sequence > length (n == budget[b])
-        logits, cache <- forward_last(t), written for every row live before this step
+        logits, cache <- decode_step(t), written for every row live before this step
                          (the final token of a row also enters its cache, so a later turn
                          continues after it)
+
+The prefill runs the model's ``forward_last``; the loop runs ``decode_step.decode_step``, the
+same computation for one token per row over one K/V buffer per layer (``LayerKV``, split from
+the window once per call and written back at the end) and per-layer weights sliced once per call.
 
 Rows without appended tokens (``valid[b]`` all False) are inactive: untouched, nothing generated.
 
