@@ -6,6 +6,8 @@ for a one-token chunk (the logits of the next token; the token's key and value w
 
 * the layers run as an unrolled Python loop over ``LayerKV``'s one buffer per layer: no
   ``lax.scan`` carrying a stacked cache, no per-layer slice of it copied out and written back;
+* each layer's weights come as their own module (``layer_blocks``, sliced out of the stacked
+  weights once per call, before the decode loop), not sliced out of the stack every step;
 * attention of the single query reads the token-major window [B, W, KVH, hd] in place:
 
       s[b, s', k, g] = sum_d q[b, k, g, d] K[b, s', k, d] / sqrt(hd)     for s' <= lengths[b]
