@@ -168,7 +168,7 @@ def decode_plan(c, cfg, mesh, decode_rows: int = 0) -> dict:
             jax.ShapeDtypeStruct((batch, prompt), bool, sharding=appended),
             jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows), knobs, StopTable.make([0], []),
             jax.eval_shape(lambda: jax.random.key(0)), max_steps=response, window=prompt + response,
-            rules=rules).compile()
+            rules=rules, layerwise=False).compile()  # the sampler's program under a mesh
     return {"kv_cache": 2 * shard_bytes(kv), "decode_rows": batch, "decode": _program_bytes(compiled)}
 
 

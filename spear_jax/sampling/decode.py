@@ -58,6 +58,44 @@ def _prefix(cache: KVCache, window: int) -> KVCache:
     return cache.map_buffers(lambda x: x[:, :, :window])
 
 
+def _write_prefix(full: KVCache, prefix: KVCache) -> KVCache:
+    """``full`` with its first ``prefix.max_len`` slots replaced by ``prefix`` (in place when
+    ``full`` is donated), lengths taken from ``prefix``."""
+    def put(whole, part):
+        return jax.lax.dynamic_update_slice(whole, part, (0,) * whole.ndim)
+
+    return KVCache(k=put(full.k, prefix.k), v=put(full.v, prefix.v), lengths=prefix.lengths)
+
+
+def _decode_path(graphdef, state, full: KVCache, cache: KVCache, window: int, rules, layerwise: bool):
+    """(the loop's cache, step (token [B], live [B], cache) -> (logits [B, V], cache), write-back
+    of the loop's cache into ``full``) for the window ``cache`` after the prefill.
+
+    layerwise: ``decode_step`` over per-layer buffers and per-layer weights sliced once per call;
+    otherwise the model's ``forward_last`` over the stacked window (its layer scan gathers a
+    sharded layer's weights inside the loop, one layer at a time)."""
+    if layerwise:
+        blocks = layer_blocks(graphdef, state)
+
+        def step(token, live, c):
+            logits, c = decode_step(graphdef, state, blocks, token, live, c)
+            return logits, _constrain_layers(c, rules)
+
+        def write_back(c):
+            return _constrain_cache(merge_layers(full, c), rules)
+
+        return _constrain_layers(split_layers(cache, window), rules), step, write_back
+
+    def stacked_step(token, live, c):
+        logits, c = forward_last(graphdef, state, token[:, None], live[:, None], c)
+        return logits, _constrain_cache(c, rules)
+
+    def stacked_write_back(c):
+        return c if window == full.max_len else _constrain_cache(_write_prefix(full, c), rules)
+
+    return cache, stacked_step, stacked_write_back
+
+
 def _constrain_layers(cache: LayerKV, rules) -> LayerKV:
     def each(buffers):
         return tuple(constrain(x, LAYER_CACHE_AXES, rules) for x in buffers)
@@ -65,10 +103,11 @@ def _constrain_layers(cache: LayerKV, rules) -> LayerKV:
     return LayerKV(k=each(cache.k), v=each(cache.v), lengths=cache.lengths)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules", "layerwise"),
                    donate_argnames=("cache",))
 def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, knobs: SamplingKnobs,
-                      table: stops.StopTable, key, first_row=0, *, max_steps: int, window: int, rules):
+                      table: stops.StopTable, key, first_row=0, *, max_steps: int, window: int, rules,
+                      layerwise: bool = True):
     """Append then decode.
 
     tokens, valid: [B, L] int32 / bool, the tokens appended to each row (any padding layout);
@@ -76,7 +115,9 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
     first_row: int32 scalar, the index of row 0 among all rows of the call (row b draws with
     fold_in(key, first_row + b), so a batch decoded in chunks draws what it draws at once);
     window: cache slots the program works on (<= cache.max_len; see the module docstring);
-    rules: the model's sharding rules (for the cache layout under a mesh).
+    rules: the model's sharding rules (for the cache layout under a mesh); layerwise: decode
+    with ``decode_step`` (per-layer buffers and weights; the sampler's choice without a mesh)
+    or with the model's scanned ``forward_last`` (under a mesh; see ``_decode_path``).
     Returns (out_tokens [B, max_steps] int32, out_logprobs [B, max_steps] float32,
     num_generated [B] int32, finish [B] int32 in {RUNNING (inactive), EOS, STOP, LENGTH}, cache).
     """
@@ -86,8 +127,7 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
     full = _constrain_cache(cache, rules)
     cache = full if window == full.max_len else _constrain_cache(_prefix(full, window), rules)
     logits, cache = forward_last(graphdef, state, tokens, valid, cache)
-    cache = _constrain_layers(split_layers(cache, window), rules)
-    blocks = layer_blocks(graphdef, state)
+    cache, one_token, write_back = _decode_path(graphdef, state, full, cache, window, rules, layerwise)
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first_row + jnp.arange(batch, dtype=jnp.int32))
     active = jnp.any(valid, axis=1)
     finish = jnp.where(active & (budget <= 0), LENGTH, RUNNING).astype(jnp.int32)
@@ -113,9 +153,9 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
             stops.is_eos(token, table), EOS,
             jnp.where(stops.ends_with_stop(window, table), STOP,
                       jnp.where(num >= budget, LENGTH, RUNNING)))
-        logits, cache = decode_step(graphdef, state, blocks, token, live, c["cache"])
+        logits, cache = one_token(token, live, c["cache"])
         return dict(
-            step=c["step"] + 1, cache=_constrain_layers(cache, rules), logits=logits,
+            step=c["step"] + 1, cache=cache, logits=logits,
             done=c["done"] | (live & (reason != RUNNING)),
             finish=jnp.where(live, reason, c["finish"]).astype(jnp.int32), num=num, window=window,
             out_tokens=jax.lax.dynamic_update_slice_in_dim(c["out_tokens"], token[:, None], c["step"], 1),
@@ -124,6 +164,5 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
         )
 
     c = jax.lax.while_loop(keep_going, step, carry)
-    cache = _constrain_cache(merge_layers(full, c["cache"]), rules)
-    return c["out_tokens"], c["out_logprobs"], c["num"], c["finish"], cache
+    return c["out_tokens"], c["out_logprobs"], c["num"], c["finish"], write_back(c["cache"])
 

@@ -226,6 +226,7 @@ class Sampler:
                 self.graphdef, self._state, cache, jnp.asarray(tokens), jnp.asarray(valid),
                 jnp.asarray(budget), knobs, table, key, jnp.int32(first_row),
                 max_steps=length_bucket(sampling.max_new_tokens), window=window, rules=self.config.sharding_rules,
+                layerwise=self.mesh is None,
             )
         out_tokens, out_logprobs, num, finish = jax.device_get((out_tokens, out_logprobs, num, finish))
         results: list[Generation | None] = []
