@@ -14,9 +14,10 @@ Per row b, with budget[b] new tokens allowed:
                          (the final token of a row also enters its cache, so a later turn
                          continues after it)
 
-The prefill runs the model's ``forward_last``; the loop runs ``decode_step.decode_step``, the
-same computation for one token per row over one K/V buffer per layer (``LayerKV``, split from
-the window once per call and written back at the end) and per-layer weights sliced once per call.
+The prefill runs the model's ``forward_last``; with ``layerwise`` (the sampler's choice without a
+mesh) the loop runs ``decode_step.decode_step``, the same computation for one token per row over
+one K/V buffer per layer (``LayerKV``, split from the window once per call and written back at
+the end) and per-layer weights sliced once per call; otherwise ``forward_last`` again.
 
 Rows without appended tokens (``valid[b]`` all False) are inactive: untouched, nothing generated.
 
