@@ -15,10 +15,14 @@ materialised):
   micro-batch of ``actor.ppo_micro_batch_size`` rows (rounded up to a multiple of the data x fsdp
   devices, at least one row each) x (``rollout.max_prompt_length`` +
   ``rollout.max_response_length``) tokens, with ``--remat``;
-* the decode program (``decode.extend_and_decode``) for the rollout batch
-  (``data.train_tasks_per_step`` x ``data.group_size`` rows, all decoded at once as the trainer
-  does; ``--decode_rows`` plans a smaller batch) on a cache of prompt + response
-  slots in ``rollout.kv_cache_dtype``: a prompt-length append, then ``max_response_length`` steps.
+* the decode program (``decode.extend_and_decode``) for the rows the trainer decodes at once:
+  the rollout batch (``data.train_tasks_per_step`` x ``data.group_size`` rows), or chunks of
+  ``rollout.max_decode_rows`` of it when that is set (``--decode_rows`` plans another count), on
+  a cache of prompt + response slots in ``rollout.kv_cache_dtype``: a prompt-length append, then
+  ``max_response_length`` steps. When that program does not fit the ``--fit`` device (H100 by
+  default), the decode is planned again at half the rows, a quarter, ... (at least one row per
+  data x fsdp device) and the largest chunk that fits is printed with the setting that selects it
+  (``rollout.max_decode_rows=N``).
 
 The optimizer state is laid out like the params (each AdamW moment sharded as its parameter).
 Columns, per device, GiB: params and optimizer state (the shards of the sharded arrays), the KV
@@ -112,9 +116,30 @@ def update_plan(c, cfg, mesh) -> dict:
             "update": _program_bytes(compiled)}
 
 
+def preset_decode_rows(c) -> int:
+    """Rows of one decode program as the trainer runs it: the rollout batch
+    (``data.train_tasks_per_step`` x ``data.group_size``), in chunks of at most
+    ``rollout.max_decode_rows`` when that is set."""
+    rollout_rows = int(c.data.train_tasks_per_step * c.data.group_size)
+    chunk = int(c.rollout.max_decode_rows)
+    return min(rollout_rows, chunk) if chunk else rollout_rows
+
+
+def fitting_decode_rows(decode_bytes, rows: int, device_bytes: float, min_rows: int) -> tuple[int, int] | None:
+    """(rows, bytes) of the largest decode chunk rows / 2^i (i >= 1, at least ``min_rows``, the
+    data x fsdp devices that each hold a row) whose per-device bytes ``decode_bytes(rows)`` fit
+    ``device_bytes``; None when even ``min_rows`` rows do not fit."""
+    while rows > min_rows:
+        rows = max(min_rows, rows // 2)
+        total = decode_bytes(rows)
+        if total <= device_bytes:
+            return rows, total
+    return None
+
+
 def decode_plan(c, cfg, mesh, decode_rows: int = 0) -> dict:
     """Per-device bytes of the KV cache and of the compiled decode program for ``decode_rows``
-    rows (0: the whole rollout batch, as the trainer decodes it)."""
+    rows (0: ``preset_decode_rows``, as the trainer decodes them)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
@@ -128,7 +153,7 @@ def decode_plan(c, cfg, mesh, decode_rows: int = 0) -> dict:
 
     graphdef, params = abstract_params(cfg, mesh)
     rules = cfg.sharding_rules
-    batch = decode_rows or int(c.data.train_tasks_per_step * c.data.group_size)
+    batch = decode_rows or preset_decode_rows(c)
     prompt, response = int(c.rollout.max_prompt_length), int(c.rollout.max_response_length)
     shape = (cfg.num_layers, batch, prompt + response, cfg.num_kv_heads, cfg.head_dim)
     kv = jax.ShapeDtypeStruct(shape, jnp.dtype(c.rollout.kv_cache_dtype),
@@ -143,12 +168,14 @@ def decode_plan(c, cfg, mesh, decode_rows: int = 0) -> dict:
             jax.ShapeDtypeStruct((batch, prompt), bool, sharding=appended),
             jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows), knobs, StopTable.make([0], []),
             jax.eval_shape(lambda: jax.random.key(0)), max_steps=response, window=prompt + response,
-            rules=rules).compile()
+            rules=rules, layerwise=False).compile()  # the sampler's program under a mesh
     return {"kv_cache": 2 * shard_bytes(kv), "decode_rows": batch, "decode": _program_bytes(compiled)}
 
 
-def plan_one(preset: str, fsdp: int, tensor: int, remat: str, decode_rows: int = 0) -> dict:
-    """The plan of one preset on this process's (simulated) devices."""
+def plan_one(preset: str, fsdp: int, tensor: int, remat: str, decode_rows: int = 0,
+             decode_only: bool = False) -> dict:
+    """The plan of one preset on this process's (simulated) devices (``decode_only``: the decode
+    program's, without the update step's)."""
     import jax
 
     from spear_jax import sharding
@@ -159,17 +186,20 @@ def plan_one(preset: str, fsdp: int, tensor: int, remat: str, decode_rows: int =
     mesh = sharding.make_mesh(data=-1, fsdp=fsdp, tensor=tensor)
     row = {"preset": preset, "model": c.model.preset, "devices": jax.device_count(), "mesh": dict(mesh.shape),
            "remat": remat}
-    row.update(update_plan(c, cfg, mesh))
+    if not decode_only:
+        row.update(update_plan(c, cfg, mesh))
     row.update(decode_plan(c, cfg, mesh, decode_rows))
     return row
 
 
-def run_plan(preset: str, devices: int, fsdp: int, tensor: int, remat: str, decode_rows: int = 0) -> dict:
+def run_plan(preset: str, devices: int, fsdp: int, tensor: int, remat: str, decode_rows: int = 0,
+             decode_only: bool = False) -> dict:
     """``plan_one`` in a subprocess with ``devices`` simulated CPU devices."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}")
     command = [sys.executable, "-m", "bench.memory_plan", "--one", preset, "--fsdp", str(fsdp),
                "--tensor", str(tensor), "--remat", remat, "--decode_rows", str(decode_rows)]
+    command += ["--decode_only"] if decode_only else []
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"plan {preset} on {devices} devices failed:\n{done.stderr[-3000:]}")
@@ -193,18 +223,40 @@ HEADER = (f"{'preset':<24} {'devs':>4} {'d x f x t':>8} {'remat':>5} {'micro':>1
           + " ".join(f"{name:>5}" for name in DEVICE_BYTES))
 
 
+def fitting_chunk_line(row: dict, plan: tuple, remat: str, device: str) -> str:
+    """The decode chunk (rows per program) that fits ``device``, planned by halving the rows of
+    ``row``'s decode program, as the setting that selects it."""
+    preset, devices, fsdp, tensor = plan
+    min_rows = row["mesh"]["data"] * row["mesh"]["fsdp"]
+
+    def decode_bytes(rows: int) -> int:
+        return run_plan(preset, devices, fsdp, tensor, remat, rows, decode_only=True)["decode"]["total"]
+
+    found = fitting_decode_rows(decode_bytes, row["decode_rows"], DEVICE_BYTES[device], min_rows)
+    if found is None:
+        return f"  {preset}: no decode chunk of >= {min_rows} rows fits a {device}"
+    rows, total = found
+    return (f"  {preset}: a decode chunk of {rows} rows fits a {device} ({total / GIB:.2f} GiB per device): "
+            f"rollout.max_decode_rows={rows}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", default=",".join(p[0] for p in PLANS))
     parser.add_argument("--remat", default="full")
     parser.add_argument("--decode_rows", type=int, default=0,
-                        help="rows of the decode program (0: the preset's whole rollout batch)")
+                        help="rows of the decode program (0: the preset's rollout batch, in chunks of "
+                             "rollout.max_decode_rows when set)")
+    parser.add_argument("--fit", default="H100", choices=tuple(DEVICE_BYTES),
+                        help="when the decode program does not fit this device, plan it at halved "
+                             "row counts and print the largest chunk that fits")
+    parser.add_argument("--decode_only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--fsdp", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--tensor", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(plan_one(args.one, args.fsdp, args.tensor, args.remat, args.decode_rows)))
+        print(json.dumps(plan_one(args.one, args.fsdp, args.tensor, args.remat, args.decode_rows, args.decode_only)))
         return
     wanted = args.presets.split(",")
     unknown = sorted(set(wanted) - {p[0] for p in PLANS})
@@ -216,6 +268,8 @@ def main(argv=None) -> None:
         if preset in wanted:
             row = run_plan(preset, devices, fsdp, tensor, args.remat, args.decode_rows)
             print(format_row(row) + f"  (decode rows {row['decode_rows']})", flush=True)
+            if row["decode"]["total"] > DEVICE_BYTES[args.fit]:
+                print(fitting_chunk_line(row, (preset, devices, fsdp, tensor), args.remat, args.fit), flush=True)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Weights the sampler decodes with: "param" (as stored) or a copy in float32 | bfloat16;
     # bfloat16 halves the bytes every decode step reads and is exact under bfloat16 compute.
     c.rollout.weight_dtype = "param"
+    # Most rows one decode program holds (0: every rollout row at once); more rows are decoded
+    # in consecutive chunks of this many, so the KV cache scales with the chunk (docs/sampling.md).
+    c.rollout.max_decode_rows = 0
 
     # --- algorithm: advantages, rewards, filters ----------------------------------------------
     c.algorithm = ml_collections.ConfigDict()

@@ -206,6 +206,9 @@ RULES: tuple[Rule, ...] = (
     Rule("rollout.eval_top_p", UNIT, "use 1.0 to disable nucleus sampling"),
     Rule("rollout.kv_cache_dtype", _one_of(DTYPES)),
     Rule("rollout.weight_dtype", _one_of(("param",) + DTYPES)),
+    Rule("rollout.max_decode_rows", _at_least(0), "0 decodes every rollout row in one program; a "
+         "positive value decodes the rows in chunks of at most that many (bench/memory_plan.py "
+         "prints the chunk that fits a device)"),
     Rule("algorithm.adv_estimator", Registered(lambda: ADVANTAGE_ESTIMATORS, "estimators"),
          "register more with spear_jax.objectives.advantages.register_advantage_estimator"),
     Rule("algorithm.grpo_statistics_over", _one_of(GRPO_STATISTICS)),

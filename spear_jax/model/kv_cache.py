@@ -69,3 +69,40 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float3
     shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerKV:
+    """A cache window held as one buffer per layer (the decode loop's form of ``KVCache``).
+
+    k, v: tuples of ``num_layers`` arrays [batch, window, kv_heads, head_dim]; lengths: [batch]
+    int32. Layer i's attention reads and writes its own buffer only, so a step neither slices
+    a layer out of a stacked array nor writes one back into it."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    lengths: jax.Array
+
+    @property
+    def window(self) -> int:
+        return self.k[0].shape[1]
+
+
+def split_layers(cache: KVCache, window: int) -> LayerKV:
+    """The first ``window`` slots of every layer of ``cache`` as one buffer per layer."""
+    def layers(x):
+        return tuple(x[i, :, :window] for i in range(cache.num_layers))
+
+    return LayerKV(k=layers(cache.k), v=layers(cache.v), lengths=cache.lengths)
+
+
+def merge_layers(full: KVCache, window: LayerKV) -> KVCache:
+    """``full`` with the first ``window.window`` slots of every layer replaced by ``window``'s
+    buffers (in place when ``full`` is donated), lengths taken from ``window``."""
+    def put(stacked, layers):
+        for i, part in enumerate(layers):
+            stacked = jax.lax.dynamic_update_slice(stacked, part[None].astype(stacked.dtype), (i, 0, 0, 0, 0))
+        return stacked
+
+    return KVCache(k=put(full.k, window.k), v=put(full.v, window.v), lengths=window.lengths)

@@ -8,11 +8,16 @@ Per row b, with budget[b] new tokens allowed:
 
     logits <- forward_last(appended tokens of row b)       (prefill / observation append)
     repeat while some row is live and step < max_steps:
-        t, logp <- sample_tokens(fold_in(fold_in(key, b), step), logits[b])
+        t, logp <- sample_tokens(fold_in(fold_in(key, first_row + b), step), logits[b])
         out[b, step] <- t;  row finishes on eos > stop sequence > length (n == budget[b])
-        logits, cache <- forward_last(t), written for every row live before this step
+        logits, cache <- decode_step(t), written for every row live before this step
                          (the final token of a row also enters its cache, so a later turn
                          continues after it)
+
+The prefill runs the model's ``forward_last``; with ``layerwise`` (the sampler's choice without a
+mesh) the loop runs ``decode_step.decode_step``, the same computation for one token per row over
+one K/V buffer per layer (``LayerKV``, split from the window once per call and written back at
+the end) and per-layer weights sliced once per call; otherwise ``forward_last`` again.
 
 Rows without appended tokens (``valid[b]`` all False) are inactive: untouched, nothing generated.
 
@@ -33,7 +38,9 @@ import jax
 import jax.numpy as jnp
 
 from spear_jax.model import KVCache, forward_last
+from spear_jax.model.kv_cache import LayerKV, merge_layers, split_layers
 from spear_jax.sampling import stops
+from spear_jax.sampling.decode_step import LAYER_CACHE_AXES, decode_step, layer_blocks
 from spear_jax.sampling.distribution import SamplingKnobs, sample_tokens
 from spear_jax.sharding import constrain
 
@@ -61,16 +68,57 @@ def _write_prefix(full: KVCache, prefix: KVCache) -> KVCache:
     return KVCache(k=put(full.k, prefix.k), v=put(full.v, prefix.v), lengths=prefix.lengths)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules"),
+def _decode_path(graphdef, state, full: KVCache, cache: KVCache, window: int, rules, layerwise: bool):
+    """(the loop's cache, step (token [B], live [B], cache) -> (logits [B, V], cache), write-back
+    of the loop's cache into ``full``) for the window ``cache`` after the prefill.
+
+    layerwise: ``decode_step`` over per-layer buffers and per-layer weights sliced once per call;
+    otherwise the model's ``forward_last`` over the stacked window (its layer scan gathers a
+    sharded layer's weights inside the loop, one layer at a time)."""
+    if layerwise:
+        blocks = layer_blocks(graphdef, state)
+
+        def step(token, live, c):
+            logits, c = decode_step(graphdef, state, blocks, token, live, c)
+            return logits, _constrain_layers(c, rules)
+
+        def write_back(c):
+            return _constrain_cache(merge_layers(full, c), rules)
+
+        return _constrain_layers(split_layers(cache, window), rules), step, write_back
+
+    def stacked_step(token, live, c):
+        logits, c = forward_last(graphdef, state, token[:, None], live[:, None], c)
+        return logits, _constrain_cache(c, rules)
+
+    def stacked_write_back(c):
+        return c if window == full.max_len else _constrain_cache(_write_prefix(full, c), rules)
+
+    return cache, stacked_step, stacked_write_back
+
+
+def _constrain_layers(cache: LayerKV, rules) -> LayerKV:
+    def each(buffers):
+        return tuple(constrain(x, LAYER_CACHE_AXES, rules) for x in buffers)
+
+    return LayerKV(k=each(cache.k), v=each(cache.v), lengths=cache.lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules", "layerwise"),
                    donate_argnames=("cache",))
 def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, knobs: SamplingKnobs,
-                      table: stops.StopTable, key, *, max_steps: int, window: int, rules):
+                      table: stops.StopTable, key, first_row=0, *, max_steps: int, window: int, rules,
+                      layerwise: bool = True):
     """Append then decode.
 
     tokens, valid: [B, L] int32 / bool, the tokens appended to each row (any padding layout);
     budget: [B] int32, most tokens row b may generate (0 for inactive rows); key: PRNG key;
+    first_row: int32 scalar, the index of row 0 among all rows of the call (row b draws with
+    fold_in(key, first_row + b), so a batch decoded in chunks draws what it draws at once);
     window: cache slots the program works on (<= cache.max_len; see the module docstring);
-    rules: the model's sharding rules (for the cache layout under a mesh).
+    rules: the model's sharding rules (for the cache layout under a mesh); layerwise: decode
+    with ``decode_step`` (per-layer buffers and weights; the sampler's choice without a mesh)
+    or with the model's scanned ``forward_last`` (under a mesh; see ``_decode_path``).
     Returns (out_tokens [B, max_steps] int32, out_logprobs [B, max_steps] float32,
     num_generated [B] int32, finish [B] int32 in {RUNNING (inactive), EOS, STOP, LENGTH}, cache).
     """
@@ -80,7 +128,8 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
     full = _constrain_cache(cache, rules)
     cache = full if window == full.max_len else _constrain_cache(_prefix(full, window), rules)
     logits, cache = forward_last(graphdef, state, tokens, valid, cache)
-    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(batch))
+    cache, one_token, write_back = _decode_path(graphdef, state, full, cache, window, rules, layerwise)
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first_row + jnp.arange(batch, dtype=jnp.int32))
     active = jnp.any(valid, axis=1)
     finish = jnp.where(active & (budget <= 0), LENGTH, RUNNING).astype(jnp.int32)
     done = ~active | (budget <= 0)
@@ -105,9 +154,9 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
             stops.is_eos(token, table), EOS,
             jnp.where(stops.ends_with_stop(window, table), STOP,
                       jnp.where(num >= budget, LENGTH, RUNNING)))
-        logits, cache = forward_last(graphdef, state, token[:, None], live[:, None], c["cache"])
+        logits, cache = one_token(token, live, c["cache"])
         return dict(
-            step=c["step"] + 1, cache=_constrain_cache(cache, rules), logits=logits,
+            step=c["step"] + 1, cache=cache, logits=logits,
             done=c["done"] | (live & (reason != RUNNING)),
             finish=jnp.where(live, reason, c["finish"]).astype(jnp.int32), num=num, window=window,
             out_tokens=jax.lax.dynamic_update_slice_in_dim(c["out_tokens"], token[:, None], c["step"], 1),
@@ -116,6 +165,5 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
         )
 
     c = jax.lax.while_loop(keep_going, step, carry)
-    cache = c["cache"] if window == full.max_len else _constrain_cache(_write_prefix(full, c["cache"]), rules)
-    return c["out_tokens"], c["out_logprobs"], c["num"], c["finish"], cache
+    return c["out_tokens"], c["out_logprobs"], c["num"], c["finish"], write_back(c["cache"])
 

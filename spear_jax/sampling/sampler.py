@@ -76,14 +76,20 @@ class Sampler:
     of float32 master weights; under ``config.compute_dtype`` bfloat16 the model casts every
     weight to bfloat16 anyway, so results agree up to XLA's fusion rounding, bit for bit on
     CPU); mesh: a ``spear_jax.sharding.make_mesh`` mesh to shard weights (by
-    ``config.sharding_rules``), the batch and the cache over, or None for one device.
+    ``config.sharding_rules``), the batch and the cache over, or None for one device;
+    max_decode_rows: most rows one decode program holds (0 = all rows of a call at once): a call
+    with more rows decodes them in consecutive chunks of at most that many (a session keeps one
+    cache per chunk), each chunk on its own cache, so the KV cache and the activations of a
+    program scale with the chunk, not the call. Row b always draws with fold_in(key, b), so
+    chunked and unchunked calls give the same generations.
     A LoRA state (``config.lora_rank > 0``) is decoded merged: ``set_params`` folds the adapters
     into the weights (``spear_jax.model.lora.merge_lora``, one jitted call per update) and the
     decode runs the base architecture, at the base model's cost per token.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, config: ModelConfig, *,
-                 max_len: int, max_batch: int, cache_dtype=jnp.float32, weight_dtype=None, mesh=None):
+                 max_len: int, max_batch: int, cache_dtype=jnp.float32, weight_dtype=None, mesh=None,
+                 max_decode_rows: int = 0):
         if not 1 <= max_len <= config.max_position_embeddings:
             raise ValueError(
                 f"max_len must be in [1, config.max_position_embeddings={config.max_position_embeddings}], "
@@ -91,6 +97,8 @@ class Sampler:
             )
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_decode_rows < 0:
+            raise ValueError(f"max_decode_rows must be >= 0 (0 = all rows in one program), got {max_decode_rows}")
         if not jnp.issubdtype(jnp.dtype(cache_dtype), jnp.floating):
             raise ValueError(f"cache_dtype must be a float dtype, got {cache_dtype}")
         if weight_dtype is not None and not jnp.issubdtype(jnp.dtype(weight_dtype), jnp.floating):
@@ -101,6 +109,7 @@ class Sampler:
             self.graphdef = lora.base_graphdef(config)
             self._merge = jax.jit(functools.partial(lora.merge_lora, cfg=config))
         self.max_len, self.max_batch = max_len, max_batch
+        self.chunk_rows = min(max_batch, max_decode_rows) if max_decode_rows else max_batch
         self.cache_dtype = jnp.dtype(cache_dtype)
         self.weight_dtype = None if weight_dtype is None else jnp.dtype(weight_dtype)
         self.mesh = mesh
@@ -133,12 +142,19 @@ class Sampler:
 
     # -- shapes ------------------------------------------------------------------------------
     def batch_bucket(self, n: int) -> int:
-        """Padded batch for n rows: a power of two (at least the mesh's data x fsdp size), at
-        most max_batch."""
+        """Padded batch of one program for n rows (n <= chunk_rows): a power of two (at least the
+        mesh's data x fsdp size), at most chunk_rows."""
+        if not 1 <= n <= self.chunk_rows:
+            raise ValueError(f"number of rows must be in [1, {self.chunk_rows}] (max_batch={self.max_batch}, "
+                             f"chunks of max_decode_rows), got {n}")
+        data_parallel = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return min(1 << (max(n, data_parallel) - 1).bit_length(), self.chunk_rows)
+
+    def chunks(self, n: int) -> list[tuple[int, int]]:
+        """(first row, number of rows) of the consecutive chunks that decode n rows (n <= max_batch)."""
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"number of rows must be in [1, max_batch={self.max_batch}], got {n}")
-        data_parallel = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        return min(1 << (max(n, data_parallel) - 1).bit_length(), self.max_batch)
+        return [(start, min(self.chunk_rows, n - start)) for start in range(0, n, self.chunk_rows)]
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         """Empty cache ([layers, batch, length, kv_heads, head_dim]), laid out on the mesh."""
@@ -157,20 +173,24 @@ class Sampler:
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
                  key: jax.Array) -> list[Generation]:
-        """Independent prompts (any lengths) on a fresh cache; one Generation per prompt."""
+        """Independent prompts (any lengths) on a fresh cache per chunk of rows; one Generation
+        per prompt."""
         _check_sampling(sampling, self.config.vocab_size)
         rows = [_as_token_row(p, f"prompts[{b}]", self.config.vocab_size) for b, p in enumerate(prompts)]
         if not rows:
             raise ValueError("prompts is empty")
-        batch = self.batch_bucket(len(rows))
         longest = max(len(r) for r in rows)
         if longest > self.max_len:
             raise ValueError(f"a prompt has {longest} tokens, more than max_len={self.max_len}")
         cache_len = min(self.max_len, length_bucket(longest) + length_bucket(sampling.max_new_tokens))
-        padded = rows + [None] * (batch - len(rows))
-        held = np.zeros((batch,), np.int64)
-        results, _ = self.run(self.new_cache(batch, cache_len), padded, held, sampling, key)
-        return results[: len(rows)]
+        results = []
+        for first, count in self.chunks(len(rows)):
+            batch = self.batch_bucket(count)
+            padded = rows[first:first + count] + [None] * (batch - count)
+            held = np.zeros((batch,), np.int64)
+            chunk, _ = self.run(self.new_cache(batch, cache_len), padded, held, sampling, key, first_row=first)
+            results += chunk[:count]
+        return results
 
     def start_session(self, batch_size: int) -> "Session":
         """A multi-turn session of ``batch_size`` rows sharing one persistent cache."""
@@ -178,10 +198,12 @@ class Sampler:
 
     def run(self, cache: KVCache, rows: list[np.ndarray | None], held: np.ndarray,
             sampling: SamplingParams, key: jax.Array,
-            row_limits: np.ndarray | None = None) -> tuple[list[Generation | None], KVCache]:
+            row_limits: np.ndarray | None = None, first_row: int = 0) -> tuple[list[Generation | None], KVCache]:
         """Append rows[b] (None = inactive) to a cache whose row b holds held[b] tokens, decode,
         return the generations and the new cache (the input cache is donated). ``row_limits``
-        [batch] int (optional) caps each row's new tokens below ``sampling.max_new_tokens``."""
+        [batch] int (optional) caps each row's new tokens below ``sampling.max_new_tokens``;
+        ``first_row``: the index of rows[0] among the call's rows (its draws use
+        fold_in(key, first_row + b))."""
         _check_sampling(sampling, self.config.vocab_size)
         batch, cache_len = cache.batch_size, cache.max_len
         width = length_bucket(max(len(r) for r in rows if r is not None))
@@ -202,8 +224,9 @@ class Sampler:
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             out_tokens, out_logprobs, num, finish, cache = decode.extend_and_decode(
                 self.graphdef, self._state, cache, jnp.asarray(tokens), jnp.asarray(valid),
-                jnp.asarray(budget), knobs, table, key,
+                jnp.asarray(budget), knobs, table, key, jnp.int32(first_row),
                 max_steps=length_bucket(sampling.max_new_tokens), window=window, rules=self.config.sharding_rules,
+                layerwise=self.mesh is None,
             )
         out_tokens, out_logprobs, num, finish = jax.device_get((out_tokens, out_logprobs, num, finish))
         results: list[Generation | None] = []
@@ -221,14 +244,18 @@ class Session:
     """Multi-turn rows sharing a persistent KV cache (trajectory rows).
 
     Each call appends new tokens after everything a row already holds (its earlier prompts,
-    observations and generated tokens) and decodes; earlier turns are never re-prefilled.
+    observations and generated tokens) and decodes; earlier turns are never re-prefilled. The
+    rows are split into the sampler's chunks (``Sampler.chunks``), one persistent cache each;
+    a call decodes the chunks with an active row one after the other.
     """
 
     def __init__(self, sampler: Sampler, batch_size: int):
         self._sampler = sampler
         self.batch_size = batch_size
-        self._cache = sampler.new_cache(sampler.batch_bucket(batch_size), sampler.max_len)
-        self._held = np.zeros((self._cache.batch_size,), np.int64)
+        self._chunks = sampler.chunks(batch_size)
+        self._caches = [sampler.new_cache(sampler.batch_bucket(count), sampler.max_len)
+                        for _, count in self._chunks]
+        self._held = np.zeros((batch_size,), np.int64)
 
     def extend_and_generate(self, new_tokens: Sequence[Sequence[int] | None], sampling: SamplingParams,
                             key: jax.Array, max_new_tokens: Sequence[int] | None = None) -> list[Generation | None]:
@@ -242,7 +269,6 @@ class Session:
             limits = np.asarray(max_new_tokens, np.int64)
             if limits.shape != (self.batch_size,) or (limits < 1).any():
                 raise ValueError(f"max_new_tokens must hold {self.batch_size} entries >= 1, got {limits.tolist()}")
-            limits = np.concatenate([limits, np.ones(self._cache.batch_size - self.batch_size, np.int64)])
         vocab, max_len = self._sampler.config.vocab_size, self._sampler.max_len
         _check_sampling(sampling, vocab)
         rows = [None if t is None else _as_token_row(t, f"new_tokens[{b}]", vocab)
@@ -253,22 +279,37 @@ class Session:
                     f"new_tokens[{b}] ({len(row)} tokens) does not fit: row {b} holds "
                     f"{self._held[b]} of max_len={max_len} tokens"
                 )
-        if all(row is None for row in rows):
-            return [None] * self.batch_size
-        padded = rows + [None] * (self._cache.batch_size - self.batch_size)
-        results, self._cache = self._sampler.run(self._cache, padded, self._held, sampling, key, limits)
+        results: list[Generation | None] = []
+        for index, (first, count) in enumerate(self._chunks):
+            part = slice(first, first + count)
+            results += self._run_chunk(index, rows[part], None if limits is None else limits[part], sampling, key)
         for b, (row, gen) in enumerate(zip(rows, results)):
             if row is not None:
                 self._held[b] += len(row) + len(gen.tokens)
-        return results[: self.batch_size]
+        return results
+
+    def _run_chunk(self, index: int, rows: list[np.ndarray | None], limits: np.ndarray | None,
+                   sampling: SamplingParams, key: jax.Array) -> list[Generation | None]:
+        """Decode chunk ``index`` (its rows, None = inactive; limits [rows] or None) on its cache."""
+        if all(row is None for row in rows):
+            return [None] * len(rows)
+        first, count = self._chunks[index]
+        padding = self._caches[index].batch_size - count
+        held = np.concatenate([self._held[first:first + count], np.zeros(padding, np.int64)])
+        if limits is not None:
+            limits = np.concatenate([limits, np.ones(padding, np.int64)])
+        results, self._caches[index] = self._sampler.run(
+            self._caches[index], rows + [None] * padding, held, sampling, key, limits, first_row=first)
+        return results[:count]
 
     def lengths(self) -> np.ndarray:
         """[batch_size] int: tokens held per row."""
-        return self._held[: self.batch_size].copy()
+        return self._held.copy()
 
     def device_lengths(self) -> np.ndarray:
-        """[batch_size] int: the cache's own row lengths (equal to ``lengths()``)."""
-        return np.asarray(jax.device_get(self._cache.lengths))[: self.batch_size]
+        """[batch_size] int: the caches' own row lengths (equal to ``lengths()``)."""
+        return np.concatenate([np.asarray(jax.device_get(cache.lengths))[:count]
+                               for cache, (_, count) in zip(self._caches, self._chunks)])
 
 
 def _state_signature(state: nnx.State):

@@ -40,3 +40,29 @@ def test_row_reports_gib_and_which_devices_hold_the_larger_program():
     assert fields[:5] == ["p", "8", "1x8x1", "full", "16x2560"]
     assert fields[5:12] == ["1.00", "2.00", "3.00", "40.00", "1.00", "1.00", "31.00"]
     assert fields[12:] == ["yes", "yes", "no"]  # 40 GiB = 42.9 GB: H100 80 GB, v5p 95 GB, not v6e 32 GB
+
+
+def test_decode_rows_are_the_rollout_batch_or_its_chunk():
+    from configs.base import base_config
+
+    c = base_config()
+    c.data.train_tasks_per_step, c.data.group_size = 16, 8
+    assert memory_plan.preset_decode_rows(c) == 128
+    c.rollout.max_decode_rows = 32
+    assert memory_plan.preset_decode_rows(c) == 32
+    c.rollout.max_decode_rows = 512
+    assert memory_plan.preset_decode_rows(c) == 128
+
+
+def test_fitting_decode_rows_halves_until_the_program_fits():
+    planned = []
+
+    def decode_bytes(rows):  # 1 GB fixed + 0.5 GB per row
+        planned.append(rows)
+        return 1e9 + 0.5e9 * rows
+
+    assert memory_plan.fitting_decode_rows(decode_bytes, 2048, 80e9, min_rows=16) == (128, 65e9)
+    assert planned == [1024, 512, 256, 128]
+    planned.clear()
+    assert memory_plan.fitting_decode_rows(decode_bytes, 2048, 5e9, min_rows=16) is None  # 16 rows: 9 GB
+    assert planned[-1] == 16

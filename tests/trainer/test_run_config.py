@@ -93,6 +93,7 @@ def test_unknown_fields_are_rejected():
         (lambda c: setattr(c.trainer, "length_buckets", (16,)), "config.trainer.length_buckets"),
         (lambda c: setattr(c.env, "prompt_template", "short"), "config.env.prompt_template"),
         (lambda c: setattr(c.rollout, "weight_dtype", "int8"), "config.rollout.weight_dtype"),
+        (lambda c: setattr(c.rollout, "max_decode_rows", -1), "config.rollout.max_decode_rows"),
         (lambda c: setattr(c.sft, "source", "web"), "config.sft.source"),
         (lambda c: setattr(c.algorithm, "grpo_statistics_over", "first_row"),
          "config.algorithm.grpo_statistics_over"),

@@ -1,0 +1,41 @@
+"""The one-token decode step equals the model's cached forward of a one-token chunk."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spear_jax.model import KVCache, forward_last, get_model_config, init_cache
+from spear_jax.model.kv_cache import merge_layers, split_layers
+from spear_jax.model.layers import grouped_attention
+from spear_jax.sampling.decode_step import attend_one_query, decode_step, layer_blocks
+from tests.sampling.reference import random_state
+
+
+def test_one_query_attention_equals_grouped_attention():
+    q_key, k_key, v_key = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(q_key, (3, 6, 8))          # 6 heads over 2 kv heads
+    k = jax.random.normal(k_key, (3, 10, 2, 8))
+    v = jax.random.normal(v_key, (3, 10, 2, 8))
+    lengths = jnp.array([0, 4, 9])
+    mask = jnp.arange(10)[None, None, :] <= lengths[:, None, None]
+    want = grouped_attention(q[:, None], k, v, mask)[:, 0]
+    np.testing.assert_allclose(attend_one_query(q, k, v, lengths), want, atol=1e-5)
+
+
+def test_decode_step_equals_the_cached_forward_of_one_token():
+    cfg = get_model_config("tiny", vocab_size=512, architecture="qwen3")
+    graphdef, state = random_state(cfg, 3)
+    k_key, v_key = jax.random.split(jax.random.key(1))
+    shape = init_cache(cfg, 3, 24).k.shape
+    cache = KVCache(k=jax.random.normal(k_key, shape), v=jax.random.normal(v_key, shape),
+                    lengths=jnp.array([5, 11, 7], jnp.int32))
+    token, live = jnp.array([17, 400, 3]), jnp.array([True, True, False])
+    want_logits, want = forward_last(graphdef, state, token[:, None], live[:, None], cache)
+    window = 16  # every live row's slots (<= 11) lie inside it
+    logits, layers = jax.jit(decode_step, static_argnums=0)(
+        graphdef, state, layer_blocks(graphdef, state), token, live, split_layers(cache, window))
+    got = merge_layers(cache, layers)
+    np.testing.assert_allclose(logits[:2], want_logits[:2], atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(got.lengths, [6, 12, 7])
+    np.testing.assert_allclose(got.k, want.k, atol=1e-5)
+    np.testing.assert_allclose(got.v, want.v, atol=1e-5)
+    np.testing.assert_array_equal(got.k[:, 2], cache.k[:, 2])  # the row that is not live: untouched
