@@ -34,8 +34,9 @@ PLOTTED = ("success_rate", "episode_return", "actor/entropy", "actor/pg_clipfrac
 def run(config, workdir: str) -> dict:
     """Runs the job ``config`` describes in ``workdir``, holding the workdir's lock (one run per
     workdir: ``spear_jax.workdir_lock``); returns a summary dict."""
-    from spear_jax import run_config, workdir_lock
+    from spear_jax import distributed, run_config, workdir_lock
 
+    distributed.initialize(config)  # before any device is touched; a no-op for one process
     run_config.validate(config)
     with workdir_lock.hold(workdir):
         return _run_locked(config, workdir)
@@ -56,13 +57,14 @@ def _warm_start_done(warm: str) -> bool:
 
 
 def _run_locked(config, workdir: str) -> dict:
-    from spear_jax import metrics, resume
+    from spear_jax import distributed, metrics, resume
     from spear_jax.checkpoint import complete_steps
     from spear_jax.policy import CHECKPOINT_SUBDIR
     from spear_jax.sft import run_sft
 
     resume.check_resume_step(config, os.path.join(workdir, CHECKPOINT_SUBDIR))
-    if config.name == "sft" or not complete_steps(os.path.join(workdir, CHECKPOINT_SUBDIR)):
+    first = config.name == "sft" or not complete_steps(os.path.join(workdir, CHECKPOINT_SUBDIR))
+    if first and distributed.is_writer():
         metrics.record_config(workdir, config)  # a resumed run records it once the trainer accepts it
     if config.name == "sft":
         run_sft(config, workdir)

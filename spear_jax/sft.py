@@ -20,7 +20,7 @@ import numpy as np
 
 from environments.base import HasGoldActions
 from environments.registry import make_env
-from spear_jax import run_config, sft_data, sharding, tracking, train_step
+from spear_jax import distributed, run_config, sft_data, sharding, tracking, train_step
 from spear_jax.batching import bucket_length
 from spear_jax.checkpoint import RunCheckpointer, RunState
 from spear_jax.model import lora
@@ -97,14 +97,14 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     micro = c.actor.ppo_micro_batch_size
     batch_rows = -(-s.batch_size // micro) * micro
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
-    writer = tracking.metrics_writer(c, workdir)
+    writer = tracking.metrics_writer(c, workdir) if distributed.is_writer() else distributed.SilentWriter()
     writer.discard_from(0)  # a warm start trained again replaces the records of an unfinished one
     bar = progress_bar(s.steps, desc="warm start")
     start = time.perf_counter()
     for step in range(1, s.steps + 1):
         rows = rng.choice(len(examples), size=batch_rows, replace=len(examples) < batch_rows)
         cut = micro_split(data, rows, train_step.SFT_KEYS, micro, length=bucket_length(totals[rows].max(), buckets))
-        minibatch = jax.device_put(cut, spec)
+        minibatch = distributed.global_arrays(cut, spec)
         with jax.set_mesh(mesh):
             params, opt_state, out = update(params, opt_state, minibatch, jax.random.key(0), np.float32(0))
         if step % 10 == 0 or step == s.steps:
