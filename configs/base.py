@@ -217,6 +217,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.initialization_timeout_s = 300  # start-up waits this long for every process
     c.distributed.heartbeat_timeout_s = 100  # a silent peer ends the run after this long
     c.distributed.gather_timeout_s = 600.0  # a host exchange waits this long for every peer
+    c.distributed.shutdown_timeout_s = 300  # at exit, a process waits this long for the others
 
     # --- logging: metric backends, trajectory samples, throughput (docs/training.md) ------------
     c.logging = ml_collections.ConfigDict()

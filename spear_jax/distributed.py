@@ -70,7 +70,8 @@ def initialize(config) -> None:
         num_processes=d.num_processes if explicit else None,
         process_id=d.process_id if explicit else None,
         initialization_timeout=int(d.initialization_timeout_s),
-        heartbeat_timeout_seconds=int(d.heartbeat_timeout_s))
+        heartbeat_timeout_seconds=int(d.heartbeat_timeout_s),
+        shutdown_timeout_seconds=int(d.shutdown_timeout_s))
 
 
 def owned_range(count: int, groups: int = 1, process: int | None = None,

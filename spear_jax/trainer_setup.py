@@ -95,6 +95,11 @@ def make_envs(c: ml_collections.ConfigDict) -> tuple:
     shares = []
     for split, count, group in (("train", episodes, c.data.group_size), (c.data.eval_split, c.data.eval_episodes, 1)):
         owned = distributed.owned_range(count, group)
+        if not owned:
+            field = "data.train_tasks_per_step" if split == "train" else "data.eval_episodes"
+            raise run_config.ConfigError(
+                f"config.{field} gives {count // group} groups for {jax.process_count()} processes: "
+                f"process {jax.process_index()} would own none; raise it to at least the process count")
         specs = env_specs(c, split, count)[owned.start:owned.stop]
         if c.env.num_workers > 1:
             local = EnvPool(specs, c.env.num_workers, c.env.step_timeout_s, c.env.worker_backend)

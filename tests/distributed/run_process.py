@@ -7,13 +7,15 @@ coordinator (one process: no coordinator), and trains ``--steps`` steps. The sam
 one, called in lockstep over the global mesh; its decoded tokens then pick a random admissible
 action (seeded by the step's key, the prompt and the decoded tokens), so groups win and lose, the
 replay buffer triggers, and any difference in the decoded tokens changes the run's metrics.
-``--die-after-step k`` ends process ``--process-id`` abruptly (``os._exit``) after step k.
+``--stop-at-step k`` stops process ``--stopping-process`` as step k begins: it dies abruptly
+(``--stop-how die``, ``os._exit``) or hangs (``--stop-how hang``).
 """
 import argparse
 import hashlib
 import os
 import re
 import sys
+import time
 
 
 def _parse(argv):
@@ -24,9 +26,12 @@ def _parse(argv):
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--die-after-step", type=int, default=0)
+    parser.add_argument("--stop-at-step", type=int, default=0)
+    parser.add_argument("--stop-how", choices=("die", "hang"), default="die")
+    parser.add_argument("--stopping-process", type=int, default=1)
     parser.add_argument("--gather-timeout", type=float, default=120.0)
     parser.add_argument("--heartbeat-timeout", type=int, default=100)
+    parser.add_argument("--shutdown-timeout", type=int, default=300)
     return parser.parse_args(argv)
 
 
@@ -52,7 +57,7 @@ _ADMISSIBLE = re.compile(r"(?:admissible actions of the current situation are|Ad
 
 def config(steps: int):
     """SPEAR (GRPO base) on the one-room coin game: 4 tasks x 2 episodes a step, a replay buffer
-    small enough to trigger within a few steps."""
+    small enough to trigger at step 2."""
     c = importlib.import_module("configs.spear").get_config("twx_tiny,grpo")
     c.unlock()
     c.data.train_tasks_per_step, c.data.group_size, c.data.eval_episodes = 4, 2, 4
@@ -61,12 +66,14 @@ def config(steps: int):
                                                     "includeDoors": 0}}
     c.rollout.max_response_length = c.actor.loss_agg_max_response_length = 16
     c.actor.ppo_mini_batch_size, c.actor.ppo_micro_batch_size = 16, 8
-    c.replay.buffer_size = 8
+    c.replay.buffer_size = 4  # triggers at step 2 (valid rows > 1.5 x 4), replays 4 rows
+    c.replay.max_loss_steps = 2
     c.trainer.total_steps, c.trainer.eval_every, c.trainer.checkpoint_every = steps, 100, 1
     c.trainer.eval_before_train = False
     c.sft.enable = False
     c.distributed.gather_timeout_s = args.gather_timeout
     c.distributed.heartbeat_timeout_s = args.heartbeat_timeout
+    c.distributed.shutdown_timeout_s = args.shutdown_timeout
     if args.processes > 1:
         c.distributed.coordinator_address = f"localhost:{args.port}"
         c.distributed.num_processes, c.distributed.process_id = args.processes, args.process_id
@@ -102,12 +109,15 @@ def main() -> None:
     trainer = Trainer(c, args.workdir)
     for engine in (trainer.engine, trainer.eval_engine):
         engine.sampler = DecodedAdmissible(engine.sampler, engine.tokenizer)
-    if args.die_after_step:
+    if args.stop_at_step:
         step = trainer.train_step
 
         def train_step(number):
-            if number == args.die_after_step + 1 and jax.process_index() == args.process_id:
-                os._exit(17)
+            if number == args.stop_at_step and jax.process_index() == args.stopping_process:
+                print(f"process {args.stopping_process} stops ({args.stop_how}) at step {number}", flush=True)
+                if args.stop_how == "die":
+                    os._exit(17)
+                time.sleep(3600)
             return step(number)
 
         trainer.train_step = train_step
