@@ -57,14 +57,13 @@ def _warm_start_done(warm: str) -> bool:
 
 
 def _run_locked(config, workdir: str) -> dict:
-    from spear_jax import distributed, metrics, resume
+    from spear_jax import metrics, resume
     from spear_jax.checkpoint import complete_steps
     from spear_jax.policy import CHECKPOINT_SUBDIR
     from spear_jax.sft import run_sft
 
     resume.check_resume_step(config, os.path.join(workdir, CHECKPOINT_SUBDIR))
-    first = config.name == "sft" or not complete_steps(os.path.join(workdir, CHECKPOINT_SUBDIR))
-    if first and distributed.is_writer():
+    if config.name == "sft" or not complete_steps(os.path.join(workdir, CHECKPOINT_SUBDIR)):
         metrics.record_config(workdir, config)  # a resumed run records it once the trainer accepts it
     if config.name == "sft":
         run_sft(config, workdir)

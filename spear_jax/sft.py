@@ -97,7 +97,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     micro = c.actor.ppo_micro_batch_size
     batch_rows = -(-s.batch_size // micro) * micro
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
-    writer = tracking.metrics_writer(c, workdir) if distributed.is_writer() else distributed.SilentWriter()
+    writer = tracking.metrics_writer(c, workdir)
     writer.discard_from(0)  # a warm start trained again replaces the records of an unfinished one
     bar = progress_bar(s.steps, desc="warm start")
     start = time.perf_counter()

@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from spear_jax import (curriculum, distributed, minibatches, prepare, replay_rows, resume, run_config, run_state,
-                       sharding, throughput, tracking, train_step, trajectories, workdir_lock)
+from spear_jax import (curriculum, distributed, minibatches, prepare, replay_rows, resume, run_config,
+                       run_state, sharding, throughput, tracking, train_step, trajectories, workdir_lock)
 from spear_jax import metrics as run_metrics
 from spear_jax.checkpoint import RunCheckpointer
 from spear_jax.env_pool import close_envs
@@ -84,10 +84,9 @@ class Trainer:
         self.train_envs, self.eval_envs = make_envs(c)
         self.checkpointer = RunCheckpointer(os.path.join(workdir, CHECKPOINT_SUBDIR),
                                             max_to_keep=c.trainer.max_checkpoints_to_keep)
-        self.writer = tracking.metrics_writer(c, workdir) if distributed.is_writer() else distributed.SilentWriter()
+        self.writer = tracking.metrics_writer(c, workdir)
         self.trajectories = trajectories.TrajectoryLogger(
-            workdir, self.writer, self.engine.tokenizer.decode,
-            c.logging.trajectories_every if distributed.is_writer() else 0,
+            workdir, self.writer, self.engine.tokenizer.decode, c.logging.trajectories_every,
             c.logging.trajectories_per_step)
         self.peak_flops = throughput.run_peak_flops(c.logging.peak_flops, jax.default_backend(), jax.device_count())
         self.step = 0
@@ -189,8 +188,7 @@ class Trainer:
         c = self.config
         resumed = self.restore_if_any()  # refuses a config the checkpoint cannot resume with
         self.writer.discard_from(self.step + 1 if resumed else 0)  # records the run writes again
-        if distributed.is_writer():
-            run_metrics.record_config(self.workdir, c)
+        run_metrics.record_config(self.workdir, c)
         bar = run_metrics.progress_bar(c.trainer.total_steps, initial=self.step, desc=c.name)
 
         def evaluate() -> dict[str, float]:
