@@ -28,11 +28,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _launch(workdir, processes: int, devices: int, steps: int, *extra: str) -> list[tuple[subprocess.Popen, str]]:
-    """Starts ``processes`` processes of one run; (process, its log path) each."""
+def _launch(workdir, processes: int, devices: int, steps: int, *extra: str,
+            name: str = "") -> list[tuple[subprocess.Popen, str]]:
+    """Starts ``processes`` processes of one run; (process, its log path ``<workdir><name>.process<p>.log``) each."""
     port, started = _free_port(), []
     for process in range(processes):
-        log = f"{workdir}.process{process}.log"
+        log = f"{workdir}{name}.process{process}.log"
         command = [sys.executable, _SCRIPT, str(workdir), "--devices", str(devices), "--processes", str(processes),
                    "--process-id", str(process), "--port", str(port), "--steps", str(steps), *extra]
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -112,7 +113,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess")
     out = {"one": _finish(_launch(root / "one", 1, 4, 2), 900), "two": _finish(_launch(root / "two", 2, 2, 2), 900)}
     out["killed"] = _finish(_launch(root / "resumed", 2, 2, 2, "--stop-at-step", "2", "--gather-timeout", "20",
-                                    "--heartbeat-timeout", "20", "--shutdown-timeout", "20"), 900)
+                                    "--heartbeat-timeout", "20", "--shutdown-timeout", "20", name="-killed"), 900)
     out["resumed"] = _finish(_launch(root / "resumed", 2, 2, 2), 900)
     out["metrics"] = {name: _train(root / name) for name in ("one", "two", "resumed")}
     return out
@@ -153,7 +154,9 @@ def test_a_dead_peer_ends_the_run_with_an_error_and_it_resumes(runs):
 def test_a_hung_peer_ends_the_run_within_the_exchange_timeout(tmp_path):
     started = _launch(tmp_path / "hung", 2, 2, 1, "--stop-at-step", "1", "--stop-how", "hang",
                       "--gather-timeout", "15", "--shutdown-timeout", "10")
-    (code0, log0, seconds0), (code1, log1, _) = _finish(started[:1], 600) + _finish(started[1:], 1)
-    assert "process 1 stops (hang) at step 1" in log1 and code1 is None  # still hanging; killed
+    (code0, log0, _), (code1, log1, seconds1) = _finish(started, 600)
+    assert "process 1 stops (hang) at step 1" in log1
     assert code0 not in (0, None), log0[-3000:]
     assert "PeerTimeoutError" in log0 and "no answer within distributed.gather_timeout_s=15s from process(es) 1" in log0
+    # process 0 then leaves; the coordination service's shutdown barrier ends the hung process too
+    assert code1 not in (0, None) and "Shutdown barrier" in log1 and seconds1 < 600
