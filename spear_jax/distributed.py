@@ -185,6 +185,7 @@ class EnvShare:
         return self.total
 
     def __getitem__(self, index: int):
+        index = index + self.total if index < 0 else index
         if index not in self.owned:
             raise IndexError(f"episode {index} belongs to another process (this one owns {self.owned})")
         return self.local[index - self.owned.start]
