@@ -57,13 +57,10 @@ def initialize(config) -> None:
     is touched."""
     d = config.distributed
     _exchange.timeout_s = float(d.gather_timeout_s)
-    if jax.distributed.is_initialized():
+    mode = join_mode(d, os.environ)
+    if jax.distributed.is_initialized() or mode is None:
         return
-    explicit = bool(d.coordinator_address)
-    discovered = not explicit and any(os.environ.get(v) for v in _CLUSTER_VARIABLES) and int(
-        os.environ.get("SLURM_NTASKS", "2")) > 1
-    if not (explicit or discovered):
-        return
+    explicit = mode == "explicit"
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only; others keep theirs
     jax.distributed.initialize(
         coordinator_address=d.coordinator_address or None,
@@ -72,6 +69,22 @@ def initialize(config) -> None:
         initialization_timeout=int(d.initialization_timeout_s),
         heartbeat_timeout_seconds=int(d.heartbeat_timeout_s),
         shutdown_timeout_seconds=int(d.shutdown_timeout_s))
+
+
+def join_mode(d, environ) -> str | None:
+    """How the processes meet: ``"explicit"`` (``d.coordinator_address`` set), ``"discovered"``
+    (``environ`` names a TPU pod slice or a SLURM job of several tasks: JAX finds the coordinator,
+    the count and the rank) or None (one process, nothing to join)."""
+    if d.coordinator_address:
+        if not 0 <= d.process_id < d.num_processes:
+            from spear_jax.run_config import ConfigError
+
+            raise ConfigError(f"config.distributed.process_id={d.process_id} must be in [0, "
+                             f"config.distributed.num_processes={d.num_processes})")
+        return "explicit"
+    if any(environ.get(v) for v in _CLUSTER_VARIABLES) and int(environ.get("SLURM_NTASKS", "2")) > 1:
+        return "discovered"
+    return None
 
 
 def owned_range(count: int, groups: int = 1, process: int | None = None,

@@ -94,6 +94,21 @@ def test_owned_range_deals_whole_groups_in_contiguous_blocks():
         distributed.owned_range(7, 2, 0, 2)
 
 
+def test_join_mode_explicit_discovered_or_one_process():
+    import ml_collections
+
+    d = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0))
+    assert distributed.join_mode(d, {}) is None
+    assert distributed.join_mode(d, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None  # one task
+    assert distributed.join_mode(d, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) == "discovered"
+    assert distributed.join_mode(d, {"TPU_WORKER_HOSTNAMES": "a,b"}) == "discovered"
+    d.coordinator_address, d.num_processes, d.process_id = "node0:1234", 2, 1
+    assert distributed.join_mode(d, {}) == "explicit"
+    d.process_id = 2
+    with pytest.raises(ValueError, match="process_id=2"):
+        distributed.join_mode(d, {})
+
+
 def test_env_share_addresses_its_block_by_global_index():
     class Env:
         def __init__(self, name):
