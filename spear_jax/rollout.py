@@ -9,7 +9,9 @@ isolated: its episode is marked failed (``EpisodeSummary.error``), its rows are 
 counted in ``metrics["rollout/failed_episodes"]``, and the others go on. Environments are reset
 and stepped through one batched call per turn (``spear_jax.env_pool``): a list is stepped
 in this process one after another, an ``EnvPool`` by worker processes concurrently, with the
-same results; a worker that dies or hangs fails its episodes the same way.
+same results; a worker that dies or hangs fails its episodes the same way. In a multi-process run
+each process steps its block of the environments and the sampler call covers every process's
+live prompts (``spear_jax.distributed``, docs/rollout.md).
 
 Two row layouts (``RolloutConfig.layout``):
 
@@ -393,7 +395,10 @@ class RolloutEngine:
         Args:
           envs: the environments, ``len(task_ids) * group_size`` of them (reset here): a list,
             stepped one after another, or a ``spear_jax.env_pool.EnvPool`` (or a slice of one),
-            whose workers step each turn's environments concurrently.
+            whose workers step each turn's environments concurrently, or this process's
+            ``spear_jax.distributed.EnvShare`` of a multi-process run (it steps its block; every
+            turn decodes all processes' live prompts in one lockstep call; the result holds every
+            process's rows and episodes).
           task_ids: one task per group.
           sampling: the sampler's ``SamplingParams`` (passed through; ``max_new_tokens`` is read).
           key: PRNG key; turn ``t`` samples with ``fold_in(key, t)``.
