@@ -212,6 +212,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainer.resume_step = -1  # resume the workdir's run from this step; -1: the newest intact one
     c.trainer.length_buckets = (256, 512, 1024, 2048)
 
+    # --- processes of a multi-host run (spear_jax/distributed.py, docs/scaling.md) -------------
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # host:port of process 0; "" = the cluster's own (TPU pod, SLURM) or one process
+    c.distributed.num_processes = 1  # with coordinator_address: how many processes join
+    c.distributed.process_id = 0  # with coordinator_address: this process's rank
+    c.distributed.initialization_timeout_s = 300  # start-up waits this long for every process
+    c.distributed.heartbeat_timeout_s = 100  # a silent peer ends the run after this long
+    c.distributed.gather_timeout_s = 600.0  # a host exchange waits this long for every peer
+    c.distributed.shutdown_timeout_s = 300  # at exit, a process waits this long for the others
+
     # --- logging: metric backends, trajectory samples, throughput (docs/training.md) ------------
     c.logging = ml_collections.ConfigDict()
     # jsonl (always on: metrics.jsonl is the run's record) | tensorboard | wandb | mlflow; wandb

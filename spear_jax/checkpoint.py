@@ -43,6 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from spear_jax import distributed
 from spear_jax.model.weight_layout import stacked_blocks, unstacked_blocks
 
 _SEPARATOR = "/"
@@ -256,9 +257,12 @@ class RunCheckpointer:
                 self._manager.delete(step)
             self._manager.save(step, args=parts, force=True)
             self._manager.wait_until_finished()
-            write_manifest(self.step_directory(step))
+            if distributed.is_writer():  # every process's shards are on disk once orbax returns
+                write_manifest(self.step_directory(step))
+            distributed.barrier(f"checkpoint {step} saved")
         except Exception as error:
-            self._discard_unfinished(step)
+            if distributed.is_writer():
+                self._discard_unfinished(step)
             raise CheckpointError(
                 f"saving checkpoint step {step} to {self.step_directory(step)} failed: "
                 f"{type(error).__name__}: {error}. {self._newest_note()} If the disk is full or "
@@ -296,8 +300,20 @@ class RunCheckpointer:
         step and the files, moved to ``rejected/``, and the next older one is tried;
         ``CheckpointError`` when every complete step is damaged, or when the only steps are ones
         orbax finished but that have no manifest (killed while it was written, or saved without
-        one): starting over would delete them, so that is left to the user.
+        one): starting over would delete them, so that is left to the user. Process 0 decides (it
+        alone moves damaged steps); the others take its answer.
         """
+        outcome = distributed.allgather(self._newest_intact_here() if distributed.is_writer() else None)[0]
+        if not distributed.is_writer():
+            self._manager.reload()
+        if isinstance(outcome, str):
+            raise CheckpointError(outcome)
+        if outcome is not None:
+            self._verified.add(outcome)
+        return outcome
+
+    def _newest_intact_here(self) -> int | str | None:
+        """``newest_intact_step``'s answer on this process: the step, None, or the error text."""
         damaged = []
         for step in self.all_steps()[::-1]:
             problems = verify_step(self.step_directory(step))
@@ -312,13 +328,12 @@ class RunCheckpointer:
                          step, self.directory, "; ".join(problems), where)
             damaged.append(step)
         if damaged:
-            raise CheckpointError(
-                f"no intact checkpoint in {self.directory}: steps {damaged} are damaged (moved to "
-                f"{os.path.join(self.directory, REJECTED_SUBDIR)}; see the warnings above). Restore "
-                f"them from a backup, or start over in a new workdir.")
+            return (f"no intact checkpoint in {self.directory}: steps {damaged} are damaged (moved to "
+                    f"{os.path.join(self.directory, REJECTED_SUBDIR)}; see the warnings above). Restore "
+                    f"them from a backup, or start over in a new workdir.")
         unfinished = sorted(self._manager.all_steps())
         if unfinished:
-            raise CheckpointError(
+            return (
                 f"{self.directory} holds steps {unfinished} but none with {MANIFEST_FILE}, so none "
                 f"can be verified (killed while its manifest was written, or saved without one). "
                 f"To start over, delete them (rm -r {self.step_directory(unfinished[-1])} ...) or "
@@ -393,11 +408,14 @@ class RunCheckpointer:
         newer = sorted(s for s in self._manager.all_steps() if s > step)
         if not newer:
             return None
-        target = os.path.join(self.directory, SUPERSEDED_SUBDIR, time.strftime("%Y%m%dT%H%M%S"))
-        os.makedirs(target, exist_ok=True)
-        for old in newer:
-            os.rename(self.step_directory(old), os.path.join(target, str(old)))
-            self._verified.discard(old)
+        target = distributed.allgather(time.strftime("%Y%m%dT%H%M%S"))[0]  # process 0's name
+        target = os.path.join(self.directory, SUPERSEDED_SUBDIR, target)
+        if distributed.is_writer():  # one process moves them; the others wait until it has
+            os.makedirs(target, exist_ok=True)
+            for old in newer:
+                os.rename(self.step_directory(old), os.path.join(target, str(old)))
+        distributed.barrier(f"steps after {step} set aside")
+        self._verified.difference_update(newer)
         self._manager.reload()
         return target
 

@@ -118,14 +118,15 @@ class SequentialEnvs:
 def as_batch(envs: Sequence[Env] | EnvBatch) -> EnvBatch:
     """``envs`` itself when it is batched (an ``EnvPool`` or a view of one), else a
     ``SequentialEnvs`` over the list."""
-    if isinstance(envs, (EnvPool, _PoolView, SequentialEnvs)):
+    if isinstance(envs, (EnvPool, _PoolView, SequentialEnvs)) or hasattr(envs, "reset_batch"):
         return envs
     return SequentialEnvs(envs)
 
 
 def close_envs(envs: Sequence[Env] | EnvBatch) -> None:
-    """Ends an ``EnvPool``'s workers, or closes each environment of a list."""
-    if isinstance(envs, EnvPool):
+    """Ends an ``EnvPool``'s workers (or a batch's own ``close``), or closes each environment of
+    a list."""
+    if isinstance(envs, EnvPool) or (hasattr(envs, "reset_batch") and hasattr(envs, "close")):
         envs.close()
     else:
         for env in envs:

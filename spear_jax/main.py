@@ -34,8 +34,9 @@ PLOTTED = ("success_rate", "episode_return", "actor/entropy", "actor/pg_clipfrac
 def run(config, workdir: str) -> dict:
     """Runs the job ``config`` describes in ``workdir``, holding the workdir's lock (one run per
     workdir: ``spear_jax.workdir_lock``); returns a summary dict."""
-    from spear_jax import run_config, workdir_lock
+    from spear_jax import distributed, run_config, workdir_lock
 
+    distributed.initialize(config)  # before any device is touched; a no-op for one process
     run_config.validate(config)
     with workdir_lock.hold(workdir):
         return _run_locked(config, workdir)
@@ -174,10 +175,11 @@ def exit_on_interrupt(workdir: str) -> None:
 
 
 def main_reporting_errors(argv) -> None:
-    """``main`` with a config error as one line on stderr (status 2), a held workdir or no intact
-    checkpoint as one message (status 1), and Ctrl-C as one line (status 130 = 128 + SIGINT, see
+    """``main`` with a config error as one line on stderr (status 2), a held workdir, no intact
+    checkpoint or a silent peer process as one message (status 1), and Ctrl-C as one line (status 130 = 128 + SIGINT, see
     ``exit_on_interrupt``)."""
     from spear_jax.checkpoint import CheckpointError
+    from spear_jax.distributed import PeerTimeoutError
     from spear_jax.run_config import ConfigError
     from spear_jax.workdir_lock import WorkdirLockedError
 
@@ -186,7 +188,7 @@ def main_reporting_errors(argv) -> None:
         main(argv)
     except ConfigError as error:
         _exit_with(f"config error: {error}", 2)
-    except (WorkdirLockedError, CheckpointError) as error:
+    except (WorkdirLockedError, CheckpointError, PeerTimeoutError) as error:
         _exit_with(f"error: {error}", 1)
 
 

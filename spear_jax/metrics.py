@@ -213,7 +213,12 @@ def plot_run(path: str, keys: Sequence[str], out_dir: str | None = None,
 
 def record_config(workdir: str, config) -> None:
     """Writes ``workdir/config.json``, the config the run goes on with (atomically, so a kill
-    leaves the previous record; a resume refused for its config never reaches this)."""
+    leaves the previous record; a resume refused for its config never reaches this). Written by
+    process 0 of a multi-process run."""
+    from spear_jax import distributed
+
+    if not distributed.is_writer():
+        return
     path = os.path.join(workdir, "config.json")
     with open(path + ".tmp", "w") as handle:
         handle.write(config.to_json_best_effort(indent=2))

@@ -19,6 +19,9 @@ runs, or how the same computation is laid out on devices:
   top-p) is not allowed to change, so the eval curve keeps one meaning.
 * ``mesh.*``, ``model.logprob_chunk_size``: device layout and memory chunking of the same
   computation (restore re-shards onto the new mesh); results agree up to float reordering.
+* ``distributed.*``: how many processes drive the mesh and how they meet (every process
+  compares its own rank with the record process 0 saved); a checkpoint holds global arrays and
+  global rows, so any process count resumes it (docs/scaling.md).
 * ``trainer.resume_step``: which step to resume from (``resume_step``; -1, the newest intact one).
 
 A field added to the config after a checkpoint was saved is compared with the value that run
@@ -44,7 +47,9 @@ RESUMABLE_FIELDS = (
     "trainer.total_steps", "trainer.eval_every", "trainer.eval_before_train",
     "trainer.checkpoint_every", "trainer.max_checkpoints_to_keep", "trainer.log_every",
     "data.eval_episodes", "mesh.data", "mesh.fsdp", "mesh.tensor", "model.logprob_chunk_size",
-    "trainer.resume_step",
+    "trainer.resume_step", "distributed.coordinator_address", "distributed.num_processes",
+    "distributed.process_id", "distributed.initialization_timeout_s", "distributed.heartbeat_timeout_s",
+    "distributed.gather_timeout_s", "distributed.shutdown_timeout_s",
 )
 _ABSENT = "<absent>"
 

@@ -9,7 +9,9 @@ isolated: its episode is marked failed (``EpisodeSummary.error``), its rows are 
 counted in ``metrics["rollout/failed_episodes"]``, and the others go on. Environments are reset
 and stepped through one batched call per turn (``spear_jax.env_pool``): a list is stepped
 in this process one after another, an ``EnvPool`` by worker processes concurrently, with the
-same results; a worker that dies or hangs fails its episodes the same way.
+same results; a worker that dies or hangs fails its episodes the same way. In a multi-process run
+each process steps its block of the environments and the sampler call covers every process's
+live prompts (``spear_jax.distributed``, docs/rollout.md).
 
 Two row layouts (``RolloutConfig.layout``):
 
@@ -63,6 +65,7 @@ import numpy as np
 from environments.base import DOMAINS, AgentEnv, Env, Observation, StepResult, declared_domain
 from environments.prompts import DEFAULT_HISTORY_LENGTH, TEMPLATES, AgentPromptStyle, render_agent_prompt
 from environments.react import has_action_after_last_think, parse_react_action
+from spear_jax import distributed
 from spear_jax.env_pool import EnvBatch, EnvFailure, as_batch
 from spear_jax.outcomes import summarize as summarize_outcomes
 
@@ -333,7 +336,7 @@ def _check_inputs(envs: EnvBatch, task_ids: Sequence[Any], config: RolloutConfig
             f"envs has {len(envs)} environments; expected len(task_ids) x group_size = "
             f"{len(task_ids)} x {config.group_size} = {len(task_ids) * config.group_size}"
         )
-    for i in range(len(envs)):
+    for i in getattr(envs, "owned", range(len(envs))):  # a process checks the environments it holds
         env = envs[i]
         domain = declared_domain(type(env))
         if domain != config.domain:
@@ -392,7 +395,10 @@ class RolloutEngine:
         Args:
           envs: the environments, ``len(task_ids) * group_size`` of them (reset here): a list,
             stepped one after another, or a ``spear_jax.env_pool.EnvPool`` (or a slice of one),
-            whose workers step each turn's environments concurrently.
+            whose workers step each turn's environments concurrently, or this process's
+            ``spear_jax.distributed.EnvShare`` of a multi-process run (it steps its block; every
+            turn decodes all processes' live prompts in one lockstep call; the result holds every
+            process's rows and episodes).
           task_ids: one task per group.
           sampling: the sampler's ``SamplingParams`` (passed through; ``max_new_tokens`` is read).
           key: PRNG key; turn ``t`` samples with ``fold_in(key, t)``.
@@ -407,7 +413,7 @@ class RolloutEngine:
             EpisodeSummary(group_id=i // config.group_size, traj_id=i, task_id=task_ids[i // config.group_size])
             for i in range(len(envs))
         ]
-        requests = [(i, episodes[i].task_id) for i in range(len(envs))]
+        requests = [(i, episodes[i].task_id) for i in getattr(envs, "owned", range(len(envs)))]
         live = [_Live(index=i, observation=observation, anchor=observation.text)
                 for (i, _), observation in zip(requests, self._env_calls(envs, "reset", requests, episodes))
                 if observation is not None]
@@ -415,12 +421,41 @@ class RolloutEngine:
             finished = self._run_step_rows(envs, live, episodes, sampling, key)
         else:
             finished = self._run_trajectory_rows(envs, live, episodes, sampling, key)
-        rows = [row for state in sorted(finished, key=lambda s: s.index) for row in state.rows]
+        rows, episodes = self._gather(finished, episodes, requests)
         for row, anchor in zip(rows, anchor_ids([r.anchor_obs for r in rows])):
             row.anchor_id = int(anchor)
         return RolloutResult(rows=rows, episodes=episodes, metrics=self._metrics(rows, episodes))
 
     # -- shared ---------------------------------------------------------------------------------
+
+    def _gather(self, finished: list[_Live], episodes: list[EpisodeSummary],
+                requests: list[tuple[int, Any]]) -> tuple[list[Row], list[EpisodeSummary]]:
+        """(every process's rows in episode order, every episode's summary), the same on every
+        process (``spear_jax.distributed``); env steps are summed and timers the slowest's."""
+        mine = ([row for state in sorted(finished, key=lambda s: s.index) for row in state.rows],
+                [episodes[i] for i, _ in requests], self._env_steps, self._timers)
+        parts = distributed.allgather(mine)
+        self._env_steps = sum(part[2] for part in parts)
+        self._timers = {name: max(part[3][name] for part in parts) for name in self._timers}
+        return [row for part in parts for row in part[0]], [e for part in parts for e in part[1]]
+
+    def _generate_lockstep(self, live: list[_Live], prompts: list[list[int]], sampling: Any,
+                           key: jax.Array) -> list | None:
+        """The generations of ``live``'s ``prompts``: one sampler call on every process's live
+        prompts in episode order (the batch a single process would decode), so every process runs
+        the same program and a row's tokens do not depend on how episodes are split. None once no
+        process has a live episode."""
+        everyone = sorted(pair for part in distributed.allgather([(s.index, p) for s, p in zip(live, prompts)])
+                          for pair in part)
+        if not everyone:
+            return None
+        start = self.clock()
+        generations = self.sampler.generate([p for _, p in everyone], sampling, key)
+        self._timers["sampler"] += self.clock() - start
+        if len(generations) != len(everyone):
+            raise RuntimeError(f"sampler returned {len(generations)} generations for {len(everyone)} prompts")
+        by_index = {i: g for (i, _), g in zip(everyone, generations)}
+        return [by_index[s.index] for s in live]
 
     def _env_calls(self, envs: EnvBatch, method: str, requests: Sequence[tuple[int, Any]],
                    episodes: list[EpisodeSummary]) -> list[Any]:
@@ -477,13 +512,11 @@ class RolloutEngine:
         max_response = config.max_response_length or sampling.max_new_tokens
         finished: list[_Live] = []
         turn = 0
-        while live:
+        while True:
             prompts = [self._step_prompt(envs[s.index], s) for s in live]
-            start = self.clock()
-            generations = self.sampler.generate(prompts, sampling, jax.random.fold_in(key, turn))
-            self._timers["sampler"] += self.clock() - start
-            if len(generations) != len(live):
-                raise RuntimeError(f"sampler returned {len(generations)} generations for {len(live)} prompts")
+            generations = self._generate_lockstep(live, prompts, sampling, jax.random.fold_in(key, turn))
+            if generations is None:
+                break
             texts = [self._decode_response(generation) for generation in generations]
             results = self._env_calls(envs, "step", [(s.index, t) for s, t in zip(live, texts)], episodes)
             still_live = []
@@ -558,12 +591,15 @@ class RolloutEngine:
             self._start_trajectory(state, episodes[state.index], sampling)
         finished: list[_Live] = []
         turn = 0
-        while live:
+        while True:
             new_tokens: list[list[int] | None] = [None] * len(envs)
             turn_limits = [1] * len(envs)
-            for state in live:
-                new_tokens[state.index] = state.pending
-                turn_limits[state.index] = min(sampling.max_new_tokens, self._response_room(state))
+            mine = [(s.index, s.pending, min(sampling.max_new_tokens, self._response_room(s))) for s in live]
+            everyone = [entry for part in distributed.allgather(mine) for entry in part]
+            if not everyone:
+                break
+            for index, pending, limit in everyone:  # the session decodes every process's rows
+                new_tokens[index], turn_limits[index] = pending, limit
             start = self.clock()
             generations = session.extend_and_generate(new_tokens, sampling, jax.random.fold_in(key, turn),
                                                       max_new_tokens=turn_limits)

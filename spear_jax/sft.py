@@ -20,7 +20,7 @@ import numpy as np
 
 from environments.base import HasGoldActions
 from environments.registry import make_env
-from spear_jax import run_config, sft_data, sharding, tracking, train_step
+from spear_jax import distributed, run_config, sft_data, sharding, tracking, train_step
 from spear_jax.batching import bucket_length
 from spear_jax.checkpoint import RunCheckpointer, RunState
 from spear_jax.model import lora
@@ -104,7 +104,7 @@ def run_sft(config: ml_collections.ConfigDict, workdir: str) -> str:
     for step in range(1, s.steps + 1):
         rows = rng.choice(len(examples), size=batch_rows, replace=len(examples) < batch_rows)
         cut = micro_split(data, rows, train_step.SFT_KEYS, micro, length=bucket_length(totals[rows].max(), buckets))
-        minibatch = jax.device_put(cut, spec)
+        minibatch = distributed.global_arrays(cut, spec)
         with jax.set_mesh(mesh):
             params, opt_state, out = update(params, opt_state, minibatch, jax.random.key(0), np.float32(0))
         if step % 10 == 0 or step == s.steps:

@@ -175,8 +175,13 @@ def _mlflow_key(name: str, file_store: bool) -> str:
 
 def metrics_writer(config, workdir: str):
     """The run's ``MetricsWriter``: JSONL, TensorBoard when ``config.logging.backends`` names it,
-    and the wandb / mlflow backends it names (the run config recorded with them)."""
+    and the wandb / mlflow backends it names (the run config recorded with them). Process 0 of
+    a multi-process run writes the run's records; the others get a ``distributed.SilentWriter``."""
+    from spear_jax import distributed
     from spear_jax.metrics import MetricsWriter
+
+    if not distributed.is_writer():
+        return distributed.SilentWriter()
 
     backends = make_backends(config.logging, workdir, config.to_dict())
     return MetricsWriter(workdir, tensorboard="tensorboard" in config.logging.backends, backends=backends)

@@ -41,6 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from spear_jax import distributed
 from spear_jax.batch_schema import UPDATE_FIELDS
 from spear_jax.model.logprobs import selected_token_stats, sequence_token_stats
 from spear_jax.model.lora import combine, split_trainable
@@ -150,7 +151,7 @@ def set_learning_rate(opt_state, lr: float):
         raise TypeError("set_learning_rate needs the state of an optimizer made with "
                         "OptimizerConfig(schedule_clock='external')")
     current = adamw_state.hyperparams["learning_rate"]
-    rate = jax.device_put(np.asarray(lr, current.dtype), current.sharding)
+    rate = distributed.global_array(np.asarray(lr, current.dtype), current.sharding)
     return clip_state, adamw_state._replace(hyperparams={**adamw_state.hyperparams, "learning_rate": rate})
 
 

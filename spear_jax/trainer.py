@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from spear_jax import (curriculum, minibatches, prepare, replay_rows, resume, run_config, run_state,
-                       sharding, throughput, tracking, train_step, trajectories, workdir_lock)
+from spear_jax import (curriculum, distributed, minibatches, prepare, replay_rows, resume, run_config,
+                       run_state, sharding, throughput, tracking, train_step, trajectories, workdir_lock)
 from spear_jax import metrics as run_metrics
 from spear_jax.checkpoint import RunCheckpointer
 from spear_jax.env_pool import close_envs
@@ -144,7 +144,7 @@ class Trainer:
 
     def _task_ids(self, step: int) -> list[int]:
         """This step's training tasks: a uniform draw without replacement from the train split."""
-        available = self.train_envs[0].task_ids
+        available = self.train_envs.task_ids
         count = self.config.data.train_tasks_per_step
         picks = numpy_rng(self.config.seed, Stream.TASK_DRAW, step).choice(
             len(available), size=count, replace=count > len(available))
@@ -165,8 +165,8 @@ class Trainer:
         placement, outputs = batch_sharding(self.mesh, leading=1), []
         for epoch, start, rows in minibatches.minibatch_rows(batch["row_valid"], c.actor.ppo_epochs,
                                                              c.actor.ppo_mini_batch_size, rng):
-            minibatch = jax.device_put(minibatches.micro_split(batch, rows, keys, c.actor.ppo_micro_batch_size),
-                                       placement)
+            minibatch = distributed.global_arrays(
+                minibatches.micro_split(batch, rows, keys, c.actor.ppo_micro_batch_size), placement)
             self.policy.params, self.opt_state, out = update(
                 self.policy.params, self.opt_state, minibatch, update_key(c.seed, replay, step, epoch, start),
                 jnp.float32(sil_weight or 0.0))
@@ -212,9 +212,9 @@ class Trainer:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Success rate (overall and per task type) on the held-out fold, written as ``eval``."""
-        task_ids = list(self.eval_envs[0].task_ids[: self.config.data.eval_episodes])
+        task_ids = list(self.eval_envs.task_ids[: self.config.data.eval_episodes])
         start = time.perf_counter()
-        result = self.eval_engine.run(self.eval_envs[: len(task_ids)], task_ids, self.eval_sampling,
+        result = self.eval_engine.run(self.eval_envs, task_ids, self.eval_sampling,
                                       jax_key(self.config.seed, Stream.EVAL, step))
         metrics = outcome_metrics(result.episodes, result.rows)
         metrics["time/eval"] = time.perf_counter() - start

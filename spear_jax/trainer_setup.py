@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 
 from environments.registry import make_env
-from spear_jax import run_config, train_step
+from spear_jax import distributed, run_config, train_step
 from spear_jax.env_pool import EnvPool, EnvSpec
 from spear_jax.policy import Policy
 from spear_jax.rollout import RolloutEngine, TemplateChatTokenizer
@@ -86,15 +86,27 @@ def env_specs(c: ml_collections.ConfigDict, split: str, count: int) -> list[EnvS
 
 
 def make_envs(c: ml_collections.ConfigDict) -> tuple:
-    """(one training environment per episode of a step, one evaluation environment per episode):
-    lists of in-process environments, or with ``env.num_workers > 1`` two ``EnvPool``s of that
-    many workers each (processes or Ray actors, ``env.worker_backend``; the same environments,
-    built inside the workers)."""
+    """(this process's training environments of a step, its evaluation environments), each an
+    ``distributed.EnvShare`` of the process's block of whole groups (``distributed.owned_range``;
+    one process owns them all): in-process environments, or with ``env.num_workers > 1`` an
+    ``EnvPool`` of that many workers (processes or Ray actors, ``env.worker_backend``; the same
+    environments, built inside the workers)."""
     episodes = c.data.train_tasks_per_step * c.data.group_size
-    specs = env_specs(c, "train", episodes), env_specs(c, c.data.eval_split, c.data.eval_episodes)
-    if c.env.num_workers > 1:
-        return tuple(EnvPool(s, c.env.num_workers, c.env.step_timeout_s, c.env.worker_backend) for s in specs)
-    return tuple([make_env(spec.name, **spec.kwargs) for spec in s] for s in specs)
+    shares = []
+    for split, count, group in (("train", episodes, c.data.group_size), (c.data.eval_split, c.data.eval_episodes, 1)):
+        owned = distributed.owned_range(count, group)
+        if not owned:
+            field = "data.train_tasks_per_step" if split == "train" else "data.eval_episodes"
+            raise run_config.ConfigError(
+                f"config.{field} gives {count // group} groups for {jax.process_count()} processes: "
+                f"process {jax.process_index()} would own none; raise it to at least the process count")
+        specs = env_specs(c, split, count)[owned.start:owned.stop]
+        if c.env.num_workers > 1:
+            local = EnvPool(specs, c.env.num_workers, c.env.step_timeout_s, c.env.worker_backend)
+        else:
+            local = [make_env(spec.name, **spec.kwargs) for spec in specs]
+        shares.append(distributed.EnvShare(local, owned, count))
+    return tuple(shares)
 
 
 class LogProbPass:
@@ -118,15 +130,15 @@ class LogProbPass:
     def _chunks(self, fn, params, tokens: np.ndarray, valid: np.ndarray) -> list[tuple[int, object]]:
         """(first row, device output) of every micro-batch of rows holding a valid token."""
         real = valid.any(axis=1)
-        return [(start, fn(params, jax.device_put(tokens[start:start + self.micro], self.sharding),
-                           jax.device_put(valid[start:start + self.micro], self.sharding)))
+        return [(start, fn(params, distributed.global_array(tokens[start:start + self.micro], self.sharding),
+                           distributed.global_array(valid[start:start + self.micro], self.sharding)))
                 for start in range(0, tokens.shape[0], self.micro) if real[start:start + self.micro].any()]
 
     def _gather(self, chunks, shape) -> np.ndarray:
         """The chunks' [micro, L] outputs in a zero [B, L] float32 array."""
         out = np.zeros(shape, np.float32)
         for start, chunk in chunks:
-            out[start:start + self.micro] = np.asarray(chunk)
+            out[start:start + self.micro] = distributed.host_values(chunk)
         return out
 
     def with_entropy(self, params, tokens: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -143,7 +143,10 @@ class TrajectoryLogger:
         self.every, self.per_step = every, per_step
 
     def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
+        """Every ``every`` steps, on the process that writes the run's files (process 0)."""
+        from spear_jax import distributed
+
+        return self.every > 0 and step % self.every == 0 and distributed.is_writer()
 
     def record(self, step: int, rows: Sequence, shaped: np.ndarray, flags: Mapping[str, np.ndarray],
                batch: Mapping[str, np.ndarray], rng: np.random.Generator) -> list[dict]:

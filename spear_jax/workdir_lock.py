@@ -32,7 +32,12 @@ class WorkdirLockedError(RuntimeError):
 
 
 def _lock_path(workdir: str) -> str:
-    return os.path.join(os.path.realpath(workdir), LOCK_FILE)
+    """``<workdir>/.lock``; process p > 0 of a multi-process run holds ``.lock.process<p>`` (every
+    process of the run shares the workdir, each guards against a second run of its own rank)."""
+    import jax
+
+    process = jax.process_index()
+    return os.path.join(os.path.realpath(workdir), LOCK_FILE + (f".process{process}" if process else ""))
 
 
 def _read_owner(descriptor: int) -> dict:

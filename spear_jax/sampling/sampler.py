@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from spear_jax.distributed import host_values
 from spear_jax.model import KVCache, ModelConfig, init_cache, lora
 from spear_jax.sampling import decode
 from spear_jax.sampling.distribution import SamplingKnobs
@@ -228,7 +229,7 @@ class Sampler:
                 max_steps=length_bucket(sampling.max_new_tokens), window=window, rules=self.config.sharding_rules,
                 layerwise=self.mesh is None,
             )
-        out_tokens, out_logprobs, num, finish = jax.device_get((out_tokens, out_logprobs, num, finish))
+        out_tokens, out_logprobs, num, finish = host_values((out_tokens, out_logprobs, num, finish))
         results: list[Generation | None] = []
         for b, row in enumerate(rows):
             if row is None:

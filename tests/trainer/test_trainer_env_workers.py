@@ -15,7 +15,7 @@ def _one_step(workdir, num_workers):
     c.trainer.checkpoint_every = 100
     trainer = Trainer(c, str(workdir))
     trainer.engine.sampler = RandomAdmissibleSampler(trainer.engine.tokenizer)
-    pools = [envs for envs in (trainer.train_envs, trainer.eval_envs) if hasattr(envs, "processes")]
+    pools = [envs.local for envs in (trainer.train_envs, trainer.eval_envs) if hasattr(envs.local, "processes")]
     pids = [process.pid for pool in pools for process in pool.processes]
     try:
         trainer.train()
