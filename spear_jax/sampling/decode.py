@@ -14,8 +14,8 @@ Per row b, with budget[b] new tokens allowed:
                          (the final token of a row also enters its cache, so a later turn
                          continues after it)
 
-The prefill runs the model's ``forward_last``; with ``layerwise`` (the sampler's choice without a
-mesh) the loop runs ``decode_step.decode_step``, the same computation for one token per row over
+The prefill runs the model's ``forward_last``; with ``layerwise`` (``use_layerwise_step``: whole
+layers on every device and blocks unrolled) the loop runs ``decode_step.decode_step``, the same computation for one token per row over
 one K/V buffer per layer (``LayerKV``, split from the window once per call and written back at
 the end) and per-layer weights sliced once per call; otherwise ``forward_last`` again.
 
@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from spear_jax.model import KVCache, forward_last
 from spear_jax.model.kv_cache import LayerKV, merge_layers, split_layers
+from spear_jax.model.transformer import SCAN_UNROLLED_MAX_LAYERS
 from spear_jax.sampling import stops
 from spear_jax.sampling.decode_step import LAYER_CACHE_AXES, decode_step, layer_blocks
 from spear_jax.sampling.distribution import SamplingKnobs, sample_tokens
@@ -104,11 +105,23 @@ def _constrain_layers(cache: LayerKV, rules) -> LayerKV:
     return LayerKV(k=each(cache.k), v=each(cache.v), lengths=cache.lengths)
 
 
+def use_layerwise_step(cfg, mesh) -> bool:
+    """Whether decode runs ``decode_step`` over per-layer buffers and weights (fast on CPU: no
+    per-token copy of a layer's weights out of the stack) rather than the model's scanned
+    ``forward_last``. Layerwise needs every device to hold whole layers (no mesh axis but
+    ``data`` larger than 1: otherwise XLA gathers every layer's sharded weights at once) and
+    traces one step per layer, so it is taken only where the model's own blocks are unrolled
+    too (``scan_layers`` False, or at most ``SCAN_UNROLLED_MAX_LAYERS`` layers): a scanned deep
+    model keeps a decode compile time independent of its depth."""
+    sharded = mesh is not None and any(size > 1 for axis, size in mesh.shape.items() if axis != "data")
+    return not sharded and (not cfg.scan_layers or cfg.num_layers <= SCAN_UNROLLED_MAX_LAYERS)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules", "layerwise"),
                    donate_argnames=("cache",))
 def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, knobs: SamplingKnobs,
                       table: stops.StopTable, key, first_row=0, *, max_steps: int, window: int, rules,
-                      layerwise: bool = True):
+                      layerwise: bool):
     """Append then decode.
 
     tokens, valid: [B, L] int32 / bool, the tokens appended to each row (any padding layout);
@@ -117,8 +130,8 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
     fold_in(key, first_row + b), so a batch decoded in chunks draws what it draws at once);
     window: cache slots the program works on (<= cache.max_len; see the module docstring);
     rules: the model's sharding rules (for the cache layout under a mesh); layerwise: decode
-    with ``decode_step`` (per-layer buffers and weights; the sampler's choice without a mesh)
-    or with the model's scanned ``forward_last`` (under a mesh; see ``_decode_path``).
+    with ``decode_step`` (per-layer buffers and weights) or with the model's scanned
+    ``forward_last`` (``use_layerwise_step`` decides; see ``_decode_path``).
     Returns (out_tokens [B, max_steps] int32, out_logprobs [B, max_steps] float32,
     num_generated [B] int32, finish [B] int32 in {RUNNING (inactive), EOS, STOP, LENGTH}, cache).
     """

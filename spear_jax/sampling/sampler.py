@@ -227,7 +227,7 @@ class Sampler:
                 self.graphdef, self._state, cache, jnp.asarray(tokens), jnp.asarray(valid),
                 jnp.asarray(budget), knobs, table, key, jnp.int32(first_row),
                 max_steps=length_bucket(sampling.max_new_tokens), window=window, rules=self.config.sharding_rules,
-                layerwise=self.mesh is None,
+                layerwise=decode.use_layerwise_step(self.config, self.mesh),
             )
         out_tokens, out_logprobs, num, finish = host_values((out_tokens, out_logprobs, num, finish))
         results: list[Generation | None] = []

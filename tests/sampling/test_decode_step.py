@@ -1,4 +1,6 @@
 """The one-token decode step equals the model's cached forward of a one-token chunk."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +8,9 @@ import numpy as np
 from spear_jax.model import KVCache, forward_last, get_model_config, init_cache
 from spear_jax.model.kv_cache import merge_layers, split_layers
 from spear_jax.model.layers import grouped_attention
+from spear_jax.sampling import decode
 from spear_jax.sampling.decode_step import attend_one_query, decode_step, layer_blocks
+from spear_jax.sharding import make_mesh
 from tests.sampling.reference import random_state
 
 
@@ -39,3 +43,13 @@ def test_decode_step_equals_the_cached_forward_of_one_token():
     np.testing.assert_allclose(got.k, want.k, atol=1e-5)
     np.testing.assert_allclose(got.v, want.v, atol=1e-5)
     np.testing.assert_array_equal(got.k[:, 2], cache.k[:, 2])  # the row that is not live: untouched
+
+
+def test_layerwise_step_only_with_whole_layers_per_device_and_unrolled_blocks():
+    tiny, deep = get_model_config("tiny"), get_model_config("smollm2-135m")
+    assert decode.use_layerwise_step(tiny, None)
+    assert decode.use_layerwise_step(tiny, make_mesh(data=-1))
+    assert not decode.use_layerwise_step(tiny, make_mesh(data=-1, fsdp=2))
+    assert not decode.use_layerwise_step(tiny, make_mesh(data=-1, tensor=2))
+    assert not decode.use_layerwise_step(deep, None)  # scanned 30 layers: depth-independent compile
+    assert decode.use_layerwise_step(dataclasses.replace(deep, scan_layers=False), None)

@@ -38,7 +38,8 @@ def _stacked(cache):
     return dict(k=np.asarray(cache.k), v=np.asarray(cache.v), lengths=np.asarray(cache.lengths))
 
 
-def test_windowed_program_equals_whole_cache_program_and_leaves_the_rest_alone(cfg, model):
+@pytest.mark.parametrize("layerwise", [True, False])  # decode_step / the scanned forward_last
+def test_windowed_program_equals_whole_cache_program_and_leaves_the_rest_alone(cfg, model, layerwise):
     graphdef, state = model
     batch, max_len, window, width = 4, 96, 32, 16
     lengths = [9, 50, 0, 20]  # row 1 is inactive and holds more than the window
@@ -57,7 +58,7 @@ def test_windowed_program_equals_whole_cache_program_and_leaves_the_rest_alone(c
         before = jax.device_get(cache)
         out = decode.extend_and_decode(
             graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(budget), knobs,
-            table, jax.random.key(5), max_steps=16, window=w, rules=cfg.sharding_rules)
+            table, jax.random.key(5), max_steps=16, window=w, rules=cfg.sharding_rules, layerwise=layerwise)
         results[w] = jax.device_get(out)
     (t_w, lp_w, n_w, f_w, c_w), (t_f, lp_f, n_f, f_f, c_f) = results[window], results[max_len]
     before, c_w, c_f = map(_stacked, (before, c_w, c_f))
@@ -79,7 +80,7 @@ def test_windowed_program_equals_whole_cache_program_and_leaves_the_rest_alone(c
         decode.extend_and_decode(
             graphdef, state, _random_cache(cfg, batch, max_len, lengths, 3), jnp.asarray(tokens),
             jnp.asarray(valid), jnp.asarray(budget), knobs, table, jax.random.key(5), max_steps=16,
-            window=max_len + 1, rules=cfg.sharding_rules)
+            window=max_len + 1, rules=cfg.sharding_rules, layerwise=layerwise)
 
 
 GREEDY4 = SamplingParams(greedy=True, max_new_tokens=4)
