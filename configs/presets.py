@@ -157,6 +157,9 @@ def _math_paper(c: ml_collections.ConfigDict, *, qwen3: bool) -> None:
     c.rollout.eval_top_p = 0.6
     c.rollout.kv_cache_dtype = "bfloat16"
     c.rollout.weight_dtype = "bfloat16"
+    # 2048 episodes with an 18,432-slot cache fit no device decoded at once: chunks of 128 rows
+    # fit an H100 or a v5p (docs/scaling.md, "Memory plans").
+    c.rollout.max_decode_rows = 128
     c.actor.lr = 1e-6
     c.actor.entropy_coeff = 0.0
     c.actor.ppo_mini_batch_size = 1024
