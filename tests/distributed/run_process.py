@@ -1,4 +1,5 @@
-"""One process of a short SPEAR run on TextWorldExpress (tiny model), for the multi-process tests.
+"""One process of a short SPEAR run (tiny model) on TextWorldExpress or, with ``--task math``, on
+procedural arithmetic with the code interpreter, for the multi-process tests.
 
     python tests/distributed/run_process.py WORKDIR --devices 2 --processes 2 --process-id 0 --port 12345
 
@@ -6,7 +7,9 @@ Sets its own simulated CPU device count, joins ``--processes`` processes through
 coordinator (one process: no coordinator), and trains ``--steps`` steps. The sampler is the real
 one, called in lockstep over the global mesh; its decoded tokens then pick a random admissible
 action (seeded by the step's key, the prompt and the decoded tokens), so groups win and lose, the
-replay buffer triggers, and any difference in the decoded tokens changes the run's metrics.
+replay buffer triggers, and any difference in the decoded tokens changes the run's metrics. Math
+episodes keep the sampler's text (trajectory rows: one persistent session decoding every
+process's rows in lockstep).
 ``--stop-at-step k`` stops process ``--stopping-process`` as step k begins: it dies abruptly
 (``--stop-how die``, ``os._exit``) or hangs (``--stop-how hang``).
 """
@@ -26,6 +29,7 @@ def _parse(argv):
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--task", choices=("twx", "math"), default="twx")
     parser.add_argument("--stop-at-step", type=int, default=0)
     parser.add_argument("--stop-how", choices=("die", "hang"), default="die")
     parser.add_argument("--stopping-process", type=int, default=1)
@@ -55,15 +59,19 @@ _ADMISSIBLE = re.compile(r"(?:admissible actions of the current situation are|Ad
                          re.M)
 
 
-def config(steps: int):
-    """SPEAR (GRPO base) on the one-room coin game: 4 tasks x 2 episodes a step, a replay buffer
-    small enough to trigger at step 2."""
-    c = importlib.import_module("configs.spear").get_config("twx_tiny,grpo")
+def config(steps: int, task: str):
+    """SPEAR (GRPO base), 4 tasks x 2 episodes a step: on the one-room coin game (step rows) with
+    a replay buffer small enough to trigger at step 2, or on procedural arithmetic with the code
+    interpreter (trajectory rows on the sampler's multi-turn session)."""
+    c = importlib.import_module("configs.spear").get_config(f"{task}_tiny,grpo")
     c.unlock()
     c.data.train_tasks_per_step, c.data.group_size, c.data.eval_episodes = 4, 2, 4
-    c.env.history_length, c.env.max_steps = 0, 3
-    c.env.kwargs = {"game": "coin", "game_params": {"numLocations": 1, "numDistractorItems": 0,
-                                                    "includeDoors": 0}}
+    if task == "twx":
+        c.env.history_length, c.env.max_steps = 0, 3
+        c.env.kwargs = {"game": "coin", "game_params": {"numLocations": 1, "numDistractorItems": 0,
+                                                        "includeDoors": 0}}
+    else:
+        c.env.kwargs.size = 64
     c.rollout.max_response_length = c.actor.loss_agg_max_response_length = 16
     c.actor.ppo_mini_batch_size, c.actor.ppo_micro_batch_size = 16, 8
     c.replay.buffer_size = 4  # triggers at step 2 (valid rows > 1.5 x 4), replays 4 rows
@@ -104,11 +112,12 @@ class DecodedAdmissible:
 
 
 def main() -> None:
-    c = config(args.steps)
+    c = config(args.steps, args.task)
     distributed.initialize(c)
     trainer = Trainer(c, args.workdir)
-    for engine in (trainer.engine, trainer.eval_engine):
-        engine.sampler = DecodedAdmissible(engine.sampler, engine.tokenizer)
+    if args.task == "twx":  # math rows keep the sampler's own text
+        for engine in (trainer.engine, trainer.eval_engine):
+            engine.sampler = DecodedAdmissible(engine.sampler, engine.tokenizer)
     if args.stop_at_step:
         step = trainer.train_step
 

@@ -64,8 +64,8 @@ def _finish(started, timeout: float) -> list[tuple[int | None, str, float]]:
     return out
 
 
-def _train(workdir) -> dict[int, dict]:
-    return {r["step"]: r for r in run_metrics.read_metrics(str(workdir)) if r["split"] == "train"}
+def _train(workdir, split: str = "train") -> dict[int, dict]:
+    return {r["step"]: r for r in run_metrics.read_metrics(str(workdir)) if r["split"] == split}
 
 
 def _untimed(record: dict) -> dict:
@@ -150,6 +150,7 @@ def runs(tmp_path_factory):
     out["resumed"] = _finish(_launch(root / "resumed", 2, 2, 2), 900)
     out["resumed_one"] = _finish(_launch(root / "resumed_one", 1, 4, 2), 900)
     out["metrics"] = {name: _train(root / name) for name in ("one", "two", "resumed", "resumed_one")}
+    out["root"] = root
     return out
 
 
@@ -162,6 +163,23 @@ def test_two_processes_train_as_one(runs):
     assert one[2]["replay/triggered"] == 1.0 and one[2]["sil/optimizer_steps"] >= 1  # the replay path ran
     for step in (1, 2):
         _assert_same_run(one[step], two[step], step)
+    # the held-out evaluation after the last step: episodes split over the processes, reduced
+    one_eval, two_eval = _train(runs["root"] / "one", "eval"), _train(runs["root"] / "two", "eval")
+    assert sorted(one_eval) == sorted(two_eval) == [2] and one_eval[2]["episodes"] == 4
+    assert _untimed(one_eval[2]) == _untimed(two_eval[2])
+
+
+@pytest.mark.slow
+def test_two_processes_decode_trajectory_rows_as_one(tmp_path):
+    """Math (trajectory rows): the multi-turn session decodes both processes' rows in lockstep."""
+    runs = {name: _finish(_launch(tmp_path / name, processes, devices, 1, "--task", "math"), 900)
+            for name, processes, devices in (("one", 1, 4), ("two", 2, 2))}
+    for name, ended in runs.items():
+        assert all(code == 0 for code, _, _ in ended), ended[0][1][-3000:]
+    one, two = _train(tmp_path / "one"), _train(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1] and one[1]["rollout/rows"] == 8
+    _assert_same_run(one[1], two[1], 1)
+    assert _untimed(_train(tmp_path / "one", "eval")[1]) == _untimed(_train(tmp_path / "two", "eval")[1])
 
 
 @pytest.mark.slow
