@@ -124,6 +124,15 @@ def best_times(run_short, run_long, repeats):
     return first, best_short, best_long, out
 
 
+def decode_rate(batch: int, n_long: int, n_short: int, t_long: float, t_short: float) -> float:
+    """Decode tokens/s from the difference of a long and a short run, batch * (n_long - n_short) /
+    (t_long - t_short); NaN when the long run was not measurably slower (the decode steps between
+    them took less than the timing noise: a loaded machine, or too few --new-tokens)."""
+    if t_long <= t_short:
+        return float("nan")
+    return batch * (n_long - n_short) / (t_long - t_short)
+
+
 def session_seconds(sampler, batch, prompt_len, turns, obs_len, new_tokens, repeats):
     """(first-call seconds, best seconds) of one multi-turn session on a fresh ``max_len`` cache:
     a prompt of ``prompt_len`` tokens, then ``turns`` turns of ``new_tokens`` greedy tokens, an
@@ -282,7 +291,7 @@ def main():
             roofs = dict(peak_gflops=peak, read_gbs=read, shape_gflops=matmul_gflops(
                 batch, cfg.hidden_size, cfg.vocab_size))
             row = dict(model=name, batch=batch, prompt_len=args.prompt_len, new_tokens=n_long,
-                       jax_decode_tok_s=batch * (n_long - n_short) / (t_long - t_short),
+                       jax_decode_tok_s=decode_rate(batch, n_long, n_short, t_long, t_short),
                        jax_e2e_tok_s=batch * n_long / t_long, jax_first_call_s=first_call,
                        load_avg_1m=os.getloadavg()[0], shape_roof_gflops=roofs["shape_gflops"])
             row.update(roof_columns("jax", cfg, batch, row["jax_decode_tok_s"], attended, slots,
@@ -291,7 +300,7 @@ def main():
                 _, h_short, h_long, hf_tokens = best_times(
                     hf_runner(hf_model, prompts, n_short, args.hf_device),
                     hf_runner(hf_model, prompts, n_long, args.hf_device), args.repeats)
-                row.update(hf_decode_tok_s=batch * (n_long - n_short) / (h_long - h_short),
+                row.update(hf_decode_tok_s=decode_rate(batch, n_long, n_short, h_long, h_short),
                            hf_e2e_tok_s=batch * n_long / h_long,
                            greedy_agreement=float(np.mean(jax_tokens == hf_tokens)))
                 row["decode_speedup"] = row["jax_decode_tok_s"] / row["hf_decode_tok_s"]
@@ -304,6 +313,10 @@ def main():
                                      label=f"profile model={name} batch={batch} steps={n_long}"), flush=True)
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   flush=True)
+            if any(np.isnan(row.get(k, 0.0)) for k in ("jax_decode_tok_s", "hf_decode_tok_s")):
+                print(f"  decode rate not resolved at batch={batch}: the {n_long}-token run was not slower than "
+                      f"the {n_short}-token run; raise --new-tokens or --repeats, or measure on a quieter machine",
+                      flush=True)
     print(f"load average at end {os.getloadavg()}")
     print(f"roofs at end: matmul {matmul_gflops(1024, 1024, 1024):.1f} GFLOP/s, "
           f"read {read_gbs(args.read_mib):.1f} GB/s")
