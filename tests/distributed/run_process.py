@@ -16,7 +16,6 @@ process's rows in lockstep).
 import argparse
 import hashlib
 import os
-import re
 import sys
 import time
 
@@ -52,11 +51,9 @@ import numpy as np  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from spear_jax import distributed  # noqa: E402
-from spear_jax.sampling import Generation  # noqa: E402
 from spear_jax.trainer import Trainer  # noqa: E402
+from tests.admissible import admissible_turn  # noqa: E402
 
-_ADMISSIBLE = re.compile(r"(?:admissible actions of the current situation are|Admissible actions): \[(.*)\]\.$",
-                         re.M)
 
 
 def config(steps: int, task: str):
@@ -102,12 +99,7 @@ class DecodedAdmissible:
         for prompt, generation in zip(prompts, decoded):
             digest = hashlib.sha256(np.asarray(prompt, np.int64).tobytes()
                                     + np.asarray(generation.tokens, np.int64).tobytes()).digest()
-            rng = np.random.default_rng(key_words + list(digest[:8]))
-            actions = re.findall(r"'([^']*)'", _ADMISSIBLE.search(self.chat.decode(prompt)).group(1))
-            text = f"<think>go</think><action>{actions[rng.integers(len(actions))]}</action>"
-            tokens = np.asarray(self.chat.encode(text) + list(self.chat.assistant_end_ids), np.int32)
-            out.append(Generation(tokens=tokens, logprobs=np.full(tokens.shape, -0.5, np.float32),
-                                  finish_reason="stop"))
+            out.append(admissible_turn(self.chat, prompt, np.random.default_rng(key_words + list(digest[:8]))))
         return out
 
 

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import re
 
 import jax
 import numpy as np
@@ -15,13 +14,10 @@ import pytest
 
 from spear_jax import metrics as run_metrics
 from spear_jax import run_config
-from spear_jax.sampling import Generation
 from spear_jax.trainer import Trainer
+from tests.admissible import admissible_turn
 from tests.environments.webshop_data import write_webshop_data_dir
 
-# The list runs to the line's final "]." (WebShop actions hold brackets: search[...], click[...]).
-_ADMISSIBLE = re.compile(r"(?:admissible actions of the current situation are|Admissible actions): \[(.*)\]\.$",
-                         re.M)
 
 
 class RandomAdmissibleSampler:
@@ -35,13 +31,7 @@ class RandomAdmissibleSampler:
     def generate(self, prompts, sampling, key):
         rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
         out = []
-        for prompt in prompts:
-            actions = re.findall(r"'([^']*)'", _ADMISSIBLE.search(self.chat.decode(prompt)).group(1))
-            text = f"<think>go</think><action>{actions[rng.integers(len(actions))]}</action>"
-            tokens = np.asarray(self.chat.encode(text) + list(self.chat.assistant_end_ids), np.int32)
-            out.append(Generation(tokens=tokens, logprobs=np.full(tokens.shape, -0.5, np.float32),
-                                  finish_reason="stop"))
-        return out
+        return [admissible_turn(self.chat, prompt, rng) for prompt in prompts]
 
 
 def _config(method, preset="twx_tiny", steps=2):
