@@ -1,13 +1,15 @@
 """``python -m spear_jax.study``: run a study and write its results, or rewrite a results folder.
 
     python -m spear_jax.study --study=configs/studies/twx_methods.py --workdir=studies/twx [--parallel=N]
-        [--results=results/<study name>]
+        [--results=results/<study name>] [--collect]
     python -m spear_jax.study --report=results/twx_methods
 
 A study run records the warm-start data, trains what is not finished (an interrupted study
 resumes: rerun the same command), copies the finished runs' compact metrics into the results
-folder and writes ``results.json``, ``results.md`` and the figures there. ``--report`` rewrites
-those three from the folder's ``study.json`` and compact metrics alone.
+folder and writes ``results.json``, ``results.md`` and the figures there. ``--collect`` does only
+that last part: it trains nothing and reports the runs finished so far (e.g. of a sweep still
+running or stopped half-way; the report lists the runs it lacks). ``--report`` rewrites those
+three from the folder's ``study.json`` and compact metrics alone.
 """
 from __future__ import annotations
 
@@ -71,11 +73,20 @@ def run_loaded_study(study, workdir: str, parallel: int, results_dir: str | None
     scheduler.record_warm_data(study, study_spec.warm_start_specs(specs))
     check_runs(study_spec.warm_start_specs(specs))
     outcome = scheduler.execute(specs, parallel, runner or scheduler.subprocess_runner)
+    collect_and_report(study, workdir, results_dir)
+    return outcome
+
+
+def collect_and_report(study, workdir: str, results_dir: str | None) -> dict[str, str]:
+    """Copies the finished runs of ``workdir`` into the results folder (default
+    ``results/<study name>``) and writes its report; trains nothing. Returns each run's state
+    (``scheduler.run_state``)."""
+    specs = study_spec.run_specs(study, workdir)
     results_dir = results_dir or os.path.join("results", study.name)
     collect(study, specs, workdir, results_dir)
     report.write_report(results_dir)
     print(f"results: {results_dir}/results.md", flush=True)
-    return outcome
+    return {spec.name: scheduler.run_state(spec) for spec in specs}
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -84,6 +95,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", help="the study's directory of runs")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (subprocesses)")
     parser.add_argument("--results", default=None, help="results folder (default results/<study name>)")
+    parser.add_argument("--collect", action="store_true",
+                        help="train nothing: report the runs of --workdir finished so far")
     parser.add_argument("--report", default=None, help="only rewrite the report of this results folder")
     args = parser.parse_args(argv)
     if args.report is None and not (args.study and args.workdir):
@@ -98,6 +111,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: --report={args.report}: no study.json there (a results/<study> folder)", file=sys.stderr)
             return 2
         report.write_report(args.report)
+        return 0
+    if args.collect:
+        try:
+            states = collect_and_report(study_spec.load_study(args.study), args.workdir, args.results)
+        except study_spec.StudyConfigError as error:
+            print(f"study config error: {error}", file=sys.stderr)
+            return 2
+        unfinished = sorted(name for name, state in states.items() if state != "finished")
+        print(f"{len(states) - len(unfinished)} of {len(states)} runs finished" +
+              (f"; not yet: {', '.join(unfinished)}" if unfinished else ""), flush=True)
         return 0
     try:
         outcome = run_study(args.study, args.workdir, args.parallel, args.results)

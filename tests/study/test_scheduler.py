@@ -183,3 +183,34 @@ def test_warm_start_data_that_cannot_be_recorded_is_a_study_config_error(tmp_pat
     warm = study_spec.warm_start_specs(study_spec.run_specs(config, str(tmp_path)))
     with pytest.raises(study_spec.StudyConfigError, match="warm_start/seed4: recording its data: raise config"):
         scheduler.record_warm_data(config, warm)
+
+
+def test_collect_reports_the_finished_runs_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    """``--collect`` on a sweep half done: the finished run is reported, the partial one is listed
+    as missing, and no runner is called."""
+    from spear_jax.study.__main__ import main
+
+    def no_run(spec):
+        raise AssertionError(f"{spec.name} ran")
+
+    monkeypatch.setattr(scheduler, "subprocess_runner", no_run)
+    study_file = tmp_path / "toy.py"
+    study_file.write_text("from configs.studies._common import method, study\n"
+                          "def get_config():\n"
+                          "    return study('toy', 'toy', (0,), 'a', (method('a', 'A', 'configs/drbot.py:twx_tiny'),\n"
+                          "                 method('b', 'B', 'configs/drbot.py:twx_tiny')), 'configs/sft.py:twx_tiny',\n"
+                          "                 'gold', 3, 1, 8)\n")
+    workdir, results = tmp_path / "w", tmp_path / "results"
+    finished, partial = study_spec.run_specs(study_spec.load_study(str(study_file)), str(workdir))
+    _finish(finished)
+    with open(os.path.join(finished.workdir, "metrics.jsonl"), "a") as handle:
+        handle.write(json.dumps({"split": "eval", "step": 0, "success_rate": 0.25}) + "\n")
+    _save_checkpoint(partial.workdir, 1)
+    _write_metrics(partial.workdir, 1)
+    argv = [f"--study={study_file}", f"--workdir={workdir}", f"--results={results}", "--collect"]
+    assert main(argv) == 0
+    assert "1 of 2 runs finished; not yet: b/seed0" in capsys.readouterr().out
+    data = json.loads((results / "results.json").read_text())
+    assert data["methods"]["a"]["seeds"][0]["eval_success"] == [0.25] and data["methods"]["b"]["seeds"] == []
+    assert "B seed 0" in (results / "results.md").read_text()
+    assert not (results / "metrics" / "b" / "seed0.jsonl").exists()
