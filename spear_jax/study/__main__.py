@@ -2,14 +2,16 @@
 
     python -m spear_jax.study --study=configs/studies/twx_methods.py --workdir=studies/twx [--parallel=N]
         [--results=results/<study name>] [--collect]
-    python -m spear_jax.study --report=results/twx_methods
+    python -m spear_jax.study --report=results/twx_methods [--docs README.md docs/results.md]
 
 A study run records the warm-start data, trains what is not finished (an interrupted study
 resumes: rerun the same command), copies the finished runs' compact metrics into the results
 folder and writes ``results.json``, ``results.md`` and the figures there. ``--collect`` does only
 that last part: it trains nothing and reports the runs finished so far (e.g. of a sweep still
 running or stopped half-way; the report lists the runs it lacks). ``--report`` rewrites those
-three from the folder's ``study.json`` and compact metrics alone.
+three from the folder's ``study.json`` and compact metrics alone; with ``--docs`` it also rewrites
+the study's headline table in those markdown files, between ``<!-- results:<study> -->`` and
+``<!-- /results:<study> -->``.
 """
 from __future__ import annotations
 
@@ -98,6 +100,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--collect", action="store_true",
                         help="train nothing: report the runs of --workdir finished so far")
     parser.add_argument("--report", default=None, help="only rewrite the report of this results folder")
+    parser.add_argument("--docs", nargs="*", default=(),
+                        help="with --report: markdown files whose <!-- results:<study> --> table to rewrite")
     args = parser.parse_args(argv)
     if args.report is None and not (args.study and args.workdir):
         parser.error("give --study and --workdir (run a study) or --report=results/<study> (rewrite its report)")
@@ -110,7 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not os.path.isfile(os.path.join(args.report, "study.json")):
             print(f"error: --report={args.report}: no study.json there (a results/<study> folder)", file=sys.stderr)
             return 2
-        report.write_report(args.report)
+        results = report.write_report(args.report)
+        for path in args.docs:
+            if not report.update_marked_blocks(path, results):
+                start, end = report.marked_block(results["study"])
+                print(f"error: --docs {path}: no {start} ... {end} block to rewrite", file=sys.stderr)
+                return 2
         return 0
     if args.collect:
         try:

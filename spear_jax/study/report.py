@@ -46,9 +46,13 @@ FIGURES = (
     ("train", "replay/triggered", "replay triggered"),
     ("train", "reward/toolcall_factor", "tool-call reward factor"),
 )
+# The figures' keys plus what diagnoses the replay (rows replayed, the P50 baseline, rows dropped
+# by recalibration) and the update (PPO KL, the lower clip fraction's partner).
 COMPACT_KEYS = {
     "eval": ("success_rate", "episode_return", "episode_length", "tool_calls"),
-    "train": tuple(key for split, key, _ in FIGURES if split == "train") + ("replay/num_replays",),
+    "train": tuple(key for split, key, _ in FIGURES if split == "train") + (
+        "replay/num_replays", "replay/rows", "replay/p50_mean", "replay/candidates", "replay/sign_filtered",
+        "actor/ppo_kl", "actor/cov_num_selected"),
 }
 SUMMARIES = ("final", "best", "auc")
 
@@ -94,6 +98,22 @@ def copy_warm_start_stats(workdir: str, results_dir: str, seeds: Sequence[int]) 
             shutil.copyfile(source, os.path.join(results_dir, "warm_start_data", f"seed{seed}.json"))
 
 
+def load_study(results_dir: str) -> dict:
+    """The results folder's ``study.json``."""
+    path = os.path.join(results_dir, "study.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing (a results folder written by python -m spear_jax.study)")
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def load_records(results_dir: str) -> dict[str, dict[int, list[dict]]]:
+    """{method name: {seed: compact records}} of every run in the results folder, in the study's
+    method order (a method without runs maps to ``{}``)."""
+    study = load_study(results_dir)
+    return {m["name"]: _seed_records(results_dir, m["name"], study["seeds"]) for m in study["methods"]}
+
+
 def _seed_records(results_dir: str, method: str, seeds: Sequence[int]) -> dict[int, list[dict]]:
     """{seed: compact records} of the method's runs present in the results folder."""
     found = {}
@@ -121,8 +141,7 @@ def method_results(study: dict, method: dict, results_dir: str) -> dict:
 
 def study_results(results_dir: str) -> dict:
     """``results.json``'s content from ``study.json`` and the compact metrics."""
-    with open(os.path.join(results_dir, "study.json"), encoding="utf-8") as handle:
-        study = json.load(handle)
+    study = load_study(results_dir)
     methods = {m["name"]: method_results(study, m, results_dir) for m in study["methods"]}
     base = methods[study["baseline"]]
     for name, entry in methods.items():
@@ -181,6 +200,37 @@ def markdown(results: dict, figures: Sequence[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline_table(results: dict) -> str:
+    """The study's headline table: per method, its seeds, final held-out success and AUC (mean
+    [95% interval]) and its paired difference in final success from the baseline."""
+    base = results["baseline"]
+    rows = [[m["label"], len(m["seeds"]), _interval(m.get("final")), _interval(m.get("auc")),
+             "(baseline)" if name == base else _signed_interval(m["vs_baseline"].get("final"))]
+            for name, m in results["methods"].items()]
+    return markdown_table(["method", "seeds", "final held-out success", "AUC",
+                           f"Δ final vs {results['methods'][base]['label']}"], rows)
+
+
+def marked_block(study: str) -> tuple[str, str]:
+    """The comments that enclose a study's headline table in a markdown file."""
+    return f"<!-- results:{study} -->", f"<!-- /results:{study} -->"
+
+
+def update_marked_blocks(path: str, results: dict) -> bool:
+    """Rewrites the text between ``marked_block(study)`` in ``path`` with the headline table;
+    returns whether the file has such a block."""
+    start, end = marked_block(results["study"])
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(f"{head}{start}\n{headline_table(results)}\n{end}{tail}")
+    return True
+
+
 def band_curve(per_seed: Sequence[tuple[list[int], list[float]]]) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
     """(steps every seed has, mean [S], ci_low [S], ci_high [S]) of one metric over seeds."""
     common = sorted(set.intersection(*(set(steps) for steps, _ in per_seed)))
@@ -225,7 +275,7 @@ def write_figures(results: dict, results_dir: str) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
-    records = {name: _seed_records(results_dir, name, results["seeds"]) for name in results["methods"]}
+    records = load_records(results_dir)
     os.makedirs(os.path.join(results_dir, "figures"), exist_ok=True)
     written = []
     for split, key, title in FIGURES:

@@ -99,3 +99,26 @@ def test_compact_records_keep_the_report_keys_and_the_last_record_of_a_step():
         {"split": "eval", "step": 0, "success_rate": 0.25},
         {"split": "train", "step": 1, "actor/entropy": 1.5},
         {"split": "train", "step": 2, "replay/sil_weight": 0.5}]
+
+
+def test_docs_blocks_are_rewritten_with_the_headline_table(tmp_path, capsys):
+    make_fixture(tmp_path / "results")
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Doc\n\nbefore\n<!-- results:fixture -->\nstale | table\n<!-- /results:fixture -->\nafter\n")
+    assert main(["--report", str(tmp_path / "results"), "--docs", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Doc\n\nbefore\n<!-- results:fixture -->\n| method | seeds |") and text.endswith(
+        "<!-- /results:fixture -->\nafter\n")
+    assert "stale" not in text
+    table = text.split("<!-- results:fixture -->\n")[1].split("\n<!-- /results:fixture -->")[0].splitlines()
+    final_low, final_high = stats.bootstrap_interval([0.4, 0.2, 0.4, 0.3625, 0.0875])
+    auc_low, auc_high = stats.bootstrap_interval([0.3, 0.125, 0.425, 0.303125, 0.184375])  # (a + 2b + c) / 4
+    assert table[2] == (f"| Base | 5 | 0.290 [{final_low:.3f}, {final_high:.3f}] | "
+                        f"0.267 [{auc_low:.3f}, {auc_high:.3f}] | (baseline) |")
+    assert table[3].startswith("| Base + SPEAR | 4 | 0.462 [") and "| +0.200 [" in table[3]
+    again = doc.read_text()
+    assert main(["--report", str(tmp_path / "results"), "--docs", str(doc)]) == 0 and doc.read_text() == again
+    plain = tmp_path / "plain.md"
+    plain.write_text("no block\n")
+    assert main(["--report", str(tmp_path / "results"), "--docs", str(plain)]) == 2
+    assert "no <!-- results:fixture --> ... <!-- /results:fixture --> block" in capsys.readouterr().err
