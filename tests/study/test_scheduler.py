@@ -214,3 +214,36 @@ def test_collect_reports_the_finished_runs_and_trains_nothing(tmp_path, monkeypa
     assert data["methods"]["a"]["seeds"][0]["eval_success"] == [0.25] and data["methods"]["b"]["seeds"] == []
     assert "B seed 0" in (results / "results.md").read_text()
     assert not (results / "metrics" / "b" / "seed0.jsonl").exists()
+
+
+def test_methods_option_trains_only_the_listed_methods_and_reports_the_whole_study(tmp_path, monkeypatch):
+    from spear_jax.study.__main__ import run_study
+
+    def fake_record(kind, config, path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").close()
+        return {}
+
+    def finish_with_evals(spec):
+        _finish(spec)
+        if spec.kind == "rl":
+            with open(os.path.join(spec.workdir, "metrics.jsonl"), "a") as handle:
+                handle.write(json.dumps({"split": "eval", "step": 0, "success_rate": 0.5}) + "\n")
+        return 0
+
+    monkeypatch.setattr("spear_jax.study.warm_data.record", fake_record)
+    monkeypatch.setattr("spear_jax.study.__main__.check_runs", lambda specs: None)
+    study_file = tmp_path / "toy.py"
+    study_file.write_text("from configs.studies._common import method, study\n"
+                          "def get_config():\n"
+                          "    return study('toy', 'toy', (0, 1), 'a', tuple(method(n, n.upper(), 'configs/drbot.py:twx_tiny')\n"
+                          "                 for n in 'abc'), 'configs/sft.py:twx_tiny', 'gold', 3, 1, 8)\n")
+    runner = FakeRunner()
+    outcome = run_study(str(study_file), str(tmp_path / "w"), 1, str(tmp_path / "r"),
+                        runner=lambda spec: runner(spec) or finish_with_evals(spec), methods=["c", "a"])
+    assert [name for name, _ in runner.calls] == ["warm_start/seed0", "warm_start/seed1", "a/seed0", "c/seed0",
+                                                  "a/seed1", "c/seed1"]
+    assert set(outcome) == {name for name, _ in runner.calls}
+    assert "B seed 0, B seed 1" in (tmp_path / "r" / "results.md").read_text()  # b is listed as not run
+    with pytest.raises(study_spec.StudyConfigError, match=r"--methods: \['d'\] not in the study; its methods are"):
+        run_study(str(study_file), str(tmp_path / "w"), 1, str(tmp_path / "r"), runner=runner, methods=["d"])
