@@ -127,10 +127,10 @@ class _TokenCounts:
         trainer._optimize = counting_optimize
 
     def _counting_pass(self, fn):
-        def counted(params, tokens, valid):
+        def counted(params, tokens, valid, selected=None):
             self.logprob_tokens += float(valid.sum())
             self.logprob_length = valid.shape[1]
-            return fn(params, tokens, valid)
+            return fn(params, tokens, valid, selected)
 
         return counted
 

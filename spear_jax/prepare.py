@@ -143,10 +143,10 @@ def pack(rows: Sequence[Row], masked: np.ndarray, config: PackConfig) -> Batch:
     return batch
 
 
-# (tokens [B, L] int32, valid [B, L] bool) -> (log-probs [B, L], entropies [B, L]); the reference
-# function returns the log-probs alone.
-PolicyLogProbs = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-ReferenceLogProbs = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# (tokens [B, L] int32, valid [B, L] bool, selected [B, L] bool) -> (log-probs [B, L], entropies
+# [B, L]), needed at the selected positions only; the reference function returns the log-probs alone.
+PolicyLogProbs = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+ReferenceLogProbs = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 def old_logprobs(batch: Batch, policy: PolicyLogProbs,
@@ -154,10 +154,10 @@ def old_logprobs(batch: Batch, policy: PolicyLogProbs,
     """``old_logprobs`` (and with ``reference``, ``ref_logprobs``) [B, L] float32, 0 off the loss
     mask; metrics: the mean entropy and mean |old - sampler| log-prob gap over trained tokens."""
     trained = batch["loss_mask"] > 0
-    logprobs, entropy = policy(batch["tokens"], batch["valid"])
+    logprobs, entropy = policy(batch["tokens"], batch["valid"], trained)
     arrays = {"old_logprobs": np.where(trained, logprobs, 0.0).astype(np.float32)}
     if reference is not None:
-        ref = reference(batch["tokens"], batch["valid"])
+        ref = reference(batch["tokens"], batch["valid"], trained)
         arrays["ref_logprobs"] = np.where(trained, ref, 0.0).astype(np.float32)
     if not trained.any():
         return arrays, {"actor/entropy": 0.0, "actor/behaviour_logprob_gap": 0.0}

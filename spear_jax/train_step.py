@@ -315,14 +315,20 @@ def make_sft_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfor
 
 
 def make_token_stats_fn(graphdef: nnx.GraphDef, temperature: float, chunk_size: int,
-                        entropy: bool = True) -> Callable:
-    """Jitted ``(params, tokens [B, L], valid [B, L]) -> (logprobs, entropy)``: the pre-update
-    recomputation of behaviour log-probs (reference step 4) and the entropy metric. With
-    ``entropy=False`` it returns the log-probs alone and XLA drops the entropy computation (the
-    reference policy's pass)."""
+                        entropy: bool = True, positions: int = 0) -> Callable:
+    """Jitted ``(params, tokens [B, L], valid [B, L], selected [B, L] | None) -> (logprobs,
+    entropy)``: the pre-update recomputation of behaviour log-probs (reference step 4) and the
+    entropy metric. With ``entropy=False`` it returns the log-probs alone and XLA drops the
+    entropy computation (the reference policy's pass). With ``positions`` K in (0, L) and a
+    ``selected`` mask (the loss mask) the statistics are computed at the selected positions only
+    and are 0 elsewhere (``selected_token_stats``: the LM head runs on K positions per row when no
+    row selects more); every consumer reads them under the loss mask, so this is exact."""
 
-    def stats(params, tokens, valid):
-        out = sequence_token_stats(graphdef, params, tokens, valid, temperature, chunk_size)
+    def stats(params, tokens, valid, selected=None):
+        if selected is not None and 0 < positions < tokens.shape[-1]:
+            out = selected_token_stats(graphdef, params, tokens, valid, selected, positions, temperature, chunk_size)
+        else:
+            out = sequence_token_stats(graphdef, params, tokens, valid, temperature, chunk_size)
         return out if entropy else out[0]
 
     return jax.jit(stats)

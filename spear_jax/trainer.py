@@ -153,8 +153,8 @@ class Trainer:
     def _logprob_fns(self):
         """(policy log-probs and entropies, reference log-probs or None) of a batch's tokens."""
         lp, ref = self.logprob_pass, self.ref_params
-        reference = (lambda tokens, valid: lp.logprobs(ref, tokens, valid)) if ref is not None else None
-        return (lambda tokens, valid: lp.with_entropy(self.policy.params, tokens, valid)), reference
+        reference = (lambda *batch: lp.logprobs(ref, *batch)) if ref is not None else None
+        return (lambda *batch: lp.with_entropy(self.policy.params, *batch)), reference
 
     def _optimize(self, batch, step: int, sil_weight: float | None) -> dict[str, float]:
         """One optimizer step per minibatch; ``sil_weight`` (lambda(t)) marks a replay batch."""

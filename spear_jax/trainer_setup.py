@@ -117,21 +117,29 @@ class LogProbPass:
     dispatched before the first result is fetched (the host slices and copies the next while
     the device runs one); a chunk of padding rows alone gets 0 log-probs and entropies. Exact:
     the padding rows come last in a packed batch and carry no loss mask, so nothing downstream
-    reads their values.
+    reads their values. Given the ``selected`` positions (the loss mask), the logits are computed
+    there only (at most ``rollout.max_response_length`` per row, the update's bound:
+    ``make_token_stats_fn``) and the other positions get 0.
     """
 
     def __init__(self, graphdef, c: ml_collections.ConfigDict, mesh):
         temperature, chunk = c.rollout.temperature, c.model.logprob_chunk_size
-        self._with_entropy = train_step.make_token_stats_fn(graphdef, temperature, chunk)
-        self._logprobs = train_step.make_token_stats_fn(graphdef, temperature, chunk, entropy=False)
+        positions = c.rollout.max_response_length  # bounds a row's generated (loss) tokens
+        self._with_entropy = train_step.make_token_stats_fn(graphdef, temperature, chunk, positions=positions)
+        self._logprobs = train_step.make_token_stats_fn(graphdef, temperature, chunk, entropy=False,
+                                                        positions=positions)
         self.micro = c.actor.ppo_micro_batch_size
         self.sharding = batch_sharding(mesh, leading=0)
 
-    def _chunks(self, fn, params, tokens: np.ndarray, valid: np.ndarray) -> list[tuple[int, object]]:
+    def _chunks(self, fn, params, tokens: np.ndarray, valid: np.ndarray,
+                selected: np.ndarray | None) -> list[tuple[int, object]]:
         """(first row, device output) of every micro-batch of rows holding a valid token."""
         real = valid.any(axis=1)
-        return [(start, fn(params, distributed.global_array(tokens[start:start + self.micro], self.sharding),
-                           distributed.global_array(valid[start:start + self.micro], self.sharding)))
+
+        def rows(array, start):
+            return None if array is None else distributed.global_array(array[start:start + self.micro], self.sharding)
+
+        return [(start, fn(params, rows(tokens, start), rows(valid, start), rows(selected, start)))
                 for start in range(0, tokens.shape[0], self.micro) if real[start:start + self.micro].any()]
 
     def _gather(self, chunks, shape) -> np.ndarray:
@@ -141,12 +149,15 @@ class LogProbPass:
             out[start:start + self.micro] = distributed.host_values(chunk)
         return out
 
-    def with_entropy(self, params, tokens: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(log-probs [B, L], entropies [B, L]) of ``tokens`` [B, L] under ``params``."""
-        chunks = self._chunks(self._with_entropy, params, tokens, valid)
+    def with_entropy(self, params, tokens: np.ndarray, valid: np.ndarray,
+                     selected: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(log-probs [B, L], entropies [B, L]) of ``tokens`` [B, L] under ``params``, at the
+        ``selected`` [B, L] positions only when given (0 elsewhere)."""
+        chunks = self._chunks(self._with_entropy, params, tokens, valid, selected)
         return (self._gather([(s, out[0]) for s, out in chunks], tokens.shape),
                 self._gather([(s, out[1]) for s, out in chunks], tokens.shape))
 
-    def logprobs(self, params, tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    def logprobs(self, params, tokens: np.ndarray, valid: np.ndarray,
+                 selected: np.ndarray | None = None) -> np.ndarray:
         """Log-probs [B, L] of ``tokens`` under ``params`` (the compiled pass skips the entropy)."""
-        return self._gather(self._chunks(self._logprobs, params, tokens, valid), tokens.shape)
+        return self._gather(self._chunks(self._logprobs, params, tokens, valid, selected), tokens.shape)

@@ -89,9 +89,9 @@ def test_update_runs_the_model_on_micro_batches_with_a_real_row_only(monkeypatch
     assert len(calls) == 3
 
 
-def _logprob_pass(micro):
-    c = ml_collections.ConfigDict({"rollout": {"temperature": 0.7}, "model": {"logprob_chunk_size": 8},
-                                   "actor": {"ppo_micro_batch_size": micro}})
+def _logprob_pass(micro, positions=LENGTH):
+    c = ml_collections.ConfigDict({"rollout": {"temperature": 0.7, "max_response_length": positions},
+                                   "model": {"logprob_chunk_size": 8}, "actor": {"ppo_micro_batch_size": micro}})
     graphdef, params = nnx.split(init_model(CFG, seed=0))
     return LogProbPass(graphdef, c, sharding.make_mesh(data=-1)), graphdef, params
 
@@ -115,3 +115,19 @@ def test_logprob_pass_computes_chunks_with_a_real_row_only_and_zeros_the_rest():
     reference = lp.logprobs(params, rows["tokens"], rows["valid"])
     np.testing.assert_allclose(reference[:2 * micro], logp[:2 * micro], rtol=1e-6)
     assert not reference[2 * micro:].any()
+
+
+@pytest.mark.parametrize("positions", [10, 4])  # every row's loss mask fits in 10; some exceed 4 (full pass)
+def test_logprob_pass_at_the_loss_mask_equals_the_full_pass_there(positions):
+    micro = jax.device_count()
+    lp, graphdef, params = _logprob_pass(micro, positions)
+    rows = _rows(n_real=2 * micro, n_rows=2 * micro, seed=1)
+    selected = rows["loss_mask"] > 0
+    assert selected.sum(axis=1).max() == 10
+    logp, entropy = lp.with_entropy(params, rows["tokens"], rows["valid"], selected)
+    full_logp, full_entropy = lp.with_entropy(params, rows["tokens"], rows["valid"])
+    np.testing.assert_allclose(logp[selected], full_logp[selected], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(entropy[selected], full_entropy[selected], rtol=1e-5, atol=1e-6)
+    assert not logp[~selected].any() and not entropy[~selected].any()
+    reference = lp.logprobs(params, rows["tokens"], rows["valid"], selected)
+    np.testing.assert_allclose(reference, logp, rtol=1e-6, atol=1e-7)

@@ -118,11 +118,13 @@ def test_old_logprobs_come_from_the_given_functions_masked_to_the_trained_tokens
     _, batch = _packed()
     calls = []
 
-    def policy(tokens, valid):
+    def policy(tokens, valid, selected):
+        np.testing.assert_array_equal(selected, batch["loss_mask"] > 0)  # needed on the loss mask only
         calls.append("policy")
         return -tokens.astype(np.float32), tokens * 0.1
 
-    def reference(tokens, valid):
+    def reference(tokens, valid, selected):
+        np.testing.assert_array_equal(selected, batch["loss_mask"] > 0)
         calls.append("reference")
         return -2.0 * tokens.astype(np.float32)
 
@@ -141,7 +143,7 @@ def test_old_logprobs_come_from_the_given_functions_masked_to_the_trained_tokens
 
 def test_old_logprobs_of_a_batch_without_trained_tokens():
     _, batch = _packed(masked=np.array([True, True]))
-    arrays, metrics = prepare.old_logprobs(batch, lambda t, v: (np.ones(t.shape), np.ones(t.shape)))
+    arrays, metrics = prepare.old_logprobs(batch, lambda t, v, s: (np.ones(t.shape), np.ones(t.shape)))
     assert not arrays["old_logprobs"].any()
     assert metrics == {"actor/entropy": 0.0, "actor/behaviour_logprob_gap": 0.0}
 
