@@ -7,6 +7,16 @@ the full method.
 * no advantage recalibration: ``replay.weight_decay = 1.0`` (decay mode with w = 1: replayed rows
   keep the advantage they were stored with, no P50 baseline and no re-filtering);
 * no Clip-Cov: ``actor.loss_mode = "vanilla"`` (the clipped surrogate on every token).
+
+The full-method row runs exactly the command of ``twx_methods``' ``spear_drbot_grpo`` on the same
+seeds (same config, overrides, budget and warm-start recipe). To train it once for both studies,
+give this study the methods study's warm starts and runs before starting it::
+
+    mkdir -p studies/twx_ablations/runs
+    ln -s ../twx_methods/warm_start ../twx_methods/warm_start_data studies/twx_ablations/
+    ln -s ../../twx_methods/runs/spear_drbot_grpo studies/twx_ablations/runs/spear
+
+(finished runs are skipped; the committed ``results/twx_ablations`` was produced that way).
 """
 from configs.studies._common import method, study
 from configs.studies.twx_methods import OVERRIDES  # the pilot's setting (results/twx_pilot/)
