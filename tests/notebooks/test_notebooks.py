@@ -33,6 +33,7 @@ EXPECTED_FIGURES = {
         "objectives_aggregation_length_bias.png",
         "objectives_schedules.png",
         "objectives_replay.png",
+        "objectives_ablation_runs.png",
     },
     "paper_curves.ipynb": {"paper_curves_curves.png"},
 }
@@ -196,51 +197,73 @@ def test_ablation_uses_the_project_functions(executed):
     assert ns["ablations"]["no Clip-Cov (vanilla + dual clip)"].policy.loss_mode == "vanilla"
 
 
-def test_paper_curves_demo_is_labelled_synthetic(executed):
+def test_paper_curves_opens_on_the_committed_study(executed):
+    """Every method with runs in results/twx_methods is plotted, and the final held-out success
+    the notebook prints is the study's own (results.json), in percent."""
     ns = executed("paper_curves.ipynb")["namespace"]
-    assert ns["SYNTHETIC_DEMO"] is True
-    assert set(ns["final_success"]) == {"SPEAR", "Dr.BoT"}
-    # The Dr.BoT demo run logs no replay metrics: they are reported as skipped, not an error.
-    assert any(line.startswith("Dr.BoT: train/replay/") for line in ns["missing"])
+    assert ns["STUDY"] == "results/twx_methods" and not ns["RUNS"]
+    results = json.loads((REPO_ROOT / "results" / "twx_methods" / "results.json").read_text())
+    with_runs = {m["label"]: m for m in results["methods"].values() if m["seeds"]}
+    assert set(ns["groups"]) == set(with_runs)
+    for label, entry in with_runs.items():
+        assert len(ns["groups"][label]) == len(entry["seeds"])
+        assert ns["final_success"][label] == pytest.approx(100 * entry["final"]["mean"])
+    # GRPO logs no replay metrics: reported as skipped, not an error.
+    assert any(line.startswith("GRPO: train/replay/") for line in ns["missing"])
 
 
-def test_paper_curves_on_a_real_run_directory(tmp_path):
-    """A run written by MetricsWriter with only some of the keys: final eval = last eval value."""
+def test_paper_curves_on_run_directories(tmp_path):
+    """Runs written by MetricsWriter with only some of the keys: two seeds of one method averaged,
+    the final held-out success the mean of the last evaluations, SPEAR's gain paired by seed."""
     from spear_jax.metrics import MetricsWriter
 
-    run_dir = tmp_path / "run"
-    writer = MetricsWriter(str(run_dir), tensorboard=False)
-    for step in range(1, 11):
-        writer.write(step, {"rollout/episode_return": step * 0.5, "actor/entropy": 1.0 / step})
-        if step % 5 == 0:
-            writer.write(step, {"success_rate": 0.1 * step}, split="eval")
-    writer.close()
+    runs = {}
+    for name, scale in (("SPEAR", 0.1), ("Dr.BoT", 0.05)):
+        for seed in (0, 1):
+            run_dir = tmp_path / f"{name}{seed}"
+            writer = MetricsWriter(str(run_dir), tensorboard=False)
+            for step in range(1, 11):
+                writer.write(step, {"episode_return": step * 0.5, "actor/entropy": 1.0 / step})
+                if step % 5 == 0:
+                    writer.write(step, {"success_rate": scale * step - 0.1 * seed}, split="eval")
+            writer.close()
+            runs.setdefault(name, []).append(str(run_dir))
     result = run_notebook(
-        NOTEBOOK_DIR / "paper_curves.ipynb",
-        tmp_path / "figs",
-        replace={"RUNS: dict[str, str] = {}": f"RUNS = {{'SPEAR': {str(run_dir)!r}}}"},
-    )
+        NOTEBOOK_DIR / "paper_curves.ipynb", tmp_path / "figs",
+        replace={"RUNS: dict[str, list[str]] = {}": f"RUNS = {runs!r}",
+                 "PAPER_METHOD: dict[str, str] = {}": "PAPER_METHOD = {'SPEAR': 'Dr.BoT (GRPO) + SPEAR', "
+                                                      "'Dr.BoT': 'Dr.BoT (GRPO)'}"})
     ns = result["namespace"]
-    assert ns["SYNTHETIC_DEMO"] is False
-    assert ns["final_success"] == {"SPEAR": pytest.approx(100.0)}
+    assert ns["final_success"] == {"SPEAR": pytest.approx(95.0), "Dr.BoT": pytest.approx(45.0)}
+    assert ns["gain"]["seeds"] == [0, 1] and ns["gain"]["mean"] == pytest.approx(50.0)
     assert "SPEAR: train/replay/p50_mean (replay P50 baseline)" in ns["missing"]
-    logged = ("train/rollout/episode_return", "train/actor/entropy", "eval/success_rate")
-    assert not any(key in line for key in logged for line in ns["missing"])
-    assert "SPEAR: train/rollout/success_rate (train success)" in ns["missing"]
+    assert not any(key in line for key in ("train/episode_return", "train/actor/entropy", "eval/success_rate")
+                   for line in ns["missing"])
     assert "paper_curves_curves.png" in result["pngs"]
 
 
 @pytest.mark.parametrize(
     "replace, message",
     [
-        ({"RUNS: dict[str, str] = {}": "RUNS = {'SPEAR': '/nonexistent/run'}"}, "holds no metrics.jsonl"),
+        ({"RUNS: dict[str, list[str]] = {}": "RUNS = {'SPEAR': ['/nonexistent/run']}"}, "holds no metrics.jsonl"),
+        ({'STUDY = "results/twx_methods"': 'STUDY = "results/no_such_study"'}, "study.json: missing"),
         ({'BENCHMARK = "ALFWorld"': 'BENCHMARK = "ALFworld"'}, "BENCHMARK = 'ALFworld' is not one of"),
-        ({'"Dr.BoT": "Dr.BoT (GRPO)"}': '"Dr.BoT": "DrBoT"}'}, "PAPER_METHOD .*DrBoT.* not in the ALFWorld table"),
+        ({"PAPER_METHOD: dict[str, str] = {}": "PAPER_METHOD = {'Dr.BoT': 'DrBoT'}"},
+         "rows .*DrBoT.* not in the ALFWorld table"),
     ],
 )
 def test_paper_curves_bad_settings_fail_clearly(tmp_path, replace, message):
     with pytest.raises(NotebookCellError, match=message):
         run_notebook(NOTEBOOK_DIR / "paper_curves.ipynb", tmp_path, replace=replace)
+
+
+def test_ablation_section_reads_the_committed_ablation_runs(executed):
+    ns = executed("objectives_ablation.ipynb")["namespace"]
+    results = json.loads((REPO_ROOT / "results" / "twx_ablations" / "results.json").read_text())
+    assert ns["ablation_results"] == results
+    assert list(ns["ablation_records"]) == list(results["methods"])
+    for name, entry in results["methods"].items():
+        assert sorted(ns["ablation_records"][name]) == [r["seed"] for r in entry["seeds"]]
 
 
 # ------------------------------------------------------------------------------------------------
