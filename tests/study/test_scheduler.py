@@ -46,6 +46,31 @@ def _finish(spec):
             json.dump({"eval_success_final": 0.5}, handle)
 
 
+def _record_nothing(kind, config, path):
+    """A stand-in for ``warm_data.record``: an empty data file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").close()
+    return {}
+
+
+def _finish_with_eval(spec, success_rate=0.25):
+    """``_finish``, and an RL run gets a step-0 held-out evaluation (what the report reads)."""
+    _finish(spec)
+    if spec.kind == "rl":
+        with open(os.path.join(spec.workdir, "metrics.jsonl"), "a") as handle:
+            handle.write(json.dumps({"split": "eval", "step": 0, "success_rate": success_rate}) + "\n")
+    return 0
+
+
+def _write_study(path, seeds=(0,), names="ab"):
+    """A study config file: methods ``names`` (label: the name upper-cased), baseline the first."""
+    path.write_text("from configs.studies._common import method, study\n"
+                    "def get_config():\n"
+                    f"    return study('toy', 'toy', {tuple(seeds)!r}, {names[0]!r}, tuple(method(n, n.upper(), "
+                    f"'configs/drbot.py:twx_tiny') for n in {names!r}), 'configs/sft.py:twx_tiny', 'gold', 3, 1, 8)\n")
+    return path
+
+
 class FakeRunner:
     """Records the commands it is given and finishes each run, or fails the ones in ``fail``."""
 
@@ -140,32 +165,15 @@ def test_a_study_collects_the_finished_runs_only(tmp_path, monkeypatch):
     from spear_jax.study import report
     from spear_jax.study.__main__ import run_study
 
-    def fake_record(kind, config, path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        open(path, "w").close()
-        return {}
-
-    def finish_with_evals(spec):
-        _finish(spec)
-        if spec.kind == "rl":
-            with open(os.path.join(spec.workdir, "metrics.jsonl"), "a") as handle:
-                handle.write(json.dumps({"split": "eval", "step": 0, "success_rate": 0.25}) + "\n")
-        return 0
-
-    monkeypatch.setattr("spear_jax.study.warm_data.record", fake_record)
+    monkeypatch.setattr("spear_jax.study.warm_data.record", _record_nothing)
     monkeypatch.setattr("spear_jax.study.__main__.check_runs", lambda specs: None)
-    study_file = tmp_path / "toy.py"
-    study_file.write_text("from configs.studies._common import method, study\n"
-                          "def get_config():\n"
-                          "    return study('toy', 'toy', (0,), 'a', (method('a', 'A', 'configs/drbot.py:twx_tiny'),\n"
-                          "                 method('b', 'B', 'configs/drbot.py:twx_tiny')), 'configs/sft.py:twx_tiny',\n"
-                          "                 'gold', 3, 1, 8)\n")
+    study_file = _write_study(tmp_path / "toy.py")
     results = tmp_path / "results"
     stale = report.compact_path(str(results), "b", 0)
     os.makedirs(os.path.dirname(stale))
     open(stale, "w").close()
     runner = FakeRunner(fail={"b/seed0"})
-    runner_with_evals = lambda spec: runner(spec) or finish_with_evals(spec)  # noqa: E731
+    runner_with_evals = lambda spec: runner(spec) or _finish_with_eval(spec)  # noqa: E731
     outcome = run_study(str(study_file), str(tmp_path / "w"), 1, str(results), runner=runner_with_evals)
     assert outcome["b/seed0"] == "failed (exit 1)" and outcome["a/seed0"] == "finished"
     assert not os.path.exists(stale)
@@ -194,17 +202,10 @@ def test_collect_reports_the_finished_runs_and_trains_nothing(tmp_path, monkeypa
         raise AssertionError(f"{spec.name} ran")
 
     monkeypatch.setattr(scheduler, "subprocess_runner", no_run)
-    study_file = tmp_path / "toy.py"
-    study_file.write_text("from configs.studies._common import method, study\n"
-                          "def get_config():\n"
-                          "    return study('toy', 'toy', (0,), 'a', (method('a', 'A', 'configs/drbot.py:twx_tiny'),\n"
-                          "                 method('b', 'B', 'configs/drbot.py:twx_tiny')), 'configs/sft.py:twx_tiny',\n"
-                          "                 'gold', 3, 1, 8)\n")
+    study_file = _write_study(tmp_path / "toy.py")
     workdir, results = tmp_path / "w", tmp_path / "results"
     finished, partial = study_spec.run_specs(study_spec.load_study(str(study_file)), str(workdir))
-    _finish(finished)
-    with open(os.path.join(finished.workdir, "metrics.jsonl"), "a") as handle:
-        handle.write(json.dumps({"split": "eval", "step": 0, "success_rate": 0.25}) + "\n")
+    _finish_with_eval(finished)
     _save_checkpoint(partial.workdir, 1)
     _write_metrics(partial.workdir, 1)
     argv = [f"--study={study_file}", f"--workdir={workdir}", f"--results={results}", "--collect"]
@@ -219,28 +220,12 @@ def test_collect_reports_the_finished_runs_and_trains_nothing(tmp_path, monkeypa
 def test_methods_option_trains_only_the_listed_methods_and_reports_the_whole_study(tmp_path, monkeypatch):
     from spear_jax.study.__main__ import run_study
 
-    def fake_record(kind, config, path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        open(path, "w").close()
-        return {}
-
-    def finish_with_evals(spec):
-        _finish(spec)
-        if spec.kind == "rl":
-            with open(os.path.join(spec.workdir, "metrics.jsonl"), "a") as handle:
-                handle.write(json.dumps({"split": "eval", "step": 0, "success_rate": 0.5}) + "\n")
-        return 0
-
-    monkeypatch.setattr("spear_jax.study.warm_data.record", fake_record)
+    monkeypatch.setattr("spear_jax.study.warm_data.record", _record_nothing)
     monkeypatch.setattr("spear_jax.study.__main__.check_runs", lambda specs: None)
-    study_file = tmp_path / "toy.py"
-    study_file.write_text("from configs.studies._common import method, study\n"
-                          "def get_config():\n"
-                          "    return study('toy', 'toy', (0, 1), 'a', tuple(method(n, n.upper(), 'configs/drbot.py:twx_tiny')\n"
-                          "                 for n in 'abc'), 'configs/sft.py:twx_tiny', 'gold', 3, 1, 8)\n")
+    study_file = _write_study(tmp_path / "toy.py", seeds=(0, 1), names="abc")
     runner = FakeRunner()
     outcome = run_study(str(study_file), str(tmp_path / "w"), 1, str(tmp_path / "r"),
-                        runner=lambda spec: runner(spec) or finish_with_evals(spec), methods=["c", "a"])
+                        runner=lambda spec: runner(spec) or _finish_with_eval(spec, 0.5), methods=["c", "a"])
     assert [name for name, _ in runner.calls] == ["warm_start/seed0", "warm_start/seed1", "a/seed0", "c/seed0",
                                                   "a/seed1", "c/seed1"]
     assert set(outcome) == {name for name, _ in runner.calls}
