@@ -430,13 +430,19 @@ def sil_config(c: ml_collections.ConfigDict) -> SILConfig:
         )
 
 
+def logprob_positions(c: ml_collections.ConfigDict) -> int:
+    """K of the log-prob passes (update and old log-probs): logits at <= K loss-mask positions
+    per row; a row's generated (loss) tokens are bounded by its response budget."""
+    return c.rollout.max_response_length
+
+
 def update_config(c: ml_collections.ConfigDict) -> UpdateConfig:
     return UpdateConfig(
         objective=objective_config(c),
         sil=sil_config(c),
         temperature=c.rollout.temperature,
         logprob_chunk_size=c.model.logprob_chunk_size,
-        logprob_positions=c.rollout.max_response_length,  # bounds a row's generated (loss) tokens
+        logprob_positions=logprob_positions(c),
     )
 
 

@@ -124,7 +124,7 @@ class LogProbPass:
 
     def __init__(self, graphdef, c: ml_collections.ConfigDict, mesh):
         temperature, chunk = c.rollout.temperature, c.model.logprob_chunk_size
-        positions = c.rollout.max_response_length  # bounds a row's generated (loss) tokens
+        positions = run_config.logprob_positions(c)
         self._with_entropy = train_step.make_token_stats_fn(graphdef, temperature, chunk, positions=positions)
         self._logprobs = train_step.make_token_stats_fn(graphdef, temperature, chunk, entropy=False,
                                                         positions=positions)

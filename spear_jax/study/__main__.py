@@ -8,8 +8,9 @@ A study run records the warm-start data, trains what is not finished (an interru
 resumes: rerun the same command), copies the finished runs' compact metrics into the results
 folder and writes ``results.json``, ``results.md`` and the figures there. ``--methods`` trains only
 the listed methods' runs (e.g. the pair a comparison needs, before the others); the report covers
-the whole study. ``--collect`` does only that last part: it trains nothing and reports the runs finished so far (e.g. of a sweep still
-running or stopped half-way; the report lists the runs it lacks). ``--report`` rewrites those
+the whole study. ``--collect`` does only that last part: it trains nothing and reports the runs
+finished so far (e.g. of a sweep still running or stopped half-way; the report lists the runs it
+lacks). ``--report`` rewrites those
 three from the folder's ``study.json`` and compact metrics alone; with ``--docs`` it also rewrites
 the study's headline table in those markdown files, between ``<!-- results:<study> -->`` and
 ``<!-- /results:<study> -->``.
@@ -132,17 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"error: --docs {path}: no {start} ... {end} block to rewrite", file=sys.stderr)
                 return 2
         return 0
-    if args.collect:
-        try:
-            states = collect_and_report(study_spec.load_study(args.study), args.workdir, args.results)
-        except study_spec.StudyConfigError as error:
-            print(f"study config error: {error}", file=sys.stderr)
-            return 2
-        unfinished = sorted(name for name, state in states.items() if state != "finished")
-        print(f"{len(states) - len(unfinished)} of {len(states)} runs finished" +
-              (f"; not yet: {', '.join(unfinished)}" if unfinished else ""), flush=True)
-        return 0
     try:
+        if args.collect:
+            states = collect_and_report(study_spec.load_study(args.study), args.workdir, args.results)
+            unfinished = sorted(name for name, state in states.items() if state != "finished")
+            print(f"{len(states) - len(unfinished)} of {len(states)} runs finished" +
+                  (f"; not yet: {', '.join(unfinished)}" if unfinished else ""), flush=True)
+            return 0
         methods = [name for name in args.methods.split(",") if name]
         outcome = run_study(args.study, args.workdir, args.parallel, args.results, methods=methods)
     except study_spec.StudyConfigError as error:
