@@ -165,4 +165,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    jax.config.update("jax_enable_compilation_cache", False)  # a cached program would read as 0 s
     main()

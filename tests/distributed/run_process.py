@@ -49,10 +49,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-if os.environ.get("SPEAR_TEST_COMPILATION_CACHE"):  # the runs of one layout compile once for all
-    jax.config.update("jax_compilation_cache_dir", os.environ["SPEAR_TEST_COMPILATION_CACHE"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 from spear_jax import distributed  # noqa: E402
 from spear_jax.trainer import Trainer  # noqa: E402

@@ -2,13 +2,11 @@
 TextWorldExpress coin game, replay triggering at step 2) as 1 process x 4 simulated devices and as
 2 processes x 2 devices (two OS processes, a local coordinator); a 2-process run whose peer dies
 resumed from its checkpoint; a hung peer. ``run_process.py`` is one process of such a run."""
-import atexit
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -19,10 +17,6 @@ from spear_jax import metrics as run_metrics
 
 _SCRIPT = os.path.join(os.path.dirname(__file__), "run_process.py")
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# One persistent compilation cache for the processes this module starts: the runs of one layout
-# (1 x 4 or 2 x 2 devices) compile their programs once, the later runs read them back.
-_CACHE = tempfile.mkdtemp(prefix="spear_jax_test_cache_")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 # Computed on device from gradients and token statistics reduced over the mesh: their float32 sums
 # run in another order when the reduction crosses processes (gloo) than within one (XLA's CPU
 # all-reduce), so they agree to rounding, and the parameters after an update with them.
@@ -44,7 +38,6 @@ def _launch(workdir, processes: int, devices: int, steps: int, *extra: str,
         command = [sys.executable, _SCRIPT, str(workdir), "--devices", str(devices), "--processes", str(processes),
                    "--process-id", str(process), "--port", str(port), "--steps", str(steps), *extra]
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        env["SPEAR_TEST_COMPILATION_CACHE"] = _CACHE
         with open(log, "w") as handle:
             started.append((subprocess.Popen(command, cwd=_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT),
                             log))
