@@ -12,6 +12,11 @@ chunk_size) equal chunks inside a ``lax.scan`` whose body is ``jax.checkpoint``-
 holds one chunk's logits [B, ceil(L / n), V] in the forward and in the backward, never [B, L, V].
 A sequence that fits one chunk runs as one plain pass (no scan, no recomputation in the backward:
 at small vocabularies the chunking would cost more than it saves).
+
+The LM head is a product over one token axis [B * C, D] x [D, V] (``layers.project``): its
+weight gradient then contracts the logits' gradient where it lies, where the 3-D form
+``bcd,dv->bcv`` makes XLA:CPU write that gradient out transposed first (a copy as large as the
+logits).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spear_jax.model.layers import project
 from spear_jax.objectives.token_stats import token_logprobs_and_entropy
 from spear_jax.sharding import constrain
 
@@ -54,7 +60,7 @@ def chunked_token_stats(
     num_chunks, chunk = balanced_chunks(length, chunk_size)
 
     def one_chunk(h, y):  # h [B, C, D], y [B, C] -> (logprobs, entropy) [B, C]
-        logits = jnp.einsum("bcd,dv->bcv", h, output_embedding, preferred_element_type=jnp.float32)
+        logits = project("nd,dv->nv", h, output_embedding, preferred_element_type=jnp.float32)  # [B, C, V]
         if rules:
             logits = constrain(logits, ("act_batch", "act_length", "act_vocab"), rules)
         return token_logprobs_and_entropy(logits, y, temperature)
