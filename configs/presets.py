@@ -76,6 +76,10 @@ def _twx(c: ml_collections.ConfigDict) -> None:
 def _math_small(c: ml_collections.ConfigDict) -> None:
     c.env.name = "math"
     c.env.kwargs = ml_collections.ConfigDict({"source": "reasoning_gym:basic_arithmetic", "size": 2000})
+    # basic_arithmetic's own defaults, spelled out so that a run or a study can change each one
+    c.env.kwargs.generator_options = ml_collections.ConfigDict({
+        "min_terms": 2, "max_terms": 6, "min_digits": 1, "max_digits": 4, "operators": ("+", "-", "*", "/"),
+        "allow_parentheses": True, "allow_negation": True})
     c.env.row_layout = "trajectory"
     c.env.domain = "math"
     c.env.max_steps = 2  # assistant turns per episode

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from typing import Any, Mapping
 
 from environments.math_data import (
     BUNDLED_SETS,
@@ -51,15 +52,22 @@ def _data_dir() -> str:
 
 def make_math_env(split: str = "train", source: str = "reasoning_gym:basic_arithmetic",
                   eval_source: str = "", path: str = "", size: int = 2000, seed: int = 0,
-                  max_steps: int = 8, max_tool_output_chars: int = 16384) -> MathToolEnv:
-    """A ``MathToolEnv`` for ``split`` (see module docstring); ``max_steps`` = assistant turns."""
+                  max_steps: int = 8, max_tool_output_chars: int = 16384,
+                  generator_options: Mapping[str, Any] | None = None) -> MathToolEnv:
+    """A ``MathToolEnv`` for ``split`` (see module docstring); ``max_steps`` = assistant turns;
+    ``generator_options``: the reasoning-gym generator's config fields (e.g. ``max_terms``,
+    ``max_digits``, ``operators`` of ``basic_arithmetic``), for both splits of a procedural source."""
     if split not in SPLITS:
         raise ValueError(f"unknown math split {split!r}; choose one of {SPLITS}")
     name = source if split == "train" or not eval_source else eval_source
     config = MathEnvConfig(max_turns=max_steps, max_tool_output_chars=max_tool_output_chars)
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(generator_options or {}).items()}
+    if options and not name.startswith(PROCEDURAL_PREFIX):
+        raise ValueError(f"generator_options={options} apply to {PROCEDURAL_PREFIX}<generator> sources only, "
+                         f"not {name!r}; remove them")
     if name.startswith(PROCEDURAL_PREFIX):
         problems = ProceduralProblems(name[len(PROCEDURAL_PREFIX):], seed=seed + (0 if split == "train" else _EVAL_SEED_OFFSET),
-                                      size=size)
+                                      size=size, **options)
         return MathToolEnv(problems, shared_sandbox(), config, grader=problems.grade, seed=seed)
     if name in BUNDLED_SETS:
         problems = load_problems(bundled_math_builder(name, _data_dir()), "test")
