@@ -247,9 +247,13 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(x W_gate) * (x W_up)). x W_gate and x W_up are two products over one
-    token axis (``project``): stacked to one [D, 2, F] product, the weight gradient's two output
-    axes made XLA:CPU transpose the [B * L, 2, F] gradient first, and the train step ran slower."""
+    """SwiGLU: down(silu(x W_gate) * (x W_up)).
+
+    On sequences x W_gate and x W_up are two products over one token axis (``project``): stacked
+    to one [D, 2, F] product, the weight gradient's two output axes made XLA:CPU transpose the
+    [B * L, 2, F] gradient first. A decode step (one position per row, no gradient) runs them as
+    the one stacked product, which is faster at small B (stacking on a new axis keeps each
+    weight's "mlp" sharding in place)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -266,8 +270,13 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cd = self.cfg.compute_jnp_dtype
         x = x.astype(cd)
-        gate = _adapted(self, "gate", x, project("nd,df->nf", x, self.gate_proj[...].astype(cd)))
-        up = _adapted(self, "up", x, project("nd,df->nf", x, self.up_proj[...].astype(cd)))
+        if x.shape[1] == 1:  # a decode step
+            gate_up = project("nd,dtf->ntf", x, jnp.stack([self.gate_proj[...], self.up_proj[...]], axis=1).astype(cd))
+            gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+        else:
+            gate = project("nd,df->nf", x, self.gate_proj[...].astype(cd))
+            up = project("nd,df->nf", x, self.up_proj[...].astype(cd))
+        gate, up = _adapted(self, "gate", x, gate), _adapted(self, "up", x, up)
         hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"), self.cfg.sharding_rules)
         out = _adapted(self, "down", hidden, project("nf,fd->nd", hidden, self.down_proj[...].astype(cd)))
         return constrain(out, ("act_batch", "act_length", "act_embed"), self.cfg.sharding_rules)
