@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from configs.studies import twx_ablations, twx_methods, twx_pilot
+from configs.studies import math_pilot, twx_ablations, twx_methods, twx_pilot
 from spear_jax.study import pilot, report, scheduler
 from spear_jax.study import spec as study_spec
 from spear_jax.study.__main__ import check_runs
@@ -30,6 +30,21 @@ def test_every_setting_is_a_valid_one_run_study_of_its_game(tmp_path):
         assert setting.name == name and run.trainer.total_steps == rl_steps
         # a run of 0 steps evaluates the warm start once (no second evaluation before training)
         assert run.trainer.eval_before_train == (rl_steps > 0)
+
+
+def test_every_math_setting_sets_its_problems_and_warm_start_length(tmp_path):
+    config = pilot.load_pilot("configs/studies/math_pilot.py")
+    assert [s.name for s in config.settings] == [name for name, *_ in math_pilot.SETTINGS]
+    for setting, (_, _, overrides, warm_steps, rl_steps) in zip(config.settings, math_pilot.SETTINGS):
+        (spec,) = study_spec.run_specs(setting.study, str(tmp_path / setting.name))
+        check_runs([spec])
+        for run in (spec, spec.warm_start):
+            options = study_spec.resolved_config(run).env.kwargs.generator_options
+            assert options.to_dict() == {field.rsplit(".", 1)[1]: value for field, value in overrides}
+            assert study_spec.resolved_config(run).rollout.max_response_length == 128
+        assert study_spec.resolved_config(spec.warm_start).sft.steps == warm_steps
+        assert study_spec.resolved_config(spec).trainer.total_steps == rl_steps
+    assert math_pilot.PRESET == math_pilot.arithmetic(2, 6, 1, 4, ("+", "-", "*", "/"), True, True)
 
 
 def _write_setting(folder, walls=True, metrics=True):
