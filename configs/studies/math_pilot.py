@@ -32,20 +32,26 @@ def arithmetic(min_terms: int, max_terms: int, min_digits: int, max_digits: int,
 
 PRESET = arithmetic(2, 6, 1, 4, ("+", "-", "*", "/"), True, True)
 
-# (name, label, problem overrides, warm-start steps, RL steps): the candidates.
+# (name, label, problem overrides, warm-start steps, RL steps, RL-only overrides): the candidates.
+# The last one changes the RL run alone, so it shares three_terms_320's warm start (same config).
 SETTINGS = (
-    ("preset", "the preset's problems, 80 warm-start steps (math_methods as first run)", PRESET, 80, 0),
-    ("two_terms", "2 terms of 1-2 digits (+ - *), 80 warm-start steps", arithmetic(2, 2, 1, 2), 80, 0),
-    ("two_terms_320", "2 terms of 1-2 digits (+ - *), 320 warm-start steps", arithmetic(2, 2, 1, 2), 320, 10),
-    ("three_terms_320", "2-3 terms of 2-3 digits (+ - *), 320 warm-start steps", arithmetic(2, 3, 2, 3), 320, 10),
+    ("preset", "the preset's problems, 80 warm-start steps (math_methods as first run)", PRESET, 80, 0, ()),
+    ("two_terms", "2 terms of 1-2 digits (+ - *), 80 warm-start steps", arithmetic(2, 2, 1, 2), 80, 0, ()),
+    ("two_terms_320", "2 terms of 1-2 digits (+ - *), 320 warm-start steps", arithmetic(2, 2, 1, 2), 320, 10, ()),
+    ("three_terms_320", "2-3 terms of 2-3 digits (+ - *), 320 warm-start steps", arithmetic(2, 3, 2, 3), 320, 10,
+     ()),
+    ("three_terms_320_lr5e-5", "2-3 terms of 2-3 digits (+ - *), 320 warm-start steps, RL lr 5e-5",
+     arithmetic(2, 3, 2, 3), 320, 10, (("actor.lr", 5e-5),)),
 )
 
 
-def setting_study(name: str, overrides: tuple, warm_steps: int, rl_steps: int) -> ml_collections.ConfigDict:
-    """The one-method study of one setting: ``rl_steps`` Dr.BoT (GRPO) steps, held-out success
-    before and after them (with 0 steps, one evaluation of the warm start)."""
+def setting_study(name: str, overrides: tuple, warm_steps: int, rl_steps: int,
+                  rl_overrides: tuple = ()) -> ml_collections.ConfigDict:
+    """The one-method study of one setting: ``rl_steps`` Dr.BoT (GRPO) steps (with
+    ``rl_overrides``), held-out success before and after them (with 0 steps, one evaluation of
+    the warm start)."""
     only_evaluate = (("trainer.eval_before_train", False),) if rl_steps == 0 else ()
-    drbot = method("drbot", "Dr.BoT (GRPO)", "configs/drbot.py:math_tiny", only_evaluate)
+    drbot = method("drbot", "Dr.BoT (GRPO)", "configs/drbot.py:math_tiny", only_evaluate + tuple(rl_overrides))
     return study(f"math_pilot/{name}", f"math pilot: {name}", (SEED,), baseline="drbot", methods=(drbot,),
                  warm_start_config="configs/sft.py:math_tiny", warm_start_data="math_tool",
                  total_steps=rl_steps, eval_every=max(rl_steps, 1), eval_episodes=EVAL_EPISODES,
@@ -55,6 +61,6 @@ def setting_study(name: str, overrides: tuple, warm_steps: int, rl_steps: int) -
 def get_config():
     c = ml_collections.ConfigDict()
     c.name, c.title = "math_pilot", "Math problem-setting pilot (tiny model, seed 0)"
-    c.settings = tuple(ml_collections.ConfigDict({"name": name, "label": label, "study": setting_study(name, o, w, n)})
-                       for name, label, o, w, n in SETTINGS)
+    c.settings = tuple(ml_collections.ConfigDict({"name": name, "label": label, "study": setting_study(name, *rest)})
+                       for name, label, *rest in SETTINGS)
     return c

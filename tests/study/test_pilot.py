@@ -35,9 +35,11 @@ def test_every_setting_is_a_valid_one_run_study_of_its_game(tmp_path):
 def test_every_math_setting_sets_its_problems_and_warm_start_length(tmp_path):
     config = pilot.load_pilot("configs/studies/math_pilot.py")
     assert [s.name for s in config.settings] == [name for name, *_ in math_pilot.SETTINGS]
-    for setting, (_, _, overrides, warm_steps, rl_steps) in zip(config.settings, math_pilot.SETTINGS):
+    for setting, (_, _, overrides, warm_steps, rl_steps, rl_overrides) in zip(config.settings, math_pilot.SETTINGS):
         (spec,) = study_spec.run_specs(setting.study, str(tmp_path / setting.name))
         check_runs([spec])
+        assert study_spec.resolved_config(spec).actor.lr == dict(rl_overrides).get("actor.lr", 5e-4)
+        assert study_spec.resolved_config(spec.warm_start).actor.lr == 5e-4  # the warm start is shared
         for run in (spec, spec.warm_start):
             options = study_spec.resolved_config(run).env.kwargs.generator_options
             assert options.to_dict() == {field.rsplit(".", 1)[1]: value for field, value in overrides}
