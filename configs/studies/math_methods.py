@@ -5,6 +5,11 @@ The warm start trains on worked solutions generated from the train problems that
 (``warm_start.data = "math_tool"``: print the expression, box the printed result). A call, its
 output and the boxed answer take about 90 tokens of the tiny tokenizer, so the response budget
 (model and tool tokens of the episode) is raised from the preset's 32 to 128 for every run.
+
+Not yet runnable as a study: on the preset's problems the tiny model scores 0 from the warm start
+on, and RL at the preset's learning rate undoes a warm start that works
+(``configs/studies/math_pilot.py``, docs/results.md "Study 2"). The problems, warm-start length
+and learning rate are set here once the pilot has chosen them.
 """
 from configs.studies._common import method, study
 

@@ -136,14 +136,15 @@ def test_a_setting_of_two_methods_or_an_unknown_setting_name_is_refused(tmp_path
         pilot.run_pilot(pilot.load_pilot(PILOT), str(tmp_path / "w"), str(tmp_path / "r"), only=("coin9",))
 
 
-def test_report_command_rewrites_the_committed_pilot_byte_for_byte(tmp_path):
-    folder = tmp_path / "twx_pilot"
-    shutil.copytree(COMMITTED, folder)
+@pytest.mark.parametrize("committed", [COMMITTED, os.path.join(os.path.dirname(COMMITTED), "math_pilot")])
+def test_report_command_rewrites_the_committed_pilot_byte_for_byte(tmp_path, committed):
+    folder = tmp_path / os.path.basename(committed)
+    shutil.copytree(committed, folder)
     for name in ("pilot.json", "report.md"):
         (folder / name).unlink()
     assert pilot.main(["--report", str(folder)]) == 0
     for name in ("pilot.json", "report.md"):
-        assert (folder / name).read_bytes() == open(os.path.join(COMMITTED, name), "rb").read(), name
+        assert (folder / name).read_bytes() == open(os.path.join(committed, name), "rb").read(), name
 
 
 def test_the_studies_play_the_chosen_setting_and_it_is_neither_hopeless_nor_saturated():
