@@ -13,6 +13,7 @@ of up to 40 characters.
 """
 import ml_collections
 
+from configs._compose import build_config
 from configs.studies._common import method, study
 from configs.studies.math_methods import OVERRIDES as MATH_OVERRIDES
 
@@ -30,7 +31,14 @@ def arithmetic(min_terms: int, max_terms: int, min_digits: int, max_digits: int,
             (options + "allow_negation", negation))
 
 
-PRESET = arithmetic(2, 6, 1, 4, ("+", "-", "*", "/"), True, True)
+def _preset() -> tuple:
+    """The math presets' own problems (their spelled-out ``generator_options``) as overrides."""
+    o = build_config("drbot", "math_tiny").env.kwargs.generator_options
+    return arithmetic(o.min_terms, o.max_terms, o.min_digits, o.max_digits, tuple(o.operators),
+                      o.allow_parentheses, o.allow_negation)
+
+
+PRESET = _preset()
 
 # (name, label, problem overrides, warm-start steps, RL steps, RL-only overrides): the candidates.
 # The last one changes the RL run alone, so it shares three_terms_320's warm start (same config).
