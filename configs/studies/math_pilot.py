@@ -15,20 +15,10 @@ import ml_collections
 
 from configs._compose import build_config
 from configs.studies._common import method, study
-from configs.studies.math_methods import OVERRIDES as MATH_OVERRIDES
+from configs.studies.math_methods import RESPONSE_BUDGET, arithmetic
 
 SEED = 0
 EVAL_EPISODES = 96
-
-
-def arithmetic(min_terms: int, max_terms: int, min_digits: int, max_digits: int, operators: tuple = ("+", "-", "*"),
-               parentheses: bool = False, negation: bool = False) -> tuple:
-    """The overrides of a ``basic_arithmetic`` problem setting."""
-    options = "env.kwargs.generator_options."
-    return ((options + "min_terms", min_terms), (options + "max_terms", max_terms),
-            (options + "min_digits", min_digits), (options + "max_digits", max_digits),
-            (options + "operators", operators), (options + "allow_parentheses", parentheses),
-            (options + "allow_negation", negation))
 
 
 def _preset() -> tuple:
@@ -63,7 +53,7 @@ def setting_study(name: str, overrides: tuple, warm_steps: int, rl_steps: int,
     return study(f"math_pilot/{name}", f"math pilot: {name}", (SEED,), baseline="drbot", methods=(drbot,),
                  warm_start_config="configs/sft.py:math_tiny", warm_start_data="math_tool",
                  total_steps=rl_steps, eval_every=max(rl_steps, 1), eval_episodes=EVAL_EPISODES,
-                 overrides=tuple(MATH_OVERRIDES) + overrides, warm_start_overrides=(("sft.steps", warm_steps),))
+                 overrides=RESPONSE_BUDGET + overrides, warm_start_overrides=(("sft.steps", warm_steps),))
 
 
 def get_config():

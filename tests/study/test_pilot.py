@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from configs.studies import math_pilot, twx_ablations, twx_methods, twx_pilot
+from configs.studies import math_methods, math_pilot, twx_ablations, twx_methods, twx_pilot
 from spear_jax.study import pilot, report, scheduler
 from spear_jax.study import spec as study_spec
 from spear_jax.study.__main__ import check_runs
@@ -47,6 +47,24 @@ def test_every_math_setting_sets_its_problems_and_warm_start_length(tmp_path):
         assert study_spec.resolved_config(spec.warm_start).sft.steps == warm_steps
         assert study_spec.resolved_config(spec).trainer.total_steps == rl_steps
     assert math_pilot.PRESET == math_pilot.arithmetic(2, 6, 1, 4, ("+", "-", "*", "/"), True, True)
+
+
+def test_the_math_study_runs_the_pilots_chosen_setting(tmp_path):
+    """math_methods: the problems and warm start of three_terms_320, the RL lr of its lr5e-5
+    attempt, for every method; its warm start at the presets' lr, its runs at 5e-5."""
+    chosen = {name: (overrides, warm_steps, dict(rl)) for name, _, overrides, warm_steps, _, rl in math_pilot.SETTINGS}
+    overrides, warm_steps, rl = chosen["three_terms_320_lr5e-5"]
+    assert overrides == chosen["three_terms_320"][0] == math_methods.PROBLEMS
+    specs = study_spec.run_specs(math_methods.get_config(), str(tmp_path))
+    check_runs(specs)
+    assert {spec.method for spec in specs} == {"grpo", "drbot", "spear_drbot"} and len(specs) == 9
+    for spec in specs:
+        run, warm = study_spec.resolved_config(spec), study_spec.resolved_config(spec.warm_start)
+        assert run.actor.lr == rl["actor.lr"] and warm.actor.lr == 5e-4 and warm.sft.steps == warm_steps
+        for config in (run, warm):
+            options = config.env.kwargs.generator_options
+            assert options.to_dict() == {field.rsplit(".", 1)[1]: value for field, value in overrides}
+            assert config.rollout.max_response_length == 128
 
 
 def _write_setting(folder, walls=True, metrics=True):
