@@ -1,5 +1,6 @@
-"""Test-wide setup: 8 simulated CPU devices so every test exercises sharding, and one persistent
-XLA compilation cache for the whole session.
+"""Test-wide setup: 8 simulated CPU devices so every test exercises sharding, compilation without
+LLVM's backend optimisation (``tests/xla.py``), and one persistent XLA compilation cache for the
+whole session.
 
 The cache is a fresh directory per ``pytest`` invocation, created by the controlling process and
 shared through ``JAX_COMPILATION_CACHE_DIR`` with the xdist workers and every subprocess a test
@@ -12,7 +13,10 @@ import tempfile
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+    _flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " --xla_backend_optimization_level=0"  # tests/xla.py FAST_COMPILE
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 _CACHE = "JAX_COMPILATION_CACHE_DIR"
 _CACHE_OWNED = "SPEAR_TEST_OWNS_COMPILATION_CACHE"

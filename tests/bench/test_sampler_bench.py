@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from tests import xla
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_sampler_bench_prints_throughput_roofs_and_profile(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users run it
+    env = dict(os.environ, XLA_FLAGS=xla.flags(devices=None))  # one CPU device, as users run it
     out = subprocess.run(
         [sys.executable, "-m", "bench.sampler_throughput", "--models", "tiny", "--batch-sizes", "2",
          "--new-tokens", "32", "--repeats", "2", "--skip-hf", "--read-mib", "16", "--weight-dtype", "float32",

@@ -3,7 +3,7 @@ procedural arithmetic with the code interpreter, for the multi-process tests.
 
     python tests/distributed/run_process.py WORKDIR --devices 2 --processes 2 --process-id 0 --port 12345
 
-Sets its own simulated CPU device count, joins ``--processes`` processes through a local
+Sets its own simulated CPU device count (the tests pass it in ``XLA_FLAGS``), joins ``--processes`` processes through a local
 coordinator (one process: no coordinator), and trains ``--steps`` steps. The sampler is the real
 one, called in lockstep over the global mesh; its decoded tokens then pick a random admissible
 action (seeded by the step's key, the prompt and the decoded tokens), so groups win and lose, the
@@ -40,7 +40,8 @@ def _parse(argv):
 
 args = _parse(sys.argv[1:])
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # run by hand
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import importlib  # noqa: E402

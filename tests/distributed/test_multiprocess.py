@@ -14,6 +14,7 @@ import pytest
 
 from spear_jax import distributed
 from spear_jax import metrics as run_metrics
+from tests import xla
 
 _SCRIPT = os.path.join(os.path.dirname(__file__), "run_process.py")
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,7 +38,7 @@ def _launch(workdir, processes: int, devices: int, steps: int, *extra: str,
         log = f"{workdir}{name}.process{process}.log"
         command = [sys.executable, _SCRIPT, str(workdir), "--devices", str(devices), "--processes", str(processes),
                    "--process-id", str(process), "--port", str(port), "--steps", str(steps), *extra]
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env = dict(os.environ, XLA_FLAGS=xla.flags(devices))
         with open(log, "w") as handle:
             started.append((subprocess.Popen(command, cwd=_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT),
                             log))

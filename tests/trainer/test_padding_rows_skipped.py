@@ -1,5 +1,6 @@
 """Padding rows are not computed: the update skips the model on a micro-batch of padding rows
-alone, and the log-prob recomputation skips chunks of padding rows; both exactly as before."""
+alone, and the log-prob recomputation skips chunks of padding rows; both as before, to float
+rounding (bit for bit at XLA's default optimisation level)."""
 import importlib
 
 import jax
@@ -68,8 +69,12 @@ def test_update_skipping_a_padding_micro_batch_equals_computing_it(method, actor
     skipped = _update(update_config, optimizer_config, minibatch, replay)
     monkeypatch.setattr(train_step, "_real_rows_token_stats", _computing_every_micro_batch)
     computed = _update(update_config, optimizer_config, minibatch, replay)
+    # Bit for bit at XLA's default optimisation level; compiled without LLVM's backend passes (the
+    # suite's tests/xla.py FAST_COMPILE) the two programs round differently, and AdamW's first
+    # step (about lr * g / |g|) magnifies that on gradients near 0, to ~1e-7 of a parameter. A
+    # micro-batch wrongly computed or counted would move the parameters by up to lr (5e-4).
     for a, b in zip(jax.tree.leaves(skipped), jax.tree.leaves(computed)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-7)
     assert set(skipped[2]) == set(computed[2])
 
 
