@@ -241,9 +241,18 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
     scores = scores * (1.0 / np.sqrt(hd))
     group_mask = jnp.broadcast_to(mask[:, None, None], (b, 1, g, l, s)).reshape(b, 1, g * l, s)
     scores = jnp.where(group_mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    probs = _softmax(scores).astype(q.dtype)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v)  # [B, KVH, G * L, hd]
     return out.reshape(b, kvh, g, l, hd).transpose(0, 3, 1, 2, 4).reshape(b, l, h, hd)
+
+
+def _softmax(scores: jax.Array) -> jax.Array:
+    """softmax over the last axis as exp(s - max) times the reciprocal of its sum: one division
+    per row instead of one per score (XLA:CPU's divide is several times slower than a multiply;
+    the tiny train step measured 2-4% faster). The max is a constant (softmax is shift-invariant),
+    so no gradient flows through it."""
+    e = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
 
 
 class MLP(nnx.Module):

@@ -21,12 +21,25 @@ def _scaled_logits(logits: jax.Array, temperature: float) -> jax.Array:
     return logits.astype(jnp.float32) / temperature
 
 
+@jax.custom_vjp
 def _picked(z: jax.Array, token_ids: jax.Array) -> jax.Array:
-    """z[..., y] as the masked sum sum_v [v = y] z_v (exact: every other term is 0). Unlike a
-    gather, its gradient is an elementwise select that fuses with the softmax's, not a scatter
+    """z[..., y]: a gather in the forward (no pass over [..., V]); its gradient is the masked
+    select g * [v = y], an elementwise op that fuses with the softmax's gradient, not a scatter
     into a [..., V] array of zeros. z [..., V], token_ids [...] -> [...]."""
-    vocab = jnp.arange(z.shape[-1], dtype=jnp.int32)
-    return jnp.sum(jnp.where(vocab == token_ids[..., None].astype(jnp.int32), z, 0.0), axis=-1)
+    return jnp.take_along_axis(z, token_ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def _picked_forward(z, token_ids):
+    return _picked(z, token_ids), (token_ids, z.shape[-1])
+
+
+def _picked_backward(residuals, g):  # d/dz_v z_y = [v = y]; the ids get no gradient
+    token_ids, vocab_size = residuals
+    vocab = jnp.arange(vocab_size, dtype=jnp.int32)
+    return jnp.where(vocab == token_ids[..., None].astype(jnp.int32), g[..., None], 0.0), None
+
+
+_picked.defvjp(_picked_forward, _picked_backward)
 
 
 def token_logprobs_and_entropy(

@@ -54,10 +54,17 @@ def test_bad_shapes_and_temperature_raise():
         token_stats.token_entropy(jnp.zeros((2, 5)), temperature=0.0)
 
 
-def test_gradient_has_no_scatter_into_the_vocabulary():
-    """The target's logit is picked by a masked sum: the backward is elementwise, not a scatter."""
-    logits, ids = jnp.zeros((3, 5, 11)), jnp.zeros((3, 5), jnp.int32)
+def test_target_logit_is_gathered_and_its_gradient_is_a_select_not_a_scatter():
+    """The forward gathers the target's logit (no pass over the vocabulary); the backward is the
+    elementwise select [v = y] g, not a scatter into the vocabulary, and equals the masked sum's."""
+    logits = jax.random.normal(jax.random.key(0), (3, 5, 11))
+    ids = jax.random.randint(jax.random.key(1), (3, 5), 0, 11)
     for fn in (lambda z: token_stats.token_logprobs_and_entropy(z, ids)[0],
                lambda z: token_stats.token_logprobs(z, ids)):
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda z, fn=fn: jnp.sum(fn(z))))(logits))
-        assert "scatter" not in jaxpr and "gather" not in jaxpr
+        assert "scatter" not in jaxpr and jaxpr.count("gather[") == 1
+    masked_sum = lambda z: jnp.sum(jnp.where(jnp.arange(11) == ids[..., None], z, 0.0), axis=-1)
+    weights = jax.random.normal(jax.random.key(2), (3, 5))
+    np.testing.assert_array_equal(token_stats._picked(logits, ids), masked_sum(logits))
+    np.testing.assert_array_equal(jax.grad(lambda z: jnp.sum(weights * token_stats._picked(z, ids)))(logits),
+                                  jax.grad(lambda z: jnp.sum(weights * masked_sum(z)))(logits))
