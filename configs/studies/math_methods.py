@@ -12,8 +12,7 @@ The problems, warm-start length and learning rate are the math pilot's choice
 (``configs/studies/math_pilot.py``, docs/results.md "Study 2"), made on Dr.BoT runs alone and
 applied to every method: 2-3 terms of 2-3 digits (+ - *), where a 320-step warm start scores
 0.27 held out (the preset's problems score 0); RL at lr 5e-5, because the presets' 5e-4 undoes
-the warm start within 10 steps. 20 RL steps per run, not the agent table's 40: a math step costs
-about twice a TextWorldExpress step here (docs/results.md, budget).
+the warm start within 10 steps. The agent table's budget: 40 RL steps, an evaluation every 5.
 """
 from configs.studies._common import method, study
 
@@ -47,6 +46,6 @@ METHODS = (
 def get_config():
     return study("math_methods", "SPEAR on math with the code interpreter (tiny model)", SEEDS, baseline="drbot",
                  methods=METHODS, warm_start_config="configs/sft.py:math_tiny", warm_start_data="math_tool",
-                 total_steps=20, eval_every=5, eval_episodes=96,
+                 total_steps=40, eval_every=5, eval_episodes=96,
                  overrides=RESPONSE_BUDGET + PROBLEMS,
                  warm_start_overrides=(("sft.steps", WARM_START_STEPS),))
