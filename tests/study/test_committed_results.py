@@ -11,7 +11,7 @@ from spear_jax.study import report
 from spear_jax.study.__main__ import main
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "results")
-STUDIES = ("twx_methods", "twx_ablations")
+STUDIES = ("twx_methods", "twx_ablations", "math_methods")
 GENERATED = ("results.md", "results.json")
 
 
