@@ -10,12 +10,14 @@ import os
 import shutil
 import tempfile
 
+from tests.xla import FAST_COMPILE
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     _flags += " --xla_force_host_platform_device_count=8"
 if "xla_backend_optimization_level" not in _flags:
-    _flags += " --xla_backend_optimization_level=0"  # tests/xla.py FAST_COMPILE
+    _flags += " " + FAST_COMPILE
 os.environ["XLA_FLAGS"] = _flags.strip()
 
 _CACHE = "JAX_COMPILATION_CACHE_DIR"
