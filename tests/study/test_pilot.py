@@ -2,6 +2,7 @@
 folder, each attempt's wall time is recorded, the committed report is rewritten byte for byte
 from the committed results, and the studies' setting is the pilot's chosen one."""
 import json
+import math
 import os
 import shutil
 
@@ -65,6 +66,16 @@ def test_the_math_study_runs_the_pilots_chosen_setting(tmp_path):
             options = config.env.kwargs.generator_options
             assert options.to_dict() == {field.rsplit(".", 1)[1]: value for field, value in overrides}
             assert config.rollout.max_response_length == 128
+
+
+def test_the_math_studys_replay_trigger_is_a_small_share_of_the_staleness_window(tmp_path):
+    """One row per math episode: more than 1.5 x buffer_size rows above P50 must be at most a tenth
+    of the rows of the staleness window (the tiny preset's 32 asked for 30%, and replay never fired)."""
+    for spec in study_spec.run_specs(math_methods.get_config(), str(tmp_path)):
+        config = study_spec.resolved_config(spec)
+        window = config.data.train_tasks_per_step * config.data.group_size * config.replay.tolerate_steps
+        assert config.env.row_layout == "trajectory" and config.replay.buffer_size == 8
+        assert math.floor(1.5 * config.replay.buffer_size) + 1 <= 0.1 * window
 
 
 def _write_setting(folder, walls=True, metrics=True):
