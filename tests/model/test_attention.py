@@ -70,3 +70,19 @@ def test_causal_blocks_skip_the_keys_above_the_diagonal(monkeypatch):
     scores = [e.outvars[0].aval.shape for e in jaxpr.eqns
               if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] != q.shape[-1]]
     assert sorted(shape[-1] for shape in scores) == [10, 20, 30, 40]
+
+
+def test_attention_softmax_and_its_gradient_equal_jax_nn_softmax():
+    """``layers._softmax`` (custom gradient p * (g - sum(g p))) against ``jax.nn.softmax``, on
+    rows with masked scores (the float32 minimum, as attention writes them) and a row masked
+    whole (a uniform average)."""
+    scores = jax.random.normal(jax.random.key(2), (3, 5, 7)) * 4
+    masked = jnp.zeros(scores.shape, bool).at[0, :, 4:].set(True).at[1, 2].set(True)
+    scores = jnp.where(masked, jnp.finfo(jnp.float32).min, scores)
+    cotangent = jax.random.normal(jax.random.key(3), scores.shape)
+    np.testing.assert_allclose(layers._softmax(scores), jax.nn.softmax(scores), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(layers._softmax(scores)[1, 2], np.full(7, 1 / 7), rtol=1e-6)
+    got = jax.vjp(layers._softmax, scores)[1](cotangent)[0]
+    want = jax.vjp(jax.nn.softmax, scores)[1](cotangent)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(got))) > 0.1
