@@ -1,19 +1,23 @@
 """``python -m spear_jax.study``: run a study and write its results, or rewrite a results folder.
 
     python -m spear_jax.study --study=configs/studies/twx_methods.py --workdir=studies/twx [--parallel=N]
-        [--results=results/<study name>] [--methods=a,b] [--collect]
+        [--results=results/<study name>] [--methods=a,b] [--keep-finished] [--collect]
     python -m spear_jax.study --report=results/twx_methods [--docs README.md docs/results.md]
 
 A study run records the warm-start data, trains what is not finished (an interrupted study
 resumes: rerun the same command), copies the finished runs' compact metrics into the results
 folder and writes ``results.json``, ``results.md`` and the figures there. ``--methods`` trains only
 the listed methods' runs (e.g. the pair a comparison needs, before the others); the report covers
-the whole study. ``--collect`` does only that last part: it trains nothing and reports the runs
-finished so far (e.g. of a sweep still running or stopped half-way; the report lists the runs it
-lacks). ``--report`` rewrites those
-three from the folder's ``study.json`` and compact metrics alone; with ``--docs`` it also rewrites
-the study's headline table in those markdown files, between ``<!-- results:<study> -->`` and
-``<!-- /results:<study> -->``.
+the whole study. ``--collect`` does only the copying and the report: it trains nothing and
+reports the runs finished so far (e.g. of a sweep still running or stopped half-way; the report
+lists the runs it lacks). ``--report`` rewrites those three from the folder's ``study.json`` and
+compact metrics alone; with ``--docs`` it also rewrites the study's headline table in those
+markdown files, between ``<!-- results:<study> -->`` and ``<!-- /results:<study> -->``.
+
+A run started under another config than the study's now (the ``config.json`` it recorded; e.g.
+after an edit of the study) stops the study before anything runs, with an error naming the run,
+the changed fields and the fix (move the run aside); ``--keep-finished`` keeps such finished
+runs as they are, named in the log.
 """
 from __future__ import annotations
 
@@ -61,10 +65,12 @@ def collect(study, specs: Sequence[study_spec.RunSpec], workdir: str, results_di
 
 
 def run_study(study_path: str, workdir: str, parallel: int, results_dir: str | None,
-              runner: scheduler.Runner | None = None, methods: Sequence[str] = ()) -> dict[str, str]:
+              runner: scheduler.Runner | None = None, methods: Sequence[str] = (),
+              keep_finished: bool = False) -> dict[str, str]:
     """The whole study (module docstring), or the runs of ``methods`` only; returns each run's
     outcome. ``runner`` executes one run (default ``scheduler.subprocess_runner``)."""
-    return run_loaded_study(study_spec.load_study(study_path), workdir, parallel, results_dir, runner, methods)
+    return run_loaded_study(study_spec.load_study(study_path), workdir, parallel, results_dir, runner, methods,
+                            keep_finished)
 
 
 def selected_specs(study, specs: Sequence[study_spec.RunSpec], methods: Sequence[str]) -> list[study_spec.RunSpec]:
@@ -77,10 +83,12 @@ def selected_specs(study, specs: Sequence[study_spec.RunSpec], methods: Sequence
 
 
 def run_loaded_study(study, workdir: str, parallel: int, results_dir: str | None,
-                     runner: scheduler.Runner | None = None, methods: Sequence[str] = ()) -> dict[str, str]:
+                     runner: scheduler.Runner | None = None, methods: Sequence[str] = (),
+                     keep_finished: bool = False) -> dict[str, str]:
     """``run_study`` of an already loaded and checked study config."""
     specs = selected_specs(study, study_spec.run_specs(study, workdir), methods)
     check_runs(specs)
+    scheduler.check_recorded_configs(specs, keep_finished)
     os.makedirs(workdir, exist_ok=True)
     report.write_study_json(workdir, study_dict(study))
     scheduler.record_warm_data(study, study_spec.warm_start_specs(specs))
@@ -109,6 +117,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (subprocesses)")
     parser.add_argument("--results", default=None, help="results folder (default results/<study name>)")
     parser.add_argument("--methods", default="", help="comma-separated: train only these methods' runs")
+    parser.add_argument("--keep-finished", action="store_true",
+                        help="keep finished runs recorded under another config than the study's (named in the log)")
     parser.add_argument("--collect", action="store_true",
                         help="train nothing: report the runs of --workdir finished so far")
     parser.add_argument("--report", default=None, help="only rewrite the report of this results folder")
@@ -141,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   (f"; not yet: {', '.join(unfinished)}" if unfinished else ""), flush=True)
             return 0
         methods = [name for name in args.methods.split(",") if name]
-        outcome = run_study(args.study, args.workdir, args.parallel, args.results, methods=methods)
+        outcome = run_study(args.study, args.workdir, args.parallel, args.results, methods=methods,
+                            keep_finished=args.keep_finished)
     except study_spec.StudyConfigError as error:
         print(f"study config error: {error}", file=sys.stderr)
         return 2

@@ -56,6 +56,33 @@ def run_state(spec: RunSpec) -> str:
     return "partial" if steps else "new"
 
 
+EXTENDABLE_FIELDS = ("trainer.total_steps",)  # raised to continue finished runs (docs/experiments.md)
+
+
+def check_recorded_configs(specs: Sequence[RunSpec], keep_finished: bool = False,
+                           log: Callable[[str], None] = print) -> None:
+    """Compares the config each started run recorded (``spec.config_changes``) with the study's
+    now, so that a changed study never resumes a run under two configs or reports an old run
+    as the new setting's. A changed partial run is a ``StudyConfigError``; so is a changed
+    finished one, unless ``keep_finished`` (then it is kept and named in the log). Fields in
+    ``EXTENDABLE_FIELDS`` may change. Nothing is moved or deleted: the error names the fix."""
+    for spec in [*study_spec.warm_start_specs(specs), *specs]:
+        state = run_state(spec)
+        changes = {field: values for field, values in study_spec.config_changes(spec).items()
+                   if field not in EXTENDABLE_FIELDS} if state != "new" else {}
+        if not changes:
+            continue
+        listed = "; ".join(f"{field}: {old!r} -> {new!r}" for field, (old, new) in changes.items())
+        if state == "finished" and keep_finished:
+            log(f"{spec.name}: finished under another config ({listed}); kept (--keep-finished)")
+            continue
+        fix = f"move {spec.workdir} aside to run it again"
+        if state == "finished":
+            fix += ", or pass --keep-finished to keep its results as they are"
+        raise study_spec.StudyConfigError(
+            f"{spec.name}: {state} under another config than the study's ({listed}): {fix}")
+
+
 def subprocess_runner(spec: RunSpec) -> int:
     """Runs ``spec``'s ``spear_jax.main`` command, appending its output to ``<run>/study.log``."""
     os.makedirs(spec.workdir, exist_ok=True)

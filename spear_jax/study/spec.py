@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import sys
 from typing import Any, Sequence
@@ -163,6 +164,35 @@ def resolved_config(spec: RunSpec) -> ml_collections.ConfigDict:
     for field, value in spec.overrides:
         set_field(config, field, value, spec.name)
     return config
+
+
+RUN_CONFIG_FILE = "config.json"  # written by spear_jax.main into the run's workdir
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def config_changes(spec: RunSpec) -> dict[str, tuple[Any, Any]]:
+    """{field: (recorded, now)} for each field where the config the run recorded when it started
+    (``<run>/config.json``) differs from the one the study would run now (``resolved_config``);
+    empty when they agree or the run recorded none."""
+    path = os.path.join(spec.workdir, RUN_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        recorded = _flat(json.load(handle))
+    now = _flat(json.loads(resolved_config(spec).to_json_best_effort()))
+    missing = "(absent)"
+    return {field: (recorded.get(field, missing), now.get(field, missing))
+            for field in sorted(set(recorded) | set(now)) if recorded.get(field, missing) != now.get(field, missing)}
 
 
 def set_field(config: ml_collections.ConfigDict, field: str, value: Any, where: str) -> None:

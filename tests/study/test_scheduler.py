@@ -232,3 +232,67 @@ def test_methods_option_trains_only_the_listed_methods_and_reports_the_whole_stu
     assert "B seed 0, B seed 1" in (tmp_path / "r" / "results.md").read_text()  # b is listed as not run
     with pytest.raises(study_spec.StudyConfigError, match=r"--methods: \['d'\] not in the study; its methods are"):
         run_study(str(study_file), str(tmp_path / "w"), 1, str(tmp_path / "r"), runner=runner, methods=["d"])
+
+
+def _record_config(spec, **changes):
+    """The ``config.json`` spear_jax.main writes, of the spec's config with ``changes`` (field
+    path with "__" for ".") set: what a run started before the study was edited recorded."""
+    config = study_spec.resolved_config(spec)
+    for field, value in changes.items():
+        study_spec.set_field(config, field.replace("__", "."), value, spec.name)
+    os.makedirs(spec.workdir, exist_ok=True)
+    with open(os.path.join(spec.workdir, study_spec.RUN_CONFIG_FILE), "w") as handle:
+        handle.write(config.to_json_best_effort())
+
+
+def test_a_run_recorded_under_another_config_stops_the_study_unless_kept(tmp_path):
+    """A finished run whose recorded config differs from the study's is an error naming the run,
+    the field (old -> new) and the fix, or is kept and logged with ``keep_finished``; a partial
+    one is an error either way. An unchanged record and a raised step budget pass."""
+    specs = study_spec.run_specs(_study(), str(tmp_path))
+    a, b, c = specs
+    for spec in (a.warm_start, a):
+        _finish(spec)
+        _record_config(spec)
+    scheduler.check_recorded_configs(specs)  # as recorded; c has no record yet
+    _record_config(a, trainer__total_steps=TOTAL_STEPS - 1)  # a budget raised since: it continues
+    scheduler.check_recorded_configs(specs)
+    _record_config(a, actor__lr=1e-3, replay__buffer_size=16)
+    with pytest.raises(study_spec.StudyConfigError) as error:
+        scheduler.check_recorded_configs(specs)
+    assert str(error.value) == (
+        f"a/seed0: finished under another config than the study's (actor.lr: 0.001 -> 0.0005; "
+        f"replay.buffer_size: 16 -> 32): move {a.workdir} aside to run it again, or pass --keep-finished "
+        f"to keep its results as they are")
+    logged = []
+    scheduler.check_recorded_configs(specs, keep_finished=True, log=logged.append)
+    assert logged == ["a/seed0: finished under another config (actor.lr: 0.001 -> 0.0005; "
+                      "replay.buffer_size: 16 -> 32); kept (--keep-finished)"]
+    _save_checkpoint(b.workdir, 1)
+    _record_config(b, data__group_size=8)
+    with pytest.raises(study_spec.StudyConfigError, match=r"^b/seed0: partial under another config than the "
+                       r"study's \(data.group_size: 8 -> 4\): move \S+ aside to run it again$"):
+        scheduler.check_recorded_configs(specs, keep_finished=True, log=logged.append)
+
+
+def test_the_command_line_refuses_a_changed_run_before_running_anything(tmp_path, monkeypatch, capsys):
+    from spear_jax.study.__main__ import main
+
+    runner = FakeRunner()
+    monkeypatch.setattr(scheduler, "subprocess_runner", lambda spec: runner(spec) or _finish_with_eval(spec))
+    monkeypatch.setattr("spear_jax.study.warm_data.record", _record_nothing)
+    monkeypatch.setattr("spear_jax.study.__main__.check_runs", lambda specs: None)
+    study_file = _write_study(tmp_path / "toy.py")
+    workdir = tmp_path / "w"
+    a, b = study_spec.run_specs(study_spec.load_study(str(study_file)), str(workdir))
+    for spec in (a.warm_start, a):
+        _finish_with_eval(spec)
+        _record_config(spec)
+    _record_config(a, actor__lr=1e-3)
+    argv = [f"--study={study_file}", f"--workdir={workdir}", f"--results={tmp_path / 'r'}"]
+    assert main(argv) == 2
+    assert "study config error: a/seed0: finished under another config" in capsys.readouterr().err
+    assert runner.calls == []
+    assert main(argv + ["--keep-finished"]) == 0
+    assert [name for name, _ in runner.calls] == ["b/seed0"]
+    assert "a/seed0: finished under another config (actor.lr: 0.001 -> 0.0005); kept" in capsys.readouterr().out
