@@ -180,10 +180,19 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _same(recorded: Any, now: Any) -> bool:
+    """Equal values, or two paths of one existing file or folder (a run or warm start shared
+    between studies by a symbolic link, ``configs/studies/twx_ablations.py``)."""
+    if recorded == now:
+        return True
+    return (isinstance(recorded, str) and isinstance(now, str) and os.path.exists(recorded)
+            and os.path.exists(now) and os.path.realpath(recorded) == os.path.realpath(now))
+
+
 def config_changes(spec: RunSpec) -> dict[str, tuple[Any, Any]]:
     """{field: (recorded, now)} for each field where the config the run recorded when it started
     (``<run>/config.json``) differs from the one the study would run now (``resolved_config``);
-    empty when they agree or the run recorded none."""
+    empty when they agree (``_same``) or the run recorded none."""
     path = os.path.join(spec.workdir, RUN_CONFIG_FILE)
     if not os.path.isfile(path):
         return {}
@@ -191,8 +200,8 @@ def config_changes(spec: RunSpec) -> dict[str, tuple[Any, Any]]:
         recorded = _flat(json.load(handle))
     now = _flat(json.loads(resolved_config(spec).to_json_best_effort()))
     missing = "(absent)"
-    return {field: (recorded.get(field, missing), now.get(field, missing))
-            for field in sorted(set(recorded) | set(now)) if recorded.get(field, missing) != now.get(field, missing)}
+    pairs = {field: (recorded.get(field, missing), now.get(field, missing)) for field in set(recorded) | set(now)}
+    return {field: pair for field, pair in sorted(pairs.items()) if not _same(*pair)}
 
 
 def set_field(config: ml_collections.ConfigDict, field: str, value: Any, where: str) -> None:

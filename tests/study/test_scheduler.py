@@ -248,7 +248,8 @@ def _record_config(spec, **changes):
 def test_a_run_recorded_under_another_config_stops_the_study_unless_kept(tmp_path):
     """A finished run whose recorded config differs from the study's is an error naming the run,
     the field (old -> new) and the fix, or is kept and logged with ``keep_finished``; a partial
-    one is an error either way. An unchanged record and a raised step budget pass."""
+    one is an error either way. An unchanged record, a raised step budget and a path linked to
+    the recorded one pass."""
     specs = study_spec.run_specs(_study(), str(tmp_path))
     a, b, c = specs
     for spec in (a.warm_start, a):
@@ -268,6 +269,17 @@ def test_a_run_recorded_under_another_config_stops_the_study_unless_kept(tmp_pat
     scheduler.check_recorded_configs(specs, keep_finished=True, log=logged.append)
     assert logged == ["a/seed0: finished under another config (actor.lr: 0.001 -> 0.0005; "
                       "replay.buffer_size: 16 -> 32); kept (--keep-finished)"]
+    _record_config(a)
+    warm, data = a.warm_start, dict(a.warm_start.overrides)["sft.data_path"]
+    shared = tmp_path / "other_study" / "seed0.jsonl"  # a warm start recorded in another study
+    shared.parent.mkdir()
+    shared.write_text("")
+    _record_config(warm, sft__data_path=str(shared))
+    with pytest.raises(study_spec.StudyConfigError, match="warm_start/seed0: finished .*sft.data_path"):
+        scheduler.check_recorded_configs(specs)
+    os.makedirs(os.path.dirname(data), exist_ok=True)
+    os.symlink(shared, data)  # this study's data path is a link to that file: the same data
+    scheduler.check_recorded_configs(specs)
     _save_checkpoint(b.workdir, 1)
     _record_config(b, data__group_size=8)
     with pytest.raises(study_spec.StudyConfigError, match=r"^b/seed0: partial under another config than the "
