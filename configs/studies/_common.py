@@ -4,9 +4,11 @@ from __future__ import annotations
 import ml_collections
 
 
-def method(name: str, label: str, config: str, overrides: tuple = ()) -> ml_collections.ConfigDict:
-    """One row of a study: a ``spear_jax.main`` ``--config`` argument and its field changes."""
-    return ml_collections.ConfigDict({"name": name, "label": label, "config": config, "overrides": tuple(overrides)})
+def method(name: str, label: str, config: str, overrides: tuple = (), base: str = "") -> ml_collections.ConfigDict:
+    """One row of a study: a ``spear_jax.main`` ``--config`` argument and its field changes;
+    ``base``: another method it is also compared with, seed by seed (e.g. SPEAR over GiGPO)."""
+    row = {"name": name, "label": label, "config": config, "overrides": tuple(overrides)}
+    return ml_collections.ConfigDict({**row, "base": base} if base else row)
 
 
 def study(name: str, title: str, seeds: tuple, baseline: str, methods: tuple, warm_start_config: str,

@@ -19,7 +19,7 @@ METHODS = (
     method("drbot_grpo", "Dr.BoT (GRPO)", "configs/drbot.py:twx_tiny"),
     method("spear_drbot_grpo", "Dr.BoT (GRPO) + SPEAR", "configs/spear.py:twx_tiny,drbot"),
     method("gigpo", "GiGPO", "configs/gigpo.py:twx_tiny"),
-    method("spear_drbot_gigpo", "Dr.BoT (GiGPO) + SPEAR", "configs/spear.py:twx_tiny,drbot_gigpo"),
+    method("spear_drbot_gigpo", "Dr.BoT (GiGPO) + SPEAR", "configs/spear.py:twx_tiny,drbot_gigpo", base="gigpo"),
 )
 
 

@@ -14,8 +14,9 @@
 {"label", "config", "overrides", "seeds": [{"seed", "final", "best", "auc", "eval_steps",
 "eval_success"}, ...], "final" | "best" | "auc": {"n", "mean", "ci_low", "ci_high"},
 "vs_baseline": {"final" | "best" | "auc": {"seeds", "values", "n", "mean", "ci_low",
-"ci_high"}}}}}`` (``vs_baseline`` absent for the baseline; a method without finished runs has
-no summaries).
+"ci_high"}}, "base", "vs_base"}}}`` (``vs_baseline`` absent for the baseline; ``base`` and
+``vs_base``, the same differences against the method's own base, only for a method the study
+gives one; a method without finished runs has no summaries).
 """
 from __future__ import annotations
 
@@ -139,21 +140,28 @@ def method_results(study: dict, method: dict, results_dir: str) -> dict:
     return entry
 
 
+def paired_summaries(entry: dict, other: dict) -> dict:
+    """{summary: paired differences entry - other over their common seeds} (``stats``)."""
+    comparison = {}
+    for summary in SUMMARIES:
+        paired = stats.paired_differences({r["seed"]: r[summary] for r in entry["seeds"]},
+                                          {r["seed"]: r[summary] for r in other["seeds"]})
+        if paired is not None:
+            comparison[summary] = paired
+    return comparison
+
+
 def study_results(results_dir: str) -> dict:
     """``results.json``'s content from ``study.json`` and the compact metrics."""
     study = load_study(results_dir)
     methods = {m["name"]: method_results(study, m, results_dir) for m in study["methods"]}
-    base = methods[study["baseline"]]
     for name, entry in methods.items():
-        if name == study["baseline"]:
-            continue
-        comparison = {}
-        for summary in SUMMARIES:
-            paired = stats.paired_differences({r["seed"]: r[summary] for r in entry["seeds"]},
-                                              {r["seed"]: r[summary] for r in base["seeds"]})
-            if paired is not None:
-                comparison[summary] = paired
-        entry["vs_baseline"] = comparison
+        if name != study["baseline"]:
+            entry["vs_baseline"] = paired_summaries(entry, methods[study["baseline"]])
+    for m in study["methods"]:
+        if m.get("base"):
+            methods[m["name"]]["base"] = m["base"]
+            methods[m["name"]]["vs_base"] = paired_summaries(methods[m["name"]], methods[m["base"]])
     return {"study": study["name"], "title": study["title"], "seeds": study["seeds"], "baseline": study["baseline"],
             "budget": study["budget"], "methods": methods}
 
@@ -189,7 +197,14 @@ def markdown(results: dict, figures: Sequence[tuple[str, str]]) -> str:
     rows = [[m["label"], len(m["vs_baseline"].get("final", {}).get("seeds", [])),
              *(_signed_interval(m["vs_baseline"].get(s)) for s in SUMMARIES)]
             for name, m in methods.items() if name != results["baseline"]]
-    lines += [markdown_table(["method", "paired seeds", "Δ final", "Δ best", "Δ AUC"], rows), "", "## Per seed", ""]
+    lines += [markdown_table(["method", "paired seeds", "Δ final", "Δ best", "Δ AUC"], rows), ""]
+    based = [m for m in methods.values() if m.get("base")]
+    if based:
+        lines += ["## Paired differences against each method's base (same seeds)", ""]
+        rows = [[m["label"], methods[m["base"]]["label"], len(m["vs_base"].get("final", {}).get("seeds", [])),
+                 *(_signed_interval(m["vs_base"].get(s)) for s in SUMMARIES)] for m in based]
+        lines += [markdown_table(["method", "base", "paired seeds", "Δ final", "Δ best", "Δ AUC"], rows), ""]
+    lines += ["## Per seed", ""]
     rows = [[m["label"], r["seed"], *(f"{r[s]:.3f}" for s in SUMMARIES)] for m in methods.values() for r in m["seeds"]]
     lines += [markdown_table(["method", "seed", "final", "best", "AUC"], rows), "", "## Figures", ""]
     lines += [f"![{title}]({path})" for path, title in figures]

@@ -93,6 +93,10 @@ def check_study(study: ml_collections.ConfigDict, where: str) -> None:
                                    f"(it names a directory)")
     if len(set(names)) != len(names):
         raise StudyConfigError(f"{where}: methods have repeated names {names}")
+    for method in study.methods:
+        if method.get("base", "") and (method.base not in names or method.base == method.name):
+            raise StudyConfigError(f"{where}: method {method.name!r} has base {method.base!r}: it must be "
+                                   f"another of the methods {names}")
     if study.baseline not in names:
         raise StudyConfigError(f"{where}: baseline {study.baseline!r} is not one of the methods {names}")
     if study.warm_start.data not in WARM_START_DATA:

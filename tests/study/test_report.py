@@ -122,3 +122,32 @@ def test_docs_blocks_are_rewritten_with_the_headline_table(tmp_path, capsys):
     plain.write_text("no block\n")
     assert main(["--report", str(tmp_path / "results"), "--docs", str(plain)]) == 2
     assert "no <!-- results:fixture --> ... <!-- /results:fixture --> block" in capsys.readouterr().err
+
+
+def test_a_method_with_a_base_is_also_paired_against_it(tmp_path):
+    """``base``: the paired differences against that method too, in results.json and in a table
+    of results.md; a base that is not another method is a study config error."""
+    make_fixture(tmp_path)
+    study = json.loads((tmp_path / "study.json").read_text())
+    study["methods"][1]["base"] = "base"
+    report.write_study_json(str(tmp_path), study)
+    results = report.write_report(str(tmp_path))
+    spear = results["methods"]["spear"]
+    assert spear["base"] == "base" and spear["vs_base"] == spear["vs_baseline"]
+    assert spear["vs_base"]["final"]["values"] == pytest.approx([0.2, 0.1, 0.15, 0.35])
+    assert "base" not in results["methods"]["base"]
+    text = (tmp_path / "results.md").read_text()
+    assert "## Paired differences against each method's base (same seeds)" in text
+    assert "| Base + SPEAR | Base | 4 | +0.200 [" in text
+
+
+def test_a_base_that_is_not_another_method_is_an_error():
+    from configs.studies._common import method, study
+    from spear_jax.study import spec as study_spec
+
+    for base in ("missing", "b"):
+        config = study("toy", "toy", (0,), "a", (method("a", "A", "configs/drbot.py:twx_tiny"),
+                                                 method("b", "B", "configs/spear.py:twx_tiny", base=base)),
+                       "configs/sft.py:twx_tiny", "gold", 1, 1, 8)
+        with pytest.raises(study_spec.StudyConfigError, match=f"method 'b' has base '{base}': it must be another"):
+            study_spec.check_study(config, "toy.py")
