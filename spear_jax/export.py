@@ -31,6 +31,7 @@ from absl import app, flags
 from flax import nnx
 
 from spear_jax.checkpoint import RunCheckpointer
+from spear_jax.metrics import RUN_CONFIG_FILE
 from spear_jax.model.chat_template import ChatTemplate
 from spear_jax.model.hf_checkpoint import EXPORT_DTYPES, save_hf_checkpoint
 from spear_jax.model.hf_tokenizer_files import write_tokenizer_files
@@ -39,7 +40,6 @@ from spear_jax.model import ModelConfig, lora
 from spear_jax.policy import (CHECKPOINT_SUBDIR, abstract_params, load_tokenizer_of, model_config_of,
                               with_run_adapters)
 
-RUN_CONFIG_FILE = "config.json"
 WARM_START_DIR = "warm_start"
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

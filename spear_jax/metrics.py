@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 METRICS_FILE = "metrics.jsonl"
+RUN_CONFIG_FILE = "config.json"  # the run config record_config writes into the workdir
 # Metric -> the short name shown after the console progress bar.
 PROGRESS_KEYS = {"success_rate": "success", "episode_return": "return", "actor/entropy": "entropy",
                  "replay/buffer_rows": "buffer", "sft/nll": "nll", "time/step": "s/step"}
@@ -219,7 +220,7 @@ def record_config(workdir: str, config) -> None:
 
     if not distributed.is_writer():
         return
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(workdir, RUN_CONFIG_FILE)
     with open(path + ".tmp", "w") as handle:
         handle.write(config.to_json_best_effort(indent=2))
     os.replace(path + ".tmp", path)

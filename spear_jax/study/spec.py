@@ -34,6 +34,9 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from spear_jax import resume
+from spear_jax.metrics import RUN_CONFIG_FILE
+
 WARM_START_DATA = ("gold", "math_tool")
 STUDY_FIELDS = ("name", "title", "seeds", "baseline", "budget", "overrides", "warm_start", "methods")
 METHOD_FIELDS = ("name", "label", "config", "overrides")
@@ -170,20 +173,6 @@ def resolved_config(spec: RunSpec) -> ml_collections.ConfigDict:
     return config
 
 
-RUN_CONFIG_FILE = "config.json"  # written by spear_jax.main into the run's workdir
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def _same(recorded: Any, now: Any) -> bool:
     """Equal values, or two paths of one existing file or folder (a run or warm start shared
     between studies by a symbolic link, ``configs/studies/twx_ablations.py``)."""
@@ -195,17 +184,16 @@ def _same(recorded: Any, now: Any) -> bool:
 
 def config_changes(spec: RunSpec) -> dict[str, tuple[Any, Any]]:
     """{field: (recorded, now)} for each field where the config the run recorded when it started
-    (``<run>/config.json``) differs from the one the study would run now (``resolved_config``);
-    empty when they agree (``_same``) or the run recorded none."""
+    (``<run>/config.json``) differs from the one the study would run now (``resolved_config``),
+    compared as a resume compares them (``resume.config_differences``); empty when they agree
+    (``_same``) or the run recorded none."""
     path = os.path.join(spec.workdir, RUN_CONFIG_FILE)
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as handle:
-        recorded = _flat(json.load(handle))
-    now = _flat(json.loads(resolved_config(spec).to_json_best_effort()))
-    missing = "(absent)"
-    pairs = {field: (recorded.get(field, missing), now.get(field, missing)) for field in set(recorded) | set(now)}
-    return {field: pair for field, pair in sorted(pairs.items()) if not _same(*pair)}
+        recorded = json.load(handle)
+    differences = resume.config_differences(recorded, resume.config_record(resolved_config(spec)))
+    return {field: (old, new) for field, old, new in differences if not _same(old, new)}
 
 
 def set_field(config: ml_collections.ConfigDict, field: str, value: Any, where: str) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from configs.studies._common import method, study
 from spear_jax import checkpoint
+from spear_jax.metrics import RUN_CONFIG_FILE
 from spear_jax.study import scheduler
 from spear_jax.study import spec as study_spec
 
@@ -241,7 +242,7 @@ def _record_config(spec, **changes):
     for field, value in changes.items():
         study_spec.set_field(config, field.replace("__", "."), value, spec.name)
     os.makedirs(spec.workdir, exist_ok=True)
-    with open(os.path.join(spec.workdir, study_spec.RUN_CONFIG_FILE), "w") as handle:
+    with open(os.path.join(spec.workdir, RUN_CONFIG_FILE), "w") as handle:
         handle.write(config.to_json_best_effort())
 
 
