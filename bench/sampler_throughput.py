@@ -33,6 +33,8 @@ torch uses ``--torch-threads`` (default: torch's choice), printed at start.
     # GPU: a 1.5B config in bfloat16 at batch 64, against the HBM bound
     python -m bench.sampler_throughput --models qwen2.5-1.5b --batch-sizes 1,64 --compute-dtype bfloat16 \
         --weight-dtype bfloat16 --cache-dtype bfloat16 --new-tokens 256 --read-mib 4096 --skip-hf --profile
+    # SmolLM2 (30 scanned layers) decoded one layer at a time (rollout.decode_layers=unrolled):
+    python -m bench.sampler_throughput --models smollm2-135m --new-tokens 32 --decode-layers unrolled
     # multi-turn sessions on a max_len 2048 cache (sampler only):
     python -m bench.sampler_throughput --session --models tiny --batch-sizes 8 --prompt-len 64 --new-tokens 32
 """
@@ -54,6 +56,7 @@ from spear_jax.model import get_model_config, init_model
 from spear_jax.model.gguf_checkpoint import load_smollm2
 from spear_jax.model.hf_checkpoint import save_hf_checkpoint
 from spear_jax.sampling import Sampler, SamplingParams
+from spear_jax.sampling.decode import DECODE_LAYERS
 from spear_jax.sampling.sampler import length_bucket
 from spear_jax.throughput import decode_flops_per_token as flops_per_token
 from spear_jax.throughput import params_touched_per_token
@@ -167,7 +170,7 @@ def run_session_benchmark(args):
     for name in args.models.split(","):
         cfg, graphdef, state = build_model(name, args.compute_dtype)
         sampler = Sampler(graphdef, state, cfg, max_len=args.session_max_len, max_batch=max(batch_sizes),
-                          cache_dtype=jnp.dtype(args.cache_dtype))
+                          cache_dtype=jnp.dtype(args.cache_dtype), decode_layers=args.decode_layers)
         for batch in batch_sizes:
             first, best = session_seconds(sampler, batch, args.prompt_len, args.session_turns,
                                           args.session_obs_len, args.new_tokens, args.repeats)
@@ -229,6 +232,8 @@ def main():
     parser.add_argument("--cache-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--weight-dtype", default="param", choices=("param", "float32", "bfloat16"),
                         help="the sampler's weight copy (param: the float32 master weights as they are)")
+    parser.add_argument("--decode-layers", default="auto", choices=DECODE_LAYERS,
+                        help="the sampler's decode_layers (unrolled: one step per layer at any depth)")
     parser.add_argument("--read-mib", type=int, default=256, help="size of the memory-roof read")
     parser.add_argument("--skip-hf", action="store_true", help="only the JAX sampler")
     parser.add_argument("--hf-device", default="cpu")
@@ -279,7 +284,8 @@ def main():
         cfg, graphdef, state = build_model(name, args.compute_dtype)
         max_len = args.prompt_len + n_long
         sampler = Sampler(graphdef, state, cfg, max_len=max_len, max_batch=max(batch_sizes),
-                          cache_dtype=jnp.dtype(args.cache_dtype), weight_dtype=weight_dtype)
+                          cache_dtype=jnp.dtype(args.cache_dtype), weight_dtype=weight_dtype,
+                          decode_layers=args.decode_layers)
         weight_bytes = (cfg.param_jnp_dtype if weight_dtype is None else weight_dtype).itemsize
         slots = min(max_len, length_bucket(args.prompt_len) + length_bucket(n_long))  # sampler window
         hf_model = None if args.skip_hf else load_transformers(cfg, state, args.hf_device, args.hf_dtype)

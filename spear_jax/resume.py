@@ -17,8 +17,9 @@ runs, or how the same computation is laid out on devices:
   ``trainer.max_checkpoints_to_keep``, ``trainer.log_every``, ``data.eval_episodes``: when and
   how much is evaluated, saved and logged. The evaluation protocol itself (split, temperature,
   top-p) is not allowed to change, so the eval curve keeps one meaning.
-* ``mesh.*``, ``model.logprob_chunk_size``: device layout and memory chunking of the same
-  computation (restore re-shards onto the new mesh); results agree up to float reordering.
+* ``mesh.*``, ``model.logprob_chunk_size``, ``rollout.decode_layers``: device layout, memory
+  chunking and the decode program of the same computation (restore re-shards onto the new
+  mesh); results agree up to float reordering.
 * ``distributed.*``: how many processes drive the mesh and how they meet (every process
   compares its own rank with the record process 0 saved); a checkpoint holds global arrays and
   global rows, so any process count resumes it (docs/scaling.md).
@@ -47,6 +48,7 @@ RESUMABLE_FIELDS = (
     "trainer.total_steps", "trainer.eval_every", "trainer.eval_before_train",
     "trainer.checkpoint_every", "trainer.max_checkpoints_to_keep", "trainer.log_every",
     "data.eval_episodes", "mesh.data", "mesh.fsdp", "mesh.tensor", "model.logprob_chunk_size",
+    "rollout.decode_layers",
     "trainer.resume_step", "distributed.coordinator_address", "distributed.num_processes",
     "distributed.process_id", "distributed.initialization_timeout_s", "distributed.heartbeat_timeout_s",
     "distributed.gather_timeout_s", "distributed.shutdown_timeout_s",
@@ -76,6 +78,7 @@ IMPLIED_WHEN_ABSENT = {
     "env.domain": lambda old: "math" if old.get("env.row_layout") == "trajectory" else "agent",
     "actor.loss_terms": lambda old: ["pg", "entropy", "kl"],
     "replay.loss_terms": lambda old: ["pg", "entropy"],
+    "rollout.decode_layers": lambda old: "auto",
 }
 
 

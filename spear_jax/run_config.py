@@ -57,6 +57,7 @@ from spear_jax.objectives.aggregation import AGGREGATION_MODES
 from spear_jax.objectives.regularizers import KL_PENALTIES
 from spear_jax.objectives.terms import LOSS_TERMS, REFERENCE_INPUT, declared_inputs
 from spear_jax.curriculum import ScheduleConfig
+from spear_jax.sampling.decode import DECODE_LAYERS
 from spear_jax.objectives.advantages import AdvantageConfig
 from spear_jax.prepare import (AdvantageSetup, GroupFilterConfig, PackConfig, PenaltyConfig, PrepareConfig,
                                QualityFilterConfig)
@@ -209,6 +210,8 @@ RULES: tuple[Rule, ...] = (
     Rule("rollout.max_decode_rows", _at_least(0), "0 decodes every rollout row in one program; a "
          "positive value decodes the rows in chunks of at most that many (bench/memory_plan.py "
          "prints the chunk that fits a device)"),
+    Rule("rollout.decode_layers", _one_of(DECODE_LAYERS), "'unrolled' decodes a scanned deep model "
+         "one layer at a time (faster decode, longer compile); 'auto' keeps its layer scan"),
     Rule("algorithm.adv_estimator", Registered(lambda: ADVANTAGE_ESTIMATORS, "estimators"),
          "register more with spear_jax.objectives.advantages.register_advantage_estimator"),
     Rule("algorithm.grpo_statistics_over", _one_of(GRPO_STATISTICS)),
@@ -515,6 +518,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
                           f"config.env.row_layout in {layouts}, got {c.env.row_layout!r}")
     _check_clip_cov_bounds(c)
     _check_batch_sizes(c, num_devices)
+    _check_decode_layers(c, num_devices)
     _check_lengths(c)
     _check_weights(c)
     _check_environment(c)
@@ -599,6 +603,14 @@ def sequence_length(c: ml_collections.ConfigDict) -> int:
     """Tokens one sampler row holds: ``L = max_prompt_length + max_response_length`` (trajectory
     rows spend the response budget over all their turns, model and tool tokens together)."""
     return c.rollout.max_prompt_length + c.rollout.max_response_length
+
+
+def _check_decode_layers(c: ml_collections.ConfigDict, num_devices: int) -> None:
+    """An unrolled decode step runs whole layers on every device: no mesh axis but data above 1."""
+    sharded = {k: v for k, v in mesh_shape(c, num_devices).items() if k != "data" and v > 1}
+    if c.rollout.decode_layers == "unrolled" and sharded:
+        _fail("rollout.decode_layers", "unrolled", f"'auto' under a mesh that shards layers ({sharded})",
+              "the unrolled decode step needs whole layers on every device")
 
 
 def _check_lengths(c: ml_collections.ConfigDict) -> None:

@@ -70,7 +70,7 @@ def build_rollout(c: ml_collections.ConfigDict, policy: Policy, mesh) -> Rollout
         policy.graphdef, policy.params, policy.model_config, max_len=run_config.sequence_length(c),
         max_batch=max(episodes, c.data.eval_episodes), cache_dtype=jnp.dtype(c.rollout.kv_cache_dtype),
         weight_dtype=None if c.rollout.weight_dtype == "param" else jnp.dtype(c.rollout.weight_dtype),
-        mesh=mesh, max_decode_rows=c.rollout.max_decode_rows)
+        mesh=mesh, max_decode_rows=c.rollout.max_decode_rows, decode_layers=c.rollout.decode_layers)
     return RolloutParts(
         sampler=sampler,
         engine=RolloutEngine(sampler, chat, run_config.rollout_config(c, group_size=c.data.group_size)),

@@ -105,16 +105,28 @@ def _constrain_layers(cache: LayerKV, rules) -> LayerKV:
     return LayerKV(k=each(cache.k), v=each(cache.v), lengths=cache.lengths)
 
 
-def use_layerwise_step(cfg, mesh) -> bool:
-    """Whether decode runs ``decode_step`` over per-layer buffers and weights (fast on CPU: no
-    per-token copy of a layer's weights out of the stack) rather than the model's scanned
+DECODE_LAYERS = ("auto", "unrolled")  # Sampler(decode_layers=...), config.rollout.decode_layers
+
+
+def whole_layers_per_device(mesh) -> bool:
+    """True when no mesh axis but ``data`` is larger than 1 (every device holds whole layers)."""
+    return mesh is None or all(size == 1 for axis, size in mesh.shape.items() if axis != "data")
+
+
+def use_layerwise_step(cfg, mesh, decode_layers: str = "auto") -> bool:
+    """Whether decode runs ``decode_step`` over per-layer buffers and weights (no per-token copy
+    of a layer's weights or cache out of the stack) rather than the model's scanned
     ``forward_last``. Layerwise needs every device to hold whole layers (no mesh axis but
     ``data`` larger than 1: otherwise XLA gathers every layer's sharded weights at once) and
-    traces one step per layer, so it is taken only where the model's own blocks are unrolled
+    traces one step per layer. "auto" takes it only where the model's own blocks are unrolled
     too (``scan_layers`` False, or at most ``SCAN_UNROLLED_MAX_LAYERS`` layers): a scanned deep
-    model keeps a decode compile time independent of its depth."""
-    sharded = mesh is not None and any(size > 1 for axis, size in mesh.shape.items() if axis != "data")
-    return not sharded and (not cfg.scan_layers or cfg.num_layers <= SCAN_UNROLLED_MAX_LAYERS)
+    model keeps a decode compile time independent of its depth. "unrolled" takes it at any depth
+    (faster decode, compile time growing with the depth)."""
+    if decode_layers not in DECODE_LAYERS:
+        raise ValueError(f"decode_layers must be one of {DECODE_LAYERS}, got {decode_layers!r}")
+    if not whole_layers_per_device(mesh):
+        return False
+    return decode_layers == "unrolled" or not cfg.scan_layers or cfg.num_layers <= SCAN_UNROLLED_MAX_LAYERS
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules", "layerwise"),

@@ -83,6 +83,9 @@ class Sampler:
     cache per chunk), each chunk on its own cache, so the KV cache and the activations of a
     program scale with the chunk, not the call. Row b always draws with fold_in(key, b), so
     chunked and unchunked calls give the same generations.
+    decode_layers: "auto" or "unrolled" (``decode.use_layerwise_step``): "unrolled" decodes a
+    scanned deep model with the per-layer step too (faster per token, compile time growing with
+    the depth); it needs whole layers on every device (no mesh axis but ``data`` above 1).
     A LoRA state (``config.lora_rank > 0``) is decoded merged: ``set_params`` folds the adapters
     into the weights (``spear_jax.model.lora.merge_lora``, one jitted call per update) and the
     decode runs the base architecture, at the base model's cost per token.
@@ -90,7 +93,7 @@ class Sampler:
 
     def __init__(self, graphdef: nnx.GraphDef, state: nnx.State, config: ModelConfig, *,
                  max_len: int, max_batch: int, cache_dtype=jnp.float32, weight_dtype=None, mesh=None,
-                 max_decode_rows: int = 0):
+                 max_decode_rows: int = 0, decode_layers: str = "auto"):
         if not 1 <= max_len <= config.max_position_embeddings:
             raise ValueError(
                 f"max_len must be in [1, config.max_position_embeddings={config.max_position_embeddings}], "
@@ -100,6 +103,9 @@ class Sampler:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_decode_rows < 0:
             raise ValueError(f"max_decode_rows must be >= 0 (0 = all rows in one program), got {max_decode_rows}")
+        if decode_layers == "unrolled" and not decode.whole_layers_per_device(mesh):
+            raise ValueError(f"decode_layers='unrolled' needs whole layers on every device, but the mesh "
+                             f"{dict(mesh.shape)} shards them: use decode_layers='auto'")
         if not jnp.issubdtype(jnp.dtype(cache_dtype), jnp.floating):
             raise ValueError(f"cache_dtype must be a float dtype, got {cache_dtype}")
         if weight_dtype is not None and not jnp.issubdtype(jnp.dtype(weight_dtype), jnp.floating):
@@ -114,6 +120,7 @@ class Sampler:
         self.cache_dtype = jnp.dtype(cache_dtype)
         self.weight_dtype = None if weight_dtype is None else jnp.dtype(weight_dtype)
         self.mesh = mesh
+        self.layerwise = decode.use_layerwise_step(config, mesh, decode_layers)  # checks the name
         self._signature = _state_signature(state)
         self._state = None
         self._cache_makers = {}  # (batch, length) -> jitted sharded constructor
@@ -227,7 +234,7 @@ class Sampler:
                 self.graphdef, self._state, cache, jnp.asarray(tokens), jnp.asarray(valid),
                 jnp.asarray(budget), knobs, table, key, jnp.int32(first_row),
                 max_steps=length_bucket(sampling.max_new_tokens), window=window, rules=self.config.sharding_rules,
-                layerwise=decode.use_layerwise_step(self.config, self.mesh),
+                layerwise=self.layerwise,
             )
         out_tokens, out_logprobs, num, finish = host_values((out_tokens, out_logprobs, num, finish))
         results: list[Generation | None] = []

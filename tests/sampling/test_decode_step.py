@@ -4,11 +4,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from spear_jax.model import KVCache, forward_last, get_model_config, init_cache
 from spear_jax.model.kv_cache import merge_layers, split_layers
 from spear_jax.model.layers import grouped_attention
-from spear_jax.sampling import decode
+from spear_jax.sampling import Sampler, SamplingParams, decode
 from spear_jax.sampling.decode_step import attend_one_query, decode_step, layer_blocks
 from spear_jax.sharding import make_mesh
 from tests.sampling.reference import random_state
@@ -53,3 +54,34 @@ def test_layerwise_step_only_with_whole_layers_per_device_and_unrolled_blocks():
     assert not decode.use_layerwise_step(tiny, make_mesh(data=-1, tensor=2))
     assert not decode.use_layerwise_step(deep, None)  # scanned 30 layers: depth-independent compile
     assert decode.use_layerwise_step(dataclasses.replace(deep, scan_layers=False), None)
+    assert decode.use_layerwise_step(deep, None, "unrolled")
+    assert decode.use_layerwise_step(deep, make_mesh(data=-1), "unrolled")
+    assert not decode.use_layerwise_step(deep, make_mesh(data=-1, fsdp=2), "unrolled")
+    with pytest.raises(ValueError, match="decode_layers"):
+        decode.use_layerwise_step(deep, None, "scanned")
+
+
+def test_unrolled_decode_of_a_scanned_deep_model_equals_its_scanned_decode():
+    cfg = get_model_config("tiny", vocab_size=512, num_layers=6)  # > 4 scanned layers: "auto" scans
+    graphdef, state = random_state(cfg, 5)
+    prompts = [[3, 17, 42, 5], [9, 2], [400, 401, 402, 403, 404, 405]]
+    sampling = SamplingParams(max_new_tokens=12, temperature=1.0)
+    runs = {}
+    for layers in ("auto", "unrolled"):
+        sampler = Sampler(graphdef, state, cfg, max_len=32, max_batch=4, decode_layers=layers)
+        runs[layers] = (sampler.layerwise, sampler.generate(prompts, sampling, jax.random.key(7)))
+    assert not runs["auto"][0] and runs["unrolled"][0]
+    for scanned, unrolled in zip(runs["auto"][1], runs["unrolled"][1]):
+        np.testing.assert_array_equal(unrolled.tokens, scanned.tokens)
+        np.testing.assert_allclose(unrolled.logprobs, scanned.logprobs, atol=1e-5)
+        assert unrolled.finish_reason == scanned.finish_reason
+
+
+def test_unrolled_decode_needs_whole_layers_on_every_device():
+    cfg = get_model_config("tiny", vocab_size=512)
+    graphdef, state = random_state(cfg, 5)
+    with pytest.raises(ValueError, match="decode_layers='unrolled' needs whole layers"):
+        Sampler(graphdef, state, cfg, max_len=32, max_batch=4, mesh=make_mesh(data=-1, tensor=2),
+                decode_layers="unrolled")
+    with pytest.raises(ValueError, match="decode_layers must be one of"):
+        Sampler(graphdef, state, cfg, max_len=32, max_batch=4, decode_layers="scan")

@@ -94,6 +94,9 @@ def test_unknown_fields_are_rejected():
         (lambda c: setattr(c.env, "prompt_template", "short"), "config.env.prompt_template"),
         (lambda c: setattr(c.rollout, "weight_dtype", "int8"), "config.rollout.weight_dtype"),
         (lambda c: setattr(c.rollout, "max_decode_rows", -1), "config.rollout.max_decode_rows"),
+        (lambda c: setattr(c.rollout, "decode_layers", "scanned"), "config.rollout.decode_layers"),
+        (lambda c: (setattr(c.rollout, "decode_layers", "unrolled"), setattr(c.mesh, "tensor", 2)),
+         "config.rollout.decode_layers='unrolled': must be 'auto' under a mesh that shards layers"),
         (lambda c: setattr(c.sft, "source", "web"), "config.sft.source"),
         (lambda c: setattr(c.algorithm, "grpo_statistics_over", "first_row"),
          "config.algorithm.grpo_statistics_over"),
@@ -118,6 +121,12 @@ def test_reference_option_names_validate(field, value):
     section, name = field.split(".")
     setattr(c[section], name, value)
     run_config.validate(c, num_devices=8)
+
+
+def test_unrolled_decode_validates_when_every_device_holds_whole_layers():
+    c = _config()
+    c.rollout.decode_layers = "unrolled"
+    run_config.validate(c, num_devices=8)  # mesh data=-1: 8 x 1 x 1
 
 
 def test_gigpo_needs_step_rows():
