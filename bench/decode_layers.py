@@ -50,10 +50,9 @@ def timed_generate(sampler: Sampler, prompts, new_tokens: int) -> tuple[float, l
     return time.perf_counter() - start, [o.tokens.tolist() for o in out]
 
 
-def compare(cfg, state, batch: int, args) -> dict[str, float | bool]:
+def compare(cfg, graphdef, state, batch: int, args) -> dict[str, float | bool]:
     """Decode tokens/s of both samplers at one batch size (alternated rounds, best calls)."""
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch, args.prompt_len)).tolist()
-    graphdef = nnx.split(nnx.eval_shape(lambda: init_model(cfg)))[0]
     samplers, best, tokens = {}, {}, {}
     for layers in DECODE_LAYERS:
         samplers[layers] = Sampler(graphdef, state, cfg, max_len=args.prompt_len + args.new_tokens,
@@ -82,11 +81,11 @@ def main(argv=None) -> None:
         raise SystemExit(f"{args.preset} with {cfg.num_layers} layers (scan_layers={cfg.scan_layers}) "
                          f"decodes with the per-layer step under 'auto' too: use a scanned model of "
                          f"more layers (--num_layers)")
-    state = nnx.split(init_model(cfg, 0))[1]
+    graphdef, state = nnx.split(init_model(cfg, 0))
     print(f"preset={args.preset} layers={cfg.num_layers} scan_layers={cfg.scan_layers} "
           f"devices={jax.device_count()} ({jax.devices()[0].platform})", flush=True)
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        r = compare(cfg, state, batch, args)
+        r = compare(cfg, graphdef, state, batch, args)
         print(f"batch={batch} auto_tok_s={r['auto']:.1f} unrolled_tok_s={r['unrolled']:.1f} "
               f"speedup={r['unrolled'] / r['auto']:.3f} same_tokens={r['same']}", flush=True)
 

@@ -57,7 +57,7 @@ from spear_jax.objectives.aggregation import AGGREGATION_MODES
 from spear_jax.objectives.regularizers import KL_PENALTIES
 from spear_jax.objectives.terms import LOSS_TERMS, REFERENCE_INPUT, declared_inputs
 from spear_jax.curriculum import ScheduleConfig
-from spear_jax.sampling.decode import DECODE_LAYERS
+from spear_jax.sampling.decode import DECODE_LAYERS, whole_layers_per_device
 from spear_jax.objectives.advantages import AdvantageConfig
 from spear_jax.prepare import (AdvantageSetup, GroupFilterConfig, PackConfig, PenaltyConfig, PrepareConfig,
                                QualityFilterConfig)
@@ -607,9 +607,9 @@ def sequence_length(c: ml_collections.ConfigDict) -> int:
 
 def _check_decode_layers(c: ml_collections.ConfigDict, num_devices: int) -> None:
     """An unrolled decode step runs whole layers on every device: no mesh axis but data above 1."""
-    sharded = {k: v for k, v in mesh_shape(c, num_devices).items() if k != "data" and v > 1}
-    if c.rollout.decode_layers == "unrolled" and sharded:
-        _fail("rollout.decode_layers", "unrolled", f"'auto' under a mesh that shards layers ({sharded})",
+    sizes = mesh_shape(c, num_devices)
+    if c.rollout.decode_layers == "unrolled" and not whole_layers_per_device(sizes):
+        _fail("rollout.decode_layers", "unrolled", f"'auto' under a mesh that shards layers ({sizes})",
               "the unrolled decode step needs whole layers on every device")
 
 

@@ -108,9 +108,11 @@ def _constrain_layers(cache: LayerKV, rules) -> LayerKV:
 DECODE_LAYERS = ("auto", "unrolled")  # Sampler(decode_layers=...), config.rollout.decode_layers
 
 
-def whole_layers_per_device(mesh) -> bool:
-    """True when no mesh axis but ``data`` is larger than 1 (every device holds whole layers)."""
-    return mesh is None or all(size == 1 for axis, size in mesh.shape.items() if axis != "data")
+def whole_layers_per_device(axis_sizes) -> bool:
+    """True when no mesh axis but ``data`` is larger than 1 (every device holds whole layers).
+    axis_sizes: mesh axis -> size (a ``Mesh``'s ``shape``, or the config's resolved mesh); None
+    for no mesh."""
+    return all(size == 1 for axis, size in (axis_sizes or {}).items() if axis != "data")
 
 
 def use_layerwise_step(cfg, mesh, decode_layers: str = "auto") -> bool:
@@ -124,7 +126,7 @@ def use_layerwise_step(cfg, mesh, decode_layers: str = "auto") -> bool:
     (faster decode, compile time growing with the depth)."""
     if decode_layers not in DECODE_LAYERS:
         raise ValueError(f"decode_layers must be one of {DECODE_LAYERS}, got {decode_layers!r}")
-    if not whole_layers_per_device(mesh):
+    if not whole_layers_per_device(None if mesh is None else mesh.shape):
         return False
     return decode_layers == "unrolled" or not cfg.scan_layers or cfg.num_layers <= SCAN_UNROLLED_MAX_LAYERS
 

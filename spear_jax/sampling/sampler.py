@@ -103,7 +103,7 @@ class Sampler:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_decode_rows < 0:
             raise ValueError(f"max_decode_rows must be >= 0 (0 = all rows in one program), got {max_decode_rows}")
-        if decode_layers == "unrolled" and not decode.whole_layers_per_device(mesh):
+        if decode_layers == "unrolled" and not decode.whole_layers_per_device(None if mesh is None else mesh.shape):
             raise ValueError(f"decode_layers='unrolled' needs whole layers on every device, but the mesh "
                              f"{dict(mesh.shape)} shards them: use decode_layers='auto'")
         if not jnp.issubdtype(jnp.dtype(cache_dtype), jnp.floating):
