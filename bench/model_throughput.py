@@ -16,6 +16,11 @@ with N_matmul = all matmul weights including the output projection (tied or not)
 achieved FLOP/s / peak; the peak is ``--peak_tflops`` when given, else the best of a large
 float32 matmul measured in this run under XLA and under torch. ``os.getloadavg()`` is printed
 because the CPU may be shared.
+
+The two steps are timed in alternation, ``--rounds`` rounds of ``--steps`` steps each (jax
+first in even rounds, torch first in odd ones), so that a slow spell of a shared machine lands
+on both; each round gives one ratio, and the ratio printed is their median (the per-round
+ratios are printed too). The step times printed are the medians over rounds.
 """
 from __future__ import annotations
 
@@ -55,7 +60,8 @@ def make_train_step(graphdef, chunk_size: int = UpdateConfig.logprob_chunk_size)
     return jax.jit(jax.value_and_grad(loss))
 
 
-def jax_step_seconds(cfg, batch: int, seq_len: int, steps: int) -> float:
+def jax_step(cfg, batch: int, seq_len: int):
+    """One compiled train step on random tokens: a no-argument callable that blocks until done."""
     mesh = make_mesh(data=-1)
     graphdef, state = init_sharded(cfg, mesh)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
@@ -64,7 +70,26 @@ def jax_step_seconds(cfg, batch: int, seq_len: int, steps: int) -> float:
     valid = jax.device_put(jnp.ones((batch, seq_len), bool), batch_sharding)
     with jax.set_mesh(mesh):
         step = make_train_step(graphdef)
-        return time_fn(lambda: jax.block_until_ready(step(state, tokens, valid)), steps)
+
+    def run():
+        with jax.set_mesh(mesh):
+            return jax.block_until_ready(step(state, tokens, valid))
+
+    return run
+
+
+def alternate(steps_by_name: dict, steps: int, rounds: int) -> dict[str, list[float]]:
+    """Mean seconds per call of each callable in every round: ``rounds`` rounds of ``steps``
+    calls each, the callables' order reversed in odd rounds, after one warm-up (compile) call
+    each. Returns {name: [seconds in round 0, round 1, ...]}."""
+    for run in steps_by_name.values():
+        run()
+    seconds = {name: [] for name in steps_by_name}
+    for r in range(rounds):
+        names = list(steps_by_name) if r % 2 == 0 else list(steps_by_name)[::-1]
+        for name in names:
+            seconds[name].append(time_fn(steps_by_name[name], steps, warmup=False))
+    return seconds
 
 
 def print_step_memory(cfg, batch: int, seq_len: int) -> None:
@@ -81,7 +106,8 @@ def print_step_memory(cfg, batch: int, seq_len: int) -> None:
           f"(dense fp32 logits would be {batch * seq_len * cfg.vocab_size * 4 * gib:.2f})")
 
 
-def torch_step_seconds(cfg, batch: int, seq_len: int, steps: int) -> float:
+def torch_step(cfg, batch: int, seq_len: int):
+    """The same step under transformers (torch eager, labels = tokens): a no-argument callable."""
     import torch
     import transformers
 
@@ -99,7 +125,7 @@ def torch_step_seconds(cfg, batch: int, seq_len: int, steps: int) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return time_fn(step, steps)
+    return step
 
 
 def main() -> None:
@@ -107,7 +133,9 @@ def main() -> None:
     parser.add_argument("--preset", default="smollm2-135m")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of --steps steps, jax and torch alternating (ratio: median over rounds)")
     parser.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", action="store_true")
     parser.add_argument("--peak_tflops", type=float, default=None,
@@ -136,14 +164,18 @@ def main() -> None:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else max(peaks.values())
     print(f"peak used for MFU: {peak / 1e9:.1f} GFLOP/s ({'given' if args.peak_tflops else 'measured'})")
 
-    results = {"jax": jax_step_seconds(cfg, args.batch, args.seq_len, args.steps)}
+    runners = {"jax": jax_step(cfg, args.batch, args.seq_len)}
     if not args.no_torch:
-        results["torch"] = torch_step_seconds(cfg, args.batch, args.seq_len, args.steps)
-    for name, seconds in results.items():
-        print(f"{name:6s} step {seconds * 1e3:9.1f} ms  {tokens / seconds:9.1f} tokens/s  "
-              f"{flops / seconds / 1e9:8.1f} GFLOP/s  MFU {flops / seconds / peak:6.1%}")
-    if "torch" in results:
-        print(f"jax / torch throughput ratio: {results['torch'] / results['jax']:.2f}")
+        runners["torch"] = torch_step(cfg, args.batch, args.seq_len)
+    seconds = alternate(runners, args.steps, args.rounds)
+    for name, per_round in seconds.items():
+        median = float(np.median(per_round))
+        print(f"{name:6s} step {median * 1e3:9.1f} ms  {tokens / median:9.1f} tokens/s  "
+              f"{flops / median / 1e9:8.1f} GFLOP/s  MFU {flops / median / peak:6.1%}")
+    if "torch" in seconds:
+        ratios = [t / j for j, t in zip(seconds["jax"], seconds["torch"])]
+        print("per-round ratios: " + " ".join(f"{r:.2f}" for r in ratios))
+        print(f"jax / torch throughput ratio: {float(np.median(ratios)):.2f}")
     print(f"loadavg after: {os.getloadavg()}")
 
 

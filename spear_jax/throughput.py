@@ -57,9 +57,11 @@ def decode_flops_per_token(cfg, attended_slots: float) -> float:
     return 2 * params_touched_per_token(cfg) + attention
 
 
-def time_fn(fn: Callable[[], object], steps: int) -> float:
-    """Mean seconds of ``fn()`` over ``steps`` calls after one warm-up (compile) call."""
-    fn()
+def time_fn(fn: Callable[[], object], steps: int, warmup: bool = True) -> float:
+    """Mean seconds of ``fn()`` over ``steps`` calls, after one warm-up (compile) call unless
+    ``warmup`` is False."""
+    if warmup:
+        fn()
     start = time.perf_counter()
     for _ in range(steps):
         fn()
