@@ -10,6 +10,9 @@ Decode tokens/s is measured as  B * (n_long - n_short) / (t(n_long) - t(n_short)
 that differ only in the number of new tokens, so prefill and dispatch cancel (n_short and
 n_long share one step bucket, hence one compiled program). End-to-end tokens/s (prefill
 included) is B * n_long / t(n_long).
+Each time is the best of ``--repeats`` runs; a repeat runs the sampler's short and long runs and
+then ``transformers``' (the other way round in odd repeats), so that a slow spell of a shared
+machine falls on both engines.
 
 Hardware roofs, measured at start on the JAX device:
     matmul roof    = GFLOP/s of a jitted float32 [1024, 1024] x [1024, 1024] matmul (peak), and
@@ -109,22 +112,26 @@ def hf_runner(model, prompts, new_tokens, device):
     return run
 
 
-def best_times(run_short, run_long, repeats):
-    """(first-call seconds of run_short, best short seconds, best long seconds, long output);
-    short and long runs alternate so that both see the same machine load."""
-    start = time.perf_counter()
-    run_short()
-    first = time.perf_counter() - start
-    out = run_long()
-    best_short = best_long = float("inf")
-    for _ in range(repeats):
+def best_times(engines: dict, repeats: int) -> dict[str, tuple]:
+    """{name: (first-call seconds of its short run, best short seconds, best long seconds, long
+    output)} for ``engines`` {name: (run_short, run_long)}. Each repeat runs every engine's short
+    and long run, the engines taking turns (their order reversed in odd repeats), so that all of
+    them, and both lengths, see the same machine load."""
+    first, best, out = {}, {}, {}
+    for name, (run_short, run_long) in engines.items():
         start = time.perf_counter()
         run_short()
-        best_short = min(best_short, time.perf_counter() - start)
-        start = time.perf_counter()
-        out = run_long()
-        best_long = min(best_long, time.perf_counter() - start)
-    return first, best_short, best_long, out
+        first[name] = time.perf_counter() - start
+        out[name] = run_long()
+        best[name] = [float("inf"), float("inf")]
+    for r in range(repeats):
+        for name in list(engines) if r % 2 == 0 else list(engines)[::-1]:
+            for i, run in enumerate(engines[name]):
+                start = time.perf_counter()
+                result = run()
+                best[name][i] = min(best[name][i], time.perf_counter() - start)
+            out[name] = result
+    return {name: (first[name], *best[name], out[name]) for name in engines}
 
 
 def decode_rate(batch: int, n_long: int, n_short: int, t_long: float, t_short: float) -> float:
@@ -227,7 +234,8 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64,
                         help="n_long; n_short = n_long / 2 + 1 (same step bucket)")
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many timed runs")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="best of this many timed runs, the sampler's and transformers' alternating")
     parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--cache-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--weight-dtype", default="param", choices=("param", "float32", "bfloat16"),
@@ -292,8 +300,12 @@ def main():
         rng = np.random.default_rng(0)
         for batch in batch_sizes:
             prompts = rng.integers(0, cfg.vocab_size, size=(batch, args.prompt_len)).tolist()
-            first_call, t_short, t_long, jax_tokens = best_times(
-                jax_runner(sampler, prompts, n_short), jax_runner(sampler, prompts, n_long), args.repeats)
+            engines = {"jax": (jax_runner(sampler, prompts, n_short), jax_runner(sampler, prompts, n_long))}
+            if hf_model is not None:
+                engines["hf"] = (hf_runner(hf_model, prompts, n_short, args.hf_device),
+                                 hf_runner(hf_model, prompts, n_long, args.hf_device))
+            times = best_times(engines, args.repeats)
+            first_call, t_short, t_long, jax_tokens = times["jax"]
             roofs = dict(peak_gflops=peak, read_gbs=read, shape_gflops=matmul_gflops(
                 batch, cfg.hidden_size, cfg.vocab_size))
             row = dict(model=name, batch=batch, prompt_len=args.prompt_len, new_tokens=n_long,
@@ -303,9 +315,7 @@ def main():
             row.update(roof_columns("jax", cfg, batch, row["jax_decode_tok_s"], attended, slots,
                                     cache_bytes, weight_bytes, roofs))
             if hf_model is not None:
-                _, h_short, h_long, hf_tokens = best_times(
-                    hf_runner(hf_model, prompts, n_short, args.hf_device),
-                    hf_runner(hf_model, prompts, n_long, args.hf_device), args.repeats)
+                _, h_short, h_long, hf_tokens = times["hf"]
                 row.update(hf_decode_tok_s=decode_rate(batch, n_long, n_short, h_long, h_short),
                            hf_e2e_tok_s=batch * n_long / h_long,
                            greedy_agreement=float(np.mean(jax_tokens == hf_tokens)))

@@ -37,3 +37,31 @@ def test_decode_rate_is_nan_when_the_long_run_is_not_slower():
     assert decode_rate(8, 64, 33, t_long=2.0, t_short=1.0) == 8 * 31
     assert np.isnan(decode_rate(8, 64, 33, t_long=1.0, t_short=1.0))
     assert np.isnan(decode_rate(8, 64, 33, t_long=0.9, t_short=1.0))
+
+
+def test_best_times_alternates_engines_and_keeps_each_engines_long_output():
+    from bench.sampler_throughput import best_times
+
+    calls = []
+
+    def run(tag):
+        return lambda: calls.append(tag) or tag
+
+    times = best_times({"jax": (run("js"), run("jl")), "hf": (run("hs"), run("hl"))}, repeats=3)
+    warm_up = ["js", "jl", "hs", "hl"]
+    assert calls == warm_up + ["js", "jl", "hs", "hl"] + ["hs", "hl", "js", "jl"] + ["js", "jl", "hs", "hl"]
+    assert {name: t[3] for name, t in times.items()} == {"jax": "jl", "hf": "hl"}
+    assert all(t[0] >= 0 and 0 <= t[1] < float("inf") and 0 <= t[2] < float("inf") for t in times.values())
+
+
+def test_sampler_bench_against_transformers_prints_the_speedup_and_greedy_agreement():
+    env = dict(os.environ, XLA_FLAGS=xla.flags(devices=None))
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.sampler_throughput", "--models", "tiny", "--batch-sizes", "2",
+         "--new-tokens", "32", "--repeats", "1", "--torch-threads", "1", "--read-mib", "16"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+    row = re.search(r"model=tiny\s+batch=2 .*hf_decode_tok_s=(\S+) .*greedy_agreement=(\S+)\s+"
+                    r"decode_speedup=(\S+)\s+e2e_speedup=(\S+)", out)
+    assert row, out
+    assert float(row.group(2)) == 1.0  # same weights, greedy: the same tokens
+    assert float(row.group(4)) > 0
