@@ -168,7 +168,8 @@ def decode_plan(c, cfg, mesh, decode_rows: int = 0) -> dict:
             jax.ShapeDtypeStruct((batch, prompt), bool, sharding=appended),
             jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows), knobs, StopTable.make([0], []),
             jax.eval_shape(lambda: jax.random.key(0)), max_steps=response, window=prompt + response,
-            rules=rules, layerwise=False).compile()  # the sampler's program under a mesh
+            rules=rules, layerwise=decode.use_layerwise_step(cfg, mesh, c.rollout.decode_layers),
+        ).compile()  # the sampler's program, as the trainer's Sampler picks it
     return {"kv_cache": 2 * shard_bytes(kv), "decode_rows": batch, "decode": _program_bytes(compiled)}
 
 

@@ -66,3 +66,33 @@ def test_fitting_decode_rows_halves_until_the_program_fits():
     planned.clear()
     assert memory_plan.fitting_decode_rows(decode_bytes, 2048, 5e9, min_rows=16) is None  # 16 rows: 9 GB
     assert planned[-1] == 16
+
+
+class _Lowered(Exception):
+    """Raised by the stand-in ``extend_and_decode.lower``: carries its keyword arguments."""
+
+
+def test_decode_plan_lowers_the_program_the_trainers_sampler_picks(monkeypatch):
+    import importlib
+    import types
+
+    from spear_jax.sampling import decode
+
+    def lower(*args, **kwargs):
+        raise _Lowered(kwargs)
+
+    monkeypatch.setattr(decode, "extend_and_decode", types.SimpleNamespace(lower=lower))
+    c = importlib.import_module("configs.spear").get_config("twx_tiny")
+    cfg = get_model_config("tiny", num_layers=6)  # scanned and deeper than the unrolled limit
+    one_device = sharding.make_mesh(devices=jax.devices()[:1])
+    fsdp_mesh = sharding.make_mesh(data=1, fsdp=2, devices=jax.devices()[:2])
+    picked = {}
+    for name, mesh in (("one device", one_device), ("fsdp", fsdp_mesh)):
+        for decode_layers in ("auto", "unrolled"):
+            c.rollout.decode_layers = decode_layers
+            try:
+                memory_plan.decode_plan(c, cfg, mesh, decode_rows=4)
+            except _Lowered as lowered:
+                picked[name, decode_layers] = lowered.args[0]["layerwise"]
+    assert picked == {("one device", "auto"): False, ("one device", "unrolled"): True,
+                      ("fsdp", "auto"): False, ("fsdp", "unrolled"): False}
