@@ -4,7 +4,8 @@ For each model (``smollm2`` = SmolLM2-135M-Instruct from its GGUF, or any model 
 ``tiny`` or ``qwen2.5-1.5b``, with random weights) and batch size, both engines decode greedily
 from the same weights (exported with ``save_hf_checkpoint`` and read back by ``transformers``)
 and the same equal-length prompts, without eos, so every row generates exactly the requested
-tokens.
+tokens. With ``--temperature T`` > 0 both draw from softmax(logits / T) instead (no top-k or
+top-p), as rollouts do; ``greedy_agreement`` is then NaN.
 
 Decode tokens/s is measured as  B * (n_long - n_short) / (t(n_long) - t(n_short)):  two runs
 that differ only in the number of new tokens, so prefill and dispatch cancel (n_short and
@@ -36,6 +37,8 @@ torch uses ``--torch-threads`` (default: torch's choice), printed at start.
     # GPU: a 1.5B config in bfloat16 at batch 64, against the HBM bound
     python -m bench.sampler_throughput --models qwen2.5-1.5b --batch-sizes 1,64 --compute-dtype bfloat16 \
         --weight-dtype bfloat16 --cache-dtype bfloat16 --new-tokens 256 --read-mib 4096 --skip-hf --profile
+    # sampled decoding (the rollouts' work) at temperature 0.7 instead of greedy:
+    python -m bench.sampler_throughput --models tiny --temperature 0.7 --torch-threads 1
     # SmolLM2 (30 scanned layers) decoded one layer at a time (rollout.decode_layers=unrolled):
     python -m bench.sampler_throughput --models smollm2-135m --new-tokens 32 --decode-layers unrolled
     # multi-turn sessions on a max_len 2048 cache (sampler only):
@@ -87,8 +90,10 @@ def load_transformers(cfg, state, device: str, dtype: str):
     return model
 
 
-def jax_runner(sampler, prompts, new_tokens):
-    params = SamplingParams(greedy=True, max_new_tokens=new_tokens)
+def jax_runner(sampler, prompts, new_tokens, temperature=0.0):
+    """Greedy at temperature 0, else a draw from softmax(logits / temperature) at every step."""
+    params = (SamplingParams(greedy=True, max_new_tokens=new_tokens) if temperature == 0 else
+              SamplingParams(temperature=temperature, max_new_tokens=new_tokens))
 
     def run():
         out = sampler.generate(prompts, params, jax.random.key(0))
@@ -98,12 +103,14 @@ def jax_runner(sampler, prompts, new_tokens):
     return run
 
 
-def hf_runner(model, prompts, new_tokens, device):
+def hf_runner(model, prompts, new_tokens, device, temperature=0.0):
     import torch
 
     ids = torch.tensor(np.asarray(prompts), dtype=torch.long, device=device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   attention_mask=torch.ones_like(ids))
+    if temperature > 0:  # the same distribution as the sampler's: no top-k, no top-p
+        kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
 
     def run():
         with torch.inference_mode():
@@ -242,6 +249,9 @@ def main():
                         help="the sampler's weight copy (param: the float32 master weights as they are)")
     parser.add_argument("--decode-layers", default="auto", choices=DECODE_LAYERS,
                         help="the sampler's decode_layers (unrolled: one step per layer at any depth)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy (tokens compared with transformers'); > 0: both engines draw "
+                             "from softmax(logits / T), no top-k or top-p (the rollouts' work)")
     parser.add_argument("--read-mib", type=int, default=256, help="size of the memory-roof read")
     parser.add_argument("--skip-hf", action="store_true", help="only the JAX sampler")
     parser.add_argument("--hf-device", default="cpu")
@@ -300,10 +310,11 @@ def main():
         rng = np.random.default_rng(0)
         for batch in batch_sizes:
             prompts = rng.integers(0, cfg.vocab_size, size=(batch, args.prompt_len)).tolist()
-            engines = {"jax": (jax_runner(sampler, prompts, n_short), jax_runner(sampler, prompts, n_long))}
+            t = args.temperature
+            engines = {"jax": (jax_runner(sampler, prompts, n_short, t), jax_runner(sampler, prompts, n_long, t))}
             if hf_model is not None:
-                engines["hf"] = (hf_runner(hf_model, prompts, n_short, args.hf_device),
-                                 hf_runner(hf_model, prompts, n_long, args.hf_device))
+                engines["hf"] = (hf_runner(hf_model, prompts, n_short, args.hf_device, t),
+                                 hf_runner(hf_model, prompts, n_long, args.hf_device, t))
             times = best_times(engines, args.repeats)
             first_call, t_short, t_long, jax_tokens = times["jax"]
             roofs = dict(peak_gflops=peak, read_gbs=read, shape_gflops=matmul_gflops(
@@ -318,7 +329,7 @@ def main():
                 _, h_short, h_long, hf_tokens = times["hf"]
                 row.update(hf_decode_tok_s=decode_rate(batch, n_long, n_short, h_long, h_short),
                            hf_e2e_tok_s=batch * n_long / h_long,
-                           greedy_agreement=float(np.mean(jax_tokens == hf_tokens)))
+                           greedy_agreement=float(np.mean(jax_tokens == hf_tokens)) if t == 0 else float("nan"))
                 row["decode_speedup"] = row["jax_decode_tok_s"] / row["hf_decode_tok_s"]
                 row["e2e_speedup"] = row["jax_e2e_tok_s"] / row["hf_e2e_tok_s"]
                 row.update(roof_columns("hf", cfg, batch, row["hf_decode_tok_s"], attended, attended,

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spear_jax.sampling.distribution import SamplingKnobs, first_argmax, sample_tokens, truncation_mask_sorted
+from spear_jax.sampling.distribution import (SamplingKnobs, first_argmax, inverse_cdf_draw, sample_tokens,
+                                             truncation_mask_sorted)
 
 N = 40_000
 LOGITS = np.array([2.0, 1.5, 0.3, -0.4, 1.0, -2.0, 0.0, 0.7], np.float32)
@@ -117,12 +118,59 @@ def test_first_argmax_is_numpy_argmax_with_ties_and_infinities(values, with_infi
     np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(batch)), batch.argmax(-1))
 
 
-def test_draws_equal_jax_random_categorical_for_the_same_keys():
+def cdf_index(weights, target):
+    """numpy: the v with C_{v-1} <= target < C_v over float64 cumulative sums, and the distance
+    from target to the nearest C (how close the case is to a rounding knife-edge)."""
+    c = np.cumsum(weights.astype(np.float64))
+    return int(np.searchsorted(c, target, side="right")), float(np.min(np.abs(c - target)))
+
+
+def test_draws_invert_the_cdf_at_the_rows_uniform():
     rng = np.random.default_rng(4)
-    logits = jnp.asarray(rng.normal(size=(256, 300)).astype(np.float32) * 2)
+    logits = rng.normal(size=(256, 300)).astype(np.float32) * 2  # 300: blocks of 16, the last padded
     keys = jax.random.split(jax.random.key(7), 256)
-    tokens, _ = _sample(keys, logits, SamplingKnobs.make(1.0, 1.0, 0, False))
-    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(jax.vmap(jax.random.categorical)(keys, logits)))
+    tokens, _ = _sample(keys, jnp.asarray(logits), SamplingKnobs.make(1.0, 1.0, 0, False))
+    uniforms = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, ()))(keys), np.float64)
+    checked = 0
+    for row, u, token in zip(logits, uniforms, np.asarray(tokens)):
+        weights = np.exp(row.astype(np.float64) - row.max())
+        expected, margin = cdf_index(weights, u * weights.sum())
+        if margin > 1e-5 * weights.sum():  # float32 sums may differ on knife-edges only
+            assert token == expected
+            checked += 1
+    assert checked > 250
+
+
+_inverse_cdf = jax.jit(inverse_cdf_draw)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 0.0, 1e-30, 0.5, 1.0, 3.0]), min_size=1, max_size=70),
+       st.sampled_from([0.0, 1e-9, 0.25, 0.5, 0.999, 1.0 - 2.0**-24]))
+def test_inverse_cdf_matches_numpy_and_never_picks_a_zero_weight(values, u):
+    weights = np.asarray(values, np.float32)
+    if not np.any(weights > 0):
+        weights[-1] = 1.0
+    got = int(_inverse_cdf(jnp.asarray(weights), jnp.float32(u)))
+    assert 0 <= got < len(weights) and weights[got] > 0
+    expected, margin = cdf_index(weights, np.float64(np.float32(u)) * weights.astype(np.float64).sum())
+    if margin > 1e-5 * weights.sum():
+        assert got == expected
+
+
+def test_frequencies_over_a_large_vocabulary_with_truncation():
+    rng = np.random.default_rng(5)
+    logits = (rng.normal(size=1000) * 2.5).astype(np.float32)  # blocks of 32, the last padded
+    for top_k, top_p in ((0, 1.0), (50, 1.0), (0, 0.6)):
+        tokens, _ = draw(logits, temperature=0.9, top_k=top_k, top_p=top_p, seed=9)
+        probs = reference_probs(logits, 0.9, top_k, top_p)
+        # tokens expected fewer than 20 times are pooled into one bin (the normal approximation
+        # of assert_frequencies needs counts), zero-probability ones checked apart
+        common = probs * N >= 20
+        pooled_tokens = np.where(common[tokens], tokens, len(probs))
+        pooled_probs = np.append(probs * common, probs[~common].sum())
+        assert_frequencies(pooled_tokens, pooled_probs)
+        assert np.all(probs[tokens] > 0)
 
 
 def test_determinism_and_key_dependence():
