@@ -74,11 +74,13 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float3
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerKV:
-    """A cache window held as one buffer per layer (the decode loop's form of ``KVCache``).
+    """A cache window held as one head-major buffer per layer (the decode loop's form of
+    ``KVCache``).
 
-    k, v: tuples of ``num_layers`` arrays [batch, window, kv_heads, head_dim]; lengths: [batch]
+    k, v: tuples of ``num_layers`` arrays [batch, kv_heads, window, head_dim]; lengths: [batch]
     int32. Layer i's attention reads and writes its own buffer only, so a step neither slices
-    a layer out of a stacked array nor writes one back into it."""
+    a layer out of a stacked array nor writes one back into it; and each (row, kv head) holds
+    its slots as one contiguous [window, head_dim] matrix, the operand of a batched dot."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -86,23 +88,26 @@ class LayerKV:
 
     @property
     def window(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
 
 def split_layers(cache: KVCache, window: int) -> LayerKV:
-    """The first ``window`` slots of every layer of ``cache`` as one buffer per layer."""
+    """The first ``window`` slots of every layer of ``cache`` as one head-major buffer per layer
+    (a transposed copy, made once per call)."""
     def layers(x):
-        return tuple(x[i, :, :window] for i in range(cache.num_layers))
+        return tuple(jnp.swapaxes(x[i, :, :window], 1, 2) for i in range(cache.num_layers))
 
     return LayerKV(k=layers(cache.k), v=layers(cache.v), lengths=cache.lengths)
 
 
 def merge_layers(full: KVCache, window: LayerKV) -> KVCache:
     """``full`` with the first ``window.window`` slots of every layer replaced by ``window``'s
-    buffers (in place when ``full`` is donated), lengths taken from ``window``."""
+    buffers, transposed back to token-major (in place when ``full`` is donated), lengths taken
+    from ``window``."""
     def put(stacked, layers):
         for i, part in enumerate(layers):
-            stacked = jax.lax.dynamic_update_slice(stacked, part[None].astype(stacked.dtype), (i, 0, 0, 0, 0))
+            part = jnp.swapaxes(part, 1, 2)[None].astype(stacked.dtype)
+            stacked = jax.lax.dynamic_update_slice(stacked, part, (i, 0, 0, 0, 0))
         return stacked
 
     return KVCache(k=put(full.k, window.k), v=put(full.v, window.v), lengths=window.lengths)

@@ -23,7 +23,8 @@ def test_one_query_attention_equals_grouped_attention():
     lengths = jnp.array([0, 4, 9])
     mask = jnp.arange(10)[None, None, :] <= lengths[:, None, None]
     want = grouped_attention(q[:, None], k, v, mask)[:, 0]
-    np.testing.assert_allclose(attend_one_query(q, k, v, lengths), want, atol=1e-5)
+    head_major = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    np.testing.assert_allclose(attend_one_query(q, *head_major, lengths), want, atol=1e-5)
 
 
 def test_decode_step_equals_the_cached_forward_of_one_token():
