@@ -8,7 +8,7 @@ Per row b, with budget[b] new tokens allowed:
 
     logits <- forward_last(appended tokens of row b)       (prefill / observation append)
     repeat while some row is live and step < max_steps:
-        t, logp <- sample_tokens(fold_in(fold_in(key, first_row + b), step), logits[b])
+        t, logp <- sample_tokens(fold_in(fold_in(key, first_row + b), step), logits[:, b])
         out[b, step] <- t;  row finishes on eos > stop sequence > length (n == budget[b])
         logits, cache <- decode_step(t), written for every row live before this step
                          (the final token of a row also enters its cache, so a later turn
@@ -18,6 +18,9 @@ The prefill runs the model's ``forward_last``; with ``layerwise`` (``use_layerwi
 layers on every device and blocks unrolled) the loop runs ``decode_step.decode_step``, the same computation for one token per row over
 one K/V buffer per layer (``LayerKV``, split from the window once per call and written back at
 the end) and per-layer weights sliced once per call; otherwise ``forward_last`` again.
+
+The loop holds the logits vocab-major, [V, B] (``Transformer.logits_vocab_major``: the LM head
+as embed [V, D] x hidden^T, the faster product on XLA:CPU at the decode loop's batch sizes).
 
 Rows without appended tokens (``valid[b]`` all False) are inactive: untouched, nothing generated.
 
@@ -70,7 +73,7 @@ def _write_prefix(full: KVCache, prefix: KVCache) -> KVCache:
 
 
 def _decode_path(graphdef, state, full: KVCache, cache: KVCache, window: int, rules, layerwise: bool):
-    """(the loop's cache, step (token [B], live [B], cache) -> (logits [B, V], cache), write-back
+    """(the loop's cache, step (token [B], live [B], cache) -> (logits [V, B], cache), write-back
     of the loop's cache into ``full``) for the window ``cache`` after the prefill.
 
     layerwise: ``decode_step`` over per-layer buffers and per-layer weights sliced once per call;
@@ -89,7 +92,7 @@ def _decode_path(graphdef, state, full: KVCache, cache: KVCache, window: int, ru
         return _constrain_layers(split_layers(cache, window), rules), step, write_back
 
     def stacked_step(token, live, c):
-        logits, c = forward_last(graphdef, state, token[:, None], live[:, None], c)
+        logits, c = forward_last(graphdef, state, token[:, None], live[:, None], c, vocab_major=True)
         return logits, _constrain_cache(c, rules)
 
     def stacked_write_back(c):
@@ -154,7 +157,7 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
         raise ValueError(f"window must be in [1, cache.max_len={cache.max_len}], got {window}")
     full = _constrain_cache(cache, rules)
     cache = full if window == full.max_len else _constrain_cache(_prefix(full, window), rules)
-    logits, cache = forward_last(graphdef, state, tokens, valid, cache)
+    logits, cache = forward_last(graphdef, state, tokens, valid, cache, vocab_major=True)
     cache, one_token, write_back = _decode_path(graphdef, state, full, cache, window, rules, layerwise)
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first_row + jnp.arange(batch, dtype=jnp.int32))
     active = jnp.any(valid, axis=1)

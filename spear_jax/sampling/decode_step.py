@@ -1,8 +1,9 @@
 """One decode step of the model: a single new token per row against a per-layer KV window.
 
-Computes what ``forward_last(graphdef, state, token[:, None], live[:, None], cache)`` computes
-for a one-token chunk (the logits of the next token; the token's key and value written at slot
-``lengths[b]`` of every layer for the live rows), specialised to that shape:
+Computes what ``forward_last(graphdef, state, token[:, None], live[:, None], cache,
+vocab_major=True)`` computes for a one-token chunk (the logits of the next token, [V, B]; the
+token's key and value written at slot ``lengths[b]`` of every layer for the live rows),
+specialised to that shape:
 
 * the layers run as an unrolled Python loop over ``LayerKV``'s one buffer per layer: no
   ``lax.scan`` carrying a stacked cache, no per-layer slice of it copied out and written back;
@@ -87,8 +88,9 @@ def layer_blocks(graphdef: nnx.GraphDef, state: nnx.State) -> list[Block]:
 
 def decode_step(graphdef: nnx.GraphDef, state: nnx.State, blocks: list[Block], token: jax.Array,
                 live: jax.Array, cache: LayerKV) -> tuple[jax.Array, LayerKV]:
-    """token [B] int32, live [B] bool -> (float32 logits [B, V] of the next token, the cache
-    with each live row's token appended and its length + 1). ``blocks``: ``layer_blocks``."""
+    """token [B] int32, live [B] bool -> (float32 logits [V, B] of the next token, vocab-major,
+    and the cache with each live row's token appended and its length + 1). ``blocks``:
+    ``layer_blocks``."""
     model = nnx.merge(graphdef, state)
     cfg = model.cfg
     slots = jnp.where(live, cache.lengths, cache.window)
@@ -99,6 +101,6 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, blocks: list[Block], t
                                       cfg.sharding_rules)
         k_out.append(k_buf)
         v_out.append(v_buf)
-    logits = model.logits(model.final_norm(x)[:, 0])
+    logits = model.logits_vocab_major(model.final_norm(x)[:, 0])
     lengths = cache.lengths + live.astype(jnp.int32)
     return logits, LayerKV(k=tuple(k_out), v=tuple(v_out), lengths=lengths)

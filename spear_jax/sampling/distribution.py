@@ -44,16 +44,21 @@ class SamplingKnobs:
         )
 
 
-def first_argmax(x: jax.Array) -> jax.Array:
-    """argmax over the last axis, lowest index among ties: x [..., V] -> int32 [...].
+def first_index_of(x: jax.Array, value: jax.Array, axis: int = -1) -> jax.Array:
+    """The lowest index along ``axis`` where x equals ``value`` (broadcast against x with that
+    axis removed), else the last index: int32 with ``axis`` removed."""
+    ids = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim)
+    return jnp.min(jnp.where(x == jnp.expand_dims(value, axis), ids, x.shape[axis] - 1), axis=axis)
+
+
+def first_argmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """argmax along ``axis``, lowest index among ties: int32 with ``axis`` removed.
 
     Two plain reductions (the max, then the lowest index holding it) instead of ``jnp.argmax``'s
     variadic (value, index) reduction, which XLA:CPU runs as a scalar loop (a quarter of a
-    decode step's time for a 4,096-token vocabulary at batch 32). Logits must not be NaN (a
-    NaN row gives index V - 1)."""
-    best = jnp.max(x, axis=-1, keepdims=True)
-    ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
-    return jnp.min(jnp.where(x == best, ids, x.shape[-1] - 1), axis=-1)
+    decode step's time for a 4,096-token vocabulary at batch 32). Values must not be NaN (a
+    NaN row gives the last index)."""
+    return first_index_of(x, jnp.max(x, axis=axis), axis)
 
 
 def _last_positive(x: jax.Array) -> jax.Array:
@@ -82,9 +87,14 @@ def inverse_cdf_draw(weights: jax.Array, u: jax.Array) -> jax.Array:
     return b * block + j
 
 
+def _draw_from_weights(key: jax.Array, weights: jax.Array) -> jax.Array:
+    """One token with probability proportional to weights [V] (>= 0, some positive) -> int32 []."""
+    return inverse_cdf_draw(weights, jax.random.uniform(key, (), weights.dtype))
+
+
 def _draw(key: jax.Array, z: jax.Array) -> jax.Array:
     """One token from softmax(z) for one row: z [V] (-inf where excluded) -> int32 []."""
-    return inverse_cdf_draw(jnp.exp(z - jnp.max(z)), jax.random.uniform(key, (), z.dtype))
+    return _draw_from_weights(key, jnp.exp(z - jnp.max(z)))
 
 
 def truncation_mask_sorted(sorted_scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -106,18 +116,29 @@ def _sample_truncated(keys, scaled, top_k, top_p):
 
 
 def sample_tokens(keys: jax.Array, logits: jax.Array, knobs: SamplingKnobs) -> tuple[jax.Array, jax.Array]:
-    """keys [B] (one PRNG key per row), logits [B, V] float32 -> (tokens [B] int32,
-    logprobs [B] float32 = log softmax(logits / temperature) at the tokens)."""
-    scaled = logits.astype(jnp.float32) / knobs.temperature
+    """keys [B] (one PRNG key per row), logits [V, B] float32, vocab-major (the decode loop's
+    layout, ``Transformer.logits_vocab_major``) -> (tokens [B] int32,
+    logprobs [B] float32 = log softmax(logits / temperature) at the tokens).
+
+    Without truncation the work is three passes over the logits: their maximum m, then
+    softmax(logits / T) up to its sum, w = exp((logits - m) / T) (the draw's weights; its sum
+    gives the log-probs), and greedy's first index holding m instead of the draw."""
+    logits = logits.astype(jnp.float32)
+    top = jnp.max(logits, axis=0)                                                # [B]
+    inv_t = 1.0 / knobs.temperature
     truncate = (knobs.top_k > 0) | (knobs.top_p < 1.0)
+
+    def weights():                                                               # [V, B]
+        return jnp.exp((logits - top) * inv_t)
 
     def draw():
         return jax.lax.cond(
             truncate,
-            lambda: _sample_truncated(keys, scaled, knobs.top_k, knobs.top_p),
-            lambda: jax.vmap(_draw)(keys, scaled),
+            lambda: _sample_truncated(keys, logits.T * inv_t, knobs.top_k, knobs.top_p),
+            lambda: jax.vmap(_draw_from_weights, in_axes=(0, 1))(keys, weights()),
         )
 
-    tokens = jax.lax.cond(knobs.greedy, lambda: first_argmax(logits), draw).astype(jnp.int32)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    tokens = jax.lax.cond(knobs.greedy, lambda: first_index_of(logits, top, axis=0), draw).astype(jnp.int32)
+    picked = jnp.take_along_axis(logits, tokens[None, :], axis=0)[0]
+    logprobs = (picked - top) * inv_t - jnp.log(jnp.sum(weights(), axis=0))
     return tokens, logprobs

@@ -158,6 +158,18 @@ def test_forward_last_picks_each_rows_last_valid_token():
     np.testing.assert_allclose(np.asarray(last), np.asarray(full[jnp.arange(3), jnp.array([2, 4, 3])]), atol=1e-6)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_vocab_major_last_logits_are_the_transpose(tie):
+    cfg = small_cfg(tie_embeddings=tie)
+    graphdef, state = nnx.split(random_model(cfg, seed=5))
+    toks = jax.random.randint(jax.random.key(1), (3, 5), 0, cfg.vocab_size)
+    valid = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]], bool)
+    rows, _ = jax.jit(forward_last, static_argnums=0)(graphdef, state, toks, valid)
+    vocab_major, _ = jax.jit(forward_last, static_argnums=(0, 5))(graphdef, state, toks, valid, None, True)
+    assert vocab_major.shape == (cfg.vocab_size, 3)
+    np.testing.assert_allclose(np.asarray(vocab_major), np.asarray(rows).T, atol=1e-5, rtol=1e-5)
+
+
 def test_jitted_decode_step_with_donated_cache_and_bf16_cache():
     cfg = small_cfg("qwen3")
     model = random_model(cfg, seed=4)

@@ -36,11 +36,14 @@ def test_decode_step_equals_the_cached_forward_of_one_token():
                     lengths=jnp.array([5, 11, 7], jnp.int32))
     token, live = jnp.array([17, 400, 3]), jnp.array([True, True, False])
     want_logits, want = forward_last(graphdef, state, token[:, None], live[:, None], cache)
+    want_vocab_major, _ = forward_last(graphdef, state, token[:, None], live[:, None], cache, vocab_major=True)
+    np.testing.assert_allclose(want_vocab_major, want_logits.T, atol=1e-5, rtol=1e-5)
     window = 16  # every live row's slots (<= 11) lie inside it
     logits, layers = jax.jit(decode_step, static_argnums=0)(
         graphdef, state, layer_blocks(graphdef, state), token, live, split_layers(cache, window))
     got = merge_layers(cache, layers)
-    np.testing.assert_allclose(logits[:2], want_logits[:2], atol=1e-4, rtol=1e-4)
+    assert logits.shape == (cfg.vocab_size, 3)                                 # vocab-major
+    np.testing.assert_allclose(logits[:, :2], want_logits[:2].T, atol=1e-4, rtol=1e-4)
     np.testing.assert_array_equal(got.lengths, [6, 12, 7])
     np.testing.assert_allclose(got.k, want.k, atol=1e-5)
     np.testing.assert_allclose(got.v, want.v, atol=1e-5)

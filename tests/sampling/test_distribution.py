@@ -13,7 +13,10 @@ from spear_jax.sampling.distribution import (SamplingKnobs, first_argmax, invers
 N = 40_000
 LOGITS = np.array([2.0, 1.5, 0.3, -0.4, 1.0, -2.0, 0.0, 0.7], np.float32)
 
-_sample = jax.jit(sample_tokens)
+@jax.jit
+def _sample(keys, logits, knobs):
+    """sample_tokens on row-major logits [B, V] (it takes the decode loop's [V, B])."""
+    return sample_tokens(keys, logits.T, knobs)
 
 
 def draw(logits, temperature=1.0, top_p=1.0, top_k=0, greedy=False, seed=0, n=N):
@@ -116,6 +119,8 @@ def test_first_argmax_is_numpy_argmax_with_ties_and_infinities(values, with_infi
         x[::5] = -np.inf
     batch = np.stack([x, x[::-1], np.full_like(x, -np.inf)])
     np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(batch)), batch.argmax(-1))
+    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax, static_argnums=1)(batch.T, 0)),
+                                  batch.argmax(-1))
 
 
 def cdf_index(weights, target):
