@@ -6,9 +6,11 @@
 
 Both samplers hold the same random weights (the weight layout does not depend on the decode
 program). Per batch size, each round calls ``generate`` (greedy, ``--prompt_len`` random prompt
-tokens) once with ``--new_tokens`` and once with ``--short_tokens`` on each sampler; decode
-tokens/s is batch x (new - short) / (best long call - best short call) over ``--rounds`` rounds,
-so prefill and call overhead cancel and the machine's drift hits both samplers alike. First-call
+tokens) once with ``--short_tokens`` and once with ``--new_tokens`` on each sampler, the
+samplers taking turns (their order reversed in odd rounds: ``bench.sampler_throughput.best_times``);
+decode tokens/s is batch x (new - short) / (best long call - best short call) over ``--rounds``
+rounds (``decode_rate``; NaN when the long call was not measurably slower), so prefill and call
+overhead cancel and the machine's drift hits both samplers alike. First-call
 seconds (the two programs' compiles and first runs) are printed per sampler. One line per batch:
 
     batch=<B> auto_tok_s=<x> unrolled_tok_s=<y> speedup=<y / x> same_tokens=<True|False>
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
+from bench.sampler_throughput import best_times, decode_rate
 from spear_jax.model import get_model_config, init_model
 from spear_jax.sampling import Sampler, SamplingParams
 from spear_jax.sampling.decode import DECODE_LAYERS, use_layerwise_step
@@ -43,33 +47,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def timed_generate(sampler: Sampler, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
-    """(seconds, generated token lists) of one greedy ``generate`` call."""
-    start = time.perf_counter()
+def greedy_tokens(sampler: Sampler, prompts, new_tokens: int) -> list[list[int]]:
+    """The generated token lists of one greedy ``generate`` call."""
     out = sampler.generate(prompts, SamplingParams(greedy=True, max_new_tokens=new_tokens), jax.random.key(0))
-    return time.perf_counter() - start, [o.tokens.tolist() for o in out]
+    return [o.tokens.tolist() for o in out]
 
 
 def compare(cfg, graphdef, state, batch: int, args) -> dict[str, float | bool]:
-    """Decode tokens/s of both samplers at one batch size (alternated rounds, best calls)."""
+    """Decode tokens/s of both samplers at one batch size (``best_times``: alternated rounds,
+    best calls)."""
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch, args.prompt_len)).tolist()
-    samplers, best, tokens = {}, {}, {}
+    engines = {}
     for layers in DECODE_LAYERS:
-        samplers[layers] = Sampler(graphdef, state, cfg, max_len=args.prompt_len + args.new_tokens,
-                                   max_batch=batch, decode_layers=layers)
+        sampler = Sampler(graphdef, state, cfg, max_len=args.prompt_len + args.new_tokens,
+                          max_batch=batch, decode_layers=layers)
+        engines[layers] = tuple(functools.partial(greedy_tokens, sampler, prompts, n)
+                                for n in (args.short_tokens, args.new_tokens))
         start = time.perf_counter()
-        for n in (args.short_tokens, args.new_tokens):
-            timed_generate(samplers[layers], prompts, n)
+        for run in engines[layers]:
+            run()
         print(f"batch={batch} {layers}: first calls {time.perf_counter() - start:.1f} s", flush=True)
-    for _ in range(args.rounds):
-        for layers, sampler in samplers.items():
-            for n in (args.short_tokens, args.new_tokens):
-                seconds, tokens[layers] = timed_generate(sampler, prompts, n)
-                best[layers, n] = min(best.get((layers, n), np.inf), seconds)
-    steps = args.new_tokens - args.short_tokens
-    rate = {layers: batch * steps / (best[layers, args.new_tokens] - best[layers, args.short_tokens])
-            for layers in DECODE_LAYERS}
-    return dict(auto=rate["auto"], unrolled=rate["unrolled"], same=tokens["auto"] == tokens["unrolled"])
+    times = best_times(engines, args.rounds)
+    rate = {layers: decode_rate(batch, args.new_tokens, args.short_tokens, t_long, t_short)
+            for layers, (_, t_short, t_long, _) in times.items()}
+    return dict(auto=rate["auto"], unrolled=rate["unrolled"], same=times["auto"][3] == times["unrolled"][3])
 
 
 def main(argv=None) -> None:
