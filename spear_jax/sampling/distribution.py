@@ -9,7 +9,7 @@ With scaled logits z = logits / T and tokens sorted by z (descending, rank r = 0
     logprob    = log softmax(z)[token]                            (before truncation)
 
 Ties in z are broken by the sort order (lower id first), so exactly ``top_k`` tokens survive.
-Greedy takes argmax(logits) (``first_argmax``). A draw inverts the cumulative distribution
+Greedy takes argmax(logits), ties to the lowest id (``first_index_of`` the maximum). A draw inverts the cumulative distribution
 with one uniform u ~ U[0, 1) from the row's key (``inverse_cdf_draw``): with weights
 w_v = exp(z_v - max z) (0 where truncated) and C_v = w_0 + ... + w_v, the token is the v with
 C_{v-1} <= u C_{V-1} < C_v. That is one random number per row where the Gumbel-max form of
@@ -46,19 +46,14 @@ class SamplingKnobs:
 
 def first_index_of(x: jax.Array, value: jax.Array, axis: int = -1) -> jax.Array:
     """The lowest index along ``axis`` where x equals ``value`` (broadcast against x with that
-    axis removed), else the last index: int32 with ``axis`` removed."""
+    axis removed), else the last index: int32 with ``axis`` removed.
+
+    With ``value`` = the max along ``axis`` this is argmax with ties to the lowest index, as two
+    plain reductions instead of ``jnp.argmax``'s variadic (value, index) reduction, which XLA:CPU
+    runs as a scalar loop (a quarter of a decode step's time for a 4,096-token vocabulary at
+    batch 32). A NaN maximum gives the last index."""
     ids = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim)
     return jnp.min(jnp.where(x == jnp.expand_dims(value, axis), ids, x.shape[axis] - 1), axis=axis)
-
-
-def first_argmax(x: jax.Array, axis: int = -1) -> jax.Array:
-    """argmax along ``axis``, lowest index among ties: int32 with ``axis`` removed.
-
-    Two plain reductions (the max, then the lowest index holding it) instead of ``jnp.argmax``'s
-    variadic (value, index) reduction, which XLA:CPU runs as a scalar loop (a quarter of a
-    decode step's time for a 4,096-token vocabulary at batch 32). Values must not be NaN (a
-    NaN row gives the last index)."""
-    return first_index_of(x, jnp.max(x, axis=axis), axis)
 
 
 def _last_positive(x: jax.Array) -> jax.Array:

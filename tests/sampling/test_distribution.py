@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spear_jax.sampling.distribution import (SamplingKnobs, first_argmax, inverse_cdf_draw, sample_tokens,
+from spear_jax.sampling.distribution import (SamplingKnobs, first_index_of, inverse_cdf_draw, sample_tokens,
                                              truncation_mask_sorted)
 
 N = 40_000
@@ -113,14 +113,14 @@ def test_greedy_like_settings_take_the_argmax(knobs):
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(-3, 3), min_size=1, max_size=40), st.booleans())
-def test_first_argmax_is_numpy_argmax_with_ties_and_infinities(values, with_infinities):
+def test_first_index_of_the_max_is_numpy_argmax_with_ties_and_infinities(values, with_infinities):
     x = np.asarray(values, np.float32)  # few distinct values: ties are the rule
     if with_infinities:
         x[::5] = -np.inf
     batch = np.stack([x, x[::-1], np.full_like(x, -np.inf)])
-    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(batch)), batch.argmax(-1))
-    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax, static_argnums=1)(batch.T, 0)),
-                                  batch.argmax(-1))
+    first = jax.jit(first_index_of, static_argnums=2)
+    np.testing.assert_array_equal(np.asarray(first(batch, batch.max(-1), -1)), batch.argmax(-1))
+    np.testing.assert_array_equal(np.asarray(first(batch.T, batch.max(-1), 0)), batch.argmax(-1))  # [V, B]
 
 
 def cdf_index(weights, target):
