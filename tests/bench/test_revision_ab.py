@@ -1,0 +1,32 @@
+"""bench.revision_ab: the base revision's package extracted under its own name, a bad revision
+refused, and one end-to-end run of HEAD against the working tree."""
+import re
+
+import pytest
+
+from bench import revision_ab
+
+
+def test_the_base_package_is_extracted_with_its_imports_renamed(tmp_path):
+    revision_ab.extract_base("HEAD", tmp_path)
+    package = tmp_path / revision_ab.BASE_PACKAGE
+    sources = list(package.rglob("*.py"))
+    assert (package / "sampling" / "decode.py").exists() and len(sources) > 20
+    for path in sources:
+        assert not re.search(r"\bspear_jax\b", path.read_text()), path
+
+
+def test_an_unknown_revision_is_refused_with_gits_message(tmp_path):
+    with pytest.raises(SystemExit, match="--base 'no-such-revision'"):
+        revision_ab.extract_base("no-such-revision", tmp_path)
+
+
+def test_head_against_the_working_tree_prints_a_ratio_per_batch(capsys):
+    revision_ab.main(["--base", "HEAD", "--batch-sizes", "2", "--prompt-len", "4", "--new-tokens", "4",
+                      "--rounds", "2"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    fields = dict(part.split("=") for part in last.split())
+    assert fields["batch"] == "2" and fields["same_tokens"] == "True"  # the sampler is committed code
+    ratios = [float(x) for x in fields["rounds"].split(",")]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)
+    assert float(fields["speedup"]) == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2, rel=1e-2)
