@@ -19,6 +19,10 @@ jax's trace cache and would time one program twice. One line per batch size:
 
     batch=<B> base_s=<median seconds> head_s=<median seconds> speedup=<median of per-round
         base / head> rounds=<per-round ratios> same_tokens=<True|False>
+
+Read the speedup, not the two medians: when the machine drifts from round to round the
+medians of the seconds can even point the other way (each side's median comes from a
+different round), while each ratio compares two calls made back to back.
 """
 from __future__ import annotations
 
