@@ -63,14 +63,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 def extract_base(revision: str, into: pathlib.Path) -> None:
     """``spear_jax`` at ``revision`` as the package ``BASE_PACKAGE`` under ``into`` (its own
     imports renamed). Exits with git's message when the revision does not exist."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision, "spear_jax"],
-                             capture_output=True)
+    try:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", revision, "spear_jax"],
+                                 capture_output=True)
+    except FileNotFoundError:
+        raise SystemExit("bench.revision_ab needs git on PATH (it extracts --base with git archive)") from None
     if archive.returncode != 0:
         raise SystemExit(f"--base {revision!r}: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     (into / "spear_jax").rename(into / BASE_PACKAGE)
     for path in (into / BASE_PACKAGE).rglob("*.py"):
         path.write_text(re.sub(r"\bspear_jax\b", BASE_PACKAGE, path.read_text()))
+
+
+def forget_base_package() -> None:
+    """Drop ``BASE_PACKAGE`` and its modules from ``sys.modules`` (their files are gone with the
+    temporary directory), so that a later call imports its own revision."""
+    for name in [m for m in sys.modules if m == BASE_PACKAGE or m.startswith(BASE_PACKAGE + ".")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
 
 
 def make_sampler(package: str, args, max_batch: int):
@@ -124,6 +135,7 @@ def main(argv=None) -> None:
                       f"same_tokens={r['same']}", flush=True)
         finally:
             sys.path.remove(directory)
+            forget_base_package()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ With scaled logits z = logits / T and tokens sorted by z (descending, rank r = 0
     logprob    = log softmax(z)[token]                            (before truncation)
 
 Ties in z are broken by the sort order (lower id first), so exactly ``top_k`` tokens survive.
-Greedy takes argmax(logits), ties to the lowest id (``first_index_of`` the maximum). A draw inverts the cumulative distribution
+Greedy takes argmax(logits), ties to the lowest id (``first_index_of`` the maximum). A draw
+inverts the cumulative distribution
 with one uniform u ~ U[0, 1) from the row's key (``inverse_cdf_draw``): with weights
 w_v = exp(z_v - max z) (0 where truncated) and C_v = w_0 + ... + w_v, the token is the v with
 C_{v-1} <= u C_{V-1} < C_v. That is one random number per row where the Gumbel-max form of
@@ -115,9 +116,11 @@ def sample_tokens(keys: jax.Array, logits: jax.Array, knobs: SamplingKnobs) -> t
     layout, ``Transformer.logits_vocab_major``) -> (tokens [B] int32,
     logprobs [B] float32 = log softmax(logits / temperature) at the tokens).
 
-    Without truncation the work is three passes over the logits: their maximum m, then
-    softmax(logits / T) up to its sum, w = exp((logits - m) / T) (the draw's weights; its sum
-    gives the log-probs), and greedy's first index holding m instead of the draw."""
+    Without truncation: the maximum m of the logits; greedy's first index holding m, or a draw
+    from the weights w = exp((logits - m) / T) (softmax(logits / T) up to its sum); and the sum
+    of w for the log-probs. On the sampled path w is computed twice, inside the draw's branch
+    and for the sum (XLA does not share work across the ``cond``): a greedy call then never
+    writes w out, it only sums it."""
     logits = logits.astype(jnp.float32)
     top = jnp.max(logits, axis=0)                                                # [B]
     inv_t = 1.0 / knobs.temperature

@@ -16,7 +16,7 @@ def test_a_model_that_auto_already_unrolls_is_refused():
 
 def test_tiny_six_layer_run_prints_both_rates_and_equal_tokens(capsys):
     decode_layers.main(["--preset", "tiny", "--num_layers", "6", "--batch_sizes", "2",
-                        "--prompt_len", "4", "--new_tokens", "6", "--short_tokens", "2", "--rounds", "1"])
+                        "--prompt_len", "4", "--new_tokens", "24", "--short_tokens", "2", "--rounds", "3"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     fields = dict(part.split("=") for part in last.split())
     assert fields["batch"] == "2" and fields["same_tokens"] in ("True", "False")  # equality: tests/sampling
