@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from bench.model_throughput import alternate
+from spear_jax.sampling.decode import DECODE_LAYERS
 
 BASE_PACKAGE = "spear_jax_base"
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -52,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--decode-layers", default="auto", choices=("auto", "unrolled"))
+    parser.add_argument("--decode-layers", default="auto", choices=DECODE_LAYERS)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.new_tokens < 1 or args.temperature < 0:
