@@ -111,6 +111,31 @@ def _sample_truncated(keys, scaled, top_k, top_p):
     return jnp.take_along_axis(order, picked_rank[:, None], axis=-1)[:, 0]
 
 
+LANES = 128  # row length of the lane-dense view in ``exp_weights``
+
+
+def exp_weights(logits: jax.Array, top: jax.Array, inv_t: jax.Array) -> jax.Array:
+    """w = exp((logits - top) * inv_t) for logits [V, B], top [B], inv_t []: on the lane-dense
+    view [V B / LANES, LANES] of the row-major logits (top repeated along each row) when B
+    divides LANES and V B is a multiple of it, else on [V, B] itself. ``column_sums`` gives
+    the per-row sums [B] from either.
+
+    XLA:CPU vectorises an elementwise loop along its minor axis: over [V, B] with B = 1 every
+    exponential runs scalar (a 4,096-token vocabulary, jitted alone: 97 us over [V, 1], 10 us
+    over the view; B = 8: 95 against 31 us). The view is taken behind an optimization barrier:
+    without it XLA moves the reshape past the exponential and loops over [V, B] again."""
+    vocab, batch = logits.shape
+    if LANES % batch or (vocab * batch) % LANES:
+        return jnp.exp((logits - top) * inv_t)
+    view = jax.lax.optimization_barrier(logits.reshape(-1, LANES))
+    return jnp.exp((view - jnp.tile(top, LANES // batch)) * inv_t)
+
+
+def column_sums(weights: jax.Array, batch: int) -> jax.Array:
+    """Per-row sums [B] of ``exp_weights``' result (the lane-dense view or [V, B])."""
+    return jnp.sum(weights, axis=0).reshape(-1, batch).sum(axis=0)
+
+
 def sample_tokens(keys: jax.Array, logits: jax.Array, knobs: SamplingKnobs) -> tuple[jax.Array, jax.Array]:
     """keys [B] (one PRNG key per row), logits [V, B] float32, vocab-major (the decode loop's
     layout, ``Transformer.logits_vocab_major``) -> (tokens [B] int32,
@@ -127,7 +152,7 @@ def sample_tokens(keys: jax.Array, logits: jax.Array, knobs: SamplingKnobs) -> t
     truncate = (knobs.top_k > 0) | (knobs.top_p < 1.0)
 
     def weights():                                                               # [V, B]
-        return jnp.exp((logits - top) * inv_t)
+        return jax.lax.optimization_barrier(exp_weights(logits, top, inv_t)).reshape(logits.shape)
 
     def draw():
         return jax.lax.cond(
@@ -138,5 +163,6 @@ def sample_tokens(keys: jax.Array, logits: jax.Array, knobs: SamplingKnobs) -> t
 
     tokens = jax.lax.cond(knobs.greedy, lambda: first_index_of(logits, top, axis=0), draw).astype(jnp.int32)
     picked = jnp.take_along_axis(logits, tokens[None, :], axis=0)[0]
-    logprobs = (picked - top) * inv_t - jnp.log(jnp.sum(weights(), axis=0))
+    total = column_sums(exp_weights(logits, top, inv_t), logits.shape[1])
+    logprobs = (picked - top) * inv_t - jnp.log(total)
     return tokens, logprobs

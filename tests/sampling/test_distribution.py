@@ -7,10 +7,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spear_jax.sampling.distribution import (SamplingKnobs, first_index_of, inverse_cdf_draw, sample_tokens,
-                                             truncation_mask_sorted)
+from spear_jax.sampling.distribution import (SamplingKnobs, column_sums, exp_weights, first_index_of,
+                                             inverse_cdf_draw, sample_tokens, truncation_mask_sorted)
 
 N = 40_000
+
+
+@pytest.mark.parametrize("vocab, batch, lane_dense", [
+    (4096, 1, True), (4096, 8, True), (384, 32, True), (4096, 128, True),
+    (1000, 1, False), (1000, 4, False), (256, 256, False), (512, 3, False)])
+def test_exp_weights_and_column_sums_equal_numpy(vocab, batch, lane_dense):
+    logits = np.random.default_rng(vocab + batch).normal(0, 3, (vocab, batch)).astype(np.float32)
+    top, inv_t = logits.max(0), np.float32(1 / 0.7)
+    want = np.exp((logits - top) * inv_t)
+    got = jax.jit(exp_weights)(logits, top, inv_t)
+    assert got.shape == ((vocab * batch // 128, 128) if lane_dense else (vocab, batch))
+    np.testing.assert_allclose(np.asarray(got).reshape(vocab, batch), want, rtol=1e-6)
+    np.testing.assert_allclose(column_sums(got, batch), want.astype(np.float64).sum(0), rtol=1e-4)
 LOGITS = np.array([2.0, 1.5, 0.3, -0.4, 1.0, -2.0, 0.0, 0.7], np.float32)
 
 @jax.jit
