@@ -40,6 +40,7 @@ from spear_jax import train_step
 from spear_jax.model import KVCache, ModelConfig, get_model_config, init_model
 from spear_jax.objectives import ObjectiveConfig, SILConfig
 from spear_jax.sampling import decode
+from spear_jax.sampling.decode_step import abstract_decode_weights
 from spear_jax.sampling.distribution import SamplingKnobs
 from spear_jax.sampling.stops import StopTable
 
@@ -81,8 +82,8 @@ def lower_decode(cfg: ModelConfig, batch: int, prompt_len: int, cache_len: int, 
         graphdef, params, cache, jax.ShapeDtypeStruct(rows, jnp.int32), jax.ShapeDtypeStruct(rows, bool),
         jax.ShapeDtypeStruct((batch,), jnp.int32), _abstract(SamplingKnobs.make(1.0, 1.0, 0, False)),
         StopTable.make([0], []), jax.eval_shape(lambda: jax.random.key(0)),
-        max_steps=new_tokens, window=cache_len, rules=cfg.sharding_rules,
-        layerwise=decode.use_layerwise_step(cfg, None))
+        weights=abstract_decode_weights(graphdef, params, decode.use_layerwise_step(cfg, None)),
+        max_steps=new_tokens, window=cache_len, rules=cfg.sharding_rules)
 
 
 def compile_seconds(lower: Callable[[], jax.stages.Lowered]) -> tuple[float, float]:

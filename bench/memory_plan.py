@@ -147,6 +147,7 @@ def decode_plan(c, cfg, mesh, decode_rows: int = 0) -> dict:
     from spear_jax.model import KVCache
     from spear_jax.policy import abstract_params
     from spear_jax.sampling import decode
+    from spear_jax.sampling.decode_step import abstract_decode_weights
     from spear_jax.sampling.distribution import SamplingKnobs
     from spear_jax.sampling.stops import StopTable
     from spear_jax.sharding import logical_to_pspec
@@ -167,8 +168,10 @@ def decode_plan(c, cfg, mesh, decode_rows: int = 0) -> dict:
             graphdef, params, cache, jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=appended),
             jax.ShapeDtypeStruct((batch, prompt), bool, sharding=appended),
             jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows), knobs, StopTable.make([0], []),
-            jax.eval_shape(lambda: jax.random.key(0)), max_steps=response, window=prompt + response,
-            rules=rules, layerwise=decode.use_layerwise_step(cfg, mesh, c.rollout.decode_layers),
+            jax.eval_shape(lambda: jax.random.key(0)),
+            weights=abstract_decode_weights(
+                graphdef, params, decode.use_layerwise_step(cfg, mesh, c.rollout.decode_layers)),
+            max_steps=response, window=prompt + response, rules=rules,
         ).compile()  # the sampler's program, as the trainer's Sampler picks it
     return {"kv_cache": 2 * shard_bytes(kv), "decode_rows": batch, "decode": _program_bytes(compiled)}
 

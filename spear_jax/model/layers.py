@@ -36,9 +36,16 @@ class RMSNorm(nnx.Module):
         self.weight = make_param(None, (size,), (axis_name,), cfg, init="ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed.astype(x.dtype) * self.weight[...].astype(x.dtype)).astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, axis: int = -1) -> jax.Array:
+    """x / sqrt(mean(x^2 over ``axis``) + eps) * weight, statistics in float32, in x's dtype;
+    ``weight`` broadcasts against x (shape [size] for the last axis, [size, 1] for the one
+    before it)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
+    return (normed.astype(x.dtype) * weight.astype(x.dtype)).astype(x.dtype)
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
@@ -71,12 +78,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     (x1 cos a - x2 sin a, x2 cos a + x1 sin a).
     """
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, L, hd/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
+    return rotate_halves(x, jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :], axis=-1)
+
+
+def rotate_halves(x: jax.Array, cos: jax.Array, sin: jax.Array, axis: int) -> jax.Array:
+    """(x1 cos - x2 sin, x2 cos + x1 sin) for x = (x1, x2) split in halves along ``axis``, in
+    float32, returned in x's dtype; cos and sin broadcast against a half."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=axis)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=axis).astype(x.dtype)
 
 
 class LowRankAdapter(nnx.Module):

@@ -14,10 +14,12 @@ Per row b, with budget[b] new tokens allowed:
                          (the final token of a row also enters its cache, so a later turn
                          continues after it)
 
-The prefill runs the model's ``forward_last``; with ``layerwise`` (``use_layerwise_step``: whole
-layers on every device and blocks unrolled) the loop runs ``decode_step.decode_step``, the same computation for one token per row over
-one K/V buffer per layer (``LayerKV``, split from the window once per call and written back at
-the end) and per-layer weights sliced once per call; otherwise ``forward_last`` again.
+The prefill runs the model's ``forward_last``. Given ``weights`` (``decode_step.DecodeWeights``,
+which the sampler makes where ``use_layerwise_step`` holds: whole layers on every device and
+blocks unrolled) the loop runs ``decode_step.decode_step``, the same computation for one token
+per row, feature-major over those output-major per-layer weights and one K/V buffer per layer
+(``LayerKV``, split from the window once per call and written back at the end); otherwise
+(``weights`` None) ``forward_last`` again.
 
 The loop holds the logits vocab-major, [V, B] (``Transformer.logits_vocab_major``: the LM head
 as embed [V, D] x hidden^T, the faster product on XLA:CPU at the decode loop's batch sizes).
@@ -44,7 +46,7 @@ from spear_jax.model import KVCache, forward_last
 from spear_jax.model.kv_cache import LayerKV, merge_layers, split_layers
 from spear_jax.model.transformer import SCAN_UNROLLED_MAX_LAYERS
 from spear_jax.sampling import stops
-from spear_jax.sampling.decode_step import LAYER_CACHE_AXES, decode_step, layer_blocks
+from spear_jax.sampling.decode_step import LAYER_CACHE_AXES, DecodeWeights, decode_step
 from spear_jax.sampling.distribution import SamplingKnobs, sample_tokens
 from spear_jax.sharding import constrain
 
@@ -72,18 +74,17 @@ def _write_prefix(full: KVCache, prefix: KVCache) -> KVCache:
     return KVCache(k=put(full.k, prefix.k), v=put(full.v, prefix.v), lengths=prefix.lengths)
 
 
-def _decode_path(graphdef, state, full: KVCache, cache: KVCache, window: int, rules, layerwise: bool):
+def _decode_path(graphdef, state, full: KVCache, cache: KVCache, window: int, rules,
+                 weights: DecodeWeights | None):
     """(the loop's cache, step (token [B], live [B], cache) -> (logits [V, B], cache), write-back
     of the loop's cache into ``full``) for the window ``cache`` after the prefill.
 
-    layerwise: ``decode_step`` over per-layer buffers and per-layer weights sliced once per call;
-    otherwise the model's ``forward_last`` over the stacked window (its layer scan gathers a
-    sharded layer's weights inside the loop, one layer at a time)."""
-    if layerwise:
-        blocks = layer_blocks(graphdef, state)
-
+    weights given: ``decode_step`` over per-layer buffers and those per-layer weights; None: the
+    model's ``forward_last`` over the stacked window (its layer scan gathers a sharded layer's
+    weights inside the loop, one layer at a time)."""
+    if weights is not None:
         def step(token, live, c):
-            logits, c = decode_step(graphdef, state, blocks, token, live, c)
+            logits, c = decode_step(graphdef, state, weights, token, live, c)
             return logits, _constrain_layers(c, rules)
 
         def write_back(c):
@@ -134,11 +135,11 @@ def use_layerwise_step(cfg, mesh, decode_layers: str = "auto") -> bool:
     return decode_layers == "unrolled" or not cfg.scan_layers or cfg.num_layers <= SCAN_UNROLLED_MAX_LAYERS
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules", "layerwise"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules"),
                    donate_argnames=("cache",))
 def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, knobs: SamplingKnobs,
-                      table: stops.StopTable, key, first_row=0, *, max_steps: int, window: int, rules,
-                      layerwise: bool):
+                      table: stops.StopTable, key, first_row=0, weights: DecodeWeights | None = None, *,
+                      max_steps: int, window: int, rules):
     """Append then decode.
 
     tokens, valid: [B, L] int32 / bool, the tokens appended to each row (any padding layout);
@@ -146,9 +147,10 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
     first_row: int32 scalar, the index of row 0 among all rows of the call (row b draws with
     fold_in(key, first_row + b), so a batch decoded in chunks draws what it draws at once);
     window: cache slots the program works on (<= cache.max_len; see the module docstring);
-    rules: the model's sharding rules (for the cache layout under a mesh); layerwise: decode
-    with ``decode_step`` (per-layer buffers and weights) or with the model's scanned
-    ``forward_last`` (``use_layerwise_step`` decides; see ``_decode_path``).
+    rules: the model's sharding rules (for the cache layout under a mesh); weights:
+    ``decode_step.decode_weights(graphdef, state)`` to decode with ``decode_step`` (per-layer
+    buffers and weights), None for the model's scanned ``forward_last`` (``use_layerwise_step``
+    decides which the sampler passes; see ``_decode_path``).
     Returns (out_tokens [B, max_steps] int32, out_logprobs [B, max_steps] float32,
     num_generated [B] int32, finish [B] int32 in {RUNNING (inactive), EOS, STOP, LENGTH}, cache).
     """
@@ -158,7 +160,7 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
     full = _constrain_cache(cache, rules)
     cache = full if window == full.max_len else _constrain_cache(_prefix(full, window), rules)
     logits, cache = forward_last(graphdef, state, tokens, valid, cache, vocab_major=True)
-    cache, one_token, write_back = _decode_path(graphdef, state, full, cache, window, rules, layerwise)
+    cache, one_token, write_back = _decode_path(graphdef, state, full, cache, window, rules, weights)
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first_row + jnp.arange(batch, dtype=jnp.int32))
     active = jnp.any(valid, axis=1)
     finish = jnp.where(active & (budget <= 0), LENGTH, RUNNING).astype(jnp.int32)

@@ -5,10 +5,15 @@ vocab_major=True)`` computes for a one-token chunk (the logits of the next token
 token's key and value written at slot ``lengths[b]`` of every layer for the live rows),
 specialised to that shape:
 
-* the layers run as an unrolled Python loop over ``LayerKV``'s one buffer per layer: no
-  ``lax.scan`` carrying a stacked cache, no per-layer slice of it copied out and written back;
-* each layer's weights come as their own module (``layer_blocks``, sliced out of the stacked
-  weights once per call, before the decode loop), not sliced out of the stack every step;
+* the activations are feature-major, [features, B], and every product is W h with the weights
+  output-major (``DecodeWeights``: an [out, in] copy of each block weight, made once per set of
+  weights by ``decode_weights``, outside the decode program). With 1-32 rows XLA:CPU runs
+  W [out, in] x h [in, B] 1.2-1.4x faster than h^T [B, in] x W [in, out]: the long operand is
+  read in place, the short one is the one packed. (Transposing the stored weights inside the
+  program does not do it: XLA folds the transpose back into the product's operand layout.)
+* the layers run as an unrolled Python loop over ``LayerKV``'s one buffer per layer and
+  ``DecodeWeights``' one record per layer: no ``lax.scan`` carrying a stacked cache, no
+  per-layer slice of the weights or the cache copied out and written back;
 * each layer's window is head-major, [B, KVH, W, hd] (transposed once per call by
   ``split_layers``), so the single query's attention is two batched dots over (row, kv head)
   whose operands lie in place:
@@ -24,16 +29,81 @@ the base architecture (no LoRA adapters: the sampler decodes merged weights).
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spear_jax.model.config import ModelConfig
 from spear_jax.model.kv_cache import LayerKV
-from spear_jax.model.layers import Block
+from spear_jax.model.layers import rms_norm, rope_inverse_frequencies, rotate_halves
 from spear_jax.sharding import constrain
 
 LAYER_CACHE_AXES = ("act_batch", "act_kv_heads", "act_length", None)  # one layer's k or v buffer
+RESIDUAL_AXES = ("act_embed", "act_batch")  # the feature-major residual stream [D, B]
+
+
+class DecodeLayer(NamedTuple):
+    """One block's weights, output-major: each projection as [out features, in features]."""
+
+    input_norm: jax.Array          # [D]
+    qkv: jax.Array                 # [(H + 2 KVH) hd, D]: the q, k, v projections' rows, in order
+    qkv_bias: jax.Array | None     # [(H + 2 KVH) hd] (qwen2), else None
+    q_norm: jax.Array | None       # [hd] (qwen3), else None
+    k_norm: jax.Array | None       # [hd] (qwen3), else None
+    o: jax.Array                   # [D, H hd]
+    post_norm: jax.Array           # [D]
+    gate_up: jax.Array             # [2 F, D]: the gate rows, then the up rows
+    down: jax.Array                # [D, F]
+
+
+class DecodeWeights(NamedTuple):
+    """The decode step's copy of the block weights: one ``DecodeLayer`` per layer, and the
+    untied LM head [V, D] (None when tied: the embedding [V, D] is already output-major)."""
+
+    layers: tuple[DecodeLayer, ...]
+    head: jax.Array | None
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def decode_weights(graphdef: nnx.GraphDef, state: nnx.State) -> DecodeWeights:
+    """The output-major copy of a model's block weights (and untied head) that ``decode_step``
+    reads, in the stored dtype. A program of its own: inside the decode program XLA would fold
+    the transposes into the products (and run the slower form)."""
+    model = nnx.merge(graphdef, state)
+    cfg = model.cfg
+    if cfg.lora_rank > 0:
+        raise ValueError("the decode step runs the base architecture: merge the LoRA adapters first "
+                         "(spear_jax.model.lora.merge_lora)")
+    att, mlp = model.blocks.attention, model.blocks.mlp
+    layers, d = cfg.num_layers, cfg.hidden_size
+
+    def rows(w):  # [layers, D, *out] -> [layers, out, D]
+        return w.reshape(layers, d, -1).swapaxes(1, 2)
+
+    def flat(*biases):  # [layers, heads, hd] each -> [layers, sum of heads * hd]
+        return jnp.concatenate([b.reshape(layers, -1) for b in biases], axis=1)
+
+    qkv = jnp.concatenate([rows(att.q_proj[...]), rows(att.k_proj[...]), rows(att.v_proj[...])], axis=1)
+    bias = flat(att.q_bias[...], att.k_bias[...], att.v_bias[...]) if cfg.qkv_bias else None
+    norms = (att.q_norm.weight[...], att.k_norm.weight[...]) if cfg.qk_norm else (None, None)
+    stacked = DecodeLayer(
+        input_norm=model.blocks.input_norm.weight[...], qkv=qkv, qkv_bias=bias, q_norm=norms[0],
+        k_norm=norms[1], o=att.o_proj[...].reshape(layers, -1, d).swapaxes(1, 2),
+        post_norm=model.blocks.post_attention_norm.weight[...],
+        gate_up=jnp.concatenate([rows(mlp.gate_proj[...]), rows(mlp.up_proj[...])], axis=1),
+        down=mlp.down_proj[...].swapaxes(1, 2))
+    head = None if cfg.tie_embeddings else model.lm_head[...].T
+    return DecodeWeights(tuple(jax.tree.map(lambda w: w[i], stacked) for i in range(layers)), head)
+
+
+def abstract_decode_weights(graphdef: nnx.GraphDef, state: nnx.State, layerwise: bool) -> DecodeWeights | None:
+    """``decode_weights``' shapes for an abstract (or concrete) ``state`` where the decode runs
+    the per-layer step, else None: the ``weights`` argument that lowers the sampler's program."""
+    return jax.eval_shape(functools.partial(decode_weights, graphdef), state) if layerwise else None
 
 
 def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -58,49 +128,60 @@ def _write_slot(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Arra
     return buffer.at[rows, :, slots].set(new.astype(buffer.dtype), mode="drop")
 
 
-def _block_step(block: Block, x, lengths, slots, k_buf, v_buf, rules):
-    """One pre-norm block on x [B, 1, D]; returns (x, k_buf, v_buf) with this token written."""
-    cfg = block.attention.cfg
-    cd = cfg.compute_jnp_dtype
-    q, k, v = block.attention.project_qkv(block.input_norm(x), lengths[:, None])
-    k_buf = constrain(_write_slot(k_buf, k[:, 0], slots), LAYER_CACHE_AXES, rules)
-    v_buf = constrain(_write_slot(v_buf, v[:, 0], slots), LAYER_CACHE_AXES, rules)
-    mixed = attend_one_query(q[:, 0], k_buf, v_buf, lengths).astype(cd)         # [B, H, hd]
-    out = jnp.einsum("bhk,hkd->bd", mixed, block.attention.o_proj[...].astype(cd))
-    out = constrain(out[:, None], ("act_batch", "act_length", "act_embed"), rules)
-    x = x + out.astype(x.dtype)
-    x = x + block.mlp(block.post_attention_norm(x)).astype(x.dtype)
-    return x, k_buf, v_buf
+def _product(w: jax.Array, h: jax.Array) -> jax.Array:
+    """w [out, in] x h [in, B] -> [out, B], both in h's dtype (the compute dtype)."""
+    return jnp.einsum("oi,ib->ob", w.astype(h.dtype), h)
 
 
-def layer_blocks(graphdef: nnx.GraphDef, state: nnx.State) -> list[Block]:
-    """The model's blocks as ``num_layers`` separate modules, block i holding slice i of the
-    stacked block weights (computed once, outside the decode loop, so that a step reads each
-    layer's weights where they lie instead of slicing a copy out of the stack)."""
-    model = nnx.merge(graphdef, state)
-    if model.cfg.lora_rank > 0:
-        raise ValueError("the decode step runs the base architecture: merge the LoRA adapters first "
-                         "(spear_jax.model.lora.merge_lora)")
-    block_graphdef, stacked = nnx.split(model.blocks)
-    return [nnx.merge(block_graphdef, jax.tree.map(lambda w: w[layer], stacked))
-            for layer in range(model.cfg.num_layers)]
+def _project_qkv(layer: DecodeLayer, cfg: ModelConfig, h: jax.Array, positions: jax.Array):
+    """``Attention.project_qkv`` feature-major: h [D, B] (compute dtype), positions [B] ->
+    q [H, hd, B], k, v [KVH, hd, B], RoPE applied to q and k."""
+    heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
+    qkv = _product(layer.qkv, h)                                                 # [(H + 2 KVH) hd, B]
+    if layer.qkv_bias is not None:
+        qkv = qkv + layer.qkv_bias.astype(h.dtype)[:, None]
+    qkv = qkv.reshape(heads + 2 * kv_heads, cfg.head_dim, -1)
+    q, k, v = qkv[:heads], qkv[heads:heads + kv_heads], qkv[heads + kv_heads:]
+    if layer.q_norm is not None:
+        q = rms_norm(q, layer.q_norm[:, None], cfg.rms_norm_eps, axis=1)
+        k = rms_norm(k, layer.k_norm[:, None], cfg.rms_norm_eps, axis=1)
+    angles = jnp.asarray(rope_inverse_frequencies(cfg))[:, None] * positions.astype(jnp.float32)  # [hd/2, B]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    return rotate_halves(q, cos, sin, axis=1), rotate_halves(k, cos, sin, axis=1), v
 
 
-def decode_step(graphdef: nnx.GraphDef, state: nnx.State, blocks: list[Block], token: jax.Array,
+def _block_step(layer: DecodeLayer, cfg: ModelConfig, x, lengths, slots, k_buf, v_buf):
+    """One pre-norm block on the residual x [D, B]; returns (x, k_buf, v_buf) with this token's
+    key and value written at ``slots`` [B]."""
+    rules, eps = cfg.sharding_rules, cfg.rms_norm_eps
+    q, k, v = _project_qkv(layer, cfg, rms_norm(x, layer.input_norm[:, None], eps, axis=0), lengths)
+    k_buf = constrain(_write_slot(k_buf, k.transpose(2, 0, 1), slots), LAYER_CACHE_AXES, rules)
+    v_buf = constrain(_write_slot(v_buf, v.transpose(2, 0, 1), slots), LAYER_CACHE_AXES, rules)
+    mixed = attend_one_query(q.transpose(2, 0, 1), k_buf, v_buf, lengths)        # [B, H, hd]
+    x = x + _product(layer.o, mixed.reshape(mixed.shape[0], -1).T.astype(x.dtype))
+    x = constrain(x, RESIDUAL_AXES, rules)
+    gate, up = jnp.split(_product(layer.gate_up, rms_norm(x, layer.post_norm[:, None], eps, axis=0)), 2)
+    x = x + _product(layer.down, jax.nn.silu(gate) * up)
+    return constrain(x, RESIDUAL_AXES, rules), k_buf, v_buf
+
+
+def decode_step(graphdef: nnx.GraphDef, state: nnx.State, weights: DecodeWeights, token: jax.Array,
                 live: jax.Array, cache: LayerKV) -> tuple[jax.Array, LayerKV]:
     """token [B] int32, live [B] bool -> (float32 logits [V, B] of the next token, vocab-major,
-    and the cache with each live row's token appended and its length + 1). ``blocks``:
-    ``layer_blocks``."""
+    and the cache with each live row's token appended and its length + 1). ``weights``:
+    ``decode_weights(graphdef, state)``; the embedding and final norm come from ``state``."""
     model = nnx.merge(graphdef, state)
     cfg = model.cfg
+    cd = cfg.compute_jnp_dtype
     slots = jnp.where(live, cache.lengths, cache.window)
-    x = jnp.take(model.embed[...], token[:, None], axis=0).astype(cfg.compute_jnp_dtype)  # [B, 1, D]
+    x = jnp.take(model.embed[...], token, axis=0).astype(cd).T                   # [D, B]
     k_out, v_out = [], []
-    for layer, block in enumerate(blocks):
-        x, k_buf, v_buf = _block_step(block, x, cache.lengths, slots, cache.k[layer], cache.v[layer],
-                                      cfg.sharding_rules)
+    for layer, buffers in zip(weights.layers, zip(cache.k, cache.v)):
+        x, k_buf, v_buf = _block_step(layer, cfg, x, cache.lengths, slots, *buffers)
         k_out.append(k_buf)
         v_out.append(v_buf)
-    logits = model.logits_vocab_major(model.final_norm(x)[:, 0])
+    hidden = rms_norm(x, model.final_norm.weight[...][:, None], cfg.rms_norm_eps, axis=0)
+    head = model.embed[...] if weights.head is None else weights.head            # [V, D]
+    logits = jnp.einsum("vd,db->vb", head.astype(cd), hidden, preferred_element_type=jnp.float32)
     lengths = cache.lengths + live.astype(jnp.int32)
-    return logits, LayerKV(k=tuple(k_out), v=tuple(v_out), lengths=lengths)
+    return logits.astype(jnp.float32), LayerKV(k=tuple(k_out), v=tuple(v_out), lengths=lengths)

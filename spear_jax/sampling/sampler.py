@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding
 from spear_jax.distributed import host_values
 from spear_jax.model import KVCache, ModelConfig, init_cache, lora
 from spear_jax.sampling import decode
+from spear_jax.sampling.decode_step import decode_weights
 from spear_jax.sampling.distribution import SamplingKnobs
 from spear_jax.sampling.params import Generation, SamplingParams
 from spear_jax.sampling.stops import StopTable
@@ -86,6 +87,9 @@ class Sampler:
     decode_layers: "auto" or "unrolled" (``decode.use_layerwise_step``): "unrolled" decodes a
     scanned deep model with the per-layer step too (faster per token, compile time growing with
     the depth); it needs whole layers on every device (no mesh axis but ``data`` above 1).
+    Where the per-layer step runs (``layerwise``), ``set_params`` also keeps the output-major
+    copy of the block weights it reads (``decode_step.decode_weights``, one jitted call per
+    update): the sampler then holds one more copy of the layer weights.
     A LoRA state (``config.lora_rank > 0``) is decoded merged: ``set_params`` folds the adapters
     into the weights (``spear_jax.model.lora.merge_lora``, one jitted call per update) and the
     decode runs the base architecture, at the base model's cost per token.
@@ -144,6 +148,10 @@ class Sampler:
         if self.weight_dtype is not None:
             state = jax.tree.map(self._cast_weight, state)
         self._state = state
+        self._decode_weights = None  # the old copy goes before the new one is made
+        if self.layerwise:
+            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                self._decode_weights = decode_weights(self.graphdef, state)
 
     def _cast_weight(self, x: jax.Array) -> jax.Array:
         return x.astype(self.weight_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
@@ -232,9 +240,8 @@ class Sampler:
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             out_tokens, out_logprobs, num, finish, cache = decode.extend_and_decode(
                 self.graphdef, self._state, cache, jnp.asarray(tokens), jnp.asarray(valid),
-                jnp.asarray(budget), knobs, table, key, jnp.int32(first_row),
+                jnp.asarray(budget), knobs, table, key, jnp.int32(first_row), self._decode_weights,
                 max_steps=length_bucket(sampling.max_new_tokens), window=window, rules=self.config.sharding_rules,
-                layerwise=self.layerwise,
             )
         out_tokens, out_logprobs, num, finish = host_values((out_tokens, out_logprobs, num, finish))
         results: list[Generation | None] = []

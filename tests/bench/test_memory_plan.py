@@ -93,6 +93,6 @@ def test_decode_plan_lowers_the_program_the_trainers_sampler_picks(monkeypatch):
             try:
                 memory_plan.decode_plan(c, cfg, mesh, decode_rows=4)
             except _Lowered as lowered:
-                picked[name, decode_layers] = lowered.args[0]["layerwise"]
+                picked[name, decode_layers] = lowered.args[0]["weights"] is not None
     assert picked == {("one device", "auto"): False, ("one device", "unrolled"): True,
                       ("fsdp", "auto"): False, ("fsdp", "unrolled"): False}

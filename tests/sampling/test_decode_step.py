@@ -10,7 +10,7 @@ from spear_jax.model import KVCache, forward_last, get_model_config, init_cache
 from spear_jax.model.kv_cache import merge_layers, split_layers
 from spear_jax.model.layers import grouped_attention
 from spear_jax.sampling import Sampler, SamplingParams, decode
-from spear_jax.sampling.decode_step import attend_one_query, decode_step, layer_blocks
+from spear_jax.sampling.decode_step import attend_one_query, decode_step, decode_weights
 from spear_jax.sharding import make_mesh
 from tests.sampling.reference import random_state
 
@@ -27,8 +27,9 @@ def test_one_query_attention_equals_grouped_attention():
     np.testing.assert_allclose(attend_one_query(q, *head_major, lengths), want, atol=1e-5)
 
 
-def test_decode_step_equals_the_cached_forward_of_one_token():
-    cfg = get_model_config("tiny", vocab_size=512, architecture="qwen3")
+@pytest.mark.parametrize("architecture, tied", [("llama", True), ("qwen2", False), ("qwen3", True)])
+def test_decode_step_equals_the_cached_forward_of_one_token(architecture, tied):
+    cfg = get_model_config("tiny", vocab_size=512, architecture=architecture, tie_embeddings=tied)
     graphdef, state = random_state(cfg, 3)
     k_key, v_key = jax.random.split(jax.random.key(1))
     shape = init_cache(cfg, 3, 24).k.shape
@@ -40,7 +41,7 @@ def test_decode_step_equals_the_cached_forward_of_one_token():
     np.testing.assert_allclose(want_vocab_major, want_logits.T, atol=1e-5, rtol=1e-5)
     window = 16  # every live row's slots (<= 11) lie inside it
     logits, layers = jax.jit(decode_step, static_argnums=0)(
-        graphdef, state, layer_blocks(graphdef, state), token, live, split_layers(cache, window))
+        graphdef, state, decode_weights(graphdef, state), token, live, split_layers(cache, window))
     got = merge_layers(cache, layers)
     assert logits.shape == (cfg.vocab_size, 3)                                 # vocab-major
     np.testing.assert_allclose(logits[:, :2], want_logits[:2].T, atol=1e-4, rtol=1e-4)
@@ -48,6 +49,33 @@ def test_decode_step_equals_the_cached_forward_of_one_token():
     np.testing.assert_allclose(got.k, want.k, atol=1e-5)
     np.testing.assert_allclose(got.v, want.v, atol=1e-5)
     np.testing.assert_array_equal(got.k[:, 2], cache.k[:, 2])  # the row that is not live: untouched
+
+
+def test_decode_weights_are_each_layers_projections_output_major():
+    cfg = get_model_config("tiny", vocab_size=512, architecture="qwen2", tie_embeddings=False)
+    graphdef, state = random_state(cfg, 4)
+    weights = decode_weights(graphdef, state)
+    blocks = state["blocks"]
+    att, mlp = blocks["attention"], blocks["mlp"]
+    d, layers = cfg.hidden_size, cfg.num_layers
+    assert len(weights.layers) == layers
+    np.testing.assert_array_equal(weights.head, np.asarray(state["lm_head"][...]).T)
+    for i, layer in enumerate(weights.layers):
+        def out_major(w):  # [D, *out] -> [out, D]
+            return np.asarray(w[...][i]).reshape(d, -1).T
+        np.testing.assert_array_equal(layer.qkv, np.concatenate(
+            [out_major(att["q_proj"]), out_major(att["k_proj"]), out_major(att["v_proj"])]))
+        np.testing.assert_array_equal(layer.qkv_bias, np.concatenate(
+            [np.asarray(att[name][...][i]).ravel() for name in ("q_bias", "k_bias", "v_bias")]))
+        np.testing.assert_array_equal(layer.o, np.asarray(att["o_proj"][...][i]).reshape(-1, d).T)
+        np.testing.assert_array_equal(layer.gate_up, np.concatenate([out_major(mlp["gate_proj"]),
+                                                                     out_major(mlp["up_proj"])]))
+        np.testing.assert_array_equal(layer.down, np.asarray(mlp["down_proj"][...][i]).T)
+        np.testing.assert_array_equal(layer.input_norm, blocks["input_norm"]["weight"][...][i])
+        np.testing.assert_array_equal(layer.post_norm, blocks["post_attention_norm"]["weight"][...][i])
+        assert layer.q_norm is None and layer.k_norm is None
+    tied = get_model_config("tiny", vocab_size=512)
+    assert decode_weights(*random_state(tied, 4)).head is None  # the embedding serves
 
 
 def test_layerwise_step_only_with_whole_layers_per_device_and_unrolled_blocks():
@@ -77,7 +105,7 @@ def test_unrolled_decode_of_a_scanned_deep_model_equals_its_scanned_decode():
     assert not runs["auto"][0] and runs["unrolled"][0]
     for scanned, unrolled in zip(runs["auto"][1], runs["unrolled"][1]):
         np.testing.assert_array_equal(unrolled.tokens, scanned.tokens)
-        np.testing.assert_allclose(unrolled.logprobs, scanned.logprobs, atol=1e-5)
+        np.testing.assert_allclose(unrolled.logprobs, scanned.logprobs, atol=1e-5, rtol=1e-5)
         assert unrolled.finish_reason == scanned.finish_reason
 
 

@@ -8,6 +8,7 @@ import pytest
 from spear_jax.model import KVCache, init_cache
 from spear_jax.sampling import Sampler, SamplingParams, decode
 from spear_jax.sampling import sampler as sampler_module
+from spear_jax.sampling.decode_step import decode_weights
 from spear_jax.sampling.distribution import SamplingKnobs
 from spear_jax.sampling.sampler import attention_window
 from spear_jax.sampling.stops import StopTable
@@ -41,6 +42,7 @@ def _stacked(cache):
 @pytest.mark.parametrize("layerwise", [True, False])  # decode_step / the scanned forward_last
 def test_windowed_program_equals_whole_cache_program_and_leaves_the_rest_alone(cfg, model, layerwise):
     graphdef, state = model
+    weights = decode_weights(graphdef, state) if layerwise else None
     batch, max_len, window, width = 4, 96, 32, 16
     lengths = [9, 50, 0, 20]  # row 1 is inactive and holds more than the window
     rng = np.random.default_rng(0)
@@ -58,7 +60,7 @@ def test_windowed_program_equals_whole_cache_program_and_leaves_the_rest_alone(c
         before = jax.device_get(cache)
         out = decode.extend_and_decode(
             graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(budget), knobs,
-            table, jax.random.key(5), max_steps=16, window=w, rules=cfg.sharding_rules, layerwise=layerwise)
+            table, jax.random.key(5), weights=weights, max_steps=16, window=w, rules=cfg.sharding_rules)
         results[w] = jax.device_get(out)
     (t_w, lp_w, n_w, f_w, c_w), (t_f, lp_f, n_f, f_f, c_f) = results[window], results[max_len]
     before, c_w, c_f = map(_stacked, (before, c_w, c_f))
@@ -79,8 +81,8 @@ def test_windowed_program_equals_whole_cache_program_and_leaves_the_rest_alone(c
     with pytest.raises(ValueError, match="window"):
         decode.extend_and_decode(
             graphdef, state, _random_cache(cfg, batch, max_len, lengths, 3), jnp.asarray(tokens),
-            jnp.asarray(valid), jnp.asarray(budget), knobs, table, jax.random.key(5), max_steps=16,
-            window=max_len + 1, rules=cfg.sharding_rules, layerwise=layerwise)
+            jnp.asarray(valid), jnp.asarray(budget), knobs, table, jax.random.key(5), weights=weights,
+            max_steps=16, window=max_len + 1, rules=cfg.sharding_rules)
 
 
 GREEDY4 = SamplingParams(greedy=True, max_new_tokens=4)
