@@ -142,23 +142,22 @@ def sample_tokens(keys: jax.Array, logits: jax.Array, knobs: SamplingKnobs) -> t
     logprobs [B] float32 = log softmax(logits / temperature) at the tokens).
 
     Without truncation: the maximum m of the logits; greedy's first index holding m, or a draw
-    from the weights w = exp((logits - m) / T) (softmax(logits / T) up to its sum); and the sum
-    of w for the log-probs. On the sampled path w is computed twice, inside the draw's branch
-    and for the sum (XLA does not share work across the ``cond``): a greedy call then never
-    writes w out, it only sums it."""
+    from the weights w = exp((logits - m) / T) (softmax(logits / T) up to its sum), laid out
+    [B, V] for the per-row draws; and the sum of w for the log-probs, over the lane-dense view
+    (``exp_weights``). On the sampled path w is computed twice, inside the draw's branch and
+    for the sum (XLA does not share work across the ``cond``): a greedy call then never writes
+    w out, it only sums it. (The draw over the lane-dense view, reshaped back to [V, B], made
+    tiny's sampled calls 0.82x at B = 8 and 0.87x at B = 32.)"""
     logits = logits.astype(jnp.float32)
     top = jnp.max(logits, axis=0)                                                # [B]
     inv_t = 1.0 / knobs.temperature
     truncate = (knobs.top_k > 0) | (knobs.top_p < 1.0)
 
-    def weights():                                                               # [V, B]
-        return jax.lax.optimization_barrier(exp_weights(logits, top, inv_t)).reshape(logits.shape)
-
     def draw():
         return jax.lax.cond(
             truncate,
             lambda: _sample_truncated(keys, logits.T * inv_t, knobs.top_k, knobs.top_p),
-            lambda: jax.vmap(_draw_from_weights, in_axes=(0, 1))(keys, weights()),
+            lambda: jax.vmap(_draw_from_weights)(keys, jnp.exp((logits.T - top[:, None]) * inv_t)),
         )
 
     tokens = jax.lax.cond(knobs.greedy, lambda: first_index_of(logits, top, axis=0), draw).astype(jnp.int32)
