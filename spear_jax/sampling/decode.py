@@ -147,10 +147,9 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
     first_row: int32 scalar, the index of row 0 among all rows of the call (row b draws with
     fold_in(key, first_row + b), so a batch decoded in chunks draws what it draws at once);
     window: cache slots the program works on (<= cache.max_len; see the module docstring);
-    rules: the model's sharding rules (for the cache layout under a mesh); weights:
-    ``decode_step.decode_weights(graphdef, state)`` to decode with ``decode_step`` (per-layer
-    buffers and weights), None for the model's scanned ``forward_last`` (``use_layerwise_step``
-    decides which the sampler passes; see ``_decode_path``).
+    rules: the model's sharding rules (for the cache layout under a mesh); weights: the step's
+    ``decode_step.decode_weights(graphdef, state)``, or None for the model's scanned
+    ``forward_last`` (the sampler passes them where ``use_layerwise_step``; ``_decode_path``).
     Returns (out_tokens [B, max_steps] int32, out_logprobs [B, max_steps] float32,
     num_generated [B] int32, finish [B] int32 in {RUNNING (inactive), EOS, STOP, LENGTH}, cache).
     """
