@@ -77,8 +77,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     With angles a = pos * inv_freq and x = (x1, x2) split in halves:
     (x1 cos a - x2 sin a, x2 cos a + x1 sin a).
     """
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, L, hd/2]
+    angles = rope_angles(positions, inv_freq)                                     # [B, L, hd/2]
     return rotate_halves(x, jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :], axis=-1)
+
+
+def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """a = pos * inv_freq in float32: positions [...] -> [..., hd/2]."""
+    return positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
 
 
 def rotate_halves(x: jax.Array, cos: jax.Array, sin: jax.Array, axis: int) -> jax.Array:

@@ -39,7 +39,7 @@ from flax import nnx
 
 from spear_jax.model.config import ModelConfig
 from spear_jax.model.kv_cache import LayerKV
-from spear_jax.model.layers import rms_norm, rope_inverse_frequencies, rotate_halves
+from spear_jax.model.layers import rms_norm, rope_angles, rope_inverse_frequencies, rotate_halves
 from spear_jax.sharding import constrain
 
 LAYER_CACHE_AXES = ("act_batch", "act_kv_heads", "act_length", None)  # one layer's k or v buffer
@@ -71,8 +71,9 @@ class DecodeWeights(NamedTuple):
 @functools.partial(jax.jit, static_argnums=0)
 def decode_weights(graphdef: nnx.GraphDef, state: nnx.State) -> DecodeWeights:
     """The output-major copy of a model's block weights (and untied head) that ``decode_step``
-    reads, in the stored dtype. A program of its own: inside the decode program XLA would fold
-    the transposes into the products (and run the slower form)."""
+    reads, in the compute dtype where that is narrower than the stored one (the step casts
+    every weight to it anyway), else in the stored dtype. A program of its own: inside the
+    decode program XLA would fold the transposes into the products (and run the slower form)."""
     model = nnx.merge(graphdef, state)
     cfg = model.cfg
     if cfg.lora_rank > 0:
@@ -97,6 +98,12 @@ def decode_weights(graphdef: nnx.GraphDef, state: nnx.State) -> DecodeWeights:
         gate_up=jnp.concatenate([rows(mlp.gate_proj[...]), rows(mlp.up_proj[...])], axis=1),
         down=mlp.down_proj[...].swapaxes(1, 2))
     head = None if cfg.tie_embeddings else model.lm_head[...].T
+    cd = cfg.compute_jnp_dtype
+
+    def narrowed(w):
+        return w.astype(cd) if jnp.dtype(cd).itemsize < w.dtype.itemsize else w
+
+    stacked, head = jax.tree.map(narrowed, (stacked, head))
     return DecodeWeights(tuple(jax.tree.map(lambda w: w[i], stacked) for i in range(layers)), head)
 
 
@@ -145,7 +152,7 @@ def _project_qkv(layer: DecodeLayer, cfg: ModelConfig, h: jax.Array, positions: 
     if layer.q_norm is not None:
         q = rms_norm(q, layer.q_norm[:, None], cfg.rms_norm_eps, axis=1)
         k = rms_norm(k, layer.k_norm[:, None], cfg.rms_norm_eps, axis=1)
-    angles = jnp.asarray(rope_inverse_frequencies(cfg))[:, None] * positions.astype(jnp.float32)  # [hd/2, B]
+    angles = rope_angles(positions, rope_inverse_frequencies(cfg)).T                   # [hd/2, B]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     return rotate_halves(q, cos, sin, axis=1), rotate_halves(k, cos, sin, axis=1), v
 
@@ -176,7 +183,7 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, weights: DecodeWeights
     slots = jnp.where(live, cache.lengths, cache.window)
     x = jnp.take(model.embed[...], token, axis=0).astype(cd).T                   # [D, B]
     k_out, v_out = [], []
-    for layer, buffers in zip(weights.layers, zip(cache.k, cache.v)):
+    for layer, buffers in zip(weights.layers, zip(cache.k, cache.v), strict=True):
         x, k_buf, v_buf = _block_step(layer, cfg, x, cache.lengths, slots, *buffers)
         k_out.append(k_buf)
         v_out.append(v_buf)
@@ -184,4 +191,4 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, weights: DecodeWeights
     head = model.embed[...] if weights.head is None else weights.head            # [V, D]
     logits = jnp.einsum("vd,db->vb", head.astype(cd), hidden, preferred_element_type=jnp.float32)
     lengths = cache.lengths + live.astype(jnp.int32)
-    return logits.astype(jnp.float32), LayerKV(k=tuple(k_out), v=tuple(v_out), lengths=lengths)
+    return logits, LayerKV(k=tuple(k_out), v=tuple(v_out), lengths=lengths)

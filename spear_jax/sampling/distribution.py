@@ -117,15 +117,17 @@ LANES = 128  # row length of the lane-dense view in ``exp_weights``
 def exp_weights(logits: jax.Array, top: jax.Array, inv_t: jax.Array) -> jax.Array:
     """w = exp((logits - top) * inv_t) for logits [V, B], top [B], inv_t []: on the lane-dense
     view [V B / LANES, LANES] of the row-major logits (top repeated along each row) when B
-    divides LANES and V B is a multiple of it, else on [V, B] itself. ``column_sums`` gives
-    the per-row sums [B] from either.
+    divides LANES, V B is a multiple of it and the trace runs on one device, else on [V, B]
+    itself. ``column_sums`` gives the per-row sums [B] from either.
 
     XLA:CPU vectorises an elementwise loop along its minor axis: over [V, B] with B = 1 every
     exponential runs scalar (a 4,096-token vocabulary, jitted alone: 97 us over [V, 1], 10 us
     over the view; B = 8: 95 against 31 us). The view is taken behind an optimization barrier:
-    without it XLA moves the reshape past the exponential and loops over [V, B] again."""
+    without it XLA moves the reshape past the exponential and loops over [V, B] again. Under a
+    mesh of several devices (``jax.set_mesh``) the rows may be sharded, and the view would
+    gather every row's logits onto every device: there it keeps [V, B]."""
     vocab, batch = logits.shape
-    if LANES % batch or (vocab * batch) % LANES:
+    if LANES % batch or (vocab * batch) % LANES or jax.sharding.get_abstract_mesh().size > 1:
         return jnp.exp((logits - top) * inv_t)
     view = jax.lax.optimization_barrier(logits.reshape(-1, LANES))
     return jnp.exp((view - jnp.tile(top, LANES // batch)) * inv_t)

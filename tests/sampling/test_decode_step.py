@@ -51,6 +51,24 @@ def test_decode_step_equals_the_cached_forward_of_one_token(architecture, tied):
     np.testing.assert_array_equal(got.k[:, 2], cache.k[:, 2])  # the row that is not live: untouched
 
 
+def test_bfloat16_decode_step_is_the_cached_forward_up_to_rounding():
+    cfg = get_model_config("tiny", vocab_size=512, architecture="qwen2", tie_embeddings=False,
+                           compute_dtype="bfloat16")
+    graphdef, state = random_state(cfg, 6)
+    weights = decode_weights(graphdef, state)
+    assert all(w.dtype == jnp.bfloat16 for w in jax.tree.leaves(weights))  # float32 masters, narrowed
+    cache = init_cache(cfg, 2, 16)
+    prompt = jnp.array([[5, 9, 200, 7], [1, 2, 3, 0]])
+    _, cache = forward_last(graphdef, state, prompt, prompt > 0, cache)
+    token, live = jnp.array([17, 400]), jnp.array([True, True])
+    want, _ = forward_last(graphdef, state, token[:, None], live[:, None], cache)
+    logits, _ = jax.jit(decode_step, static_argnums=0)(graphdef, state, weights, token, live,
+                                                      split_layers(cache, 16))
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(logits.T, want, atol=0.05 * scale)  # bfloat16 rounding, not a wrong product
+    np.testing.assert_array_equal(jnp.argmax(logits, axis=0), jnp.argmax(want, axis=1))
+
+
 def test_decode_weights_are_each_layers_projections_output_major():
     cfg = get_model_config("tiny", vocab_size=512, architecture="qwen2", tie_embeddings=False)
     graphdef, state = random_state(cfg, 4)

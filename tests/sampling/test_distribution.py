@@ -26,6 +26,36 @@ def test_exp_weights_and_column_sums_equal_numpy(vocab, batch, lane_dense):
     np.testing.assert_allclose(column_sums(got, batch), want.astype(np.float64).sum(0), rtol=1e-4)
 LOGITS = np.array([2.0, 1.5, 0.3, -0.4, 1.0, -2.0, 0.0, 0.7], np.float32)
 
+def test_exp_weights_keeps_the_rows_apart_under_a_mesh():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from spear_jax.sharding import make_mesh
+    mesh = make_mesh(data=-1)
+    logits = np.random.default_rng(0).normal(0, 3, (4096, 8)).astype(np.float32)
+    want = np.exp(logits - logits.max(0)).astype(np.float64).sum(0)
+    with jax.set_mesh(mesh):
+        rows = jax.device_put(logits, NamedSharding(mesh, PartitionSpec(None, "data")))
+        sums = jax.jit(lambda x: column_sums(exp_weights(x, jnp.max(x, axis=0), 1.0), x.shape[1]))
+        hlo = sums.lower(rows).compile().as_text()
+        got = sums(rows)
+    assert "all-gather" not in hlo  # the lane-dense view would gather every row to every device
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("temperature, greedy", [(1.0, True), (0.7, False)])
+def test_logprobs_are_the_log_softmax_at_small_batches(batch, temperature, greedy):
+    logits = np.random.default_rng(batch).normal(0, 2, (batch, 4096)).astype(np.float32)
+    keys = jax.random.split(jax.random.key(3), batch)
+    tokens, logprobs = _sample(keys, logits, SamplingKnobs.make(temperature, 1.0, 0, greedy))
+    z = logits.astype(np.float64) / temperature
+    log_softmax = z - z.max(1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(1, keepdims=True))
+    np.testing.assert_allclose(logprobs, log_softmax[np.arange(batch), tokens], atol=2e-5, rtol=1e-5)
+    if greedy:
+        np.testing.assert_array_equal(tokens, logits.argmax(1))
+
+
 @jax.jit
 def _sample(keys, logits, knobs):
     """sample_tokens on row-major logits [B, V] (it takes the decode loop's [V, B])."""
