@@ -150,8 +150,12 @@ class Sampler:
         self._state = state
         self._decode_weights = None  # the old copy goes before the new one is made
         if self.layerwise:
-            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            with self._on_mesh():
                 self._decode_weights = decode_weights(self.graphdef, state)
+
+    def _on_mesh(self):
+        """The context that traces and runs this sampler's programs on its mesh (none without)."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def _cast_weight(self, x: jax.Array) -> jax.Array:
         return x.astype(self.weight_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
@@ -237,7 +241,7 @@ class Sampler:
         window = attention_window(cache_len, held, appended, budget, appended > 0)
         knobs = SamplingKnobs.make(sampling.temperature, sampling.top_p, sampling.top_k, sampling.greedy)
         table = StopTable.make(sampling.eos_ids, sampling.stop_sequences)
-        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+        with self._on_mesh():
             out_tokens, out_logprobs, num, finish, cache = decode.extend_and_decode(
                 self.graphdef, self._state, cache, jnp.asarray(tokens), jnp.asarray(valid),
                 jnp.asarray(budget), knobs, table, key, jnp.int32(first_row), self._decode_weights,
