@@ -46,7 +46,7 @@ from spear_jax.model import KVCache, forward_last
 from spear_jax.model.kv_cache import LayerKV, merge_layers, split_layers
 from spear_jax.model.transformer import SCAN_UNROLLED_MAX_LAYERS
 from spear_jax.sampling import stops
-from spear_jax.sampling.decode_step import LAYER_CACHE_AXES, DecodeWeights, decode_step
+from spear_jax.sampling.decode_step import LAYER_KEY_AXES, LAYER_VALUE_AXES, DecodeWeights, decode_step
 from spear_jax.sampling.distribution import SamplingKnobs, sample_tokens
 from spear_jax.sharding import constrain
 
@@ -103,10 +103,10 @@ def _decode_path(graphdef, state, full: KVCache, cache: KVCache, window: int, ru
 
 
 def _constrain_layers(cache: LayerKV, rules) -> LayerKV:
-    def each(buffers):
-        return tuple(constrain(x, LAYER_CACHE_AXES, rules) for x in buffers)
+    def each(buffers, axes):
+        return tuple(constrain(x, axes, rules) for x in buffers)
 
-    return LayerKV(k=each(cache.k), v=each(cache.v), lengths=cache.lengths)
+    return LayerKV(k=each(cache.k, LAYER_KEY_AXES), v=each(cache.v, LAYER_VALUE_AXES), lengths=cache.lengths)
 
 
 DECODE_LAYERS = ("auto", "unrolled")  # Sampler(decode_layers=...), config.rollout.decode_layers

@@ -14,15 +14,17 @@ specialised to that shape:
 * the layers run as an unrolled Python loop over ``LayerKV``'s one buffer per layer and
   ``DecodeWeights``' one record per layer: no ``lax.scan`` carrying a stacked cache, no
   per-layer slice of the weights or the cache copied out and written back;
-* each layer's window is head-major, [B, KVH, W, hd] (transposed once per call by
-  ``split_layers``), so the single query's attention is two batched dots over (row, kv head)
-  whose operands lie in place:
+* each layer's window is head-major (transposed once per call by ``split_layers``), the keys
+  slot-minor, K [B, KVH, hd, W], the values V [B, KVH, W, hd], so the single query's attention
+  is two batched dots over (row, kv head) whose operands lie in place, each in the plain
+  [m, k] x [k, n] form:
 
-      s[b, k, g, s'] = sum_d q[b, k, g, d] K[b, k, s', d] / sqrt(hd)     for s' <= lengths[b]
+      s[b, k, g, s'] = sum_d q[b, k, g, d] K[b, k, d, s'] / sqrt(hd)     for s' <= lengths[b]
       out[b, k, g, :] = sum_s' softmax_s'(s)[b, k, g, s'] V[b, k, s', :]
 
   (on the token-major window XLA:CPU copied K and V transposed for the dots at every layer and
-  step, and multiply-and-reduce over that layout ran about half as fast as these dots).
+  step; multiply-and-reduce over that layout ran about half as fast as these dots; and keys
+  held [W, hd] like the values made the scores' dot, q K^T, about 2x slower at 8-32 rows).
 
 Rows that are not live write nothing; their logits are meaningless (finite). The model must be
 the base architecture (no LoRA adapters: the sampler decodes merged weights).
@@ -42,7 +44,8 @@ from spear_jax.model.kv_cache import LayerKV
 from spear_jax.model.layers import rms_norm, rope_angles, rope_inverse_frequencies, rotate_halves
 from spear_jax.sharding import constrain
 
-LAYER_CACHE_AXES = ("act_batch", "act_kv_heads", "act_length", None)  # one layer's k or v buffer
+LAYER_KEY_AXES = ("act_batch", "act_kv_heads", None, "act_length")     # one layer's k buffer
+LAYER_VALUE_AXES = ("act_batch", "act_kv_heads", "act_length", None)   # one layer's v buffer
 RESIDUAL_AXES = ("act_embed", "act_batch")  # the feature-major residual stream [D, B]
 
 
@@ -116,12 +119,13 @@ def abstract_decode_weights(graphdef: nnx.GraphDef, state: nnx.State, layerwise:
 def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
     """Grouped-query attention of one query per row over slots [0, lengths[b]] of its window.
 
-    q [B, H, hd]; k, v [B, KVH, W, hd] head-major (H a multiple of KVH); lengths [B] int32 (the
-    query's position) -> [B, H, hd] in q's dtype. Scores and softmax in float32."""
+    q [B, H, hd]; k [B, KVH, hd, W], v [B, KVH, W, hd] (``LayerKV``'s layouts; H a multiple of
+    KVH); lengths [B] int32 (the query's position) -> [B, H, hd] in q's dtype. Scores and
+    softmax in float32."""
     b, h, hd = q.shape
-    kvh, window = k.shape[1], k.shape[2]
+    kvh, window = v.shape[1], v.shape[2]
     q32 = q.reshape(b, kvh, h // kvh, hd).astype(jnp.float32)
-    scores = jnp.einsum("bkgd,bksd->bkgs", q32, k.astype(jnp.float32)) * (1.0 / np.sqrt(hd))
+    scores = jnp.einsum("bkgd,bkds->bkgs", q32, k.astype(jnp.float32)) * (1.0 / np.sqrt(hd))
     visible = jnp.arange(window)[None, :] <= lengths[:, None]                    # [B, W]
     scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)                                      # [B, KVH, G, W]
@@ -129,10 +133,16 @@ def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
     return out.reshape(b, h, hd).astype(q.dtype)
 
 
-def _write_slot(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """buffer [B, KVH, W, hd] with new [B, KVH, hd] stored at slots [B] (>= W: dropped)."""
+def _write_key(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """buffer [B, KVH, hd, W] with new [KVH, hd, B] stored at slots [B] (>= W: dropped)."""
     rows = jnp.arange(buffer.shape[0])
-    return buffer.at[rows, :, slots].set(new.astype(buffer.dtype), mode="drop")
+    return buffer.at[rows, :, :, slots].set(new.transpose(2, 0, 1).astype(buffer.dtype), mode="drop")
+
+
+def _write_value(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """buffer [B, KVH, W, hd] with new [KVH, hd, B] stored at slots [B] (>= W: dropped)."""
+    rows = jnp.arange(buffer.shape[0])
+    return buffer.at[rows, :, slots].set(new.transpose(2, 0, 1).astype(buffer.dtype), mode="drop")
 
 
 def _product(w: jax.Array, h: jax.Array) -> jax.Array:
@@ -162,8 +172,8 @@ def _block_step(layer: DecodeLayer, cfg: ModelConfig, x, lengths, slots, k_buf, 
     key and value written at ``slots`` [B]."""
     rules, eps = cfg.sharding_rules, cfg.rms_norm_eps
     q, k, v = _project_qkv(layer, cfg, rms_norm(x, layer.input_norm[:, None], eps, axis=0), lengths)
-    k_buf = constrain(_write_slot(k_buf, k.transpose(2, 0, 1), slots), LAYER_CACHE_AXES, rules)
-    v_buf = constrain(_write_slot(v_buf, v.transpose(2, 0, 1), slots), LAYER_CACHE_AXES, rules)
+    k_buf = constrain(_write_key(k_buf, k, slots), LAYER_KEY_AXES, rules)
+    v_buf = constrain(_write_value(v_buf, v, slots), LAYER_VALUE_AXES, rules)
     mixed = attend_one_query(q.transpose(2, 0, 1), k_buf, v_buf, lengths)        # [B, H, hd]
     x = x + _product(layer.o, mixed.reshape(mixed.shape[0], -1).T.astype(x.dtype))
     x = constrain(x, RESIDUAL_AXES, rules)

@@ -13,13 +13,14 @@ def _cache(layers=3, batch=2, slots=10, kv_heads=2, head_dim=4):
                    lengths=jnp.array([3, 6], jnp.int32))
 
 
-def test_split_layers_holds_each_layer_head_major():
+def test_split_layers_holds_each_layer_head_major_keys_slot_minor():
     cache = _cache()
     layers = split_layers(cache, window=8)
     assert layers.window == 8 and len(layers.k) == cache.num_layers
     for i in range(cache.num_layers):
-        assert layers.k[i].shape == (2, 2, 8, 4)               # [batch, kv heads, window, head_dim]
-        np.testing.assert_array_equal(layers.k[i], np.asarray(cache.k[i, :, :8]).transpose(0, 2, 1, 3))
+        assert layers.k[i].shape == (2, 2, 4, 8)               # [batch, kv heads, head_dim, window]
+        assert layers.v[i].shape == (2, 2, 8, 4)               # [batch, kv heads, window, head_dim]
+        np.testing.assert_array_equal(layers.k[i], np.asarray(cache.k[i, :, :8]).transpose(0, 2, 3, 1))
         np.testing.assert_array_equal(layers.v[i], np.asarray(cache.v[i, :, :8]).transpose(0, 2, 1, 3))
 
 

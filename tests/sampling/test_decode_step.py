@@ -23,7 +23,7 @@ def test_one_query_attention_equals_grouped_attention():
     lengths = jnp.array([0, 4, 9])
     mask = jnp.arange(10)[None, None, :] <= lengths[:, None, None]
     want = grouped_attention(q[:, None], k, v, mask)[:, 0]
-    head_major = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    head_major = k.transpose(0, 2, 3, 1), jnp.swapaxes(v, 1, 2)   # keys [B, KVH, hd, W]
     np.testing.assert_allclose(attend_one_query(q, *head_major, lengths), want, atol=1e-5)
 
 
