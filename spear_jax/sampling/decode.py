@@ -8,7 +8,7 @@ Per row b, with budget[b] new tokens allowed:
 
     logits <- forward_last(appended tokens of row b)       (prefill / observation append)
     repeat while some row is live and step < max_steps:
-        t, logp <- sample_tokens(fold_in(fold_in(key, first_row + b), step), logits[:, b])
+        t, logp <- sample_tokens(u[b, step], logits[:, b])     u[b] = uniform(fold_in(key, first_row + b), [max_steps])
         out[b, step] <- t;  row finishes on eos > stop sequence > length (n == budget[b])
         logits, cache <- decode_step(t), written for every row live before this step
                          (the final token of a row also enters its cache, so a later turn
@@ -109,6 +109,18 @@ def _constrain_layers(cache: LayerKV, rules) -> LayerKV:
     return LayerKV(k=each(cache.k, LAYER_KEY_AXES), v=each(cache.v, LAYER_VALUE_AXES), lengths=cache.lengths)
 
 
+def _row_uniforms(key: jax.Array, rows: jax.Array, steps: int) -> jax.Array:
+    """[B, steps] float32 in [0, 1): row ``rows[b]``'s uniform for each decode step, drawn once
+    per call as ``uniform(fold_in(key, rows[b]), (steps,))`` (no per-step key derivation, which
+    XLA:CPU ran as a loop of threefry rounds at every step, greedy steps included). Entry t
+    does not depend on ``steps`` (threefry's partitionable bits: counter t, whatever the shape),
+    so calls with different step budgets draw alike."""
+    def per_row(row):
+        return jax.random.uniform(jax.random.fold_in(key, row), (steps,), jnp.float32)
+
+    return jax.vmap(per_row)(rows)
+
+
 DECODE_LAYERS = ("auto", "unrolled")  # Sampler(decode_layers=...), config.rollout.decode_layers
 
 
@@ -160,7 +172,7 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
     cache = full if window == full.max_len else _constrain_cache(_prefix(full, window), rules)
     logits, cache = forward_last(graphdef, state, tokens, valid, cache, vocab_major=True)
     cache, one_token, write_back = _decode_path(graphdef, state, full, cache, window, rules, weights)
-    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first_row + jnp.arange(batch, dtype=jnp.int32))
+    uniforms = _row_uniforms(key, first_row + jnp.arange(batch, dtype=jnp.int32), max_steps)
     active = jnp.any(valid, axis=1)
     finish = jnp.where(active & (budget <= 0), LENGTH, RUNNING).astype(jnp.int32)
     done = ~active | (budget <= 0)
@@ -175,8 +187,8 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
         return (c["step"] < max_steps) & ~jnp.all(c["done"])
 
     def step(c):
-        keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, c["step"])
-        token, logprob = sample_tokens(keys, c["logits"], knobs)
+        u = jax.lax.dynamic_index_in_dim(uniforms, c["step"], axis=1, keepdims=False)
+        token, logprob = sample_tokens(u, c["logits"], knobs)
         live = ~c["done"]
         token = jnp.where(live, token, 0)
         num = c["num"] + live.astype(jnp.int32)

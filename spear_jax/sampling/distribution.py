@@ -1,4 +1,4 @@
-"""Next-token selection on device: temperature, top-k, top-p (nucleus), greedy; per-row keys.
+"""Next-token selection on device: temperature, top-k, top-p (nucleus), greedy; one uniform per row.
 
 With scaled logits z = logits / T and tokens sorted by z (descending, rank r = 0, 1, ...):
 
@@ -11,7 +11,7 @@ With scaled logits z = logits / T and tokens sorted by z (descending, rank r = 0
 Ties in z are broken by the sort order (lower id first), so exactly ``top_k`` tokens survive.
 Greedy takes argmax(logits), ties to the lowest id (``first_index_of`` the maximum). A draw
 inverts the cumulative distribution
-with one uniform u ~ U[0, 1) from the row's key (``inverse_cdf_draw``): with weights
+with the row's uniform u ~ U[0, 1) (``inverse_cdf_draw``): with weights
 w_v = exp(z_v - max z) (0 where truncated) and C_v = w_0 + ... + w_v, the token is the v with
 C_{v-1} <= u C_{V-1} < C_v. That is one random number per row where the Gumbel-max form of
 ``jax.random.categorical`` needs one per vocabulary entry (at batch 32 on CPU its noise made a
@@ -83,14 +83,10 @@ def inverse_cdf_draw(weights: jax.Array, u: jax.Array) -> jax.Array:
     return b * block + j
 
 
-def _draw_from_weights(key: jax.Array, weights: jax.Array) -> jax.Array:
-    """One token with probability proportional to weights [V] (>= 0, some positive) -> int32 []."""
-    return inverse_cdf_draw(weights, jax.random.uniform(key, (), weights.dtype))
-
-
-def _draw(key: jax.Array, z: jax.Array) -> jax.Array:
-    """One token from softmax(z) for one row: z [V] (-inf where excluded) -> int32 []."""
-    return _draw_from_weights(key, jnp.exp(z - jnp.max(z)))
+def _draw(u: jax.Array, z: jax.Array) -> jax.Array:
+    """One token from softmax(z) for one row at the uniform u []: z [V] (-inf where excluded) ->
+    int32 []."""
+    return inverse_cdf_draw(jnp.exp(z - jnp.max(z)), u)
 
 
 def truncation_mask_sorted(sorted_scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -103,11 +99,11 @@ def truncation_mask_sorted(sorted_scaled: jax.Array, top_k: jax.Array, top_p: ja
     return keep_k & keep_p
 
 
-def _sample_truncated(keys, scaled, top_k, top_p):
+def _sample_truncated(uniforms, scaled, top_k, top_p):
     order = jnp.argsort(-scaled, axis=-1, stable=True)               # [B, V]
     sorted_scaled = jnp.take_along_axis(scaled, order, axis=-1)
     keep = truncation_mask_sorted(sorted_scaled, top_k, top_p)
-    picked_rank = jax.vmap(_draw)(keys, jnp.where(keep, sorted_scaled, -jnp.inf))
+    picked_rank = jax.vmap(_draw)(uniforms, jnp.where(keep, sorted_scaled, -jnp.inf))
     return jnp.take_along_axis(order, picked_rank[:, None], axis=-1)[:, 0]
 
 
@@ -138,10 +134,10 @@ def column_sums(weights: jax.Array, batch: int) -> jax.Array:
     return jnp.sum(weights, axis=0).reshape(-1, batch).sum(axis=0)
 
 
-def sample_tokens(keys: jax.Array, logits: jax.Array, knobs: SamplingKnobs) -> tuple[jax.Array, jax.Array]:
-    """keys [B] (one PRNG key per row), logits [V, B] float32, vocab-major (the decode loop's
-    layout, ``Transformer.logits_vocab_major``) -> (tokens [B] int32,
-    logprobs [B] float32 = log softmax(logits / temperature) at the tokens).
+def sample_tokens(uniforms: jax.Array, logits: jax.Array, knobs: SamplingKnobs) -> tuple[jax.Array, jax.Array]:
+    """uniforms [B] float32 in [0, 1) (one per row, read by draws only), logits [V, B] float32,
+    vocab-major (the decode loop's layout, ``Transformer.logits_vocab_major``) ->
+    (tokens [B] int32, logprobs [B] float32 = log softmax(logits / temperature) at the tokens).
 
     Without truncation: the maximum m of the logits; greedy's first index holding m, or a draw
     from the weights w = exp((logits - m) / T) (softmax(logits / T) up to its sum), laid out
@@ -158,8 +154,8 @@ def sample_tokens(keys: jax.Array, logits: jax.Array, knobs: SamplingKnobs) -> t
     def draw():
         return jax.lax.cond(
             truncate,
-            lambda: _sample_truncated(keys, logits.T * inv_t, knobs.top_k, knobs.top_p),
-            lambda: jax.vmap(_draw_from_weights)(keys, jnp.exp((logits.T - top[:, None]) * inv_t)),
+            lambda: _sample_truncated(uniforms, logits.T * inv_t, knobs.top_k, knobs.top_p),
+            lambda: jax.vmap(inverse_cdf_draw)(jnp.exp((logits.T - top[:, None]) * inv_t), uniforms),
         )
 
     tokens = jax.lax.cond(knobs.greedy, lambda: first_index_of(logits, top, axis=0), draw).astype(jnp.int32)

@@ -58,8 +58,9 @@ def test_logprobs_are_the_log_softmax_at_small_batches(batch, temperature, greed
 
 @jax.jit
 def _sample(keys, logits, knobs):
-    """sample_tokens on row-major logits [B, V] (it takes the decode loop's [V, B])."""
-    return sample_tokens(keys, logits.T, knobs)
+    """sample_tokens on row-major logits [B, V] (it takes the decode loop's [V, B]), each row
+    drawing at ``uniform(keys[b])``."""
+    return sample_tokens(jax.vmap(lambda k: jax.random.uniform(k, ()))(keys), logits.T, knobs)
 
 
 def draw(logits, temperature=1.0, top_p=1.0, top_k=0, greedy=False, seed=0, n=N):

@@ -94,6 +94,16 @@ def test_deterministic_for_a_key_and_different_for_other_keys(sampler, prompts):
     assert any(not np.array_equal(x.tokens, z.tokens) for x, z in zip(a, c))
 
 
+def test_a_longer_step_budget_draws_the_same_first_tokens(sampler, prompts):
+    """Each row's per-step uniforms are drawn once per call for the call's step bucket; entry t
+    is the same whatever the bucket, so a 5-token call is the start of a 40-token one."""
+    short = sampler.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=5), jax.random.key(4))
+    long = sampler.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=40), jax.random.key(4))
+    for s, l in zip(short, long):
+        np.testing.assert_array_equal(s.tokens, l.tokens[:5])
+        np.testing.assert_allclose(s.logprobs, l.logprobs[:5], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("params", [SamplingParams(top_k=1, max_new_tokens=12),
                                     SamplingParams(top_p=1e-6, temperature=1.3, max_new_tokens=12)])
 def test_top_k_one_and_tiny_top_p_equal_greedy(sampler, prompts, params):
