@@ -82,7 +82,7 @@ def lower_decode(cfg: ModelConfig, batch: int, prompt_len: int, cache_len: int, 
         graphdef, params, cache, jax.ShapeDtypeStruct(rows, jnp.int32), jax.ShapeDtypeStruct(rows, bool),
         jax.ShapeDtypeStruct((batch,), jnp.int32), _abstract(SamplingKnobs.make(1.0, 1.0, 0, False)),
         StopTable.make([0], []), jax.eval_shape(lambda: jax.random.key(0)),
-        weights=abstract_decode_weights(graphdef, params, decode.use_layerwise_step(cfg, None)),
+        weights=abstract_decode_weights(graphdef, params, decode.decode_step_form(cfg, None)),
         max_steps=new_tokens, window=cache_len, rules=cfg.sharding_rules)
 
 

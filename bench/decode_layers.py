@@ -1,5 +1,6 @@
-"""Decode tokens/s of a scanned deep model with ``decode_layers="auto"`` (the layer scan) against
-``"unrolled"`` (the per-layer step), in one process, the two samplers' calls alternated.
+"""Decode tokens/s of a scanned deep model with ``decode_layers="auto"`` (a layer scan: the decode
+step's on CPU, the model's ``forward_last`` elsewhere, ``decode.decode_step_form``) against
+``"unrolled"`` (the per-layer step unrolled), in one process, the two samplers' calls alternated.
 
     python -m bench.decode_layers                                  # SmolLM2-135M shapes, B = 1, 8, 32
     python -m bench.decode_layers --preset tiny --num_layers 6 --batch_sizes 4 --new_tokens 8
@@ -29,7 +30,7 @@ from flax import nnx
 from bench.sampler_throughput import best_times, decode_rate
 from spear_jax.model import get_model_config, init_model
 from spear_jax.sampling import Sampler, SamplingParams
-from spear_jax.sampling.decode import DECODE_LAYERS, use_layerwise_step
+from spear_jax.sampling.decode import decode_step_form
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +59,7 @@ def compare(cfg, graphdef, state, batch: int, args) -> dict[str, float | bool]:
     best calls)."""
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch, args.prompt_len)).tolist()
     engines = {}
-    for layers in DECODE_LAYERS:
+    for layers in ("auto", "unrolled"):
         sampler = Sampler(graphdef, state, cfg, max_len=args.prompt_len + args.new_tokens,
                           max_batch=batch, decode_layers=layers)
         engines[layers] = tuple(functools.partial(greedy_tokens, sampler, prompts, n)
@@ -78,7 +79,7 @@ def main(argv=None) -> None:
     cfg = get_model_config(args.preset)
     if args.num_layers:
         cfg = dataclasses.replace(cfg, num_layers=args.num_layers)
-    if use_layerwise_step(cfg, None, "auto"):
+    if decode_step_form(cfg, None, "auto") == "unrolled":
         raise SystemExit(f"{args.preset} with {cfg.num_layers} layers (scan_layers={cfg.scan_layers}) "
                          f"decodes with the per-layer step under 'auto' too: use a scanned model of "
                          f"more layers (--num_layers)")

@@ -169,8 +169,8 @@ def decode_plan(c, cfg, mesh, decode_rows: int = 0) -> dict:
             jax.ShapeDtypeStruct((batch, prompt), bool, sharding=appended),
             jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows), knobs, StopTable.make([0], []),
             jax.eval_shape(lambda: jax.random.key(0)),
-            weights=abstract_decode_weights(
-                graphdef, params, decode.use_layerwise_step(cfg, mesh, c.rollout.decode_layers)),
+            weights=abstract_decode_weights(  # the plan is an accelerator's: "auto" as on a GPU
+                graphdef, params, decode.decode_step_form(cfg, mesh, c.rollout.decode_layers, platform="gpu")),
             max_steps=response, window=prompt + response, rules=rules,
         ).compile()  # the sampler's program, as the trainer's Sampler picks it
     return {"kv_cache": 2 * shard_bytes(kv), "decode_rows": batch, "decode": _program_bytes(compiled)}

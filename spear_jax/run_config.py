@@ -211,7 +211,8 @@ RULES: tuple[Rule, ...] = (
          "positive value decodes the rows in chunks of at most that many (bench/memory_plan.py "
          "prints the chunk that fits a device)"),
     Rule("rollout.decode_layers", _one_of(DECODE_LAYERS), "'unrolled' decodes a scanned deep model "
-         "one layer at a time (faster decode, longer compile); 'auto' keeps its layer scan"),
+         "one layer at a time (faster decode, longer compile); 'scanned' keeps a layer scan over the "
+         "decode step; 'auto' picks (spear_jax.sampling.decode.decode_step_form)"),
     Rule("algorithm.adv_estimator", Registered(lambda: ADVANTAGE_ESTIMATORS, "estimators"),
          "register more with spear_jax.objectives.advantages.register_advantage_estimator"),
     Rule("algorithm.grpo_statistics_over", _one_of(GRPO_STATISTICS)),
@@ -606,11 +607,12 @@ def sequence_length(c: ml_collections.ConfigDict) -> int:
 
 
 def _check_decode_layers(c: ml_collections.ConfigDict, num_devices: int) -> None:
-    """An unrolled decode step runs whole layers on every device: no mesh axis but data above 1."""
+    """The decode step, unrolled or scanned, runs whole layers on every device: no mesh axis but
+    data above 1."""
     sizes = mesh_shape(c, num_devices)
-    if c.rollout.decode_layers == "unrolled" and not whole_layers_per_device(sizes):
-        _fail("rollout.decode_layers", "unrolled", f"'auto' under a mesh that shards layers ({sizes})",
-              "the unrolled decode step needs whole layers on every device")
+    if c.rollout.decode_layers != "auto" and not whole_layers_per_device(sizes):
+        _fail("rollout.decode_layers", c.rollout.decode_layers, f"'auto' under a mesh that shards layers ({sizes})",
+              "the decode step needs whole layers on every device")
 
 
 def _check_lengths(c: ml_collections.ConfigDict) -> None:

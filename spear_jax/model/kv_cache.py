@@ -79,30 +79,36 @@ class LayerKV:
     ``KVCache``).
 
     k: tuple of ``num_layers`` arrays [batch, kv_heads, head_dim, window] (slot-minor); v: tuple
-    of ``num_layers`` arrays [batch, kv_heads, window, head_dim]; lengths: [batch] int32. Layer
+    of ``num_layers`` arrays [batch, kv_heads, window, head_dim]; lengths: [batch] int32. (The
+    decode step's layer scan carries the same layouts stacked instead: k [num_layers, batch,
+    kv_heads, head_dim, window] and v [num_layers, batch, kv_heads, window, head_dim], one array
+    each, ``split_layers(..., stacked=True)``.) Layer
     i's attention reads and writes its own buffers only, so a step neither slices a layer out of
     a stacked array nor writes one back into it; and each (row, kv head) holds its keys as one
     contiguous [head_dim, window] matrix and its values as one [window, head_dim] matrix: the
     right-hand operands of the scores' q K and the output's p V, both in the plain
     [m, k] x [k, n] form (XLA:CPU ran q K^T over [window, head_dim] keys about 2x slower)."""
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: tuple[jax.Array, ...] | jax.Array
+    v: tuple[jax.Array, ...] | jax.Array
     lengths: jax.Array
 
     @property
     def window(self) -> int:
-        return self.v[0].shape[2]
+        return self.v[0].shape[2]  # layer 0's buffer, from the tuple or the stack
 
 
 KEY_FROM_TOKEN_MAJOR = (0, 2, 3, 1)    # [B, S, KVH, hd] -> LayerKV's key [B, KVH, hd, S]
 VALUE_FROM_TOKEN_MAJOR = (0, 2, 1, 3)  # [B, S, KVH, hd] -> LayerKV's value [B, KVH, S, hd]
 
 
-def split_layers(cache: KVCache, window: int) -> LayerKV:
+def split_layers(cache: KVCache, window: int, stacked: bool = False) -> LayerKV:
     """The first ``window`` slots of every layer of ``cache`` as one head-major buffer per layer,
-    keys slot-minor and values feature-minor (a transposed copy, made once per call)."""
+    keys slot-minor and values feature-minor (a transposed copy, made once per call); or
+    (``stacked``) the same layouts stacked over the layers, one array each for k and v."""
     def layers(x, axes):
+        if stacked:
+            return x[:, :, :window].transpose((0, *(a + 1 for a in axes)))
         return tuple(x[i, :, :window].transpose(axes) for i in range(cache.num_layers))
 
     return LayerKV(k=layers(cache.k, KEY_FROM_TOKEN_MAJOR), v=layers(cache.v, VALUE_FROM_TOKEN_MAJOR),
@@ -115,6 +121,9 @@ def merge_layers(full: KVCache, window: LayerKV) -> KVCache:
     from ``window``."""
     def put(stacked, layers, axes):
         back = tuple(int(a) for a in np.argsort(axes))
+        if not isinstance(layers, tuple):  # one array stacked over the layers
+            return jax.lax.dynamic_update_slice(
+                stacked, layers.transpose((0, *(a + 1 for a in back))).astype(stacked.dtype), (0,) * 5)
         for i, part in enumerate(layers):
             part = part.transpose(back)[None].astype(stacked.dtype)
             stacked = jax.lax.dynamic_update_slice(stacked, part, (i, 0, 0, 0, 0))

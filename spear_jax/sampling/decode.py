@@ -15,11 +15,11 @@ Per row b, with budget[b] new tokens allowed:
                          continues after it)
 
 The prefill runs the model's ``forward_last``. Given ``weights`` (``decode_step.DecodeWeights``,
-which the sampler makes where ``use_layerwise_step`` holds: whole layers on every device and
-blocks unrolled) the loop runs ``decode_step.decode_step``, the same computation for one token
-per row, feature-major over those output-major per-layer weights and one K/V buffer per layer
-(``LayerKV``, split from the window once per call and written back at the end); otherwise
-(``weights`` None) ``forward_last`` again.
+which the sampler makes where ``decode_step_form`` names a form: whole layers on every device)
+the loop runs ``decode_step.decode_step``, the same computation for one token per row,
+feature-major over those output-major weights and head-major K/V buffers (``LayerKV``, split
+from the window once per call and written back at the end), one per layer with the layers
+unrolled, or stacked with a layer scan; otherwise (``weights`` None) ``forward_last`` again.
 
 The loop holds the logits vocab-major, [V, B] (``Transformer.logits_vocab_major``: the LM head
 as embed [V, D] x hidden^T, the faster product on XLA:CPU at the decode loop's batch sizes).
@@ -90,7 +90,7 @@ def _decode_path(graphdef, state, full: KVCache, cache: KVCache, window: int, ru
         def write_back(c):
             return _constrain_cache(merge_layers(full, c), rules)
 
-        return _constrain_layers(split_layers(cache, window), rules), step, write_back
+        return _constrain_layers(split_layers(cache, window, weights.stacked), rules), step, write_back
 
     def stacked_step(token, live, c):
         logits, c = forward_last(graphdef, state, token[:, None], live[:, None], c, vocab_major=True)
@@ -104,6 +104,8 @@ def _decode_path(graphdef, state, full: KVCache, cache: KVCache, window: int, ru
 
 def _constrain_layers(cache: LayerKV, rules) -> LayerKV:
     def each(buffers, axes):
+        if not isinstance(buffers, tuple):  # stacked over the layers
+            return constrain(buffers, ("layers", *axes), rules)
         return tuple(constrain(x, axes, rules) for x in buffers)
 
     return LayerKV(k=each(cache.k, LAYER_KEY_AXES), v=each(cache.v, LAYER_VALUE_AXES), lengths=cache.lengths)
@@ -121,7 +123,7 @@ def _row_uniforms(key: jax.Array, rows: jax.Array, steps: int) -> jax.Array:
     return jax.vmap(per_row)(rows)
 
 
-DECODE_LAYERS = ("auto", "unrolled")  # Sampler(decode_layers=...), config.rollout.decode_layers
+DECODE_LAYERS = ("auto", "unrolled", "scanned")  # Sampler(decode_layers=...), config.rollout.decode_layers
 
 
 def whole_layers_per_device(axis_sizes) -> bool:
@@ -131,20 +133,30 @@ def whole_layers_per_device(axis_sizes) -> bool:
     return all(size == 1 for axis, size in (axis_sizes or {}).items() if axis != "data")
 
 
-def use_layerwise_step(cfg, mesh, decode_layers: str = "auto") -> bool:
-    """Whether decode runs ``decode_step`` over per-layer buffers and weights (no per-token copy
-    of a layer's weights or cache out of the stack) rather than the model's scanned
-    ``forward_last``. Layerwise needs every device to hold whole layers (no mesh axis but
-    ``data`` larger than 1: otherwise XLA gathers every layer's sharded weights at once) and
-    traces one step per layer. "auto" takes it only where the model's own blocks are unrolled
-    too (``scan_layers`` False, or at most ``SCAN_UNROLLED_MAX_LAYERS`` layers): a scanned deep
-    model keeps a decode compile time independent of its depth. "unrolled" takes it at any depth
-    (faster decode, compile time growing with the depth)."""
+def decode_step_form(cfg, mesh, decode_layers: str = "auto", platform: str | None = None) -> str | None:
+    """How the decode loop runs the blocks: "unrolled" (``decode_step`` over per-layer weights
+    and buffers, one traced step per layer: no per-token copy of a layer's weights or cache),
+    "scanned" (``decode_step``'s layer scan over the same weights and buffers stacked: a compile
+    time independent of the depth, each layer's weights sliced out of the stack every step), or
+    None (the model's scanned ``forward_last``).
+
+    The step needs every device to hold whole layers (no mesh axis but ``data`` larger than 1:
+    otherwise XLA gathers every layer's sharded weights at once): None otherwise. "unrolled" and
+    "scanned" name the form. "auto" unrolls where the model's own blocks are unrolled
+    (``scan_layers`` False, or at most ``SCAN_UNROLLED_MAX_LAYERS`` layers); a scanned deep
+    model keeps a layer scan, the step's on CPU (``platform``: the mesh's devices', else JAX's
+    default backend), where it measured faster than ``forward_last``, and ``forward_last``
+    elsewhere (where the step's extra copy of the weights is not measured to pay)."""
     if decode_layers not in DECODE_LAYERS:
         raise ValueError(f"decode_layers must be one of {DECODE_LAYERS}, got {decode_layers!r}")
     if not whole_layers_per_device(None if mesh is None else mesh.shape):
-        return False
-    return decode_layers == "unrolled" or not cfg.scan_layers or cfg.num_layers <= SCAN_UNROLLED_MAX_LAYERS
+        return None
+    if decode_layers != "auto":
+        return decode_layers
+    if not cfg.scan_layers or cfg.num_layers <= SCAN_UNROLLED_MAX_LAYERS:
+        return "unrolled"
+    platform = platform or (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
+    return "scanned" if platform == "cpu" else None
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules"),
@@ -161,7 +173,7 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
     window: cache slots the program works on (<= cache.max_len; see the module docstring);
     rules: the model's sharding rules (for the cache layout under a mesh); weights: the step's
     ``decode_step.decode_weights(graphdef, state)``, or None for the model's scanned
-    ``forward_last`` (the sampler passes them where ``use_layerwise_step``; ``_decode_path``).
+    ``forward_last`` (the sampler passes them where ``decode_step_form`` names a form; ``_decode_path``).
     Returns (out_tokens [B, max_steps] int32, out_logprobs [B, max_steps] float32,
     num_generated [B] int32, finish [B] int32 in {RUNNING (inactive), EOS, STOP, LENGTH}, cache).
     """

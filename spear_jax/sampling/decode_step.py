@@ -64,19 +64,27 @@ class DecodeLayer(NamedTuple):
 
 
 class DecodeWeights(NamedTuple):
-    """The decode step's copy of the block weights: one ``DecodeLayer`` per layer, and the
-    untied LM head [V, D] (None when tied: the embedding [V, D] is already output-major)."""
+    """The decode step's copy of the block weights, and the untied LM head [V, D] (None when
+    tied: the embedding [V, D] is already output-major). ``layers``: a tuple of one
+    ``DecodeLayer`` per layer (the unrolled step), or one ``DecodeLayer`` whose arrays are
+    stacked over the layers, [layers, ...] (the step's layer scan)."""
 
-    layers: tuple[DecodeLayer, ...]
+    layers: tuple[DecodeLayer, ...] | DecodeLayer
     head: jax.Array | None
 
+    @property
+    def stacked(self) -> bool:
+        return isinstance(self.layers, DecodeLayer)
 
-@functools.partial(jax.jit, static_argnums=0)
-def decode_weights(graphdef: nnx.GraphDef, state: nnx.State) -> DecodeWeights:
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def decode_weights(graphdef: nnx.GraphDef, state: nnx.State, stacked: bool = False) -> DecodeWeights:
     """The output-major copy of a model's block weights (and untied head) that ``decode_step``
     reads, in the compute dtype where that is narrower than the stored one (the step casts
-    every weight to it anyway), else in the stored dtype. A program of its own: inside the
-    decode program XLA would fold the transposes into the products (and run the slower form)."""
+    every weight to it anyway), else in the stored dtype; one record per layer, or (``stacked``)
+    one record stacked over the layers, for the step's layer scan. A program of its own: inside
+    the decode program XLA would fold the transposes into the products (and run the slower
+    form)."""
     model = nnx.merge(graphdef, state)
     cfg = model.cfg
     if cfg.lora_rank > 0:
@@ -94,7 +102,7 @@ def decode_weights(graphdef: nnx.GraphDef, state: nnx.State) -> DecodeWeights:
     qkv = jnp.concatenate([rows(att.q_proj[...]), rows(att.k_proj[...]), rows(att.v_proj[...])], axis=1)
     bias = flat(att.q_bias[...], att.k_bias[...], att.v_bias[...]) if cfg.qkv_bias else None
     norms = (att.q_norm.weight[...], att.k_norm.weight[...]) if cfg.qk_norm else (None, None)
-    stacked = DecodeLayer(
+    every_layer = DecodeLayer(
         input_norm=model.blocks.input_norm.weight[...], qkv=qkv, qkv_bias=bias, q_norm=norms[0],
         k_norm=norms[1], o=att.o_proj[...].reshape(layers, -1, d).swapaxes(1, 2),
         post_norm=model.blocks.post_attention_norm.weight[...],
@@ -106,14 +114,19 @@ def decode_weights(graphdef: nnx.GraphDef, state: nnx.State) -> DecodeWeights:
     def narrowed(w):
         return w.astype(cd) if jnp.dtype(cd).itemsize < w.dtype.itemsize else w
 
-    stacked, head = jax.tree.map(narrowed, (stacked, head))
-    return DecodeWeights(tuple(jax.tree.map(lambda w: w[i], stacked) for i in range(layers)), head)
+    every_layer, head = jax.tree.map(narrowed, (every_layer, head))
+    if stacked:
+        return DecodeWeights(every_layer, head)
+    return DecodeWeights(tuple(jax.tree.map(lambda w: w[i], every_layer) for i in range(layers)), head)
 
 
-def abstract_decode_weights(graphdef: nnx.GraphDef, state: nnx.State, layerwise: bool) -> DecodeWeights | None:
+def abstract_decode_weights(graphdef: nnx.GraphDef, state: nnx.State, form: str | None) -> DecodeWeights | None:
     """``decode_weights``' shapes for an abstract (or concrete) ``state`` where the decode runs
-    the per-layer step, else None: the ``weights`` argument that lowers the sampler's program."""
-    return jax.eval_shape(functools.partial(decode_weights, graphdef), state) if layerwise else None
+    the per-layer step (``form``: "unrolled" or "scanned", ``decode.decode_step_form``), else
+    (None) None: the ``weights`` argument that lowers the sampler's program."""
+    if form is None:
+        return None
+    return jax.eval_shape(functools.partial(decode_weights, graphdef, stacked=form == "scanned"), state)
 
 
 def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -133,16 +146,24 @@ def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
     return out.reshape(b, h, hd).astype(q.dtype)
 
 
-def _write_key(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """buffer [B, KVH, hd, W] with new [KVH, hd, B] stored at slots [B] (>= W: dropped)."""
-    rows = jnp.arange(buffer.shape[0])
-    return buffer.at[rows, :, :, slots].set(new.transpose(2, 0, 1).astype(buffer.dtype), mode="drop")
+def _write_key(buffer: jax.Array, new: jax.Array, slots: jax.Array, layer: tuple = ()) -> jax.Array:
+    """buffer [B, KVH, hd, W] (or, with ``layer`` = (i,), the stack [layers, B, KVH, hd, W] and
+    its layer i) with new [KVH, hd, B] stored at slots [B] (>= W: dropped)."""
+    rows = jnp.arange(slots.shape[0])
+    return buffer.at[(*layer, rows, slice(None), slice(None), slots)].set(
+        new.transpose(2, 0, 1).astype(buffer.dtype), mode="drop")
 
 
-def _write_value(buffer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """buffer [B, KVH, W, hd] with new [KVH, hd, B] stored at slots [B] (>= W: dropped)."""
-    rows = jnp.arange(buffer.shape[0])
-    return buffer.at[rows, :, slots].set(new.transpose(2, 0, 1).astype(buffer.dtype), mode="drop")
+def _write_value(buffer: jax.Array, new: jax.Array, slots: jax.Array, layer: tuple = ()) -> jax.Array:
+    """buffer [B, KVH, W, hd] (or, with ``layer`` = (i,), the stack [layers, B, KVH, W, hd] and
+    its layer i) with new [KVH, hd, B] stored at slots [B] (>= W: dropped)."""
+    rows = jnp.arange(slots.shape[0])
+    return buffer.at[(*layer, rows, slice(None), slots)].set(new.transpose(2, 0, 1).astype(buffer.dtype), mode="drop")
+
+
+def _layer_buffer(buffer: jax.Array, layer: tuple) -> jax.Array:
+    """One layer's buffer: ``buffer`` itself (``layer`` = ()), or slice i of the stack (``layer`` = (i,))."""
+    return jax.lax.dynamic_index_in_dim(buffer, layer[0], keepdims=False) if layer else buffer
 
 
 def _product(w: jax.Array, h: jax.Array) -> jax.Array:
@@ -167,14 +188,17 @@ def _project_qkv(layer: DecodeLayer, cfg: ModelConfig, h: jax.Array, positions: 
     return rotate_halves(q, cos, sin, axis=1), rotate_halves(k, cos, sin, axis=1), v
 
 
-def _block_step(layer: DecodeLayer, cfg: ModelConfig, x, lengths, slots, k_buf, v_buf):
+def _block_step(layer: DecodeLayer, cfg: ModelConfig, x, lengths, slots, k_buf, v_buf, index: tuple = ()):
     """One pre-norm block on the residual x [D, B]; returns (x, k_buf, v_buf) with this token's
-    key and value written at ``slots`` [B]."""
+    key and value written at ``slots`` [B]. k_buf, v_buf: this layer's buffers, or (``index`` =
+    (i,), i this layer's index) the buffers stacked over every layer."""
     rules, eps = cfg.sharding_rules, cfg.rms_norm_eps
     q, k, v = _project_qkv(layer, cfg, rms_norm(x, layer.input_norm[:, None], eps, axis=0), lengths)
-    k_buf = constrain(_write_key(k_buf, k, slots), LAYER_KEY_AXES, rules)
-    v_buf = constrain(_write_value(v_buf, v, slots), LAYER_VALUE_AXES, rules)
-    mixed = attend_one_query(q.transpose(2, 0, 1), k_buf, v_buf, lengths)        # [B, H, hd]
+    stack_axes = ("layers",) if index else ()
+    k_buf = constrain(_write_key(k_buf, k, slots, index), stack_axes + LAYER_KEY_AXES, rules)
+    v_buf = constrain(_write_value(v_buf, v, slots, index), stack_axes + LAYER_VALUE_AXES, rules)
+    mixed = attend_one_query(q.transpose(2, 0, 1), _layer_buffer(k_buf, index), _layer_buffer(v_buf, index),
+                             lengths)                                            # [B, H, hd]
     x = x + _product(layer.o, mixed.reshape(mixed.shape[0], -1).T.astype(x.dtype))
     x = constrain(x, RESIDUAL_AXES, rules)
     gate, up = jnp.split(_product(layer.gate_up, rms_norm(x, layer.post_norm[:, None], eps, axis=0)), 2)
@@ -192,13 +216,34 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, weights: DecodeWeights
     cd = cfg.compute_jnp_dtype
     slots = jnp.where(live, cache.lengths, cache.window)
     x = jnp.take(model.embed[...], token, axis=0).astype(cd).T                   # [D, B]
-    k_out, v_out = [], []
-    for layer, buffers in zip(weights.layers, zip(cache.k, cache.v), strict=True):
-        x, k_buf, v_buf = _block_step(layer, cfg, x, cache.lengths, slots, *buffers)
-        k_out.append(k_buf)
-        v_out.append(v_buf)
+    blocks = _scanned_blocks if weights.stacked else _unrolled_blocks
+    x, k_out, v_out = blocks(weights.layers, cfg, x, cache, slots)
     hidden = rms_norm(x, model.final_norm.weight[...][:, None], cfg.rms_norm_eps, axis=0)
     head = model.embed[...] if weights.head is None else weights.head            # [V, D]
     logits = jnp.einsum("vd,db->vb", head.astype(cd), hidden, preferred_element_type=jnp.float32)
     lengths = cache.lengths + live.astype(jnp.int32)
-    return logits, LayerKV(k=tuple(k_out), v=tuple(v_out), lengths=lengths)
+    return logits, LayerKV(k=k_out, v=v_out, lengths=lengths)
+
+
+def _unrolled_blocks(layers: tuple[DecodeLayer, ...], cfg: ModelConfig, x, cache: LayerKV, slots):
+    """Every block in turn, a Python loop over the per-layer weights and buffers -> (x, k, v)."""
+    k_out, v_out = [], []
+    for layer, buffers in zip(layers, zip(cache.k, cache.v), strict=True):
+        x, k_buf, v_buf = _block_step(layer, cfg, x, cache.lengths, slots, *buffers)
+        k_out.append(k_buf)
+        v_out.append(v_buf)
+    return x, tuple(k_out), tuple(v_out)
+
+
+def _scanned_blocks(layers: DecodeLayer, cfg: ModelConfig, x, cache: LayerKV, slots):
+    """Every block in a ``lax.scan`` over the stacked weights, carrying x and the stacked
+    buffers: layer i writes its token into slice i of the stack in place and attends over that
+    slice -> (x, k, v). The scan slices each layer's weights out of the stack (a copy XLA:CPU
+    makes every step), but its compile time does not grow with the depth."""
+    def block(carry, layer_and_index):
+        layer, i = layer_and_index
+        x, k, v = carry
+        return _block_step(layer, cfg, x, cache.lengths, slots, k, v, index=(i,)), None
+
+    (x, k, v), _ = jax.lax.scan(block, (x, cache.k, cache.v), (layers, jnp.arange(cfg.num_layers)))
+    return x, k, v

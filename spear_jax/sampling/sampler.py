@@ -84,12 +84,13 @@ class Sampler:
     cache per chunk), each chunk on its own cache, so the KV cache and the activations of a
     program scale with the chunk, not the call. Row b always draws with fold_in(key, b), so
     chunked and unchunked calls give the same generations.
-    decode_layers: "auto" or "unrolled" (``decode.use_layerwise_step``): "unrolled" decodes a
-    scanned deep model with the per-layer step too (faster per token, compile time growing with
-    the depth); it needs whole layers on every device (no mesh axis but ``data`` above 1).
-    Where the per-layer step runs (``layerwise``), ``set_params`` also keeps the output-major
-    copy of the block weights it reads (``decode_step.decode_weights``, one jitted call per
-    update): the sampler then holds one more copy of the layer weights.
+    decode_layers: "auto", "unrolled" or "scanned" (``decode.decode_step_form``, resolved into
+    ``decode_form``): "unrolled" decodes a scanned deep model with the per-layer step unrolled
+    (fastest per token, compile time growing with the depth), "scanned" with the step's layer
+    scan; both need whole layers on every device (no mesh axis but ``data`` above 1).
+    Where the per-layer step runs (``decode_form`` not None), ``set_params`` also keeps the
+    output-major copy of the block weights it reads (``decode_step.decode_weights``, one jitted
+    call per update): the sampler then holds one more copy of the layer weights.
     A LoRA state (``config.lora_rank > 0``) is decoded merged: ``set_params`` folds the adapters
     into the weights (``spear_jax.model.lora.merge_lora``, one jitted call per update) and the
     decode runs the base architecture, at the base model's cost per token.
@@ -107,8 +108,8 @@ class Sampler:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_decode_rows < 0:
             raise ValueError(f"max_decode_rows must be >= 0 (0 = all rows in one program), got {max_decode_rows}")
-        if decode_layers == "unrolled" and not decode.whole_layers_per_device(None if mesh is None else mesh.shape):
-            raise ValueError(f"decode_layers='unrolled' needs whole layers on every device, but the mesh "
+        if decode_layers != "auto" and not decode.whole_layers_per_device(None if mesh is None else mesh.shape):
+            raise ValueError(f"decode_layers={decode_layers!r} needs whole layers on every device, but the mesh "
                              f"{dict(mesh.shape)} shards them: use decode_layers='auto'")
         if not jnp.issubdtype(jnp.dtype(cache_dtype), jnp.floating):
             raise ValueError(f"cache_dtype must be a float dtype, got {cache_dtype}")
@@ -124,7 +125,7 @@ class Sampler:
         self.cache_dtype = jnp.dtype(cache_dtype)
         self.weight_dtype = None if weight_dtype is None else jnp.dtype(weight_dtype)
         self.mesh = mesh
-        self.layerwise = decode.use_layerwise_step(config, mesh, decode_layers)  # checks the name
+        self.decode_form = decode.decode_step_form(config, mesh, decode_layers)  # checks the name
         self._signature = _state_signature(state)
         self._state = None
         self._cache_makers = {}  # (batch, length) -> jitted sharded constructor
@@ -149,9 +150,9 @@ class Sampler:
             state = jax.tree.map(self._cast_weight, state)
         self._state = state
         self._decode_weights = None  # the old copy goes before the new one is made
-        if self.layerwise:
+        if self.decode_form is not None:
             with self._on_mesh():
-                self._decode_weights = decode_weights(self.graphdef, state)
+                self._decode_weights = decode_weights(self.graphdef, state, self.decode_form == "scanned")
 
     def _on_mesh(self):
         """The context that traces and runs this sampler's programs on its mesh (none without)."""

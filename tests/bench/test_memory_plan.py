@@ -88,11 +88,12 @@ def test_decode_plan_lowers_the_program_the_trainers_sampler_picks(monkeypatch):
     fsdp_mesh = sharding.make_mesh(data=1, fsdp=2, devices=jax.devices()[:2])
     picked = {}
     for name, mesh in (("one device", one_device), ("fsdp", fsdp_mesh)):
-        for decode_layers in ("auto", "unrolled"):
+        for decode_layers in ("auto", "unrolled", "scanned"):
             c.rollout.decode_layers = decode_layers
             try:
                 memory_plan.decode_plan(c, cfg, mesh, decode_rows=4)
             except _Lowered as lowered:
                 picked[name, decode_layers] = lowered.args[0]["weights"] is not None
-    assert picked == {("one device", "auto"): False, ("one device", "unrolled"): True,
-                      ("fsdp", "auto"): False, ("fsdp", "unrolled"): False}
+    assert picked == {("one device", "auto"): False, ("one device", "unrolled"): True,  # "auto" as on a GPU
+                      ("one device", "scanned"): True, ("fsdp", "auto"): False, ("fsdp", "unrolled"): False,
+                      ("fsdp", "scanned"): False}

@@ -1,5 +1,6 @@
 """The one-token decode step equals the model's cached forward of a one-token chunk."""
 import dataclasses
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -96,35 +97,79 @@ def test_decode_weights_are_each_layers_projections_output_major():
     assert decode_weights(*random_state(tied, 4)).head is None  # the embedding serves
 
 
-def test_layerwise_step_only_with_whole_layers_per_device_and_unrolled_blocks():
+def test_decode_step_form_needs_whole_layers_per_device_and_scans_deep_scanned_models():
     tiny, deep = get_model_config("tiny"), get_model_config("smollm2-135m")
-    assert decode.use_layerwise_step(tiny, None)
-    assert decode.use_layerwise_step(tiny, make_mesh(data=-1))
-    assert not decode.use_layerwise_step(tiny, make_mesh(data=-1, fsdp=2))
-    assert not decode.use_layerwise_step(tiny, make_mesh(data=-1, tensor=2))
-    assert not decode.use_layerwise_step(deep, None)  # scanned 30 layers: depth-independent compile
-    assert decode.use_layerwise_step(dataclasses.replace(deep, scan_layers=False), None)
-    assert decode.use_layerwise_step(deep, None, "unrolled")
-    assert decode.use_layerwise_step(deep, make_mesh(data=-1), "unrolled")
-    assert not decode.use_layerwise_step(deep, make_mesh(data=-1, fsdp=2), "unrolled")
+    form = decode.decode_step_form
+    assert form(tiny, None) == "unrolled" and form(tiny, make_mesh(data=-1)) == "unrolled"
+    assert form(tiny, make_mesh(data=-1, fsdp=2)) is None and form(tiny, make_mesh(data=-1, tensor=2)) is None
+    assert form(deep, None, platform="cpu") == "scanned"  # scanned 30 layers: depth-independent compile
+    assert form(deep, None, platform="gpu") is None       # the model's forward_last
+    assert form(deep, None) == ("scanned" if jax.default_backend() == "cpu" else None)
+    assert form(dataclasses.replace(deep, scan_layers=False), None, platform="gpu") == "unrolled"
+    for layers in ("unrolled", "scanned"):
+        assert form(deep, None, layers, platform="gpu") == layers
+        assert form(deep, make_mesh(data=-1), layers) == layers
+        assert form(deep, make_mesh(data=-1, fsdp=2), layers) is None
     with pytest.raises(ValueError, match="decode_layers"):
-        decode.use_layerwise_step(deep, None, "scanned")
+        form(deep, None, "scan")
 
 
-def test_unrolled_decode_of_a_scanned_deep_model_equals_its_scanned_decode():
-    cfg = get_model_config("tiny", vocab_size=512, num_layers=6)  # > 4 scanned layers: "auto" scans
+@pytest.mark.parametrize("architecture, tied", [("llama", True), ("qwen2", False), ("qwen3", True)])
+def test_decode_step_over_stacked_weights_equals_the_unrolled_step(architecture, tied):
+    cfg = get_model_config("tiny", vocab_size=512, num_layers=5, architecture=architecture, tie_embeddings=tied)
+    graphdef, state = random_state(cfg, 3)
+    k_key, v_key = jax.random.split(jax.random.key(2))
+    shape = init_cache(cfg, 3, 24).k.shape
+    cache = KVCache(k=jax.random.normal(k_key, shape), v=jax.random.normal(v_key, shape),
+                    lengths=jnp.array([5, 15, 7], jnp.int32))
+    token, live = jnp.array([17, 400, 3]), jnp.array([True, True, False])
+    step = jax.jit(decode_step, static_argnums=0)
+    stacked = decode_weights(graphdef, state, True)
+    assert stacked.stacked and stacked.layers.qkv.shape[0] == 5
+    per_layer = decode_weights(graphdef, state)
+    np.testing.assert_array_equal(stacked.layers.down[3], per_layer.layers[3].down)
+    want_logits, want = step(graphdef, state, per_layer, token, live, split_layers(cache, 16))
+    logits, got = step(graphdef, state, stacked, token, live, split_layers(cache, 16, stacked=True))
+    np.testing.assert_allclose(logits, want_logits, atol=1e-5, rtol=1e-5)
+    for buffers, want_buffers in ((got.k, want.k), (got.v, want.v)):
+        np.testing.assert_allclose(buffers, np.stack(want_buffers), atol=1e-6)
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    merged, want_merged = merge_layers(cache, got), merge_layers(cache, want)
+    np.testing.assert_allclose(merged.k, want_merged.k, atol=1e-6)
+    np.testing.assert_allclose(merged.v, want_merged.v, atol=1e-6)
+
+
+def test_unrolled_and_scanned_decode_of_a_scanned_deep_model_equal_its_forward_last_decode():
+    cfg = get_model_config("tiny", vocab_size=512, num_layers=6)  # > 4 scanned layers
     graphdef, state = random_state(cfg, 5)
     prompts = [[3, 17, 42, 5], [9, 2], [400, 401, 402, 403, 404, 405]]
     sampling = SamplingParams(max_new_tokens=12, temperature=1.0)
     runs = {}
-    for layers in ("auto", "unrolled"):
-        sampler = Sampler(graphdef, state, cfg, max_len=32, max_batch=4, decode_layers=layers)
-        runs[layers] = (sampler.layerwise, sampler.generate(prompts, sampling, jax.random.key(7)))
-    assert not runs["auto"][0] and runs["unrolled"][0]
-    for scanned, unrolled in zip(runs["auto"][1], runs["unrolled"][1]):
-        np.testing.assert_array_equal(unrolled.tokens, scanned.tokens)
-        np.testing.assert_allclose(unrolled.logprobs, scanned.logprobs, atol=1e-5, rtol=1e-5)
-        assert unrolled.finish_reason == scanned.finish_reason
+    for layers, platform in (("auto", "gpu"), ("unrolled", None), ("scanned", None)):
+        with mock.patch.object(jax, "default_backend", return_value=platform or jax.default_backend()):
+            sampler = Sampler(graphdef, state, cfg, max_len=32, max_batch=4, decode_layers=layers)
+        runs[layers] = (sampler.decode_form, sampler.generate(prompts, sampling, jax.random.key(7)))
+    assert [runs[k][0] for k in ("auto", "unrolled", "scanned")] == [None, "unrolled", "scanned"]
+    for layers in ("unrolled", "scanned"):
+        for scanned, step in zip(runs["auto"][1], runs[layers][1]):
+            np.testing.assert_array_equal(step.tokens, scanned.tokens)
+            np.testing.assert_allclose(step.logprobs, scanned.logprobs, atol=1e-5, rtol=1e-5)
+            assert step.finish_reason == scanned.finish_reason
+
+
+def test_scanned_step_over_a_data_mesh_equals_it_on_one_device():
+    cfg = get_model_config("tiny", vocab_size=512, num_layers=6)
+    graphdef, state = random_state(cfg, 5)
+    prompts = [[3, 17, 42, 5], [9, 2], [400, 401, 402, 403, 404, 405], [7]]
+    sampling = SamplingParams(max_new_tokens=10, temperature=1.0)
+    alone = Sampler(graphdef, state, cfg, max_len=32, max_batch=8, decode_layers="scanned")
+    sharded = Sampler(graphdef, state, cfg, max_len=32, max_batch=8, decode_layers="scanned",
+                      mesh=make_mesh(data=-1))
+    assert sharded.decode_form == "scanned"
+    for want, got in zip(alone.generate(prompts, sampling, jax.random.key(2)),
+                         sharded.generate(prompts, sampling, jax.random.key(2))):
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
 
 
 def test_unrolled_decode_needs_whole_layers_on_every_device():
@@ -133,5 +178,8 @@ def test_unrolled_decode_needs_whole_layers_on_every_device():
     with pytest.raises(ValueError, match="decode_layers='unrolled' needs whole layers"):
         Sampler(graphdef, state, cfg, max_len=32, max_batch=4, mesh=make_mesh(data=-1, tensor=2),
                 decode_layers="unrolled")
+    with pytest.raises(ValueError, match="decode_layers='scanned' needs whole layers"):
+        Sampler(graphdef, state, cfg, max_len=32, max_batch=4, mesh=make_mesh(data=-1, fsdp=2),
+                decode_layers="scanned")
     with pytest.raises(ValueError, match="decode_layers must be one of"):
         Sampler(graphdef, state, cfg, max_len=32, max_batch=4, decode_layers="scan")
