@@ -28,15 +28,22 @@ def test_one_query_attention_equals_grouped_attention():
     np.testing.assert_allclose(attend_one_query(q, *head_major, lengths), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("architecture, tied", [("llama", True), ("qwen2", False), ("qwen3", True)])
-def test_decode_step_equals_the_cached_forward_of_one_token(architecture, tied):
-    cfg = get_model_config("tiny", vocab_size=512, architecture=architecture, tie_embeddings=tied)
+def _one_token_case(architecture: str, tied: bool, layers: int, lengths: list[int]):
+    """(cfg, graphdef, state, random 3-row cache of 24 slots holding ``lengths``, token [3],
+    live [3], the last row not live) of a tiny model."""
+    cfg = get_model_config("tiny", vocab_size=512, num_layers=layers, architecture=architecture,
+                           tie_embeddings=tied)
     graphdef, state = random_state(cfg, 3)
     k_key, v_key = jax.random.split(jax.random.key(1))
     shape = init_cache(cfg, 3, 24).k.shape
     cache = KVCache(k=jax.random.normal(k_key, shape), v=jax.random.normal(v_key, shape),
-                    lengths=jnp.array([5, 11, 7], jnp.int32))
-    token, live = jnp.array([17, 400, 3]), jnp.array([True, True, False])
+                    lengths=jnp.array(lengths, jnp.int32))
+    return cfg, graphdef, state, cache, jnp.array([17, 400, 3]), jnp.array([True, True, False])
+
+
+@pytest.mark.parametrize("architecture, tied", [("llama", True), ("qwen2", False), ("qwen3", True)])
+def test_decode_step_equals_the_cached_forward_of_one_token(architecture, tied):
+    cfg, graphdef, state, cache, token, live = _one_token_case(architecture, tied, 2, [5, 11, 7])
     want_logits, want = forward_last(graphdef, state, token[:, None], live[:, None], cache)
     want_vocab_major, _ = forward_last(graphdef, state, token[:, None], live[:, None], cache, vocab_major=True)
     np.testing.assert_allclose(want_vocab_major, want_logits.T, atol=1e-5, rtol=1e-5)
@@ -116,13 +123,7 @@ def test_decode_step_form_needs_whole_layers_per_device_and_scans_deep_scanned_m
 
 @pytest.mark.parametrize("architecture, tied", [("llama", True), ("qwen2", False), ("qwen3", True)])
 def test_decode_step_over_stacked_weights_equals_the_unrolled_step(architecture, tied):
-    cfg = get_model_config("tiny", vocab_size=512, num_layers=5, architecture=architecture, tie_embeddings=tied)
-    graphdef, state = random_state(cfg, 3)
-    k_key, v_key = jax.random.split(jax.random.key(2))
-    shape = init_cache(cfg, 3, 24).k.shape
-    cache = KVCache(k=jax.random.normal(k_key, shape), v=jax.random.normal(v_key, shape),
-                    lengths=jnp.array([5, 15, 7], jnp.int32))
-    token, live = jnp.array([17, 400, 3]), jnp.array([True, True, False])
+    _, graphdef, state, cache, token, live = _one_token_case(architecture, tied, 5, [5, 15, 7])
     step = jax.jit(decode_step, static_argnums=0)
     stacked = decode_weights(graphdef, state, True)
     assert stacked.stacked and stacked.layers.qkv.shape[0] == 5
