@@ -89,9 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Most rows one decode program holds (0: every rollout row at once); more rows are decoded
     # in consecutive chunks of this many, so the KV cache scales with the chunk (docs/sampling.md).
     c.rollout.max_decode_rows = 0
-    # Decode step of a scanned deep model: "auto" keeps the layer scan (compile time independent
-    # of the depth); "unrolled" runs one step per layer (faster decode, longer compile; needs
-    # whole layers on every device). Models of at most 4 layers decode unrolled either way.
+    # Decode of a scanned deep model: "auto" keeps a layer scan (compile time independent of the
+    # depth: the decode step's on CPU, the model's forward_last elsewhere); "scanned" the decode
+    # step's layer scan; "unrolled" one step per layer (fastest decode, longer compile). The
+    # last two need whole layers on every device. Models of at most 4 layers decode unrolled.
     c.rollout.decode_layers = "auto"
 
     # --- algorithm: advantages, rewards, filters ----------------------------------------------
