@@ -82,9 +82,9 @@ class LayerKV:
     of ``num_layers`` arrays [batch, kv_heads, window, head_dim]; lengths: [batch] int32. (The
     decode step's layer scan carries the same layouts stacked instead: k [num_layers, batch,
     kv_heads, head_dim, window] and v [num_layers, batch, kv_heads, window, head_dim], one array
-    each, ``split_layers(..., stacked=True)``.) Layer
-    i's attention reads and writes its own buffers only, so a step neither slices a layer out of
-    a stacked array nor writes one back into it; and each (row, kv head) holds its keys as one
+    each, ``split_layers(..., stacked=True)``.) In the per-layer form layer i's attention reads
+    and writes its own buffers only, so a step neither slices a layer out of a stacked array
+    nor writes one back into it. In both, each (row, kv head) holds its keys as one
     contiguous [head_dim, window] matrix and its values as one [window, head_dim] matrix: the
     right-hand operands of the scores' q K and the output's p V, both in the plain
     [m, k] x [k, n] form (XLA:CPU ran q K^T over [window, head_dim] keys about 2x slower)."""
@@ -95,7 +95,7 @@ class LayerKV:
 
     @property
     def window(self) -> int:
-        return self.v[0].shape[2]  # layer 0's buffer, from the tuple or the stack
+        return self.v[0].shape[2] if isinstance(self.v, tuple) else self.v.shape[3]
 
 
 KEY_FROM_TOKEN_MAJOR = (0, 2, 3, 1)    # [B, S, KVH, hd] -> LayerKV's key [B, KVH, hd, S]

@@ -79,7 +79,8 @@ def _decode_path(graphdef, state, full: KVCache, cache: KVCache, window: int, ru
     """(the loop's cache, step (token [B], live [B], cache) -> (logits [V, B], cache), write-back
     of the loop's cache into ``full``) for the window ``cache`` after the prefill.
 
-    weights given: ``decode_step`` over per-layer buffers and those per-layer weights; None: the
+    weights given: ``decode_step`` over head-major buffers and those weights, per layer or stacked
+    over layers as the weights are (``split_layers``); None: the
     model's ``forward_last`` over the stacked window (its layer scan gathers a sharded layer's
     weights inside the loop, one layer at a time)."""
     if weights is not None:
@@ -115,8 +116,9 @@ def _row_uniforms(key: jax.Array, rows: jax.Array, steps: int) -> jax.Array:
     """[B, steps] float32 in [0, 1): row ``rows[b]``'s uniform for each decode step, drawn once
     per call as ``uniform(fold_in(key, rows[b]), (steps,))`` (no per-step key derivation, which
     XLA:CPU ran as a loop of threefry rounds at every step, greedy steps included). Entry t
-    does not depend on ``steps`` (threefry's partitionable bits: counter t, whatever the shape),
-    so calls with different step budgets draw alike."""
+    does not depend on ``steps`` (JAX's default threefry with ``jax_threefry_partitionable``,
+    its default: counter t, whatever the shape), so calls with different step budgets draw
+    alike (tested)."""
     def per_row(row):
         return jax.random.uniform(jax.random.fold_in(key, row), (steps,), jnp.float32)
 
@@ -172,7 +174,7 @@ def extend_and_decode(graphdef, state, cache: KVCache, tokens, valid, budget, kn
     fold_in(key, first_row + b), so a batch decoded in chunks draws what it draws at once);
     window: cache slots the program works on (<= cache.max_len; see the module docstring);
     rules: the model's sharding rules (for the cache layout under a mesh); weights: the step's
-    ``decode_step.decode_weights(graphdef, state)``, or None for the model's scanned
+    ``decode_step.decode_weights(graphdef, state, stacked)``, or None for the model's scanned
     ``forward_last`` (the sampler passes them where ``decode_step_form`` names a form; ``_decode_path``).
     Returns (out_tokens [B, max_steps] int32, out_logprobs [B, max_steps] float32,
     num_generated [B] int32, finish [B] int32 in {RUNNING (inactive), EOS, STOP, LENGTH}, cache).

@@ -11,9 +11,14 @@ specialised to that shape:
   W [out, in] x h [in, B] 1.2-1.4x faster than h^T [B, in] x W [in, out]: the long operand is
   read in place, the short one is the one packed. (Transposing the stored weights inside the
   program does not do it: XLA folds the transpose back into the product's operand layout.)
-* the layers run as an unrolled Python loop over ``LayerKV``'s one buffer per layer and
-  ``DecodeWeights``' one record per layer: no ``lax.scan`` carrying a stacked cache, no
-  per-layer slice of the weights or the cache copied out and written back;
+* unrolled (``DecodeWeights.layers`` a tuple), the layers run as a Python loop over
+  ``LayerKV``'s one buffer per layer and one weight record per layer: no ``lax.scan`` carrying
+  a stacked cache, no per-layer slice of the weights or the cache copied out and written back.
+  Scanned (``DecodeWeights.stacked``, with ``split_layers(..., stacked=True)``'s buffers), a
+  ``lax.scan`` over the stacked weights carries the stacked buffers: each layer writes its
+  token into its slice of the stack in place and attends over that slice, and XLA copies each
+  layer's weights out of the stack every step (the price of a compile time independent of the
+  depth);
 * each layer's window is head-major (transposed once per call by ``split_layers``), the keys
   slot-minor, K [B, KVH, hd, W], the values V [B, KVH, W, hd], so the single query's attention
   is two batched dots over (row, kv head) whose operands lie in place, each in the plain
@@ -210,7 +215,11 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, weights: DecodeWeights
                 live: jax.Array, cache: LayerKV) -> tuple[jax.Array, LayerKV]:
     """token [B] int32, live [B] bool -> (float32 logits [V, B] of the next token, vocab-major,
     and the cache with each live row's token appended and its length + 1). ``weights``:
-    ``decode_weights(graphdef, state)``; the embedding and final norm come from ``state``."""
+    ``decode_weights(graphdef, state, stacked)``, with ``cache`` from ``split_layers(...,
+    stacked)`` of the same form; the embedding and final norm come from ``state``."""
+    if weights.stacked == isinstance(cache.k, tuple):
+        raise ValueError("decode_step: stacked weights need the stacked cache (split_layers(..., stacked=True)) "
+                         "and per-layer weights the per-layer one")
     model = nnx.merge(graphdef, state)
     cfg = model.cfg
     cd = cfg.compute_jnp_dtype

@@ -135,6 +135,8 @@ def test_decode_step_over_stacked_weights_equals_the_unrolled_step(architecture,
     for buffers, want_buffers in ((got.k, want.k), (got.v, want.v)):
         np.testing.assert_allclose(buffers, np.stack(want_buffers), atol=1e-6)
     np.testing.assert_array_equal(got.lengths, want.lengths)
+    with pytest.raises(ValueError, match="stacked weights need the stacked cache"):
+        decode_step(graphdef, state, stacked, token, live, split_layers(cache, 16))
     merged, want_merged = merge_layers(cache, got), merge_layers(cache, want)
     np.testing.assert_allclose(merged.k, want_merged.k, atol=1e-6)
     np.testing.assert_allclose(merged.v, want_merged.v, atol=1e-6)
@@ -173,7 +175,7 @@ def test_scanned_step_over_a_data_mesh_equals_it_on_one_device():
         np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
 
 
-def test_unrolled_decode_needs_whole_layers_on_every_device():
+def test_decode_step_forms_need_whole_layers_on_every_device():
     cfg = get_model_config("tiny", vocab_size=512)
     graphdef, state = random_state(cfg, 5)
     with pytest.raises(ValueError, match="decode_layers='unrolled' needs whole layers"):

@@ -39,10 +39,10 @@ def _stacked(cache):
     return dict(k=np.asarray(cache.k), v=np.asarray(cache.v), lengths=np.asarray(cache.lengths))
 
 
-@pytest.mark.parametrize("layerwise", [True, False])  # decode_step / the scanned forward_last
-def test_windowed_program_equals_whole_cache_program_and_leaves_the_rest_alone(cfg, model, layerwise):
+@pytest.mark.parametrize("form", ["unrolled", "scanned", None])  # decode_step's forms / forward_last
+def test_windowed_program_equals_whole_cache_program_and_leaves_the_rest_alone(cfg, model, form):
     graphdef, state = model
-    weights = decode_weights(graphdef, state) if layerwise else None
+    weights = None if form is None else decode_weights(graphdef, state, form == "scanned")
     batch, max_len, window, width = 4, 96, 32, 16
     lengths = [9, 50, 0, 20]  # row 1 is inactive and holds more than the window
     rng = np.random.default_rng(0)
