@@ -94,8 +94,13 @@ class LayerKV:
     lengths: jax.Array
 
     @property
+    def stacked(self) -> bool:
+        """Whether k and v are one array each, stacked over the layers (else a tuple of layers)."""
+        return not isinstance(self.k, tuple)
+
+    @property
     def window(self) -> int:
-        return self.v[0].shape[2] if isinstance(self.v, tuple) else self.v.shape[3]
+        return self.v.shape[3] if self.stacked else self.v[0].shape[2]
 
 
 KEY_FROM_TOKEN_MAJOR = (0, 2, 3, 1)    # [B, S, KVH, hd] -> LayerKV's key [B, KVH, hd, S]
@@ -121,7 +126,7 @@ def merge_layers(full: KVCache, window: LayerKV) -> KVCache:
     from ``window``."""
     def put(stacked, layers, axes):
         back = tuple(int(a) for a in np.argsort(axes))
-        if not isinstance(layers, tuple):  # one array stacked over the layers
+        if window.stacked:
             return jax.lax.dynamic_update_slice(
                 stacked, layers.transpose((0, *(a + 1 for a in back))).astype(stacked.dtype), (0,) * 5)
         for i, part in enumerate(layers):

@@ -105,7 +105,7 @@ def _decode_path(graphdef, state, full: KVCache, cache: KVCache, window: int, ru
 
 def _constrain_layers(cache: LayerKV, rules) -> LayerKV:
     def each(buffers, axes):
-        if not isinstance(buffers, tuple):  # stacked over the layers
+        if cache.stacked:
             return constrain(buffers, ("layers", *axes), rules)
         return tuple(constrain(x, axes, rules) for x in buffers)
 

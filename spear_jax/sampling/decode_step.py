@@ -151,19 +151,13 @@ def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
     return out.reshape(b, h, hd).astype(q.dtype)
 
 
-def _write_key(buffer: jax.Array, new: jax.Array, slots: jax.Array, layer: tuple = ()) -> jax.Array:
-    """buffer [B, KVH, hd, W] (or, with ``layer`` = (i,), the stack [layers, B, KVH, hd, W] and
-    its layer i) with new [KVH, hd, B] stored at slots [B] (>= W: dropped)."""
+def _write_slot(buffer: jax.Array, new: jax.Array, slots: jax.Array, slot_axis: int, layer: tuple = ()) -> jax.Array:
+    """buffer, a key [B, KVH, hd, W] (``slot_axis`` 3) or value [B, KVH, W, hd] (``slot_axis`` 2)
+    buffer (or, with ``layer`` = (i,), the stack [layers, ...] of them and its layer i), with
+    new [KVH, hd, B] stored at slots [B] (>= W: dropped)."""
     rows = jnp.arange(slots.shape[0])
-    return buffer.at[(*layer, rows, slice(None), slice(None), slots)].set(
-        new.transpose(2, 0, 1).astype(buffer.dtype), mode="drop")
-
-
-def _write_value(buffer: jax.Array, new: jax.Array, slots: jax.Array, layer: tuple = ()) -> jax.Array:
-    """buffer [B, KVH, W, hd] (or, with ``layer`` = (i,), the stack [layers, B, KVH, W, hd] and
-    its layer i) with new [KVH, hd, B] stored at slots [B] (>= W: dropped)."""
-    rows = jnp.arange(slots.shape[0])
-    return buffer.at[(*layer, rows, slice(None), slots)].set(new.transpose(2, 0, 1).astype(buffer.dtype), mode="drop")
+    between = (slice(None),) * (slot_axis - 1)  # the axes from kv heads to the slot axis
+    return buffer.at[(*layer, rows, *between, slots)].set(new.transpose(2, 0, 1).astype(buffer.dtype), mode="drop")
 
 
 def _layer_buffer(buffer: jax.Array, layer: tuple) -> jax.Array:
@@ -200,8 +194,8 @@ def _block_step(layer: DecodeLayer, cfg: ModelConfig, x, lengths, slots, k_buf, 
     rules, eps = cfg.sharding_rules, cfg.rms_norm_eps
     q, k, v = _project_qkv(layer, cfg, rms_norm(x, layer.input_norm[:, None], eps, axis=0), lengths)
     stack_axes = ("layers",) if index else ()
-    k_buf = constrain(_write_key(k_buf, k, slots, index), stack_axes + LAYER_KEY_AXES, rules)
-    v_buf = constrain(_write_value(v_buf, v, slots, index), stack_axes + LAYER_VALUE_AXES, rules)
+    k_buf = constrain(_write_slot(k_buf, k, slots, 3, index), stack_axes + LAYER_KEY_AXES, rules)
+    v_buf = constrain(_write_slot(v_buf, v, slots, 2, index), stack_axes + LAYER_VALUE_AXES, rules)
     mixed = attend_one_query(q.transpose(2, 0, 1), _layer_buffer(k_buf, index), _layer_buffer(v_buf, index),
                              lengths)                                            # [B, H, hd]
     x = x + _product(layer.o, mixed.reshape(mixed.shape[0], -1).T.astype(x.dtype))
@@ -217,7 +211,7 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, weights: DecodeWeights
     and the cache with each live row's token appended and its length + 1). ``weights``:
     ``decode_weights(graphdef, state, stacked)``, with ``cache`` from ``split_layers(...,
     stacked)`` of the same form; the embedding and final norm come from ``state``."""
-    if weights.stacked == isinstance(cache.k, tuple):
+    if weights.stacked != cache.stacked:
         raise ValueError("decode_step: stacked weights need the stacked cache (split_layers(..., stacked=True)) "
                          "and per-layer weights the per-layer one")
     model = nnx.merge(graphdef, state)

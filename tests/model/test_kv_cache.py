@@ -16,7 +16,9 @@ def _cache(layers=3, batch=2, slots=10, kv_heads=2, head_dim=4):
 def test_split_layers_holds_each_layer_head_major_keys_slot_minor():
     cache = _cache()
     layers = split_layers(cache, window=8)
-    assert layers.window == 8 and len(layers.k) == cache.num_layers
+    assert layers.window == 8 and len(layers.k) == cache.num_layers and not layers.stacked
+    stacked = split_layers(cache, window=8, stacked=True)
+    assert stacked.stacked and stacked.window == 8 and stacked.k.shape == (3, 2, 2, 4, 8)
     for i in range(cache.num_layers):
         assert layers.k[i].shape == (2, 2, 4, 8)               # [batch, kv heads, head_dim, window]
         assert layers.v[i].shape == (2, 2, 8, 4)               # [batch, kv heads, window, head_dim]
