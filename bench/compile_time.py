@@ -12,7 +12,10 @@ of ``lower`` + ``compile`` of
   minibatch of ``--batch`` rows x ``--seq_len`` tokens in one micro-batch;
 * the sampler's decode program: ``spear_jax.sampling.decode.extend_and_decode`` (append a
   ``--prompt_len`` prompt to a ``--batch`` x ``--cache_len`` cache, then up to ``--new_tokens``
-  steps in one ``lax.while_loop``).
+  steps in one ``lax.while_loop``), in the form ``decode_layers="auto"`` gives on an accelerator
+  (``decode.decode_step_form(..., platform="gpu")``: the model's scanned ``forward_last`` for a
+  deep scanned model; on CPU "auto" unrolls the decode step whatever the depth, trading this
+  compile time for faster steps, ``bench.decode_layers``).
 
 Every input is a ``jax.ShapeDtypeStruct`` (``jax.jit(...).lower(...).compile()``): no weight is
 materialised, so a 1.5B model compiles on a small CPU host. Weights are bf16 (``param_dtype`` and
@@ -82,7 +85,7 @@ def lower_decode(cfg: ModelConfig, batch: int, prompt_len: int, cache_len: int, 
         graphdef, params, cache, jax.ShapeDtypeStruct(rows, jnp.int32), jax.ShapeDtypeStruct(rows, bool),
         jax.ShapeDtypeStruct((batch,), jnp.int32), _abstract(SamplingKnobs.make(1.0, 1.0, 0, False)),
         StopTable.make([0], []), jax.eval_shape(lambda: jax.random.key(0)),
-        weights=abstract_decode_weights(graphdef, params, decode.decode_step_form(cfg, None)),
+        weights=abstract_decode_weights(graphdef, params, decode.decode_step_form(cfg, None, platform="gpu")),
         max_steps=new_tokens, window=cache_len, rules=cfg.sharding_rules)
 
 

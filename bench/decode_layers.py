@@ -1,6 +1,8 @@
-"""Decode tokens/s of a scanned deep model with ``decode_layers="auto"`` (a layer scan: the decode
-step's on CPU, the model's ``forward_last`` elsewhere, ``decode.decode_step_form``) against
-``"unrolled"`` (the per-layer step unrolled), in one process, the two samplers' calls alternated.
+"""Decode tokens/s of the decode step's two forms, ``decode_layers="scanned"`` (a layer scan over
+weights stacked over the layers: a compile time independent of the depth, each layer's weights
+copied out of the stack every step) against ``"unrolled"`` (one traced step per layer), in one
+process, the two samplers' calls alternated, and the decode steps after which the unrolled
+program has paid back its longer compile (``decode.decode_step_form``'s "auto" picks by this).
 
     python -m bench.decode_layers                                  # SmolLM2-135M shapes, B = 1, 8, 32
     python -m bench.decode_layers --preset tiny --num_layers 6 --batch_sizes 4 --new_tokens 8
@@ -11,10 +13,13 @@ tokens) once with ``--short_tokens`` and once with ``--new_tokens`` on each samp
 samplers taking turns (their order reversed in odd rounds: ``bench.sampler_throughput.best_times``);
 decode tokens/s is batch x (new - short) / (best long call - best short call) over ``--rounds``
 rounds (``decode_rate``; NaN when the long call was not measurably slower), so prefill and call
-overhead cancel and the machine's drift hits both samplers alike. First-call
-seconds (the two programs' compiles and first runs) are printed per sampler. One line per batch:
+overhead cancel and the machine's drift hits both samplers alike. ``first_call_s``: each
+sampler's first short call (its program's compile and one run); ``breakeven_steps``: the
+first-call difference over the per-step saving, batch / scanned_tok_s - batch / unrolled_tok_s
+(inf where the unrolled form is not faster). One line per batch:
 
-    batch=<B> auto_tok_s=<x> unrolled_tok_s=<y> speedup=<y / x> same_tokens=<True|False>
+    batch=<B> scanned_tok_s=<x> unrolled_tok_s=<y> speedup=<y / x> scanned_first_call_s=<a>
+    unrolled_first_call_s=<b> breakeven_steps=<n> same_tokens=<True|False>
 """
 from __future__ import annotations
 
@@ -30,7 +35,6 @@ from flax import nnx
 from bench.sampler_throughput import best_times, decode_rate
 from spear_jax.model import get_model_config, init_model
 from spear_jax.sampling import Sampler, SamplingParams
-from spear_jax.sampling.decode import decode_step_form
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,24 +58,39 @@ def greedy_tokens(sampler: Sampler, prompts, new_tokens: int) -> list[list[int]]
     return [o.tokens.tolist() for o in out]
 
 
-def compare(cfg, graphdef, state, batch: int, args) -> dict[str, float | bool]:
-    """Decode tokens/s of both samplers at one batch size (``best_times``: alternated rounds,
-    best calls)."""
+FORMS = ("unrolled", "scanned")  # unrolled first: its first call bears the process's one-time costs
+
+
+def compare(cfg, graphdef, state, batch: int, args) -> dict:
+    """Decode tokens/s and first-call seconds of both forms at one batch size (``best_times``:
+    alternated rounds, best calls)."""
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch, args.prompt_len)).tolist()
-    engines = {}
-    for layers in ("auto", "unrolled"):
+    engines, first_call = {}, {}
+    for form in FORMS:
         sampler = Sampler(graphdef, state, cfg, max_len=args.prompt_len + args.new_tokens,
-                          max_batch=batch, decode_layers=layers)
-        engines[layers] = tuple(functools.partial(greedy_tokens, sampler, prompts, n)
-                                for n in (args.short_tokens, args.new_tokens))
+                          max_batch=batch, decode_layers=form)
+        engines[form] = tuple(functools.partial(greedy_tokens, sampler, prompts, n)
+                              for n in (args.short_tokens, args.new_tokens))
         start = time.perf_counter()
-        for run in engines[layers]:
-            run()
-        print(f"batch={batch} {layers}: first calls {time.perf_counter() - start:.1f} s", flush=True)
+        engines[form][0]()
+        first_call[form] = time.perf_counter() - start
+        engines[form][1]()
     times = best_times(engines, args.rounds)
-    rate = {layers: decode_rate(batch, args.new_tokens, args.short_tokens, t_long, t_short)
-            for layers, (_, t_short, t_long, _) in times.items()}
-    return dict(auto=rate["auto"], unrolled=rate["unrolled"], same=times["auto"][3] == times["unrolled"][3])
+    rate = {form: decode_rate(batch, args.new_tokens, args.short_tokens, t_long, t_short)
+            for form, (_, t_short, t_long, _) in times.items()}
+    return dict(rate=rate, first_call=first_call, same=times["scanned"][3] == times["unrolled"][3],
+                breakeven=breakeven_steps(batch, rate, first_call))
+
+
+def breakeven_steps(batch: int, rate: dict, first_call: dict) -> float:
+    """Decode steps after which the unrolled form's longer first call is paid back:
+    (first_call unrolled - scanned) / (batch / rate scanned - batch / rate unrolled); inf where
+    the unrolled form is not faster per step, 0 where it is also not slower to start."""
+    saving = batch / rate["scanned"] - batch / rate["unrolled"]
+    extra = max(first_call["unrolled"] - first_call["scanned"], 0.0)
+    if not saving > 0:
+        return float("inf")
+    return extra / saving
 
 
 def main(argv=None) -> None:
@@ -79,17 +98,16 @@ def main(argv=None) -> None:
     cfg = get_model_config(args.preset)
     if args.num_layers:
         cfg = dataclasses.replace(cfg, num_layers=args.num_layers)
-    if decode_step_form(cfg, None, "auto") == "unrolled":
-        raise SystemExit(f"{args.preset} with {cfg.num_layers} layers (scan_layers={cfg.scan_layers}) "
-                         f"decodes with the per-layer step under 'auto' too: use a scanned model of "
-                         f"more layers (--num_layers)")
     graphdef, state = nnx.split(init_model(cfg, 0))
     print(f"preset={args.preset} layers={cfg.num_layers} scan_layers={cfg.scan_layers} "
           f"devices={jax.device_count()} ({jax.devices()[0].platform})", flush=True)
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         r = compare(cfg, graphdef, state, batch, args)
-        print(f"batch={batch} auto_tok_s={r['auto']:.1f} unrolled_tok_s={r['unrolled']:.1f} "
-              f"speedup={r['unrolled'] / r['auto']:.3f} same_tokens={r['same']}", flush=True)
+        rate, first = r["rate"], r["first_call"]
+        print(f"batch={batch} scanned_tok_s={rate['scanned']:.1f} unrolled_tok_s={rate['unrolled']:.1f} "
+              f"speedup={rate['unrolled'] / rate['scanned']:.3f} scanned_first_call_s={first['scanned']:.2f} "
+              f"unrolled_first_call_s={first['unrolled']:.2f} breakeven_steps={r['breakeven']:.0f} "
+              f"same_tokens={r['same']}", flush=True)
 
 
 if __name__ == "__main__":

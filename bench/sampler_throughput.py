@@ -39,8 +39,9 @@ torch uses ``--torch-threads`` (default: torch's choice), printed at start.
         --weight-dtype bfloat16 --cache-dtype bfloat16 --new-tokens 256 --read-mib 4096 --skip-hf --profile
     # sampled decoding (the rollouts' work) at temperature 0.7 instead of greedy:
     python -m bench.sampler_throughput --models tiny --temperature 0.7 --torch-threads 1
-    # SmolLM2 (30 scanned layers) decoded one layer at a time (rollout.decode_layers=unrolled):
-    python -m bench.sampler_throughput --models smollm2-135m --new-tokens 32 --decode-layers unrolled
+    # SmolLM2 (30 scanned layers; on CPU "auto" decodes it one layer at a time) with the decode
+    # step's layer scan instead (rollout.decode_layers=scanned):
+    python -m bench.sampler_throughput --models smollm2-135m --new-tokens 32 --decode-layers scanned
     # multi-turn sessions on a max_len 2048 cache (sampler only):
     python -m bench.sampler_throughput --session --models tiny --batch-sizes 8 --prompt-len 64 --new-tokens 32
 """

@@ -89,10 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Most rows one decode program holds (0: every rollout row at once); more rows are decoded
     # in consecutive chunks of this many, so the KV cache scales with the chunk (docs/sampling.md).
     c.rollout.max_decode_rows = 0
-    # Decode of a scanned deep model: "auto" keeps a layer scan (compile time independent of the
-    # depth: the decode step's on CPU, the model's forward_last elsewhere); "scanned" the decode
-    # step's layer scan; "unrolled" one step per layer (fastest decode, longer compile). The
-    # last two need whole layers on every device. Models of at most 4 layers decode unrolled.
+    # Decode of a scanned deep model: "unrolled" one decode step per layer (fastest decode, a
+    # compile time growing with the depth); "scanned" the decode step's layer scan (compile time
+    # independent of the depth; on CPU each step copies every layer's weights); "auto" unrolls
+    # on CPU and keeps the model's scanned forward_last on accelerators. The first two need
+    # whole layers on every device. Models of at most 4 layers decode unrolled.
     c.rollout.decode_layers = "auto"
 
     # --- algorithm: advantages, rewards, filters ----------------------------------------------

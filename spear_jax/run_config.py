@@ -212,7 +212,8 @@ RULES: tuple[Rule, ...] = (
          "prints the chunk that fits a device)"),
     Rule("rollout.decode_layers", _one_of(DECODE_LAYERS), "'unrolled' decodes a scanned deep model "
          "one layer at a time (faster decode, longer compile); 'scanned' keeps a layer scan over the "
-         "decode step; 'auto' picks (spear_jax.sampling.decode.decode_step_form)"),
+         "decode step (compile time independent of the depth); 'auto' picks "
+         "(spear_jax.sampling.decode.decode_step_form)"),
     Rule("algorithm.adv_estimator", Registered(lambda: ADVANTAGE_ESTIMATORS, "estimators"),
          "register more with spear_jax.objectives.advantages.register_advantage_estimator"),
     Rule("algorithm.grpo_statistics_over", _one_of(GRPO_STATISTICS)),

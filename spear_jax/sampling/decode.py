@@ -144,21 +144,24 @@ def decode_step_form(cfg, mesh, decode_layers: str = "auto", platform: str | Non
 
     The step needs every device to hold whole layers (no mesh axis but ``data`` larger than 1:
     otherwise XLA gathers every layer's sharded weights at once): None otherwise. "unrolled" and
-    "scanned" name the form. "auto" unrolls where the model's own blocks are unrolled
-    (``scan_layers`` False, or at most ``SCAN_UNROLLED_MAX_LAYERS`` layers); a scanned deep
-    model keeps a layer scan, the step's on CPU (``platform``: the mesh's devices', else JAX's
-    default backend), where it measured faster than ``forward_last``, and ``forward_last``
-    elsewhere (where the step's extra copy of the weights is not measured to pay)."""
+    "scanned" name the form. "auto" unrolls on CPU (``platform``: the mesh's devices', else JAX's
+    default backend) and wherever the model's own blocks are unrolled (``scan_layers`` False, or
+    at most ``SCAN_UNROLLED_MAX_LAYERS`` layers). On CPU the layer scan copies every layer's
+    weights out of the stack at every step (XLA:CPU does not read a dynamically sliced operand
+    of a product in place), which costs more than the unrolled program's longer compile after a
+    few hundred decode tokens (``bench.decode_layers`` prints the break-even). A scanned deep
+    model on an accelerator keeps ``forward_last`` (a compile time independent of the depth;
+    the step's copy of the weights is not measured to pay there)."""
     if decode_layers not in DECODE_LAYERS:
         raise ValueError(f"decode_layers must be one of {DECODE_LAYERS}, got {decode_layers!r}")
     if not whole_layers_per_device(None if mesh is None else mesh.shape):
         return None
     if decode_layers != "auto":
         return decode_layers
-    if not cfg.scan_layers or cfg.num_layers <= SCAN_UNROLLED_MAX_LAYERS:
-        return "unrolled"
     platform = platform or (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
-    return "scanned" if platform == "cpu" else None
+    if platform == "cpu" or not cfg.scan_layers or cfg.num_layers <= SCAN_UNROLLED_MAX_LAYERS:
+        return "unrolled"
+    return None
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "window", "rules"),

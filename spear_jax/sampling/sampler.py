@@ -86,8 +86,9 @@ class Sampler:
     chunked and unchunked calls give the same generations.
     decode_layers: "auto", "unrolled" or "scanned" (``decode.decode_step_form``, resolved into
     ``decode_form``): "unrolled" decodes a scanned deep model with the per-layer step unrolled
-    (fastest per token, compile time growing with the depth), "scanned" with the step's layer
-    scan; both need whole layers on every device (no mesh axis but ``data`` above 1).
+    (fastest per token, compile time growing with the depth; "auto"'s choice on CPU), "scanned"
+    with the step's layer scan (compile time independent of the depth); both need whole layers
+    on every device (no mesh axis but ``data`` above 1).
     Where the per-layer step runs (``decode_form`` not None), ``set_params`` also keeps the
     output-major copy of the block weights it reads (``decode_step.decode_weights``, one jitted
     call per update): the sampler then holds one more copy of the layer weights.

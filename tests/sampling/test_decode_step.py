@@ -11,7 +11,7 @@ from spear_jax.model import KVCache, forward_last, get_model_config, init_cache
 from spear_jax.model.kv_cache import merge_layers, split_layers
 from spear_jax.model.layers import grouped_attention
 from spear_jax.sampling import Sampler, SamplingParams, decode
-from spear_jax.sampling.decode_step import attend_one_query, decode_step, decode_weights
+from spear_jax.sampling.decode_step import _write_slot, attend_one_query, decode_step, decode_weights
 from spear_jax.sharding import make_mesh
 from tests.sampling.reference import random_state
 
@@ -59,6 +59,39 @@ def test_decode_step_equals_the_cached_forward_of_one_token(architecture, tied):
     np.testing.assert_array_equal(got.k[:, 2], cache.k[:, 2])  # the row that is not live: untouched
 
 
+@pytest.mark.parametrize("row", [0, 1, 2])  # live at slot 5, live at slot 11, not live
+def test_one_row_decode_step_equals_the_cached_forward_of_one_token(row):
+    cfg, graphdef, state, cache, token, live = _one_token_case("qwen2", False, 2, [5, 11, 7])
+    one = KVCache(k=cache.k[:, row:row + 1], v=cache.v[:, row:row + 1], lengths=cache.lengths[row:row + 1])
+    token, live = token[row:row + 1], live[row:row + 1]
+    want_logits, want = forward_last(graphdef, state, token[:, None], live[:, None], one)
+    logits, layers = jax.jit(decode_step, static_argnums=0)(
+        graphdef, state, decode_weights(graphdef, state), token, live, split_layers(one, 16))
+    got = merge_layers(one, layers)
+    if row < 2:
+        np.testing.assert_allclose(logits, want_logits.T, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(got.lengths, one.lengths + live)
+    np.testing.assert_allclose(got.k, want.k, atol=1e-5)
+    np.testing.assert_allclose(got.v, want.v, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_slot_write_stores_each_rows_key_and_value_and_drops_slots_past_the_window(rows):
+    k_key, v_key, new_key = jax.random.split(jax.random.key(4), 3)
+    keys = jax.random.normal(k_key, (rows, 2, 4, 6))                            # [B, KVH, hd, W]
+    values = jax.random.normal(v_key, (rows, 2, 6, 4))                          # [B, KVH, W, hd]
+    new = jax.random.normal(new_key, (2, 4, rows))                              # [KVH, hd, B]
+    for slots in ([0], [5], [6]) if rows == 1 else ([0, 3, 6], [5, 6, 2]):
+        want_k, want_v = np.array(keys), np.array(values)
+        for b, slot in enumerate(slots):
+            if slot < 6:  # slot 6 lies past the 6-slot window: dropped
+                want_k[b, :, :, slot] = new[:, :, b]
+                want_v[b, :, slot, :] = new[:, :, b]
+        slots = jnp.array(slots)
+        np.testing.assert_array_equal(jax.jit(_write_slot, static_argnums=3)(keys, new, slots, 3), want_k)
+        np.testing.assert_array_equal(jax.jit(_write_slot, static_argnums=3)(values, new, slots, 2), want_v)
+
+
 def test_bfloat16_decode_step_is_the_cached_forward_up_to_rounding():
     cfg = get_model_config("tiny", vocab_size=512, architecture="qwen2", tie_embeddings=False,
                            compute_dtype="bfloat16")
@@ -104,14 +137,16 @@ def test_decode_weights_are_each_layers_projections_output_major():
     assert decode_weights(*random_state(tied, 4)).head is None  # the embedding serves
 
 
-def test_decode_step_form_needs_whole_layers_per_device_and_scans_deep_scanned_models():
+def test_decode_step_form_needs_whole_layers_per_device_and_unrolls_on_cpu():
     tiny, deep = get_model_config("tiny"), get_model_config("smollm2-135m")
     form = decode.decode_step_form
     assert form(tiny, None) == "unrolled" and form(tiny, make_mesh(data=-1)) == "unrolled"
     assert form(tiny, make_mesh(data=-1, fsdp=2)) is None and form(tiny, make_mesh(data=-1, tensor=2)) is None
-    assert form(deep, None, platform="cpu") == "scanned"  # scanned 30 layers: depth-independent compile
-    assert form(deep, None, platform="gpu") is None       # the model's forward_last
-    assert form(deep, None) == ("scanned" if jax.default_backend() == "cpu" else None)
+    assert form(tiny, None, platform="gpu") == "unrolled"  # 2 layers: the model's blocks unroll anyway
+    assert form(deep, None, platform="cpu") == "unrolled"  # scanned 30 layers: no per-step weight copy
+    assert form(deep, None, platform="gpu") is None        # the model's forward_last
+    assert form(deep, None) == ("unrolled" if jax.default_backend() == "cpu" else None)
+    assert form(deep, make_mesh(data=-1, fsdp=2), platform="cpu") is None
     assert form(dataclasses.replace(deep, scan_layers=False), None, platform="gpu") == "unrolled"
     for layers in ("unrolled", "scanned"):
         assert form(deep, None, layers, platform="gpu") == layers
