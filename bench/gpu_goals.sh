@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The speed goals' GPU figures in one run, on one H100 / H200 (about 8 minutes with compiles):
+#
+#   bash bench/gpu_goals.sh                      # results under $OUT (default /tmp/gpu_goals)
+#
+# 1. Decode of Qwen2.5-0.5B at batch 64, bfloat16 weights, compute and KV cache, random weights,
+#    256 new tokens, against the bandwidth bound (bench.sampler_throughput's jax_mem_frac: bytes
+#    one step reads x decode steps/s over a measured read roof; goal 40%), once per
+#    decode_layers form: "auto" (on a GPU the model's scanned forward_last for this 24-layer
+#    scanned model), "unrolled" and "scanned" (the decode step).
+# 2. Train-step MFU of Qwen2.5-1.5B in bfloat16 (bench.model_throughput, remat, no torch)
+#    against PEAK_TFLOPS (989: the dense bfloat16 peak of an H100 / H200 SXM; goal 40%).
+#
+# The last lines are one summary line per figure:
+#   decode model=<m> batch=<B> decode_layers=<form> tok_s=<x> bandwidth_frac=<f>
+#   train preset=<p> batch=<B> seq_len=<L> <the bench's step line, with MFU>
+# Every size is an environment variable (the test runs the script on tiny CPU shapes).
+set -euo pipefail
+OUT=${OUT:-/tmp/gpu_goals}
+DECODE_MODEL=${DECODE_MODEL:-qwen2.5-0.5b}
+DECODE_BATCH=${DECODE_BATCH:-64}
+NEW_TOKENS=${NEW_TOKENS:-256}
+READ_MIB=${READ_MIB:-4096}
+REPEATS=${REPEATS:-5}
+TRAIN_PRESET=${TRAIN_PRESET:-qwen2.5-1.5b}
+TRAIN_BATCH=${TRAIN_BATCH:-16}
+TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-4096}
+TRAIN_STEPS=${TRAIN_STEPS:-3}
+PEAK_TFLOPS=${PEAK_TFLOPS:-989}
+mkdir -p "$OUT"
+
+for form in auto unrolled scanned; do
+  python -m bench.sampler_throughput --models "$DECODE_MODEL" --batch-sizes "$DECODE_BATCH" \
+    --compute-dtype bfloat16 --weight-dtype bfloat16 --cache-dtype bfloat16 --new-tokens "$NEW_TOKENS" \
+    --read-mib "$READ_MIB" --repeats "$REPEATS" --skip-hf --decode-layers "$form" \
+    --json "$OUT/decode_$form.json" 2>&1 | tee "$OUT/decode_$form.txt"
+done
+python -m bench.model_throughput --preset "$TRAIN_PRESET" --batch "$TRAIN_BATCH" --seq_len "$TRAIN_SEQ_LEN" \
+  --compute_dtype bfloat16 --remat --peak_tflops "$PEAK_TFLOPS" --no_torch --steps "$TRAIN_STEPS" --rounds 1 \
+  2>&1 | tee "$OUT/train.txt"
+
+for form in auto unrolled scanned; do
+  python - "$OUT/decode_$form.json" "$form" <<'EOF'
+import json, sys
+for row in json.load(open(sys.argv[1])):
+    print(f"decode model={row['model']} batch={row['batch']} decode_layers={sys.argv[2]} "
+          f"tok_s={row['jax_decode_tok_s']:.1f} bandwidth_frac={row['jax_mem_frac']:.3f}")
+EOF
+done
+echo "train preset=$TRAIN_PRESET batch=$TRAIN_BATCH seq_len=$TRAIN_SEQ_LEN $(grep -m1 '^jax ' "$OUT/train.txt")"

@@ -1,0 +1,30 @@
+"""bench/gpu_goals.sh: the GPU goals' script runs end to end (here on tiny CPU shapes) and prints
+one summary line per figure."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TINY = dict(DECODE_MODEL="tiny", DECODE_BATCH="2", NEW_TOKENS="32", READ_MIB="16", REPEATS="1",
+            TRAIN_PRESET="tiny", TRAIN_BATCH="2", TRAIN_SEQ_LEN="64", TRAIN_STEPS="1", PEAK_TFLOPS="1")
+
+
+@pytest.mark.slow
+def test_the_script_prints_each_forms_decode_figures_and_the_train_mfu(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+               **TINY)
+    env.pop("XLA_FLAGS", None)  # one device, as on the GPU (the suite's 8 virtual CPU devices would shard the batch)
+    done = subprocess.run(["bash", "bench/gpu_goals.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    summary = done.stdout.strip().splitlines()[-4:]
+    for line, form in zip(summary, ("auto", "unrolled", "scanned")):
+        fields = dict(part.split("=") for part in line.split()[1:])
+        assert line.startswith("decode ") and fields["decode_layers"] == form and fields["model"] == "tiny"
+        assert float(fields["tok_s"]) > 0 and float(fields["bandwidth_frac"]) > 0
+    assert summary[3].startswith("train preset=tiny batch=2 seq_len=64 jax ") and "MFU" in summary[3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"decode_{f}.{ext}" for f in ("auto", "unrolled", "scanned") for ext in ("json", "txt")] + ["train.txt"])
