@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The speed goals' GPU figures in one run, on one H100 / H200 (about 8 minutes with compiles):
+# The speed goals' GPU figures in one run, on one H100 / H200 (estimated 8 minutes with the
+# compiles; not yet run on a GPU):
 #
 #   bash bench/gpu_goals.sh                      # results under $OUT (default /tmp/gpu_goals)
 #
