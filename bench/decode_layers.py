@@ -2,7 +2,8 @@
 weights stacked over the layers: a compile time independent of the depth, each layer's weights
 copied out of the stack every step) against ``"unrolled"`` (one traced step per layer), in one
 process, the two samplers' calls alternated, and the decode steps after which the unrolled
-program has paid back its longer compile (``decode.decode_step_form``'s "auto" picks by this).
+program has paid back its longer compile (the measurement behind ``decode.decode_step_form``'s
+choice of the unrolled form on CPU).
 
     python -m bench.decode_layers                                  # SmolLM2-135M shapes, B = 1, 8, 32
     python -m bench.decode_layers --preset tiny --num_layers 6 --batch_sizes 4 --new_tokens 8
@@ -14,7 +15,8 @@ samplers taking turns (their order reversed in odd rounds: ``bench.sampler_throu
 decode tokens/s is batch x (new - short) / (best long call - best short call) over ``--rounds``
 rounds (``decode_rate``; NaN when the long call was not measurably slower), so prefill and call
 overhead cancel and the machine's drift hits both samplers alike. ``first_call_s``: each
-sampler's first short call (its program's compile and one run); ``breakeven_steps``: the
+sampler's first short call (its program's compile and one run; the unrolled form's first, so it
+bears the process's one-time costs); ``breakeven_steps``: the
 first-call difference over the per-step saving, batch / scanned_tok_s - batch / unrolled_tok_s
 (inf where the unrolled form is not faster). One line per batch:
 
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import time
 
 import jax
 import numpy as np
@@ -65,17 +66,14 @@ def compare(cfg, graphdef, state, batch: int, args) -> dict:
     """Decode tokens/s and first-call seconds of both forms at one batch size (``best_times``:
     alternated rounds, best calls)."""
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch, args.prompt_len)).tolist()
-    engines, first_call = {}, {}
+    engines = {}
     for form in FORMS:
         sampler = Sampler(graphdef, state, cfg, max_len=args.prompt_len + args.new_tokens,
                           max_batch=batch, decode_layers=form)
         engines[form] = tuple(functools.partial(greedy_tokens, sampler, prompts, n)
                               for n in (args.short_tokens, args.new_tokens))
-        start = time.perf_counter()
-        engines[form][0]()
-        first_call[form] = time.perf_counter() - start
-        engines[form][1]()
-    times = best_times(engines, args.rounds)
+    times = best_times(engines, args.rounds)  # first calls in FORMS' order
+    first_call = {form: times[form][0] for form in FORMS}
     rate = {form: decode_rate(batch, args.new_tokens, args.short_tokens, t_long, t_short)
             for form, (_, t_short, t_long, _) in times.items()}
     return dict(rate=rate, first_call=first_call, same=times["scanned"][3] == times["unrolled"][3],

@@ -13,9 +13,11 @@
 #    against PEAK_TFLOPS (989: the dense bfloat16 peak of an H100 / H200 SXM; goal 40%).
 #
 # The last lines are one summary line per figure:
-#   decode model=<m> batch=<B> decode_layers=<form> tok_s=<x> bandwidth_frac=<f>
+#   decode model=<m> batch=<B> decode_layers=<form> decode_form=<what it resolved to> tok_s=<x>
+#     bandwidth_frac=<f>
 #   train preset=<p> batch=<B> seq_len=<L> <the bench's step line, with MFU>
-# Every size is an environment variable (the test runs the script on tiny CPU shapes).
+# Every size, and FORMS (the decode_layers forms, default "auto unrolled scanned"), is an
+# environment variable (the test runs the script on tiny CPU shapes).
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu_goals}
 DECODE_MODEL=${DECODE_MODEL:-qwen2.5-0.5b}
@@ -28,9 +30,10 @@ TRAIN_BATCH=${TRAIN_BATCH:-16}
 TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-4096}
 TRAIN_STEPS=${TRAIN_STEPS:-3}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}
+FORMS=${FORMS:-auto unrolled scanned}
 mkdir -p "$OUT"
 
-for form in auto unrolled scanned; do
+for form in $FORMS; do
   python -m bench.sampler_throughput --models "$DECODE_MODEL" --batch-sizes "$DECODE_BATCH" \
     --compute-dtype bfloat16 --weight-dtype bfloat16 --cache-dtype bfloat16 --new-tokens "$NEW_TOKENS" \
     --read-mib "$READ_MIB" --repeats "$REPEATS" --skip-hf --decode-layers "$form" \
@@ -40,12 +43,14 @@ python -m bench.model_throughput --preset "$TRAIN_PRESET" --batch "$TRAIN_BATCH"
   --compute_dtype bfloat16 --remat --peak_tflops "$PEAK_TFLOPS" --no_torch --steps "$TRAIN_STEPS" --rounds 1 \
   2>&1 | tee "$OUT/train.txt"
 
-for form in auto unrolled scanned; do
+for form in $FORMS; do
   python - "$OUT/decode_$form.json" "$form" <<'EOF'
 import json, sys
 for row in json.load(open(sys.argv[1])):
     print(f"decode model={row['model']} batch={row['batch']} decode_layers={sys.argv[2]} "
+          f"decode_form={row['decode_form']} "
           f"tok_s={row['jax_decode_tok_s']:.1f} bandwidth_frac={row['jax_mem_frac']:.3f}")
 EOF
 done
-echo "train preset=$TRAIN_PRESET batch=$TRAIN_BATCH seq_len=$TRAIN_SEQ_LEN $(grep -m1 '^jax ' "$OUT/train.txt")"
+step=$(grep -m1 '^jax ' "$OUT/train.txt")  # fails the script (set -e) when the bench printed no step line
+echo "train preset=$TRAIN_PRESET batch=$TRAIN_BATCH seq_len=$TRAIN_SEQ_LEN $step"

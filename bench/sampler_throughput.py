@@ -30,7 +30,9 @@ prompt + (n_short + n_long) / 2 for the FLOPs, the slots each engine reads for t
 FLOPs/token * decode tok/s; achieved GB/s = bytes/step * decode tok/s / B; each is printed with
 its fraction of the roof; the memory fraction is decode tokens/s as a fraction of the
 memory-bandwidth bound B * read GB/s / bytes/step. Threads: XLA's CPU backend uses every core;
-torch uses ``--torch-threads`` (default: torch's choice), printed at start.
+torch uses ``--torch-threads`` (default: torch's choice), printed at start. Each row also names
+the sampler's ``decode_form`` (what ``--decode-layers`` resolved to on this platform: unrolled,
+scanned, or None for the model's ``forward_last``).
 
     python -m bench.sampler_throughput                       # CPU, tiny + smollm2, B = 1, 8, 32
     python -m bench.sampler_throughput --models tiny --torch-threads 2   # torch on both cores
@@ -320,7 +322,8 @@ def main():
             first_call, t_short, t_long, jax_tokens = times["jax"]
             roofs = dict(peak_gflops=peak, read_gbs=read, shape_gflops=matmul_gflops(
                 batch, cfg.hidden_size, cfg.vocab_size))
-            row = dict(model=name, batch=batch, prompt_len=args.prompt_len, new_tokens=n_long,
+            row = dict(model=name, batch=batch, decode_form=str(sampler.decode_form), prompt_len=args.prompt_len,
+                       new_tokens=n_long,
                        jax_decode_tok_s=decode_rate(batch, n_long, n_short, t_long, t_short),
                        jax_e2e_tok_s=batch * n_long / t_long, jax_first_call_s=first_call,
                        load_avg_1m=os.getloadavg()[0], shape_roof_gflops=roofs["shape_gflops"])

@@ -154,9 +154,10 @@ def attend_one_query(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
 def _write_slot(buffer: jax.Array, new: jax.Array, slots: jax.Array, slot_axis: int, layer: tuple = ()) -> jax.Array:
     """buffer, a key [B, KVH, hd, W] (``slot_axis`` 3) or value [B, KVH, W, hd] (``slot_axis`` 2)
     buffer (or, with ``layer`` = (i,), the stack [layers, ...] of them and its layer i), with
-    new [KVH, hd, B] stored at slots [B] (>= W: dropped)."""
+    new [KVH, hd, B] stored at slots [B] (>= W: dropped): a scatter, or for one row of the
+    per-layer form on CPU ``_select_slot``."""
     new = new.transpose(2, 0, 1).astype(buffer.dtype)                            # [B, KVH, hd]
-    if slots.shape[0] == 1 and not layer:
+    if slots.shape[0] == 1 and not layer and jax.default_backend() == "cpu":
         return _select_slot(buffer, new, slots[0], slot_axis)
     rows = jnp.arange(slots.shape[0])
     between = (slice(None),) * (slot_axis - 1)  # the axes from kv heads to the slot axis
@@ -164,9 +165,11 @@ def _write_slot(buffer: jax.Array, new: jax.Array, slots: jax.Array, slot_axis: 
 
 
 def _select_slot(buffer: jax.Array, new: jax.Array, slot: jax.Array, slot_axis: int) -> jax.Array:
-    """``_write_slot`` of one row as an elementwise select over the buffer: XLA rewrites a
-    one-row scatter as a dynamic-update-slice, which XLA:CPU then fuses into each reader of the
-    buffer, copying the buffer once more for each (four copies per buffer per step)."""
+    """``_write_slot`` of one row as an elementwise select over the buffer, on CPU: XLA rewrites
+    a one-row scatter as a dynamic-update-slice, which XLA:CPU fused into both readers of the
+    buffer (the attention and the loop's carry), and copy insertion then copied the buffer four
+    times per step. Elsewhere the scatter stays (a select rewrites the whole buffer; not
+    measured to pay on accelerators)."""
     hit = jax.lax.broadcasted_iota(jnp.int32, buffer.shape, slot_axis) == slot
     return jnp.where(hit, jnp.expand_dims(new, slot_axis), buffer)
 

@@ -92,6 +92,18 @@ def test_a_slot_write_stores_each_rows_key_and_value_and_drops_slots_past_the_wi
         np.testing.assert_array_equal(jax.jit(_write_slot, static_argnums=3)(values, new, slots, 2), want_v)
 
 
+def test_one_row_on_cpu_writes_with_a_select_and_every_other_write_scatters():
+    def program(rows, backend="cpu", layer=()):  # the traced program's text, nested jaxprs included
+        buffer = jnp.zeros((2, rows, 2, 4, 6) if layer else (rows, 2, 4, 6), jnp.bfloat16)
+        with mock.patch.object(jax, "default_backend", return_value=backend):
+            return str(jax.make_jaxpr(lambda b, n, s: _write_slot(b, n, s, 3, layer))(
+                buffer, jnp.ones((2, 4, rows)), jnp.zeros((rows,), jnp.int32)))
+
+    assert "select_n" in program(1) and "scatter" not in program(1)
+    assert "scatter" in program(1, "gpu") and "scatter" in program(3)
+    assert "scatter" in program(1, layer=(jnp.int32(1),))  # the stacked form's layer i
+
+
 def test_bfloat16_decode_step_is_the_cached_forward_up_to_rounding():
     cfg = get_model_config("tiny", vocab_size=512, architecture="qwen2", tie_embeddings=False,
                            compute_dtype="bfloat16")
