@@ -150,9 +150,9 @@ def decode_step_form(cfg, mesh, decode_layers: str = "auto", platform: str | Non
     weights out of the stack at every step (XLA:CPU does not read a dynamically sliced operand
     of a product in place), which costs more than the unrolled program's longer compile once a
     program has run 200-1,100 decode steps (SmolLM2-135M, B = 1 to 32, two runs; an RL run
-    reuses its programs every iteration; ``bench.decode_layers`` prints the break-even). A scanned deep
-    model on an accelerator keeps ``forward_last`` (a compile time independent of the depth;
-    the step's copy of the weights is not measured to pay there)."""
+    reuses its programs every iteration; ``bench.decode_layers`` prints the break-even). A
+    scanned deep model on an accelerator keeps ``forward_last`` (a compile time independent of
+    the depth; the step's copy of the weights is not measured to pay there)."""
     if decode_layers not in DECODE_LAYERS:
         raise ValueError(f"decode_layers must be one of {DECODE_LAYERS}, got {decode_layers!r}")
     if not whole_layers_per_device(None if mesh is None else mesh.shape):
