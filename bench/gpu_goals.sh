@@ -17,7 +17,8 @@
 #     bandwidth_frac=<f>
 #   train preset=<p> batch=<B> seq_len=<L> <the bench's step line, with MFU>
 # Every size, and FORMS (the decode_layers forms, default "auto unrolled scanned"), is an
-# environment variable (the test runs the script on tiny CPU shapes).
+# environment variable (the test runs the script on tiny CPU shapes), and so is PYTHON, the
+# interpreter (default python3, which every Python install provides; plain python may be absent).
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu_goals}
 DECODE_MODEL=${DECODE_MODEL:-qwen2.5-0.5b}
@@ -31,20 +32,21 @@ TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-4096}
 TRAIN_STEPS=${TRAIN_STEPS:-3}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}
 FORMS=${FORMS:-auto unrolled scanned}
+PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 
 for form in $FORMS; do
-  python -m bench.sampler_throughput --models "$DECODE_MODEL" --batch-sizes "$DECODE_BATCH" \
+  "$PYTHON" -m bench.sampler_throughput --models "$DECODE_MODEL" --batch-sizes "$DECODE_BATCH" \
     --compute-dtype bfloat16 --weight-dtype bfloat16 --cache-dtype bfloat16 --new-tokens "$NEW_TOKENS" \
     --read-mib "$READ_MIB" --repeats "$REPEATS" --skip-hf --decode-layers "$form" \
     --json "$OUT/decode_$form.json" 2>&1 | tee "$OUT/decode_$form.txt"
 done
-python -m bench.model_throughput --preset "$TRAIN_PRESET" --batch "$TRAIN_BATCH" --seq_len "$TRAIN_SEQ_LEN" \
+"$PYTHON" -m bench.model_throughput --preset "$TRAIN_PRESET" --batch "$TRAIN_BATCH" --seq_len "$TRAIN_SEQ_LEN" \
   --compute_dtype bfloat16 --remat --peak_tflops "$PEAK_TFLOPS" --no_torch --steps "$TRAIN_STEPS" --rounds 1 \
   2>&1 | tee "$OUT/train.txt"
 
 for form in $FORMS; do
-  python - "$OUT/decode_$form.json" "$form" <<'EOF'
+  "$PYTHON" - "$OUT/decode_$form.json" "$form" <<'EOF'
 import json, sys
 for row in json.load(open(sys.argv[1])):
     print(f"decode model={row['model']} batch={row['batch']} decode_layers={sys.argv[2]} "

@@ -17,8 +17,8 @@ TINY = dict(DECODE_MODEL="tiny", DECODE_BATCH="2", NEW_TOKENS="128", READ_MIB="1
 
 @pytest.mark.slow
 def test_the_script_prints_each_forms_decode_figures_and_the_train_mfu(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-               XLA_FLAGS=xla.flags(devices=None), **TINY)  # one device, as on the GPU
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, XLA_FLAGS=xla.flags(devices=None),
+               **TINY)  # one device, as on the GPU
     done = subprocess.run(["bash", "bench/gpu_goals.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]

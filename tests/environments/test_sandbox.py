@@ -372,13 +372,20 @@ def single():
 
 def test_interpreter_in_a_fresh_venv_under_tmp(tmp_path):
     """A virtual environment under a world-writable directory (here pytest's tmp dir in /tmp),
-    the way a fresh clone is often set up: sandbox calls made with that interpreter must work."""
+    the way a fresh clone is often set up: sandbox calls made with that interpreter must work.
+    It sees the test interpreter's packages through a ``.pth`` file (``--system-site-packages``
+    would give the base interpreter's instead, which may hold no numpy when the tests run in a
+    virtual environment)."""
     import json
     import subprocess
     import sys
+    import sysconfig
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-                   check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})
+    outer = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    with open(os.path.join(site, "outer_packages.pth"), "w") as pth:
+        pth.write("\n".join(sorted(outer)) + "\n")
     script = ("import json, sys\nfrom environments.sandbox import Sandbox, SandboxConfig\n"
               "with Sandbox(SandboxConfig(pool_size=1, warm=False, timeout_s=10)) as sb:\n"
               "    r = sb.run('import sys\\nprint(np.arange(4).sum(), sys.prefix)')\n"

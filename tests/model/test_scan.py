@@ -10,7 +10,7 @@ from flax import nnx
 from spear_jax.checkpoint import CheckpointError, RunCheckpointer, RunState
 from spear_jax.model import ModelConfig, forward, forward_last, get_model_config, init_cache, init_model
 from spear_jax.model.layers import Block
-from spear_jax.model.transformer import stack_blocks
+from spear_jax.model.transformer import SCAN_UNROLLED_MAX_LAYERS, stack_blocks
 from spear_jax.model.weight_layout import stacked_blocks, unstacked_blocks
 
 
@@ -109,6 +109,8 @@ def test_traced_program_does_not_grow_with_depth():
 
 
 def test_decode_program_holds_one_block_whatever_the_depth():
+    """Past ``SCAN_UNROLLED_MAX_LAYERS`` (a shallower scan is unrolled, which newer JAX releases
+    already do when lowering)."""
     def hlo_dots(num_layers):
         cfg = small_cfg(num_layers=num_layers)
         state = jax.eval_shape(lambda: nnx.state(init_model(cfg)))
@@ -116,7 +118,7 @@ def test_decode_program_holds_one_block_whatever_the_depth():
         lowered = jax.jit(forward_last, static_argnums=0).lower(graphdef_of(cfg), state, TOKENS, VALID, cache)
         return lowered.as_text().count("dot_general")
 
-    assert hlo_dots(2) == hlo_dots(5)
+    assert hlo_dots(SCAN_UNROLLED_MAX_LAYERS + 1) == hlo_dots(SCAN_UNROLLED_MAX_LAYERS + 3)
 
 
 def test_remat_names_and_the_former_booleans():
