@@ -18,7 +18,7 @@
 #   train preset=<p> batch=<B> seq_len=<L> <the bench's step line, with MFU>
 # Every size, and FORMS (the decode_layers forms, default "auto unrolled scanned"), is an
 # environment variable (the test runs the script on tiny CPU shapes), and so is PYTHON, the
-# interpreter (default python3, which every Python install provides; plain python may be absent).
+# interpreter (default python3: a plain python may be absent).
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu_goals}
 DECODE_MODEL=${DECODE_MODEL:-qwen2.5-0.5b}

@@ -4,9 +4,10 @@ The session compiles with ``FAST_COMPILE`` (``tests/conftest.py``): LLVM's backe
 off. The tests' programs are small and run a few times each, so compiling dominates their CPU
 time; without the backend's passes it takes about half as long, while XLA's own graph passes
 (fusion, layout, sharding) run as always. Nothing in the suite times the compiled code against a
-bound, and the benchmarks run outside it at the default level. A program that runs long
-compiles at the default level on its own (``jax.jit(..., compiler_options=
-{"xla_backend_optimization_level": 2})``: the draws of ``tests/sampling/test_distribution.py``)."""
+bound, and the benchmarks run outside it at the default level. A test whose program runs long
+may compile that program at the default level (``jax.jit(..., compiler_options=
+{"xla_backend_optimization_level": 2})``, as ``tests/sampling/test_distribution.py`` does for
+its draws)."""
 import os
 import re
 

@@ -373,19 +373,21 @@ def single():
 def test_interpreter_in_a_fresh_venv_under_tmp(tmp_path):
     """A virtual environment under a world-writable directory (here pytest's tmp dir in /tmp),
     the way a fresh clone is often set up: sandbox calls made with that interpreter must work.
-    It sees the test interpreter's packages through a ``.pth`` file (``--system-site-packages``
-    would give the base interpreter's instead, which may hold no numpy when the tests run in a
-    virtual environment)."""
+    It sees the test interpreter's packages through a ``.pth`` file that adds each of its site
+    directories (``--system-site-packages`` would give the base interpreter's instead, which may
+    hold no numpy when the tests run in a virtual environment)."""
     import json
+    import site
     import subprocess
     import sys
-    import sysconfig
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    site = sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})
-    outer = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
-    with open(os.path.join(site, "outer_packages.pth"), "w") as pth:
-        pth.write("\n".join(sorted(outer)) + "\n")
+    ask = "import site; print(site.getsitepackages()[0])"  # the nested venv's own site directory
+    venv_site = subprocess.run([str(venv / "bin" / "python"), "-c", ask], check=True, capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+    os.makedirs(venv_site, exist_ok=True)
+    with open(os.path.join(venv_site, "outer_packages.pth"), "w") as pth:
+        pth.writelines(f"import site; site.addsitedir({path!r})\n" for path in site.getsitepackages())
     script = ("import json, sys\nfrom environments.sandbox import Sandbox, SandboxConfig\n"
               "with Sandbox(SandboxConfig(pool_size=1, warm=False, timeout_s=10)) as sb:\n"
               "    r = sb.run('import sys\\nprint(np.arange(4).sum(), sys.prefix)')\n"

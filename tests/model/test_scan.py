@@ -109,8 +109,8 @@ def test_traced_program_does_not_grow_with_depth():
 
 
 def test_decode_program_holds_one_block_whatever_the_depth():
-    """Past ``SCAN_UNROLLED_MAX_LAYERS`` (a shallower scan is unrolled, which newer JAX releases
-    already do when lowering)."""
+    """Past ``SCAN_UNROLLED_MAX_LAYERS`` (a shallower scan is unrolled, which jax 0.11 already
+    does when lowering)."""
     def hlo_dots(num_layers):
         cfg = small_cfg(num_layers=num_layers)
         state = jax.eval_shape(lambda: nnx.state(init_model(cfg)))

@@ -62,8 +62,8 @@ def test_logprobs_are_the_log_softmax_at_small_batches(batch, temperature, greed
 def _sample(keys, logits, knobs):
     """sample_tokens on row-major logits [B, V] (it takes the decode loop's [V, B]), each row
     drawing at ``uniform(keys[b])``. Compiled with LLVM's optimisation, which the session turns
-    off (``tests/xla.py``): the frequency tests draw 40,000 rows, and sort them when truncating
-    (the large vocabulary's test took 12.5 s instead of 31.7 s)."""
+    off (``tests/xla.py``): the frequency tests draw 40,000 rows, and sort them when truncating,
+    so this program's run time outweighs its compile time."""
     return sample_tokens(jax.vmap(lambda k: jax.random.uniform(k, ()))(keys), logits.T, knobs)
 
 
