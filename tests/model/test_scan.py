@@ -121,6 +121,21 @@ def test_decode_program_holds_one_block_whatever_the_depth():
     assert hlo_dots(SCAN_UNROLLED_MAX_LAYERS + 1) == hlo_dots(SCAN_UNROLLED_MAX_LAYERS + 3)
 
 
+def test_a_scan_of_at_most_the_threshold_depth_is_unrolled():
+    """``run_blocks`` asks for a full unroll up to ``SCAN_UNROLLED_MAX_LAYERS`` layers, and none
+    past it (the scan's ``unroll`` parameter in the traced program, whatever the JAX release
+    then does with it when lowering)."""
+    def scan_unroll(num_layers):
+        cfg = small_cfg(num_layers=num_layers)
+        state = jax.eval_shape(lambda: nnx.state(init_model(cfg)))
+        jaxpr = jax.make_jaxpr(lambda st: forward(graphdef_of(cfg), st, TOKENS, VALID)[0])(state)
+        (scan,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+        return scan.params["unroll"], scan.params["length"]
+
+    assert scan_unroll(SCAN_UNROLLED_MAX_LAYERS) == (SCAN_UNROLLED_MAX_LAYERS, SCAN_UNROLLED_MAX_LAYERS)
+    assert scan_unroll(SCAN_UNROLLED_MAX_LAYERS + 1) == (1, SCAN_UNROLLED_MAX_LAYERS + 1)
+
+
 def test_remat_names_and_the_former_booleans():
     assert get_model_config("tiny", remat=True).remat == "full"
     assert get_model_config("tiny", remat=False).remat == "none"
