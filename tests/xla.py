@@ -5,13 +5,13 @@ off. The tests' programs are small and run a few times each, so compiling domina
 time; without the backend's passes it takes about half as long, while XLA's own graph passes
 (fusion, layout, sharding) run as always. Nothing in the suite times the compiled code against a
 bound, and the benchmarks run outside it at the default level. A test whose program runs long
-may compile that program at the default level (``jax.jit(..., compiler_options=
-{"xla_backend_optimization_level": 2})``, as ``tests/sampling/test_distribution.py`` does for
-its draws)."""
+may compile that program at the default level (``jax.jit(..., compiler_options=DEFAULT_COMPILE)``,
+as ``tests/sampling/test_distribution.py`` does for its draws)."""
 import os
 import re
 
 FAST_COMPILE = "--xla_backend_optimization_level=0"
+DEFAULT_COMPILE = {"xla_backend_optimization_level": 2}  # jax.jit compiler_options: XLA's default
 _DEVICES = re.compile(r"--xla_force_host_platform_device_count=\S+")
 
 

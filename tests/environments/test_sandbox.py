@@ -385,7 +385,6 @@ def test_interpreter_in_a_fresh_venv_under_tmp(tmp_path):
     ask = "import site; print(site.getsitepackages()[0])"  # the nested venv's own site directory
     venv_site = subprocess.run([str(venv / "bin" / "python"), "-c", ask], check=True, capture_output=True,
                                text=True, timeout=60).stdout.strip()
-    os.makedirs(venv_site, exist_ok=True)
     with open(os.path.join(venv_site, "outer_packages.pth"), "w") as pth:
         pth.writelines(f"import site; site.addsitedir({path!r})\n" for path in site.getsitepackages())
     script = ("import json, sys\nfrom environments.sandbox import Sandbox, SandboxConfig\n"

@@ -26,6 +26,11 @@ def perturbed_state(cfg, seed=0):
     return jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
+def abstract_state(cfg):
+    """The model's state as shapes and dtypes (nothing materialised)."""
+    return jax.eval_shape(lambda: nnx.state(init_model(cfg)))
+
+
 def graphdef_of(cfg):
     return nnx.graphdef(nnx.eval_shape(lambda: init_model(cfg)))
 
@@ -90,7 +95,7 @@ def test_scanned_decode_writes_every_layer_of_the_cache_like_the_unrolled_one():
 
 def _primitive_count(cfg, name):
     """Occurrences of primitive ``name`` in the jaxpr of the gradient of the forward."""
-    state = jax.eval_shape(lambda: nnx.state(init_model(cfg)))
+    state = abstract_state(cfg)
 
     def loss(st):
         return forward(graphdef_of(cfg), st, TOKENS, VALID)[0].sum()
@@ -113,7 +118,7 @@ def test_decode_program_holds_one_block_whatever_the_depth():
     does when lowering)."""
     def hlo_dots(num_layers):
         cfg = small_cfg(num_layers=num_layers)
-        state = jax.eval_shape(lambda: nnx.state(init_model(cfg)))
+        state = abstract_state(cfg)
         cache = jax.eval_shape(lambda: init_cache(cfg, 2, 16))
         lowered = jax.jit(forward_last, static_argnums=0).lower(graphdef_of(cfg), state, TOKENS, VALID, cache)
         return lowered.as_text().count("dot_general")
@@ -127,7 +132,7 @@ def test_a_scan_of_at_most_the_threshold_depth_is_unrolled():
     then does with it when lowering)."""
     def scan_unroll(num_layers):
         cfg = small_cfg(num_layers=num_layers)
-        state = jax.eval_shape(lambda: nnx.state(init_model(cfg)))
+        state = abstract_state(cfg)
         jaxpr = jax.make_jaxpr(lambda st: forward(graphdef_of(cfg), st, TOKENS, VALID)[0])(state)
         (scan,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
         return scan.params["unroll"], scan.params["length"]

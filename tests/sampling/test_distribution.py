@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from spear_jax.sampling.distribution import (SamplingKnobs, column_sums, exp_weights, first_index_of,
                                              inverse_cdf_draw, sample_tokens, truncation_mask_sorted)
+from tests import xla
 
 N = 40_000
 
@@ -58,7 +59,7 @@ def test_logprobs_are_the_log_softmax_at_small_batches(batch, temperature, greed
         np.testing.assert_array_equal(tokens, logits.argmax(1))
 
 
-@functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 2})
+@functools.partial(jax.jit, compiler_options=xla.DEFAULT_COMPILE)
 def _sample(keys, logits, knobs):
     """sample_tokens on row-major logits [B, V] (it takes the decode loop's [V, B]), each row
     drawing at ``uniform(keys[b])``. Compiled with LLVM's optimisation, which the session turns
