@@ -3,6 +3,7 @@ process.
 
     python -m bench.revision_ab --base 9642fc7                     # tiny, B = 32, 128 greedy tokens
     python -m bench.revision_ab --base 9642fc7 --batch-sizes 8,32 --temperature 0.7
+    python -m bench.revision_ab --base cfe2165 --temperature 1.0 --top-p 0.6     # nucleus draws
     python -m bench.revision_ab --base beb3917 --models smollm2-135m --new-tokens 32 \
         --decode-layers unrolled
 
@@ -12,13 +13,16 @@ so that both versions import side by side. Each builds its model preset from see
 random weights while the initialisation is unchanged) and a ``Sampler`` over it, and both
 decode the same random prompts. Per batch size, after one compiling call of each, ``--rounds``
 rounds time one whole ``generate`` call of each, prefill included (greedy, or drawn at
-``--temperature``). The two take turns and reverse the order in odd rounds
+``--temperature``, truncated by ``--top-k`` and ``--top-p`` when given). The two take turns and reverse the order in odd rounds
 (``bench.model_throughput.alternate``), so a slow spell of a shared machine falls on both. Each
 jitted program is traced from its own package: two ``jax.jit``s of one Python function share
 jax's trace cache and would time one program twice. One line per batch size:
 
     batch=<B> base_s=<median seconds> head_s=<median seconds> speedup=<median of per-round
         base / head> rounds=<per-round ratios> same_tokens=<True|False>
+
+``same_tokens`` compares the two revisions' tokens; a change in the order in which a draw walks
+the vocabulary changes them while keeping the distribution.
 
 Read the speedup, not the two medians: when the machine drifts from round to round the
 medians of the seconds can even point the other way (each side's median comes from a
@@ -53,11 +57,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: off); needs --temperature > 0")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k (0: off); needs --temperature > 0")
     parser.add_argument("--decode-layers", default="auto", choices=DECODE_LAYERS)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.new_tokens < 1 or args.temperature < 0:
         parser.error("need --rounds >= 1, --new-tokens >= 1 and --temperature >= 0")
+    if (args.top_p < 1.0 or args.top_k != 0) and args.temperature == 0:
+        parser.error("--top-p and --top-k truncate draws: give --temperature > 0 with them")
     return args
 
 
@@ -94,7 +102,8 @@ def make_sampler(package: str, args, max_batch: int):
     sampler = sampling.Sampler(graphdef, state, cfg, max_len=args.prompt_len + args.new_tokens,
                                max_batch=max_batch, decode_layers=args.decode_layers)
     params = (sampling.SamplingParams(greedy=True, max_new_tokens=args.new_tokens) if args.temperature == 0
-              else sampling.SamplingParams(temperature=args.temperature, max_new_tokens=args.new_tokens))
+              else sampling.SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                           max_new_tokens=args.new_tokens))
     return sampler, params, cfg.vocab_size
 
 
@@ -122,7 +131,7 @@ def main(argv=None) -> None:
         sys.path.insert(0, directory)
         try:
             print(f"base={args.base} head=working tree model={args.models} new_tokens={args.new_tokens} "
-                  f"temperature={args.temperature} decode_layers={args.decode_layers} "
+                  f"temperature={args.temperature} top_p={args.top_p} top_k={args.top_k} decode_layers={args.decode_layers} "
                   f"devices={jax.device_count()} ({jax.devices()[0].platform})", flush=True)
             for batch in batches:
                 samplers = {"base": make_sampler(BASE_PACKAGE, args, batch), "head": make_sampler("spear_jax", args, batch)}

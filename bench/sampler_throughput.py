@@ -4,8 +4,9 @@ For each model (``smollm2`` = SmolLM2-135M-Instruct from its GGUF, or any model 
 ``tiny`` or ``qwen2.5-1.5b``, with random weights) and batch size, both engines decode greedily
 from the same weights (exported with ``save_hf_checkpoint`` and read back by ``transformers``)
 and the same equal-length prompts, without eos, so every row generates exactly the requested
-tokens. With ``--temperature T`` > 0 both draw from softmax(logits / T) instead (no top-k or
-top-p), as rollouts do; ``greedy_agreement`` is then NaN.
+tokens. With ``--temperature T`` > 0 both draw from softmax(logits / T) instead, as rollouts
+do, truncated to ``--top-k`` and then ``--top-p`` where given (as evaluation at top-p 0.6 does);
+``greedy_agreement`` is then NaN.
 
 Decode tokens/s is measured as  B * (n_long - n_short) / (t(n_long) - t(n_short)):  two runs
 that differ only in the number of new tokens, so prefill and dispatch cancel (n_short and
@@ -41,6 +42,8 @@ scanned, or None for the model's ``forward_last``).
         --weight-dtype bfloat16 --cache-dtype bfloat16 --new-tokens 256 --read-mib 4096 --skip-hf --profile
     # sampled decoding (the rollouts' work) at temperature 0.7 instead of greedy:
     python -m bench.sampler_throughput --models tiny --temperature 0.7 --torch-threads 1
+    # nucleus draws (the math preset's evaluation setting):
+    python -m bench.sampler_throughput --models tiny --temperature 1.0 --top-p 0.6 --torch-threads 1
     # SmolLM2 (30 scanned layers; on CPU "auto" decodes it one layer at a time) with the decode
     # step's layer scan instead (rollout.decode_layers=scanned):
     python -m bench.sampler_throughput --models smollm2-135m --new-tokens 32 --decode-layers scanned
@@ -93,10 +96,11 @@ def load_transformers(cfg, state, device: str, dtype: str):
     return model
 
 
-def jax_runner(sampler, prompts, new_tokens, temperature=0.0):
-    """Greedy at temperature 0, else a draw from softmax(logits / temperature) at every step."""
+def jax_runner(sampler, prompts, new_tokens, temperature=0.0, top_p=1.0, top_k=0):
+    """Greedy at temperature 0, else a draw from softmax(logits / temperature), truncated to
+    top_k then top_p, at every step."""
     params = (SamplingParams(greedy=True, max_new_tokens=new_tokens) if temperature == 0 else
-              SamplingParams(temperature=temperature, max_new_tokens=new_tokens))
+              SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=new_tokens))
 
     def run():
         out = sampler.generate(prompts, params, jax.random.key(0))
@@ -106,14 +110,14 @@ def jax_runner(sampler, prompts, new_tokens, temperature=0.0):
     return run
 
 
-def hf_runner(model, prompts, new_tokens, device, temperature=0.0):
+def hf_runner(model, prompts, new_tokens, device, temperature=0.0, top_p=1.0, top_k=0):
     import torch
 
     ids = torch.tensor(np.asarray(prompts), dtype=torch.long, device=device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   attention_mask=torch.ones_like(ids))
-    if temperature > 0:  # the same distribution as the sampler's: no top-k, no top-p
-        kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    if temperature > 0:  # the same distribution as the sampler's (top_k 0 and top_p 1: off)
+        kwargs.update(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
 
     def run():
         with torch.inference_mode():
@@ -254,7 +258,9 @@ def main():
                         help="the sampler's decode_layers (unrolled: one step per layer at any depth)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0: greedy (tokens compared with transformers'); > 0: both engines draw "
-                             "from softmax(logits / T), no top-k or top-p (the rollouts' work)")
+                             "from softmax(logits / T) (the rollouts' work)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of the draws (1: off)")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k of the draws (0: off)")
     parser.add_argument("--read-mib", type=int, default=256, help="size of the memory-roof read")
     parser.add_argument("--skip-hf", action="store_true", help="only the JAX sampler")
     parser.add_argument("--hf-device", default="cpu")
@@ -277,6 +283,8 @@ def main():
         print(f"load average at end {os.getloadavg()}")
         return
 
+    if (args.top_p < 1.0 or args.top_k != 0) and args.temperature == 0:
+        parser.error("--top-p and --top-k truncate draws: give --temperature > 0 with them")
     n_long = args.new_tokens
     n_short = n_long // 2 + 1
     if length_bucket(n_short) != length_bucket(n_long):
@@ -313,11 +321,12 @@ def main():
         rng = np.random.default_rng(0)
         for batch in batch_sizes:
             prompts = rng.integers(0, cfg.vocab_size, size=(batch, args.prompt_len)).tolist()
-            t = args.temperature
-            engines = {"jax": (jax_runner(sampler, prompts, n_short, t), jax_runner(sampler, prompts, n_long, t))}
+            t, draw = args.temperature, dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+            engines = {"jax": (jax_runner(sampler, prompts, n_short, **draw),
+                               jax_runner(sampler, prompts, n_long, **draw))}
             if hf_model is not None:
-                engines["hf"] = (hf_runner(hf_model, prompts, n_short, args.hf_device, t),
-                                 hf_runner(hf_model, prompts, n_long, args.hf_device, t))
+                engines["hf"] = (hf_runner(hf_model, prompts, n_short, args.hf_device, **draw),
+                                 hf_runner(hf_model, prompts, n_long, args.hf_device, **draw))
             times = best_times(engines, args.repeats)
             first_call, t_short, t_long, jax_tokens = times["jax"]
             roofs = dict(peak_gflops=peak, read_gbs=read, shape_gflops=matmul_gflops(
@@ -340,7 +349,7 @@ def main():
                                         hf_weight_bytes, hf_weight_bytes, roofs))
             rows.append(row)
             if args.profile:
-                print(kernel_summary(jax_runner(sampler, prompts, n_long), per=n_long,
+                print(kernel_summary(jax_runner(sampler, prompts, n_long, **draw), per=n_long,
                                      label=f"profile model={name} batch={batch} steps={n_long}"), flush=True)
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   flush=True)

@@ -40,3 +40,10 @@ def test_head_against_the_working_tree_prints_a_ratio_per_batch(capsys):
     assert len(ratios) == 2 and all(r > 0 for r in ratios)
     # the ratios are printed to two decimals, the median to three
     assert float(fields["speedup"]) == pytest.approx(sum(ratios) / 2, abs=0.006)
+
+
+def test_truncation_without_a_temperature_is_refused():
+    with pytest.raises(SystemExit):
+        revision_ab.parse_args(["--base", "HEAD", "--top-p", "0.6"])
+    args = revision_ab.parse_args(["--base", "HEAD", "--temperature", "1", "--top-p", "0.6", "--top-k", "40"])
+    assert (args.top_p, args.top_k) == (0.6, 40)

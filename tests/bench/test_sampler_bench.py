@@ -65,3 +65,30 @@ def test_sampler_bench_against_transformers_prints_the_speedup_and_greedy_agreem
     assert row, out
     assert float(row.group(2)) == 1.0  # same weights, greedy: the same tokens
     assert float(row.group(4)) > 0
+
+
+def test_both_engines_truncate_their_draws_as_asked():
+    """top-p 1e-6 keeps only each step's most likely token: both engines' draws are then their
+    greedy tokens, which agree (so the knobs reach both)."""
+    from flax import nnx
+
+    from bench.sampler_throughput import hf_runner, jax_runner, load_transformers
+    from spear_jax.model import get_model_config, init_model
+    from spear_jax.sampling import Sampler
+
+    cfg = get_model_config("tiny")
+    graphdef, state = nnx.split(init_model(cfg, 0))
+    sampler = Sampler(graphdef, state, cfg, max_len=48, max_batch=2)
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 16)).tolist()
+    model = load_transformers(cfg, state, "cpu", "float32")
+    greedy = jax_runner(sampler, prompts, 8)()
+    np.testing.assert_array_equal(jax_runner(sampler, prompts, 8, temperature=1.0, top_p=1e-6)(), greedy)
+    np.testing.assert_array_equal(jax_runner(sampler, prompts, 8, temperature=1.0, top_k=1)(), greedy)
+    np.testing.assert_array_equal(hf_runner(model, prompts, 8, "cpu", temperature=1.0, top_p=1e-6)(), greedy)
+    np.testing.assert_array_equal(hf_runner(model, prompts, 8, "cpu", temperature=1.0, top_k=1)(), greedy)
+
+
+def test_truncation_needs_a_temperature():
+    out = subprocess.run([sys.executable, "-m", "bench.sampler_throughput", "--top-p", "0.6"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "give --temperature > 0" in out.stderr

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spear_jax.sampling.distribution import (SamplingKnobs, column_sums, exp_weights, first_index_of,
-                                             inverse_cdf_draw, sample_tokens, truncation_mask_sorted)
+                                             inverse_cdf_draw, sample_tokens, truncation_mask)
 from tests import xla
 
 N = 40_000
@@ -85,7 +85,7 @@ def reference_probs(logits, temperature, top_k, top_p):
     z = logits.astype(np.float64) / temperature
     order = np.argsort(-z, kind="stable")
     keep = np.zeros(len(z), bool)
-    k = len(z) if top_k == 0 else top_k
+    k = len(z) if top_k == 0 else min(top_k, len(z))
     q = softmax(z[order[:k]])
     mass = 0.0
     for rank in range(k):
@@ -124,18 +124,40 @@ def test_truncation_frequencies_and_untruncated_logprobs(top_k, top_p):
     np.testing.assert_allclose(logprobs, expected, rtol=1e-5, atol=1e-5)
 
 
+_mask = jax.jit(truncation_mask)
+
+
+def mask_of(logits, top_k, top_p):
+    return np.asarray(_mask(jnp.asarray(logits, jnp.float32)[None], jnp.int32(top_k), jnp.float32(top_p))[0])
+
+
 def test_top_p_hand_case():
-    # probs 0.5, 0.3, 0.15, 0.05: top_p = 0.7 keeps {0, 1} (0.5 < 0.7, then 0.8 >= 0.7);
-    # top_p = 0.5 keeps {0}; top_p = 0.81 keeps {0, 1, 2}.
-    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
-    mask = truncation_mask_sorted(jnp.asarray(logits)[None], jnp.int32(0), jnp.float32(0.7))
-    np.testing.assert_array_equal(np.asarray(mask[0]), [True, True, False, False])
-    mask = truncation_mask_sorted(jnp.asarray(logits)[None], jnp.int32(0), jnp.float32(0.5))
-    np.testing.assert_array_equal(np.asarray(mask[0]), [True, False, False, False])
-    mask = truncation_mask_sorted(jnp.asarray(logits)[None], jnp.int32(2), jnp.float32(0.81))
-    np.testing.assert_array_equal(np.asarray(mask[0]), [True, True, False, False])
+    # probs 0.5, 0.3, 0.15, 0.05 at ids 1, 3, 0, 2: top_p = 0.7 keeps {1, 3} (0.5 < 0.7, then
+    # 0.8 >= 0.7); top_p = 0.5 keeps {1}; top_k = 2 then top_p = 0.81 keeps {1, 3}.
+    logits = np.log(np.array([0.15, 0.5, 0.05, 0.3], np.float32))
+    np.testing.assert_array_equal(mask_of(logits, 0, 0.7), [False, True, False, True])
+    np.testing.assert_array_equal(mask_of(logits, 0, 0.5), [False, True, False, False])
+    np.testing.assert_array_equal(mask_of(logits, 2, 0.81), [False, True, False, True])
     tokens, _ = draw(logits, top_p=0.7, n=20_000)
-    assert_frequencies(tokens, np.array([0.625, 0.375, 0.0, 0.0]))
+    assert_frequencies(tokens, np.array([0.0, 0.625, 0.0, 0.375]))
+
+
+def test_ties_are_ranked_by_id():
+    # four equal probabilities: the masses before them are 0, 0.25, 0.5, 0.75 in id order, so
+    # top_p = 0.5 keeps ids 0 and 1 (0.5 < 0.5 fails), 0.6 keeps three; top_k = 3 then top_p =
+    # 0.7 renormalises to thirds: masses 0, 1/3, 2/3 all below 0.7, three kept.
+    flat = np.zeros(4, np.float32)
+    np.testing.assert_array_equal(mask_of(flat, 0, 0.5), [True, True, False, False])
+    np.testing.assert_array_equal(mask_of(flat, 0, 0.6), [True, True, True, False])
+    np.testing.assert_array_equal(mask_of(flat, 3, 0.7), [True, True, True, False])
+    np.testing.assert_array_equal(mask_of(flat, 2, 1.0), [True, True, False, False])
+    # a tie at the top-k cut that top-p cuts again: k = 3 keeps id 4 (5.0) and ids 0 and 1 of
+    # the four 3.0s; top-p then cuts inside those two, or (k = 4) keeps ids 0, 1 and 2
+    logits = np.array([3.0, 3.0, 3.0, 3.0, 5.0], np.float32)
+    p = softmax(logits[[4, 0, 1]].astype(np.float64))
+    np.testing.assert_array_equal(mask_of(logits, 3, p[0] + 0.5 * p[1]), [True, False, False, False, True])
+    np.testing.assert_array_equal(mask_of(logits, 3, p[0] + 1.5 * p[1]), [True, True, False, False, True])
+    np.testing.assert_array_equal(mask_of(logits, 4, 0.999), [True, True, True, False, True])
 
 
 def test_top_k_keeps_exactly_k_with_ties():
@@ -235,22 +257,42 @@ def test_determinism_and_key_dependence():
     assert np.mean(a != c) > 0.3
 
 
-_mask = jax.jit(truncation_mask_sorted)
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.floats(-5, 5, allow_nan=False), min_size=12, max_size=12, unique=True),
-       st.integers(0, 12), st.floats(0.05, 1.0))
-def test_truncation_mask_matches_numpy(values, top_k, top_p):
-    logits = np.sort(np.asarray(values, np.float32))[::-1].copy()
-    if len(np.unique(logits)) < len(logits):
-        return
-    got = np.asarray(_mask(jnp.asarray(logits)[None], jnp.int32(top_k), jnp.float32(top_p))[0])
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.lists(st.integers(-3, 3), min_size=1, max_size=40),   # ties are the rule
+                 st.lists(st.floats(-30, 30, width=32), min_size=1, max_size=40)),
+       st.integers(0, 42), st.one_of(st.just(1.0), st.floats(0.01, 0.999)))
+def test_truncation_mask_matches_a_stable_sort(values, top_k, top_p):
+    """The sort-free mask equals numpy's: a stable descending sort, top-k, renormalise, the
+    smallest head with mass >= top_p (float64)."""
+    logits = np.asarray(values, np.float32)
     expected = reference_probs(logits, 1.0, top_k, top_p) > 0
-    # float32 vs float64 cumulative sums may disagree only when a partial mass is within
-    # rounding of top_p; skip those knife-edge cases
-    k = len(logits) if top_k == 0 else top_k
-    masses = np.cumsum(softmax(logits[:k].astype(np.float64)))
+    # float32 sums against float64 ones may disagree only where a partial mass in rank order is
+    # within rounding of top_p; skip those knife-edge cases
+    z = logits.astype(np.float64)
+    order = np.argsort(-z, kind="stable")[:len(z) if top_k == 0 else min(top_k, len(z))]
+    masses = np.cumsum(softmax(z[order]))
     if top_p < 1.0 and np.min(np.abs(masses - top_p)) < 1e-5:
         return
-    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(mask_of(logits, top_k, top_p), expected)
+
+
+def test_truncation_mask_at_the_extremes_of_the_keys():
+    """Infinite, signed-zero and tiny logits keep their order in the bisection's keys. (Not
+    denormal ones: XLA:CPU flushes them to zero, so they tie with 0.0.)"""
+    logits = np.array([-np.inf, 3e38, -0.0, 0.0, 1e-30, -1e-30, -3e38, 1.0], np.float32)
+    np.testing.assert_array_equal(mask_of(logits, 1, 1.0), [False, True, False, False, False, False, False, False])
+    np.testing.assert_array_equal(mask_of(logits, 3, 1.0), [False, True, False, False, True, False, False, True])
+    # -0.0 ties with 0.0 (the lower id first), just above -1e-30
+    np.testing.assert_array_equal(mask_of(logits, 5, 1.0), [False, True, True, True, True, False, False, True])
+    # a -inf logit has no mass: top-p never keeps it, even when it keeps every other token
+    np.testing.assert_array_equal(mask_of(np.array([-np.inf, 0.0, 0.0], np.float32), 0, 0.999), [False, True, True])
+
+
+def test_truncation_mask_cuts_each_row_at_its_own_threshold():
+    """Rows with and without ties at their cuts, and different knobs' outcomes, in one batch."""
+    rng = np.random.default_rng(11)
+    rows = np.concatenate([rng.integers(-2, 3, (6, 50)), rng.normal(0, 2, (6, 50))]).astype(np.float32)
+    for top_k, top_p in ((7, 1.0), (0, 0.6), (9, 0.8)):
+        got = np.asarray(_mask(jnp.asarray(rows), jnp.int32(top_k), jnp.float32(top_p)))
+        for row, mask in zip(rows, got):
+            np.testing.assert_array_equal(mask, reference_probs(row, 1.0, top_k, top_p) > 0)
