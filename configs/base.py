@@ -217,6 +217,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainer.init_from = ""
     c.trainer.resume_step = -1  # resume the workdir's run from this step; -1: the newest intact one
     c.trainer.length_buckets = (256, 512, 1024, 2048)
+    # Persistent XLA compilation cache: a rerun or resumed run loads its compiled programs from
+    # here ("" = JAX's own setting, JAX_COMPILATION_CACHE_DIR or none; spear_jax/compile_cache.py).
+    c.trainer.compilation_cache_dir = ""
 
     # --- processes of a multi-host run (spear_jax/distributed.py, docs/scaling.md) -------------
     c.distributed = ml_collections.ConfigDict()

@@ -34,10 +34,11 @@ PLOTTED = ("success_rate", "episode_return", "actor/entropy", "actor/pg_clipfrac
 def run(config, workdir: str) -> dict:
     """Runs the job ``config`` describes in ``workdir``, holding the workdir's lock (one run per
     workdir: ``spear_jax.workdir_lock``); returns a summary dict."""
-    from spear_jax import distributed, run_config, workdir_lock
+    from spear_jax import compile_cache, distributed, run_config, workdir_lock
 
     distributed.initialize(config)  # before any device is touched; a no-op for one process
     run_config.validate(config)
+    compile_cache.use(config.trainer.compilation_cache_dir)  # before the first program compiles
     with workdir_lock.hold(workdir):
         return _run_locked(config, workdir)
 

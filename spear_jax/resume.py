@@ -24,6 +24,7 @@ runs, or how the same computation is laid out on devices:
   compares its own rank with the record process 0 saved); a checkpoint holds global arrays and
   global rows, so any process count resumes it (docs/scaling.md).
 * ``trainer.resume_step``: which step to resume from (``resume_step``; -1, the newest intact one).
+* ``trainer.compilation_cache_dir``: where compiled programs are cached (``compile_cache``).
 
 A field added to the config after a checkpoint was saved is compared with the value that run
 implied (``IMPLIED_WHEN_ABSENT``: e.g. ``env.domain`` was ``"math"`` exactly for trajectory
@@ -49,7 +50,7 @@ RESUMABLE_FIELDS = (
     "trainer.checkpoint_every", "trainer.max_checkpoints_to_keep", "trainer.log_every",
     "data.eval_episodes", "mesh.data", "mesh.fsdp", "mesh.tensor", "model.logprob_chunk_size",
     "rollout.decode_layers",
-    "trainer.resume_step", "distributed.coordinator_address", "distributed.num_processes",
+    "trainer.resume_step", "trainer.compilation_cache_dir", "distributed.coordinator_address", "distributed.num_processes",
     "distributed.process_id", "distributed.initialization_timeout_s", "distributed.heartbeat_timeout_s",
     "distributed.gather_timeout_s", "distributed.shutdown_timeout_s",
 )
@@ -79,6 +80,7 @@ IMPLIED_WHEN_ABSENT = {
     "actor.loss_terms": lambda old: ["pg", "entropy", "kl"],
     "replay.loss_terms": lambda old: ["pg", "entropy"],
     "rollout.decode_layers": lambda old: "auto",
+    "trainer.compilation_cache_dir": lambda old: "",
 }
 
 

@@ -35,6 +35,7 @@ from configs.base import PRESETS as RUN_PRESETS
 from environments.base import HasGoldActions
 from environments.prompts import TEMPLATES as PROMPT_TEMPLATES
 from environments.registry import env_class, env_names, env_type, split_names
+from spear_jax import compile_cache
 from spear_jax.sft_data import SOURCES as SFT_SOURCES
 from spear_jax.batch_schema import FIELDS
 from spear_jax.curriculum import TOOLCALL_REWARD_MODES
@@ -527,6 +528,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> No
     _check_model_limits(c)
     _check_lora(c)
     _check_env_data(c)
+    _check_compilation_cache(c)
     _check_kl(c)
     _check_loss_terms(c)
     update_config(c)
@@ -702,6 +704,22 @@ def _check_env_data(c: ml_collections.ConfigDict) -> None:
                                kwargs.get("human_goals", False))
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"config.env.kwargs: {error}") from None
+
+
+def _check_compilation_cache(c: ml_collections.ConfigDict) -> None:
+    """config.trainer.compilation_cache_dir, when set: a directory this process can create and
+    write (``compile_cache.use`` creates it at start-up)."""
+    path = c.trainer.compilation_cache_dir
+    if not path:
+        return
+    directory = compile_cache.resolved(path)
+    existing = directory
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        _fail("trainer.compilation_cache_dir", path, f"a directory this process can write ({existing} is "
+              f"{'not a directory' if not os.path.isdir(existing) else 'not writable'})",
+              "give another path, or '' for no cache")
 
 
 def _check_lora(c: ml_collections.ConfigDict) -> None:

@@ -18,10 +18,12 @@ def test_safe_changes_are_allowed_and_reported():
     c = _config()
     c.trainer.total_steps, c.trainer.eval_every, c.data.eval_episodes = 500, 7, 3
     c.mesh.fsdp, c.rollout.decode_layers = 2, "unrolled"
+    c.trainer.compilation_cache_dir = "/scratch/xla"
     changes = resume.check_resumable(saved, c, "run/checkpoints/4")
     assert changes == [f"config.data.eval_episodes: {saved['data']['eval_episodes']!r} -> 3",
                        "config.mesh.fsdp: 1 -> 2",
                        "config.rollout.decode_layers: 'auto' -> 'unrolled'",
+                       "config.trainer.compilation_cache_dir: '' -> '/scratch/xla'",
                        f"config.trainer.eval_every: {saved['trainer']['eval_every']!r} -> 7",
                        f"config.trainer.total_steps: {saved['trainer']['total_steps']!r} -> 500"]
     assert resume.check_resumable(saved, _config(), "x") == []
@@ -45,7 +47,7 @@ def test_incompatible_changes_are_refused_field_by_field():
 def test_a_record_older_than_an_added_field_resumes_with_the_value_it_implied():
     saved = resume.config_record(_config())
     for section, name in (("env", "domain"), ("actor", "loss_terms"), ("replay", "loss_terms"),
-                          ("rollout", "decode_layers")):
+                          ("rollout", "decode_layers"), ("trainer", "compilation_cache_dir")):
         del saved[section][name]
     assert resume.check_resumable(saved, _config(), "x") == []
     c = _config()

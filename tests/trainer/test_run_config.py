@@ -381,7 +381,7 @@ def test_every_preset_of_every_method_validates(method, preset, tmp_path):
 # sizes (run_config.mesh_shape: >= 1, or -1 for the remaining devices).
 _CHECKED_ELSEWHERE = {"name", "model.checkpoint_path", "model.tokenizer_path", "data.eval_split", "sft.data_path",
                       "sft.problem_field", "sft.solution_field", "mesh.data", "mesh.fsdp", "mesh.tensor",
-                      "trainer.init_from", "logging.project", "logging.run_name",
+                      "trainer.init_from", "trainer.compilation_cache_dir", "logging.project", "logging.run_name",
                       "logging.mlflow_tracking_uri", "distributed.coordinator_address"}
 
 
