@@ -6,7 +6,8 @@ that took at least ``jax_persistent_cache_min_compile_time_secs`` (default 1 s) 
 a rerun or a resumed run (after a preemption) loads it instead of compiling it again. The key
 covers the program, the devices and the JAX, jaxlib and XLA versions and flags, so a changed
 program or installation compiles afresh. In a multi-process run only the first process writes
-and every process reads: give the processes one shared directory (or each host its own).
+and every process reads: give the processes one shared directory (on hosts of their own, a
+directory the first process does not write stays empty).
 
 "" leaves JAX's own setting: ``JAX_COMPILATION_CACHE_DIR`` when the environment sets it, else
 no cache. The cache holds executable code: keep it where only you can write.

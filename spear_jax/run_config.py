@@ -714,7 +714,7 @@ def _check_compilation_cache(c: ml_collections.ConfigDict) -> None:
         return
     directory = compile_cache.resolved(path)
     existing = directory
-    while not os.path.exists(existing):
+    while not os.path.lexists(existing):  # a dangling link exists: makedirs cannot replace it
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         _fail("trainer.compilation_cache_dir", path, f"a directory this process can write ({existing} is "

@@ -167,7 +167,7 @@ def truncation_mask(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> ja
     found by bisection over the values' ``ordered_keys`` (32 passes over [B, V], each a compare
     and a sum), and runs only when its knob is on."""
     keys = ordered_keys(scaled)
-    keep_k = jax.lax.cond(top_k > 0, lambda: _top_k_mask(keys, top_k), lambda: jnp.ones(keys.shape, bool))
+    keep_k = jax.lax.cond(top_k > 0, lambda: _top_k_mask(keys, top_k), lambda: jnp.ones_like(keys, dtype=bool))
 
     def nucleus():
         return _top_p_mask(keys, jax.nn.softmax(jnp.where(keep_k, scaled, -jnp.inf), axis=-1), top_p)

@@ -63,8 +63,8 @@ def test_logprobs_are_the_log_softmax_at_small_batches(batch, temperature, greed
 def _sample(keys, logits, knobs):
     """sample_tokens on row-major logits [B, V] (it takes the decode loop's [V, B]), each row
     drawing at ``uniform(keys[b])``. Compiled with LLVM's optimisation, which the session turns
-    off (``tests/xla.py``): the frequency tests draw 40,000 rows, and sort them when truncating,
-    so this program's run time outweighs its compile time."""
+    off (``tests/xla.py``): the frequency tests draw 40,000 rows, and bisect over them when
+    truncating, so this program's run time outweighs its compile time."""
     return sample_tokens(jax.vmap(lambda k: jax.random.uniform(k, ()))(keys), logits.T, knobs)
 
 
@@ -296,3 +296,22 @@ def test_truncation_mask_cuts_each_row_at_its_own_threshold():
         got = np.asarray(_mask(jnp.asarray(rows), jnp.int32(top_k), jnp.float32(top_p)))
         for row, mask in zip(rows, got):
             np.testing.assert_array_equal(mask, reference_probs(row, 1.0, top_k, top_p) > 0)
+
+
+def test_truncated_draws_trace_with_rows_sharded_over_explicit_axes():
+    """Under a mesh of explicit axes the arrays carry their sharding in their types: both sides
+    of every cut's ``cond`` must keep the rows' sharding."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:2])
+    rows = np.random.default_rng(2).integers(-2, 3, (4, 64)).astype(np.float32)
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(rows, NamedSharding(mesh, PartitionSpec("data", None)))
+        for top_k, top_p in ((5, 0.6), (0, 0.6), (5, 1.0)):
+            got = np.asarray(_mask(sharded, jnp.int32(top_k), jnp.float32(top_p)))
+            for row, mask in zip(rows, got):
+                np.testing.assert_array_equal(mask, reference_probs(row, 1.0, top_k, top_p) > 0)
+        logits = jax.device_put(rows.T.copy(), NamedSharding(mesh, PartitionSpec(None, "data")))
+        uniforms = jax.device_put(np.full(4, 0.3, np.float32), NamedSharding(mesh, PartitionSpec("data")))
+        tokens, _ = jax.jit(sample_tokens)(uniforms, logits, SamplingKnobs.make(1.0, 0.6, 5, False))
+    assert all(reference_probs(row, 1.0, 5, 0.6)[t] > 0 for row, t in zip(rows, np.asarray(tokens)))

@@ -86,11 +86,14 @@ def test_a_run_compiles_into_its_configured_directory(tmp_path, monkeypatch, ses
     assert _entries(tmp_path / "xla_cache")
 
 
-@pytest.mark.parametrize("blocker", ["file", "read_only"])
+@pytest.mark.parametrize("blocker", ["file", "dangling_link", "read_only"])
 def test_a_directory_that_cannot_be_written_is_a_config_error(tmp_path, blocker):
     if blocker == "file":
         (tmp_path / "f").write_text("")
         path, reason = tmp_path / "f" / "cache", "is not a directory"
+    elif blocker == "dangling_link":
+        (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+        path, reason = tmp_path / "link", "is not a directory"
     else:
         if os.geteuid() == 0:
             pytest.skip("root writes any directory")
