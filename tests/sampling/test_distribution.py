@@ -259,7 +259,8 @@ def test_determinism_and_key_dependence():
 
 @settings(max_examples=200, deadline=None)
 @given(st.one_of(st.lists(st.integers(-3, 3), min_size=1, max_size=40),   # ties are the rule
-                 st.lists(st.floats(-30, 30, width=32), min_size=1, max_size=40)),
+                 # no subnormals: XLA:CPU flushes them to zero, where numpy keeps them apart
+                 st.lists(st.floats(-30, 30, width=32, allow_subnormal=False), min_size=1, max_size=40)),
        st.integers(0, 42), st.one_of(st.just(1.0), st.floats(0.01, 0.999)))
 def test_truncation_mask_matches_a_stable_sort(values, top_k, top_p):
     """The sort-free mask equals numpy's: a stable descending sort, top-k, renormalise, the
