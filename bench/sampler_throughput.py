@@ -332,7 +332,7 @@ def main():
             roofs = dict(peak_gflops=peak, read_gbs=read, shape_gflops=matmul_gflops(
                 batch, cfg.hidden_size, cfg.vocab_size))
             row = dict(model=name, batch=batch, decode_form=str(sampler.decode_form),
-                       prompt_len=args.prompt_len, new_tokens=n_long,
+                       prompt_len=args.prompt_len, new_tokens=n_long, **draw,
                        jax_decode_tok_s=decode_rate(batch, n_long, n_short, t_long, t_short),
                        jax_e2e_tok_s=batch * n_long / t_long, jax_first_call_s=first_call,
                        load_avg_1m=os.getloadavg()[0], shape_roof_gflops=roofs["shape_gflops"])

@@ -22,12 +22,13 @@ def test_the_script_prints_each_forms_decode_figures_and_the_train_mfu(tmp_path)
     done = subprocess.run(["bash", "bench/gpu_goals.sh"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    summary = done.stdout.strip().splitlines()[-3:]
-    for line, form in zip(summary, ("auto", "scanned")):
+    summary = done.stdout.strip().splitlines()[-4:]
+    for line, form, draw in zip(summary, ("auto", "scanned", "auto"), ("greedy", "greedy", "0.6")):
         fields = dict(part.split("=") for part in line.split()[1:])
         assert line.startswith("decode ") and fields["decode_layers"] == form and fields["model"] == "tiny"
         assert fields["decode_form"] == {"auto": "unrolled", "scanned": "scanned"}[form]
+        assert fields["top_p"] == draw  # the last decode line: temperature 1, top-p 0.6
         assert float(fields["tok_s"]) > 0 and float(fields["bandwidth_frac"]) > 0
-    assert summary[2].startswith("train preset=tiny batch=2 seq_len=64 jax ") and "MFU" in summary[2]
+    assert summary[3].startswith("train preset=tiny batch=2 seq_len=64 jax ") and "MFU" in summary[3]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"decode_{f}.{ext}" for f in ("auto", "scanned") for ext in ("json", "txt")] + ["train.txt"])
+        [f"decode_{f}.{ext}" for f in ("auto", "scanned", "nucleus") for ext in ("json", "txt")] + ["train.txt"])
