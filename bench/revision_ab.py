@@ -13,10 +13,10 @@ so that both versions import side by side. Each builds its model preset from see
 random weights while the initialisation is unchanged) and a ``Sampler`` over it, and both
 decode the same random prompts. Per batch size, after one compiling call of each, ``--rounds``
 rounds time one whole ``generate`` call of each, prefill included (greedy, or drawn at
-``--temperature``, truncated by ``--top-k`` and ``--top-p`` when given). The two take turns and reverse the order in odd rounds
-(``bench.model_throughput.alternate``), so a slow spell of a shared machine falls on both. Each
-jitted program is traced from its own package: two ``jax.jit``s of one Python function share
-jax's trace cache and would time one program twice. One line per batch size:
+``--temperature``, truncated by ``--top-k`` and ``--top-p`` when given). The two take turns
+and reverse the order in odd rounds (``bench.model_throughput.alternate``), so a slow spell of
+a shared machine falls on both. Each jitted program is traced from its own package: two
+``jax.jit``s of one Python function share jax's trace cache and would time one program twice. One line per batch size:
 
     batch=<B> base_s=<median seconds> head_s=<median seconds> speedup=<median of per-round
         base / head> rounds=<per-round ratios> same_tokens=<True|False>
@@ -131,7 +131,8 @@ def main(argv=None) -> None:
         sys.path.insert(0, directory)
         try:
             print(f"base={args.base} head=working tree model={args.models} new_tokens={args.new_tokens} "
-                  f"temperature={args.temperature} top_p={args.top_p} top_k={args.top_k} decode_layers={args.decode_layers} "
+                  f"temperature={args.temperature} top_p={args.top_p} top_k={args.top_k} "
+                  f"decode_layers={args.decode_layers} "
                   f"devices={jax.device_count()} ({jax.devices()[0].platform})", flush=True)
             for batch in batches:
                 samplers = {"base": make_sampler(BASE_PACKAGE, args, batch), "head": make_sampler("spear_jax", args, batch)}

@@ -49,9 +49,9 @@ RESUMABLE_FIELDS = (
     "trainer.total_steps", "trainer.eval_every", "trainer.eval_before_train",
     "trainer.checkpoint_every", "trainer.max_checkpoints_to_keep", "trainer.log_every",
     "data.eval_episodes", "mesh.data", "mesh.fsdp", "mesh.tensor", "model.logprob_chunk_size",
-    "rollout.decode_layers",
-    "trainer.resume_step", "trainer.compilation_cache_dir", "distributed.coordinator_address", "distributed.num_processes",
-    "distributed.process_id", "distributed.initialization_timeout_s", "distributed.heartbeat_timeout_s",
+    "rollout.decode_layers", "trainer.resume_step", "trainer.compilation_cache_dir",
+    "distributed.coordinator_address", "distributed.num_processes", "distributed.process_id",
+    "distributed.initialization_timeout_s", "distributed.heartbeat_timeout_s",
     "distributed.gather_timeout_s", "distributed.shutdown_timeout_s",
 )
 _ABSENT = "<absent>"
