@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from bench.model_throughput import alternate
+from bench.sampler_throughput import add_truncation_arguments, check_truncation, sampling_kwargs
 from spear_jax.sampling.decode import DECODE_LAYERS
 
 BASE_PACKAGE = "spear_jax_base"
@@ -57,15 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: off); needs --temperature > 0")
-    parser.add_argument("--top-k", type=int, default=0, help="top-k (0: off); needs --temperature > 0")
+    add_truncation_arguments(parser)
     parser.add_argument("--decode-layers", default="auto", choices=DECODE_LAYERS)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.new_tokens < 1 or args.temperature < 0:
         parser.error("need --rounds >= 1, --new-tokens >= 1 and --temperature >= 0")
-    if (args.top_p < 1.0 or args.top_k != 0) and args.temperature == 0:
-        parser.error("--top-p and --top-k truncate draws: give --temperature > 0 with them")
+    check_truncation(parser, args)
     return args
 
 
@@ -101,9 +100,7 @@ def make_sampler(package: str, args, max_batch: int):
     graphdef, state = nnx.split(model.init_model(cfg, 0))
     sampler = sampling.Sampler(graphdef, state, cfg, max_len=args.prompt_len + args.new_tokens,
                                max_batch=max_batch, decode_layers=args.decode_layers)
-    params = (sampling.SamplingParams(greedy=True, max_new_tokens=args.new_tokens) if args.temperature == 0
-              else sampling.SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                           max_new_tokens=args.new_tokens))
+    params = sampling.SamplingParams(**sampling_kwargs(args.new_tokens, args.temperature, args.top_p, args.top_k))
     return sampler, params, cfg.vocab_size
 
 

@@ -96,11 +96,29 @@ def load_transformers(cfg, state, device: str, dtype: str):
     return model
 
 
+def add_truncation_arguments(parser: argparse.ArgumentParser) -> None:
+    """--top-p and --top-k of the draws (this bench's and ``bench.revision_ab``'s)."""
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of the draws (1: off)")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k of the draws (0: off)")
+
+
+def check_truncation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exits with a usage error when --top-p or --top-k is given for greedy decoding."""
+    if (args.top_p < 1.0 or args.top_k != 0) and args.temperature == 0:
+        parser.error("--top-p and --top-k truncate draws: give --temperature > 0 with them")
+
+
+def sampling_kwargs(new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> dict:
+    """``SamplingParams`` fields: greedy at temperature 0, else a draw from softmax(logits /
+    temperature), truncated to top_k then top_p, at every step (any revision's class takes them)."""
+    if temperature == 0:
+        return dict(greedy=True, max_new_tokens=new_tokens)
+    return dict(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=new_tokens)
+
+
 def jax_runner(sampler, prompts, new_tokens, temperature=0.0, top_p=1.0, top_k=0):
-    """Greedy at temperature 0, else a draw from softmax(logits / temperature), truncated to
-    top_k then top_p, at every step."""
-    params = (SamplingParams(greedy=True, max_new_tokens=new_tokens) if temperature == 0 else
-              SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=new_tokens))
+    """The sampler's call of ``sampling_kwargs``' draw."""
+    params = SamplingParams(**sampling_kwargs(new_tokens, temperature, top_p, top_k))
 
     def run():
         out = sampler.generate(prompts, params, jax.random.key(0))
@@ -259,8 +277,7 @@ def main():
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0: greedy (tokens compared with transformers'); > 0: both engines draw "
                              "from softmax(logits / T) (the rollouts' work)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of the draws (1: off)")
-    parser.add_argument("--top-k", type=int, default=0, help="top-k of the draws (0: off)")
+    add_truncation_arguments(parser)
     parser.add_argument("--read-mib", type=int, default=256, help="size of the memory-roof read")
     parser.add_argument("--skip-hf", action="store_true", help="only the JAX sampler")
     parser.add_argument("--hf-device", default="cpu")
@@ -283,8 +300,7 @@ def main():
         print(f"load average at end {os.getloadavg()}")
         return
 
-    if (args.top_p < 1.0 or args.top_k != 0) and args.temperature == 0:
-        parser.error("--top-p and --top-k truncate draws: give --temperature > 0 with them")
+    check_truncation(parser, args)
     n_long = args.new_tokens
     n_short = n_long // 2 + 1
     if length_bucket(n_short) != length_bucket(n_long):

@@ -119,14 +119,12 @@ def _first_ids(tied: jax.Array, wanted: jax.Array) -> jax.Array:
     return tied & (ids <= bound[:, None])
 
 
-def _keep_ties(keys: jax.Array, threshold: jax.Array, above: jax.Array, wanted: jax.Array) -> jax.Array:
-    """Keys above ``threshold`` [B] (``above`` of them per row), and of the keys equal to it the
-    first ``wanted`` - ``above`` ids: [B, V] bool. The id search runs only when some row has
-    more ties than it keeps."""
+def _keep_ties(keys: jax.Array, threshold: jax.Array, tied_kept: jax.Array) -> jax.Array:
+    """Keys above ``threshold`` [B], and of the keys equal to it the first ``tied_kept`` [B]
+    (>= 1) ids: [B, V] bool. The id search runs only when some row has more ties than it keeps."""
     at = keys == threshold[:, None]
-    extra = jnp.maximum(wanted - above, 1)
-    cut = jnp.sum(at, axis=-1, dtype=jnp.int32) > extra
-    tied = jax.lax.cond(jnp.any(cut), lambda: jnp.where(cut[:, None], _first_ids(at, extra), at), lambda: at)
+    cut = jnp.sum(at, axis=-1, dtype=jnp.int32) > tied_kept
+    tied = jax.lax.cond(jnp.any(cut), lambda: jnp.where(cut[:, None], _first_ids(at, tied_kept), at), lambda: at)
     return (keys > threshold[:, None]) | tied
 
 
@@ -137,7 +135,7 @@ def _top_k_mask(keys: jax.Array, top_k: jax.Array) -> jax.Array:
     k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
     at_least_k = lambda t: jnp.sum(keys >= t[:, None], axis=-1, dtype=jnp.int32) >= k
     t = _bisect(jnp.min(keys, axis=-1), jnp.max(keys, axis=-1), at_least_k, 32)
-    return _keep_ties(keys, t, jnp.sum(keys > t[:, None], axis=-1, dtype=jnp.int32), k)
+    return _keep_ties(keys, t, k - jnp.sum(keys > t[:, None], axis=-1, dtype=jnp.int32))
 
 
 def _top_p_mask(keys: jax.Array, probs: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -155,9 +153,8 @@ def _top_p_mask(keys: jax.Array, probs: jax.Array, top_p: jax.Array) -> jax.Arra
     reaches = lambda t: mass_above(t) >= top_p
     t = jnp.minimum(_bisect(lowest - 1, highest, reaches, 32) + 1, highest)
     q = jnp.max(jnp.where(keys == t[:, None], probs, 0.0), axis=-1)
-    above = jnp.sum(keys > t[:, None], axis=-1, dtype=jnp.int32)
     tied_kept = jnp.minimum(jnp.ceil((top_p - mass_above(t)) / q), keys.shape[-1]).astype(jnp.int32)
-    return _keep_ties(keys, t, above, above + tied_kept) & candidate
+    return _keep_ties(keys, t, jnp.maximum(tied_kept, 1)) & candidate
 
 
 def truncation_mask(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

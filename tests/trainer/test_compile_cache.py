@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from jax.experimental.compilation_cache import compilation_cache
+
 from spear_jax import compile_cache, main, metrics, run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,10 +35,8 @@ def session_cache():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     yield
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
-    compile_cache.use(before or "")
-    if not before:
-        jax.config.update("jax_compilation_cache_dir", None)
-        compile_cache.compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", before)
+    compilation_cache.reset_cache()
 
 
 def _entries(directory) -> list[str]:
